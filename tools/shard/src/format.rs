@@ -1,0 +1,300 @@
+//! The shard format: WebDataset tar files (optionally zstd-compressed) whose members `{key}.{ext}` group
+//! into samples by key, plus deterministic writing and a streaming reader.
+//!
+//! Written on the `tar` crate rather than the `webdataset` crate: we need byte-identical output for a seed
+//! (fixed headers: mtime 0, uid/gid 0, mode 0644), an inline checksum, temporary names, and a reader that
+//! ends a truncated shard cleanly after its last complete sample. `webdataset` is used in a test as an
+//! independent reader of what we write.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Suffix of a shard (or index) while it is being written; renamed away only when complete.
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
+/// The file name of shard `n`.
+pub fn shard_name(prefix: &str, n: usize, zstd: bool) -> String {
+    format!("{prefix}-{n:06}.tar{}", if zstd { ".zst" } else { "" })
+}
+
+/// Splits a member name into (key, extension) the WebDataset way: the extension starts at the first dot
+/// of the file name, so keys must not contain dots in their last path component.
+pub fn split_member(name: &str) -> Option<(&str, &str)> {
+    let base_start = name.rfind('/').map_or(0, |i| i + 1);
+    let dot = name[base_start..].find('.')? + base_start;
+    Some((&name[..dot], &name[dot + 1..]))
+}
+
+/// Counts bytes and hashes them on their way to the file.
+struct HashWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Sink {
+    Plain(HashWriter<BufWriter<File>>),
+    Zstd(zstd::Encoder<'static, HashWriter<BufWriter<File>>>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Plain(w) => w.write(buf),
+            Sink::Zstd(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.flush(),
+            Sink::Zstd(w) => w.flush(),
+        }
+    }
+}
+
+/// What a finished shard is: the facts `index.json` records.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardInfo {
+    pub name: String,
+    pub samples: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Writes one shard under `{name}.partial` and renames it to `{name}` in [`ShardWriter::finish`]; a crash
+/// before that leaves only the `.partial` file, which no reader looks at.
+pub struct ShardWriter {
+    builder: tar::Builder<Sink>,
+    dir: PathBuf,
+    name: String,
+    samples: u64,
+    /// Uncompressed tar bytes so far (headers and padding included).
+    tar_bytes: u64,
+}
+
+impl ShardWriter {
+    pub fn create(dir: &Path, name: &str, zstd_level: Option<i32>) -> io::Result<Self> {
+        let file = File::create(dir.join(format!("{name}{PARTIAL_SUFFIX}")))?;
+        let hw = HashWriter {
+            inner: BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        let sink = match zstd_level {
+            // Single-threaded zstd: its output is a pure function of input and level.
+            Some(level) => Sink::Zstd(zstd::Encoder::new(hw, level)?),
+            None => Sink::Plain(hw),
+        };
+        let mut builder = tar::Builder::new(sink);
+        builder.mode(tar::HeaderMode::Deterministic);
+        Ok(ShardWriter {
+            builder,
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            samples: 0,
+            tar_bytes: 0,
+        })
+    }
+
+    /// The tar size a sample with these member sizes adds (512-byte header per member, data padded to 512;
+    /// long names add a GNU long-name block pair).
+    pub fn sample_tar_bytes(key: &str, members: &[(&str, &[u8])]) -> u64 {
+        members
+            .iter()
+            .map(|(ext, data)| {
+                let name_len = key.len() + 1 + ext.len();
+                let long = if name_len > 100 {
+                    512 + (name_len as u64 + 1).div_ceil(512) * 512
+                } else {
+                    0
+                };
+                512 + long + (data.len() as u64).div_ceil(512) * 512
+            })
+            .sum()
+    }
+
+    pub fn append(&mut self, key: &str, members: &[(&str, &[u8])]) -> io::Result<()> {
+        for (ext, data) in members {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(0);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_entry_type(tar::EntryType::Regular);
+            self.builder
+                .append_data(&mut header, format!("{key}.{ext}"), *data)?;
+        }
+        self.tar_bytes += Self::sample_tar_bytes(key, members);
+        self.samples += 1;
+        Ok(())
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    pub fn tar_bytes(&self) -> u64 {
+        self.tar_bytes
+    }
+
+    /// Ends the archive, syncs it to disk, and renames it to its final name.
+    pub fn finish(self) -> io::Result<ShardInfo> {
+        let sink = self.builder.into_inner()?;
+        let mut hw = match sink {
+            Sink::Plain(hw) => hw,
+            Sink::Zstd(enc) => enc.finish()?,
+        };
+        hw.flush()?;
+        let file = hw.inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let partial = self.dir.join(format!("{}{PARTIAL_SUFFIX}", self.name));
+        std::fs::rename(&partial, self.dir.join(&self.name))?;
+        Ok(ShardInfo {
+            name: self.name,
+            samples: self.samples,
+            bytes: hw.bytes,
+            sha256: hex::encode(hw.hasher.finalize()),
+        })
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary name and a rename, so `path` is either absent, the old
+/// file, or the whole new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(PARTIAL_SUFFIX);
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// One sample of a shard: its key and its members (extension, bytes) in archive order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub key: String,
+    pub members: Vec<(String, Vec<u8>)>,
+}
+
+impl Sample {
+    pub fn get(&self, ext: &str) -> Option<&[u8]> {
+        self.members
+            .iter()
+            .find(|(e, _)| e == ext)
+            .map(|(_, d)| d.as_slice())
+    }
+}
+
+/// Opens a shard for reading, decompressing `.zst` by name.
+pub fn open_shard(path: &Path) -> io::Result<Box<dyn Read + Send>> {
+    let file = io::BufReader::with_capacity(1 << 20, File::open(path)?);
+    if path.extension().is_some_and(|e| e == "zst") {
+        Ok(Box::new(zstd::Decoder::with_buffer(file)?))
+    } else {
+        Ok(Box::new(file))
+    }
+}
+
+/// Streams the samples of a shard to `f` in archive order. Members sharing a key are consecutive
+/// (WebDataset's rule). Returns the number of samples delivered; an `Err` means the shard is damaged
+/// after that many complete samples (a truncated last sample is never delivered). `f` returning `false`
+/// stops early.
+pub fn read_samples(
+    reader: impl Read,
+    mut f: impl FnMut(Sample) -> bool,
+) -> Result<u64, (u64, String)> {
+    let mut archive = tar::Archive::new(reader);
+    let mut delivered = 0u64;
+    let mut pending: Option<Sample> = None;
+    let entries = archive.entries().map_err(|e| (0, e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| (delivered, format!("damaged tar: {e}")))?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let path = entry
+            .path()
+            .map_err(|e| (delivered, format!("bad member name: {e}")))?;
+        let name = path.to_string_lossy().into_owned();
+        let Some((key, ext)) = split_member(&name) else {
+            continue;
+        };
+        let (key, ext) = (key.to_string(), ext.to_string());
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| (delivered, format!("truncated member {name}: {e}")))?;
+        match &mut pending {
+            Some(s) if s.key == key => s.members.push((ext, data)),
+            _ => {
+                if let Some(done) = pending.replace(Sample {
+                    key,
+                    members: vec![(ext, data)],
+                }) {
+                    delivered += 1;
+                    if !f(done) {
+                        return Ok(delivered);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(done) = pending {
+        delivered += 1;
+        f(done);
+    }
+    Ok(delivered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_names_split_at_the_first_dot_of_the_basename() {
+        assert_eq!(
+            split_member("a/b.c/key.seg.png"),
+            Some(("a/b.c/key", "seg.png"))
+        );
+        assert_eq!(split_member("key.jpg"), Some(("key", "jpg")));
+        assert_eq!(split_member("nodot"), None);
+    }
+
+    #[test]
+    fn predicted_tar_size_matches_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::create(dir.path(), "s.tar", None).unwrap();
+        let long_key = "k".repeat(120);
+        w.append("a", &[("jpg", &[1u8; 1000][..]), ("cls", b"7")])
+            .unwrap();
+        w.append(&long_key, &[("json", &[2u8; 512][..])]).unwrap();
+        let predicted = w.tar_bytes();
+        let info = w.finish().unwrap();
+        // The archive ends with two zero blocks; GNU tar pads to a 10 KiB record, the tar crate does not.
+        assert_eq!(info.bytes, predicted + 1024);
+        let mut keys = vec![];
+        read_samples(File::open(dir.path().join("s.tar")).unwrap(), |s| {
+            keys.push((s.key.clone(), s.members.len()));
+            true
+        })
+        .unwrap();
+        assert_eq!(keys, vec![("a".to_string(), 2), (long_key, 1)]);
+    }
+}

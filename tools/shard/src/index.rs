@@ -1,0 +1,108 @@
+//! `index.json`: what a shard directory holds, written last (atomically) by `pack` and `synth`, read by
+//! `verify` and by the loader. It holds no timestamps, so the same inputs and seed give the same bytes.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::format::ShardInfo;
+use crate::input::ClassInfo;
+
+pub const INDEX_FILE: &str = "index.json";
+pub const FORMAT: &str = "densedino-wds/1";
+
+/// An input that was left out, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+}
+
+/// The options a set was packed with: enough to reproduce it, and compared on `--resume`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PackRecord {
+    pub tool: String,
+    pub layout: String,
+    pub input: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub list: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub masks: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub class_names: Option<String>,
+    pub seed: u64,
+    pub prefix: String,
+    pub shard_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub per_shard: Option<u64>,
+    pub quality: u8,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_side: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub zstd_level: Option<i32>,
+    /// Extra settings of generators such as `synth` (count, size).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null", default)]
+    pub extra: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Index {
+    pub format: String,
+    pub shards: Vec<ShardInfo>,
+    pub total_samples: u64,
+    pub total_bytes: u64,
+    pub classes: Vec<ClassInfo>,
+    /// Which members each sample has, e.g. ["jpg", "cls", "json"].
+    pub members: Vec<String>,
+    pub options: PackRecord,
+    pub skipped: Vec<Skipped>,
+}
+
+impl Index {
+    pub fn new(
+        shards: Vec<ShardInfo>,
+        classes: Vec<ClassInfo>,
+        members: Vec<String>,
+        options: PackRecord,
+        skipped: Vec<Skipped>,
+    ) -> Self {
+        Index {
+            format: FORMAT.to_string(),
+            total_samples: shards.iter().map(|s| s.samples).sum(),
+            total_bytes: shards.iter().map(|s| s.bytes).sum(),
+            shards,
+            classes,
+            members,
+            options,
+            skipped,
+        }
+    }
+
+    /// Loads an index from its path, or from the directory that holds it.
+    pub fn load(path: &Path) -> Result<Index> {
+        let file = if path.is_dir() {
+            path.join(INDEX_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("{}: cannot read the shard index", file.display()))?;
+        let index: Index = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid shard index", file.display()))?;
+        if index.format != FORMAT {
+            bail!(
+                "{}: format {:?}, expected {FORMAT:?}",
+                file.display(),
+                index.format
+            );
+        }
+        Ok(index)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
+        bytes.push(b'\n');
+        bytes
+    }
+}

@@ -1,0 +1,433 @@
+//! Input layouts: which files go into the shards, with which label, under which key.
+//!
+//! - class-per-folder (ImageNet train, Caltech-101): every file below `input/<class>/`; class index =
+//!   position of the folder name in sorted order, as torchvision's `ImageFolder` assigns it;
+//! - a split list (`--list train.txt`): lines `class/file` relative to the input; indices still come from
+//!   all class folders, so a train and a test list of one set agree;
+//! - ImageNet val: a flat folder plus a labels file (Kaggle `LOC_val_solution.csv`, or `file class` lines);
+//! - segmentation pairs: a flat image folder plus a mask folder whose files share the image stems.
+//!
+//! Files are chosen by place, not by extension; what they contain is decided later, from their bytes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// One class: its index, its folder name or WordNet id, and a human name when one is known.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClassInfo {
+    pub index: usize,
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+}
+
+/// One input sample before cleaning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// Path relative to the input root, '/'-separated: recorded in the sample's JSON.
+    pub rel: String,
+    pub key: String,
+    pub class: Option<usize>,
+    /// Segmentation mask, relative to the mask root.
+    pub mask: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LayoutArgs {
+    pub list: Option<PathBuf>,
+    pub val_labels: Option<PathBuf>,
+    pub masks: Option<PathBuf>,
+    /// A class list to use verbatim: a packed set's `index.json`, or a text file of `id [name…]` lines.
+    pub classes_from: Option<PathBuf>,
+    /// A file of `id name…` lines giving human names; found automatically as `classes.txt`,
+    /// `LOC_synset_mapping.txt` or `synset_words.txt` in the input folder or its parent.
+    pub class_names: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub layout: &'static str,
+    pub items: Vec<Item>,
+    pub classes: Vec<ClassInfo>,
+    pub names_file: Option<PathBuf>,
+}
+
+fn is_hidden(name: &str) -> bool {
+    name.starts_with('.')
+}
+
+/// Sorted names of the regular files (or directories) directly in `dir`, hidden ones left out.
+fn list_dir(dir: &Path, want_dirs: bool) -> Result<Vec<String>> {
+    let mut out = vec![];
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
+    {
+        let entry = entry.with_context(|| format!("{}: cannot list", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Follow symlinks, as ImageFolder does.
+        let meta = std::fs::metadata(entry.path());
+        let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
+        if !is_hidden(&name) && is_dir == want_dirs && (is_dir || meta.is_ok_and(|m| m.is_file())) {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// All files below `dir`, recursively, as sorted '/'-joined paths relative to `dir`.
+fn walk_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
+    for f in list_dir(dir, false)? {
+        out.push(format!("{prefix}{f}"));
+    }
+    for d in list_dir(dir, true)? {
+        walk_files(&dir.join(&d), &format!("{prefix}{d}/"), out)?;
+    }
+    Ok(())
+}
+
+/// A key from a relative path: the extension dropped and dots replaced (WebDataset splits the key from
+/// the extension at the first dot of the file name).
+pub fn key_of(rel: &str) -> String {
+    let stem = match rel.rfind('.') {
+        Some(dot) if dot > rel.rfind('/').map_or(0, |s| s + 1) => &rel[..dot],
+        _ => rel,
+    };
+    stem.replace('.', "_")
+}
+
+/// Makes keys unique in input order by suffixing `_1`, `_2`… (e.g. `a.jpg` and `a.png` in one folder).
+fn dedupe_keys(items: &mut [Item]) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let taken: BTreeSet<String> = items.iter().map(|i| i.key.clone()).collect();
+    for item in items.iter_mut() {
+        let n = seen.entry(item.key.clone()).or_insert(0);
+        if *n > 0 {
+            let mut k = *n;
+            while taken.contains(&format!("{}_{k}", item.key)) {
+                k += 1;
+            }
+            *n = k;
+            item.key = format!("{}_{k}", item.key);
+        }
+        *n += 1;
+    }
+}
+
+/// Reads `id name…` lines (e.g. `n01440764 tench, Tinca tinca`); the name is optional.
+fn read_names_file(path: &Path) -> Result<Vec<(String, Option<String>)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| match l.split_once(char::is_whitespace) {
+            Some((id, name)) => (id.to_string(), Some(name.trim().to_string())),
+            None => (l.to_string(), None),
+        })
+        .collect())
+}
+
+fn find_names_file(input: &Path, given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = given {
+        return Some(p.to_path_buf());
+    }
+    let parent = input.parent().map(Path::to_path_buf);
+    [Some(input.to_path_buf()), parent]
+        .into_iter()
+        .flatten()
+        .flat_map(|d| {
+            ["classes.txt", "LOC_synset_mapping.txt", "synset_words.txt"].map(|f| d.join(f))
+        })
+        .find(|p| p.is_file())
+}
+
+/// A class list taken verbatim from a packed set's `index.json` or from `id [name]` lines.
+fn read_class_list(path: &Path) -> Result<Vec<ClassInfo>> {
+    if path.extension().is_some_and(|e| e == "json") {
+        let index = crate::index::Index::load(path)?;
+        return Ok(index.classes);
+    }
+    Ok(read_names_file(path)?
+        .into_iter()
+        .enumerate()
+        .map(|(index, (id, name))| ClassInfo { index, id, name })
+        .collect())
+}
+
+fn classes_from_ids(ids: Vec<String>, names: &HashMap<String, String>) -> Vec<ClassInfo> {
+    ids.into_iter()
+        .enumerate()
+        .map(|(index, id)| ClassInfo {
+            index,
+            name: names.get(&id).cloned(),
+            id,
+        })
+        .collect()
+}
+
+pub fn plan(input: &Path, args: &LayoutArgs) -> Result<Plan> {
+    if !input.is_dir() {
+        bail!("{}: input is not a directory", input.display());
+    }
+    let names_file = find_names_file(input, args.class_names.as_deref());
+    let names: HashMap<String, String> = match &names_file {
+        Some(p) => read_names_file(p)?
+            .into_iter()
+            .filter_map(|(id, n)| n.map(|n| (id, n)))
+            .collect(),
+        None => HashMap::new(),
+    };
+    let mut plan = if let Some(masks) = &args.masks {
+        plan_segmentation(input, masks)?
+    } else if let Some(labels) = &args.val_labels {
+        plan_val(input, labels, args.classes_from.as_deref(), &names)?
+    } else {
+        plan_folders(
+            input,
+            args.list.as_deref(),
+            args.classes_from.as_deref(),
+            &names,
+        )?
+    };
+    if plan.items.is_empty() {
+        bail!(
+            "{}: no input files found ({} layout)",
+            input.display(),
+            plan.layout
+        );
+    }
+    dedupe_keys(&mut plan.items);
+    plan.names_file = names_file;
+    Ok(plan)
+}
+
+fn plan_folders(
+    input: &Path,
+    list: Option<&Path>,
+    classes_from: Option<&Path>,
+    names: &HashMap<String, String>,
+) -> Result<Plan> {
+    let folders = list_dir(input, true)?;
+    if folders.is_empty() {
+        bail!(
+            "{}: no class folders; for a flat folder give --val-labels (ImageNet val) or --masks (segmentation)",
+            input.display()
+        );
+    }
+    let classes = match classes_from {
+        Some(p) => read_class_list(p)?,
+        None => classes_from_ids(folders.clone(), names),
+    };
+    let index_of: HashMap<&str, usize> = classes.iter().map(|c| (c.id.as_str(), c.index)).collect();
+    let rels: Vec<String> = match list {
+        Some(list) => {
+            let text = std::fs::read_to_string(list)
+                .with_context(|| format!("{}: cannot read", list.display()))?;
+            let mut rels = vec![];
+            for (n, line) in text.lines().enumerate() {
+                let rel = line.trim();
+                if rel.is_empty() {
+                    continue;
+                }
+                if !rel.contains('/') {
+                    bail!(
+                        "{}:{}: expected `class/file`, got {rel:?}",
+                        list.display(),
+                        n + 1
+                    );
+                }
+                rels.push(rel.to_string());
+            }
+            rels
+        }
+        None => {
+            let mut rels = vec![];
+            for folder in &folders {
+                walk_files(&input.join(folder), &format!("{folder}/"), &mut rels)?;
+            }
+            rels
+        }
+    };
+    let mut items = Vec::with_capacity(rels.len());
+    for rel in rels {
+        let class_id = rel.split('/').next().unwrap_or_default();
+        let Some(&class) = index_of.get(class_id) else {
+            bail!("{rel}: class folder {class_id:?} is not in the class list");
+        };
+        items.push(Item {
+            key: key_of(&rel),
+            rel,
+            class: Some(class),
+            mask: None,
+        });
+    }
+    let layout = if list.is_some() {
+        "split-list"
+    } else {
+        "class-folders"
+    };
+    Ok(Plan {
+        layout,
+        items,
+        classes,
+        names_file: None,
+    })
+}
+
+/// Parses an ImageNet val labels file: Kaggle's `ImageId,PredictionString` CSV (the first word of the
+/// prediction is the WordNet id) or `file class` lines.
+fn read_val_labels(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || (n == 0 && line.starts_with("ImageId")) {
+            continue;
+        }
+        let (file, class) = match line.split_once(',') {
+            Some((id, pred)) => (
+                id.trim(),
+                pred.split_whitespace().next().unwrap_or_default(),
+            ),
+            None => {
+                let mut it = line.split_whitespace();
+                (it.next().unwrap_or_default(), it.next().unwrap_or_default())
+            }
+        };
+        if file.is_empty() || class.is_empty() {
+            bail!(
+                "{}:{}: expected `file class` or `ImageId,PredictionString`, got {line:?}",
+                path.display(),
+                n + 1
+            );
+        }
+        // Kaggle ids have no extension; plain lists usually do. Match on the stem.
+        out.insert(key_of(file), class.to_string());
+    }
+    Ok(out)
+}
+
+fn plan_val(
+    input: &Path,
+    labels: &Path,
+    classes_from: Option<&Path>,
+    names: &HashMap<String, String>,
+) -> Result<Plan> {
+    let labels_by_stem = read_val_labels(labels)?;
+    let classes = match classes_from {
+        Some(p) => read_class_list(p)?,
+        None => {
+            let ids: BTreeSet<&String> = labels_by_stem.values().collect();
+            if ids.iter().all(|id| id.parse::<usize>().is_ok()) {
+                // Integer labels with no class list: the integers are the indices.
+                let max = ids
+                    .iter()
+                    .filter_map(|i| i.parse::<usize>().ok())
+                    .max()
+                    .unwrap_or(0);
+                (0..=max)
+                    .map(|i| ClassInfo {
+                        index: i,
+                        id: i.to_string(),
+                        name: None,
+                    })
+                    .collect()
+            } else {
+                classes_from_ids(ids.into_iter().cloned().collect(), names)
+            }
+        }
+    };
+    let index_of: HashMap<&str, usize> = classes.iter().map(|c| (c.id.as_str(), c.index)).collect();
+    let mut items = vec![];
+    for rel in list_dir(input, false)? {
+        let key = key_of(&rel);
+        let Some(class_id) = labels_by_stem.get(&key) else {
+            if rel.ends_with(".txt") || rel.ends_with(".csv") {
+                continue;
+            }
+            bail!(
+                "{}: {rel} has no label in {}",
+                input.display(),
+                labels.display()
+            );
+        };
+        let class = match index_of.get(class_id.as_str()) {
+            Some(&c) => c,
+            None => bail!("{rel}: label {class_id:?} is not in the class list"),
+        };
+        items.push(Item {
+            rel,
+            key,
+            class: Some(class),
+            mask: None,
+        });
+    }
+    Ok(Plan {
+        layout: "imagenet-val",
+        items,
+        classes,
+        names_file: None,
+    })
+}
+
+fn plan_segmentation(input: &Path, masks: &Path) -> Result<Plan> {
+    let mask_by_stem: HashMap<String, String> = list_dir(masks, false)?
+        .into_iter()
+        .map(|m| (key_of(&m), m))
+        .collect();
+    let mut items = vec![];
+    for rel in list_dir(input, false)? {
+        let key = key_of(&rel);
+        let Some(mask) = mask_by_stem.get(&key) else {
+            bail!(
+                "{}: no mask with the stem of {rel} in {}",
+                input.display(),
+                masks.display()
+            );
+        };
+        items.push(Item {
+            rel,
+            key,
+            class: None,
+            mask: Some(mask.clone()),
+        });
+    }
+    Ok(Plan {
+        layout: "segmentation",
+        items,
+        classes: vec![],
+        names_file: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_drop_the_extension_and_dots() {
+        assert_eq!(
+            key_of("n01440764/n01440764_10026.JPEG"),
+            "n01440764/n01440764_10026"
+        );
+        assert_eq!(key_of("Faces.easy/a.b.jpg"), "Faces_easy/a_b");
+        assert_eq!(key_of("noext"), "noext");
+        let mut items: Vec<Item> = ["c/a.jpg", "c/a.png", "c/a_1.jpg"]
+            .iter()
+            .map(|r| Item {
+                rel: r.to_string(),
+                key: key_of(r),
+                class: None,
+                mask: None,
+            })
+            .collect();
+        dedupe_keys(&mut items);
+        let keys: Vec<_> = items.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["c/a", "c/a_2", "c/a_1"]);
+    }
+}

@@ -1,0 +1,281 @@
+//! The `shard` command: `pack` an image folder into WebDataset shards, `verify` a packed set, or `synth`
+//! a synthetic one. See `shard <command> --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use shard::input::LayoutArgs;
+use shard::pack::{PackOptions, pack};
+use shard::synth::{SynthOptions, synth};
+
+#[derive(Parser)]
+#[command(
+    name = "shard",
+    version,
+    about = "Pack image sets into WebDataset tar shards for densedino"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pack a class-per-folder set (ImageNet train, Caltech-101), a split list, ImageNet val, or
+    /// segmentation pairs into shuffled shards plus index.json.
+    Pack {
+        /// The input folder (class folders, or a flat folder with --val-labels / --masks).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where the shards and index.json go.
+        #[arg(long)]
+        out: PathBuf,
+        /// Pack only the `class/file` lines of this list (e.g. Caltech-101's train.txt).
+        #[arg(long)]
+        list: Option<PathBuf>,
+        /// ImageNet val labels: Kaggle LOC_val_solution.csv or `file class` lines.
+        #[arg(long)]
+        val_labels: Option<PathBuf>,
+        /// Mask folder for segmentation pairs (same stems as the images), packed as {key}.seg.png.
+        #[arg(long)]
+        masks: Option<PathBuf>,
+        /// Use this class list verbatim (a train set's index.json, or `id [name]` lines), so that val
+        /// indices match train.
+        #[arg(long)]
+        classes_from: Option<PathBuf>,
+        /// `id name` lines with human class names (default: classes.txt, LOC_synset_mapping.txt or
+        /// synset_words.txt beside the input).
+        #[arg(long)]
+        class_names: Option<PathBuf>,
+        /// Seed of the shuffle that spreads samples over shards.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Shard names are {prefix}-000000.tar, ….
+        #[arg(long, default_value = "train")]
+        prefix: String,
+        /// Target shard size (uncompressed tar bytes), with K/M/G suffixes.
+        #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+        shard_bytes: u64,
+        /// Samples per shard instead of a size target.
+        #[arg(long)]
+        per_shard: Option<u64>,
+        /// JPEG quality for images that must be re-encoded.
+        #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+        quality: u8,
+        /// Cap the long side at this many pixels (resized and re-encoded), as FFCV does with 500.
+        #[arg(long)]
+        max_side: Option<u32>,
+        /// Write .tar.zst at this zstd level (1..=22).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22))]
+        zstd: Option<i32>,
+        /// Decode/clean threads (default: all cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Stop on the first unreadable input instead of skipping and recording it.
+        #[arg(long)]
+        strict: bool,
+        /// Finish an interrupted run in --out (same options), producing the bytes of an uninterrupted run.
+        #[arg(long)]
+        resume: bool,
+        /// Replace an existing set in --out.
+        #[arg(long)]
+        force: bool,
+        /// No progress output.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Re-read every shard against index.json; exits 1 with a report on any mismatch.
+    Verify {
+        /// The shard folder (or its index.json).
+        dir: PathBuf,
+        /// Also decode every image.
+        #[arg(long)]
+        decode: bool,
+    },
+    /// Write a deterministic synthetic set: shapes of 4 classes on textured backgrounds, with masks.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        count: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "train")]
+        prefix: String,
+        #[arg(long, default_value_t = 256)]
+        per_shard: u64,
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22))]
+        zstd: Option<i32>,
+        #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+        quality: u8,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?}"))?;
+    if n <= 0.0 {
+        return Err(format!("size must be positive: {s:?}"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn run() -> Result<ExitCode> {
+    let workers_default = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match Cli::parse().command {
+        Command::Pack {
+            input,
+            out,
+            list,
+            val_labels,
+            masks,
+            classes_from,
+            class_names,
+            seed,
+            prefix,
+            shard_bytes,
+            per_shard,
+            quality,
+            max_side,
+            zstd,
+            workers,
+            strict,
+            resume,
+            force,
+            quiet,
+        } => {
+            if [list.is_some(), val_labels.is_some(), masks.is_some()]
+                .iter()
+                .filter(|&&b| b)
+                .count()
+                > 1
+            {
+                bail!(
+                    "--list, --val-labels and --masks choose different layouts; give at most one"
+                );
+            }
+            let opts = PackOptions {
+                input,
+                out,
+                layout: LayoutArgs {
+                    list,
+                    val_labels,
+                    masks,
+                    classes_from,
+                    class_names,
+                },
+                seed,
+                prefix,
+                shard_bytes,
+                per_shard,
+                quality,
+                max_side,
+                zstd_level: zstd,
+                workers: workers.unwrap_or(workers_default),
+                strict,
+                resume,
+                force,
+                quiet,
+            };
+            let (index, summary) = pack(&opts)?;
+            println!("{}", summary.line("packed"));
+            println!(
+                "{} classes, {} samples in total; index: {}",
+                index.classes.len(),
+                index.total_samples,
+                opts.out.join(shard::index::INDEX_FILE).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { dir, decode } => {
+            let report = shard::verify::verify(&dir, decode)?;
+            for p in &report.problems {
+                eprintln!("error: {p}");
+            }
+            let decoded = if decode {
+                format!(", {} images decoded", report.decoded)
+            } else {
+                String::new()
+            };
+            if report.problems.is_empty() {
+                println!(
+                    "ok: {} shards, {} samples{decoded}",
+                    report.shards, report.samples
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!(
+                    "FAILED: {} problems in {} shards ({} samples read{decoded})",
+                    report.problems.len(),
+                    report.shards,
+                    report.samples
+                );
+                Ok(ExitCode::from(1))
+            }
+        }
+        Command::Synth {
+            out,
+            count,
+            size,
+            seed,
+            prefix,
+            per_shard,
+            zstd,
+            quality,
+            force,
+            quiet,
+        } => {
+            let opts = SynthOptions {
+                count,
+                size,
+                seed,
+                prefix,
+                per_shard,
+                zstd_level: zstd,
+                quality,
+                force,
+                quiet,
+            };
+            let (_, summary) = synth(&out, &opts)?;
+            println!("{}", summary.line("synthesised"));
+            println!("index: {}", out.join(shard::index::INDEX_FILE).display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

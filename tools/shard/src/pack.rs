@@ -1,0 +1,467 @@
+//! `shard pack` and the shard-set writer it shares with `synth`: shuffle, clean in parallel, write in
+//! order, rotate shards by size or count, and survive a crash.
+//!
+//! Determinism: the plan (enumeration sorted, then a ChaCha shuffle of the seed) and each sample's bytes
+//! are pure functions of the inputs and options, and samples are written in plan order whatever the
+//! worker count, so the same seed gives the same shards byte for byte.
+//!
+//! Crash safety: a shard is written as `name.partial` and renamed when complete; after each rename a
+//! journal records how far the plan got, so `--resume` re-does only the unfinished shard and produces
+//! exactly the bytes of an uninterrupted run. `index.json` is written last.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::clean::{CleanOptions, clean};
+use crate::format::{PARTIAL_SUFFIX, ShardInfo, ShardWriter, shard_name, write_atomic};
+use crate::index::{INDEX_FILE, Index, PackRecord, Skipped};
+use crate::input::{ClassInfo, Item, LayoutArgs, plan};
+use crate::progress::Progress;
+
+pub const JOURNAL_FILE: &str = ".pack-journal.json";
+/// Test hook: abort the process (no unwinding, no cleanup) after this many samples were appended.
+pub const CRASH_ENV: &str = "SHARD_CRASH_AFTER_SAMPLES";
+
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    pub input: PathBuf,
+    pub out: PathBuf,
+    pub layout: LayoutArgs,
+    pub seed: u64,
+    pub prefix: String,
+    pub shard_bytes: u64,
+    pub per_shard: Option<u64>,
+    pub quality: u8,
+    pub max_side: Option<u32>,
+    pub zstd_level: Option<i32>,
+    pub workers: usize,
+    pub strict: bool,
+    pub resume: bool,
+    pub force: bool,
+    pub quiet: bool,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    /// Images written by this run (a resumed run counts only its own part).
+    pub samples: u64,
+    pub skipped: usize,
+    pub shards: usize,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    pub fn line(&self, verb: &str) -> String {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        format!(
+            "{verb} {} images ({} skipped) into {} shards, {:.1} MB, in {:.1} s: {:.0} images/s, {:.1} MB/s",
+            self.samples,
+            self.skipped,
+            self.shards,
+            self.bytes as f64 / 1e6,
+            secs,
+            self.samples as f64 / secs,
+            self.bytes as f64 / 1e6 / secs
+        )
+    }
+}
+
+/// How far an interrupted run got: rewritten (atomically) after every finished shard.
+#[derive(Debug, Serialize, Deserialize)]
+struct Journal {
+    options: PackRecord,
+    plan_len: usize,
+    /// Plan position of the first item not yet in a finished shard.
+    next: usize,
+    shards: Vec<ShardInfo>,
+    skipped: Vec<Skipped>,
+}
+
+/// Writes a set of shards in order, rotating by size or count, with the journal and the index.
+pub struct ShardSet {
+    dir: PathBuf,
+    record: PackRecord,
+    plan_len: usize,
+    current: Option<ShardWriter>,
+    pub shards: Vec<ShardInfo>,
+    pub skipped: Vec<Skipped>,
+    appended: u64,
+    crash_after: Option<u64>,
+}
+
+impl ShardSet {
+    /// Prepares `dir` for a new set, or picks up an interrupted one. Returns the set and the plan position
+    /// to continue from.
+    pub fn open(
+        dir: &Path,
+        record: PackRecord,
+        plan_len: usize,
+        resume: bool,
+        force: bool,
+    ) -> Result<(Self, usize)> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let journal_path = dir.join(JOURNAL_FILE);
+        let existing = existing_files(dir, &record.prefix)?;
+        let mut set = ShardSet {
+            dir: dir.to_path_buf(),
+            record,
+            plan_len,
+            current: None,
+            shards: vec![],
+            skipped: vec![],
+            appended: 0,
+            crash_after: std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()),
+        };
+        let mut start = 0;
+        if resume && journal_path.is_file() {
+            let text = std::fs::read_to_string(&journal_path)
+                .with_context(|| format!("{}: cannot read", journal_path.display()))?;
+            let journal: Journal = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: damaged journal; pack again with --force",
+                    journal_path.display()
+                )
+            })?;
+            if journal.options != set.record || journal.plan_len != plan_len {
+                bail!(
+                    "{}: the interrupted run used other options or inputs; pack again with --force",
+                    journal_path.display()
+                );
+            }
+            for s in &journal.shards {
+                let len = std::fs::metadata(dir.join(&s.name)).map(|m| m.len()).ok();
+                if len != Some(s.bytes) {
+                    bail!(
+                        "{}: finished shard {} is missing or changed; pack again with --force",
+                        dir.display(),
+                        s.name
+                    );
+                }
+            }
+            let keep: Vec<&str> = journal.shards.iter().map(|s| s.name.as_str()).collect();
+            for f in existing
+                .iter()
+                .filter(|f| !keep.contains(&f.as_str()) && *f != JOURNAL_FILE)
+            {
+                remove(&dir.join(f))?;
+            }
+            start = journal.next;
+            set.shards = journal.shards;
+            set.skipped = journal.skipped;
+        } else if resume && dir.join(INDEX_FILE).is_file() {
+            bail!(
+                "{}: the set is already complete (index.json exists); nothing to resume",
+                dir.display()
+            );
+        } else if !existing.is_empty() {
+            if !force {
+                bail!(
+                    "{}: already holds shards, an index or a journal ({}); use --resume to finish an interrupted run or --force to replace them",
+                    dir.display(),
+                    existing.join(", ")
+                );
+            }
+            for f in &existing {
+                remove(&dir.join(f))?;
+            }
+        }
+        Ok((set, start))
+    }
+
+    /// Appends a sample at plan position `pos`; starts a new shard first if this one is full.
+    pub fn append(&mut self, pos: usize, key: &str, members: &[(&str, &[u8])]) -> Result<()> {
+        let size = ShardWriter::sample_tar_bytes(key, members);
+        let full = self
+            .current
+            .as_ref()
+            .is_some_and(|w| match self.record.per_shard {
+                Some(n) => w.samples() >= n,
+                None => w.tar_bytes() + size > self.record.shard_bytes,
+            });
+        if full {
+            self.finish_shard(pos)?;
+        }
+        if self.current.is_none() {
+            let name = shard_name(
+                &self.record.prefix,
+                self.shards.len(),
+                self.record.zstd_level.is_some(),
+            );
+            let writer = ShardWriter::create(&self.dir, &name, self.record.zstd_level)
+                .with_context(|| format!("{}: cannot create shard {name}", self.dir.display()))?;
+            self.current = Some(writer);
+        }
+        if let Some(w) = self.current.as_mut() {
+            w.append(key, members)
+                .with_context(|| format!("{}: writing {key}", self.dir.display()))?;
+        }
+        self.appended += 1;
+        if self.crash_after == Some(self.appended) {
+            eprintln!(
+                "{CRASH_ENV}: aborting after {} samples, as asked",
+                self.appended
+            );
+            std::process::abort();
+        }
+        Ok(())
+    }
+
+    fn finish_shard(&mut self, next: usize) -> Result<()> {
+        if let Some(w) = self.current.take() {
+            let info = w
+                .finish()
+                .with_context(|| format!("{}: cannot finish a shard", self.dir.display()))?;
+            self.shards.push(info);
+            let journal = Journal {
+                options: self.record.clone(),
+                plan_len: self.plan_len,
+                next,
+                shards: self.shards.clone(),
+                skipped: self.skipped.clone(),
+            };
+            let bytes = serde_json::to_vec_pretty(&journal)?;
+            write_atomic(&self.dir.join(JOURNAL_FILE), &bytes)
+                .with_context(|| format!("{}: cannot write the journal", self.dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the last shard, writes `index.json`, and removes the journal.
+    pub fn finish(mut self, classes: Vec<ClassInfo>, members: Vec<String>) -> Result<Index> {
+        self.finish_shard(self.plan_len)?;
+        let index = Index::new(self.shards, classes, members, self.record, self.skipped);
+        write_atomic(&self.dir.join(INDEX_FILE), &index.to_json())
+            .with_context(|| format!("{}: cannot write {INDEX_FILE}", self.dir.display()))?;
+        let journal = self.dir.join(JOURNAL_FILE);
+        if journal.exists() {
+            remove(&journal)?;
+        }
+        Ok(index)
+    }
+}
+
+fn remove(path: &Path) -> Result<()> {
+    std::fs::remove_file(path).with_context(|| format!("{}: cannot remove", path.display()))
+}
+
+/// Files of a set in `dir`: its shards (finished or partial), index and journal.
+fn existing_files(dir: &Path, prefix: &str) -> Result<Vec<String>> {
+    let mut out = vec![];
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
+    {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let ours = (name.starts_with(&format!("{prefix}-")) && name.contains(".tar"))
+            || name == JOURNAL_FILE
+            || name == INDEX_FILE
+            || name.ends_with(PARTIAL_SUFFIX);
+        if ours {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The JSON member of a sample.
+#[derive(Serialize)]
+struct SampleMeta<'a> {
+    source: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    class: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    class_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    class_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mask: Option<&'a str>,
+    width: u32,
+    height: u32,
+    channels: u8,
+    cleaning: &'a [String],
+}
+
+/// A cleaned sample's members, or the reason it is skipped.
+type Processed = Result<Vec<(&'static str, Vec<u8>)>, String>;
+
+fn process(
+    item: &Item,
+    input: &Path,
+    masks: Option<&Path>,
+    classes: &[ClassInfo],
+    opts: &CleanOptions,
+) -> Processed {
+    let path = input.join(&item.rel);
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read: {e}"))?;
+    let cleaned = clean(&bytes, opts)?;
+    let mut members: Vec<(&'static str, Vec<u8>)> = vec![];
+    let class = item.class.and_then(|c| classes.get(c));
+    let meta = SampleMeta {
+        source: &item.rel,
+        class: item.class,
+        class_id: class.map(|c| c.id.as_str()),
+        class_name: class.and_then(|c| c.name.as_deref()),
+        mask: item.mask.as_deref(),
+        width: cleaned.width,
+        height: cleaned.height,
+        channels: cleaned.channels,
+        cleaning: &cleaned.cleaning,
+    };
+    let json = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
+    let mask = match (&item.mask, masks) {
+        (Some(m), Some(dir)) => Some(clean_mask(&dir.join(m), cleaned.width, cleaned.height)?),
+        _ => None,
+    };
+    members.push(("jpg", cleaned.jpeg));
+    if let Some(c) = item.class {
+        members.push(("cls", c.to_string().into_bytes()));
+    }
+    members.push(("json", json));
+    if let Some(mask) = mask {
+        members.push(("seg.png", mask));
+    }
+    Ok(members)
+}
+
+/// A segmentation mask as a single-channel PNG of the image's size (labels resized by nearest neighbour
+/// if the image was capped); a valid 8-bit gray PNG is kept byte for byte.
+fn clean_mask(path: &Path, width: u32, height: u32) -> Result<Vec<u8>, String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("mask {}: cannot read: {e}", path.display()))?;
+    let img = image::load_from_memory(&bytes)
+        .map_err(|e| format!("mask {}: unreadable: {e}", path.display()))?;
+    let is_png_l8 = image::guess_format(&bytes).ok() == Some(image::ImageFormat::Png)
+        && matches!(img, image::DynamicImage::ImageLuma8(_));
+    if is_png_l8 && (img.width(), img.height()) == (width, height) {
+        return Ok(bytes);
+    }
+    if img.color().channel_count() != 1 {
+        return Err(format!(
+            "mask {}: has {} channels, expected 1",
+            path.display(),
+            img.color().channel_count()
+        ));
+    }
+    let mut gray = img.into_luma8();
+    if gray.dimensions() != (width, height) {
+        let (w0, h0) = gray.dimensions();
+        // Only a capped image may change size; a mask of another shape is an input error.
+        if (w0 as u64 * height as u64).abs_diff(h0 as u64 * width as u64) > (w0.max(h0) as u64) * 2
+        {
+            return Err(format!(
+                "mask {}: is {w0}x{h0}, the image {width}x{height}",
+                path.display()
+            ));
+        }
+        gray = image::imageops::resize(&gray, width, height, image::imageops::FilterType::Nearest);
+    }
+    let mut out = vec![];
+    gray.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
+    let plan = plan(&opts.input, &opts.layout)?;
+    let path_str = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let record = PackRecord {
+        tool: format!("shard {}", env!("CARGO_PKG_VERSION")),
+        layout: plan.layout.to_string(),
+        input: opts.input.display().to_string(),
+        list: path_str(&opts.layout.list).or(path_str(&opts.layout.val_labels)),
+        masks: path_str(&opts.layout.masks),
+        class_names: path_str(&plan.names_file),
+        seed: opts.seed,
+        prefix: opts.prefix.clone(),
+        shard_bytes: opts.shard_bytes,
+        per_shard: opts.per_shard,
+        quality: opts.quality,
+        max_side: opts.max_side,
+        zstd_level: opts.zstd_level,
+        extra: serde_json::Value::Null,
+    };
+    let mut items = plan.items;
+    items.shuffle(&mut common::seed::rng(
+        opts.seed,
+        common::seed::Purpose::ShardShuffle,
+        &[],
+    ));
+    let (mut set, start) = ShardSet::open(&opts.out, record, items.len(), opts.resume, opts.force)?;
+    if start > 0 {
+        eprintln!(
+            "resuming at image {start} of {} after {} finished shards",
+            items.len(),
+            set.shards.len()
+        );
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.workers.max(1))
+        .build()?;
+    let clean_opts = CleanOptions {
+        quality: opts.quality,
+        max_side: opts.max_side,
+    };
+    let masks = opts.layout.masks.as_deref();
+    let mut progress = Progress::new("pack", (items.len() - start) as u64, opts.quiet);
+    let chunk = 64 * opts.workers.max(1);
+    let mut pos = start;
+    let mut written = 0u64;
+    for batch in items[start..].chunks(chunk) {
+        let results: Vec<Processed> = pool.install(|| {
+            batch
+                .par_iter()
+                .map(|it| process(it, &opts.input, masks, &plan.classes, &clean_opts))
+                .collect()
+        });
+        let mut bytes = 0;
+        for (item, result) in batch.iter().zip(results) {
+            match result {
+                Ok(members) => {
+                    let refs: Vec<(&str, &[u8])> =
+                        members.iter().map(|(e, d)| (*e, d.as_slice())).collect();
+                    bytes += refs.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+                    set.append(pos, &item.key, &refs)?;
+                    written += 1;
+                }
+                Err(reason) if opts.strict => bail!(
+                    "{}: {reason} (--strict)",
+                    opts.input.join(&item.rel).display()
+                ),
+                Err(reason) => {
+                    eprintln!("skipped {}: {reason}", opts.input.join(&item.rel).display());
+                    set.skipped.push(Skipped {
+                        path: item.rel.clone(),
+                        reason,
+                    });
+                }
+            }
+            pos += 1;
+        }
+        progress.inc(batch.len() as u64, bytes);
+    }
+    let mut members = vec!["jpg".to_string()];
+    if !plan.classes.is_empty() {
+        members.push("cls".into());
+    }
+    members.push("json".into());
+    if masks.is_some() {
+        members.push("seg.png".into());
+    }
+    let index = set.finish(plan.classes, members)?;
+    let elapsed = progress.finish();
+    let summary = Summary {
+        samples: written,
+        skipped: index.skipped.len(),
+        shards: index.shards.len(),
+        bytes: index.total_bytes,
+        elapsed,
+    };
+    Ok((index, summary))
+}
