@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod geometry;
 pub mod seed;
 
 pub use batch::{Batch, Cursor, ViewPixels};

@@ -1,0 +1,15 @@
+//! `loader`: turns shards made by `tools/shard` into DenseDINO batches ([`common::Batch`]): u8 views plus
+//! the reference points of every (global, any) view pair, on a bounded async channel.
+//!
+//! [`plan`] decides which shards a rank reads in an epoch; [`decode`] turns bytes into RGB; [`augment`]
+//! holds the pixel operations; [`views`] makes one sample's views and points; [`pipeline`] runs it all on
+//! tokio with exact replay from a seed and a cursor.
+
+pub mod augment;
+pub mod decode;
+pub mod pipeline;
+pub mod plan;
+pub mod views;
+
+pub use common::geometry::CropBox;
+pub use pipeline::{Loader, LoaderOptions, Stats, start};

@@ -1,0 +1,550 @@
+//! The streaming pipeline: shards → samples → views → batches on a bounded async channel.
+//!
+//! ```text
+//!  reader (blocking task)        interleaves `interleave` shards round-robin, seeded shuffle buffer,
+//!     │ work channel             numbers samples by seq, skips those before the resume cursor
+//!  workers × N (blocking tasks)  decode + views + points, RNG from (seed, epoch, seq)
+//!     │ result channel
+//!  collator (async task)         reorders by seq, skips bad samples (counted, logged), collates B
+//!     │ batch channel (bounded)  back-pressure: a full channel stalls everything behind it
+//!  consumer
+//! ```
+//!
+//! Worker count, thread timing and channel depth never change a batch: the sample order is fixed by the
+//! reader (which blocks on each shard in turn) and every random draw of a sample by its (epoch, seq).
+//! Dropping the receiver shuts everything down: each stage sees its channel closed and returns.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use rand::Rng;
+
+use common::config::ViewsConfig;
+use common::seed::{Purpose, rng};
+use common::{Batch, Cursor, ViewPixels};
+use shard::{Index, Sample, open_shard, read_samples};
+
+use crate::plan::epoch_plan;
+use crate::views::{SampleViews, Scratch, make_views};
+
+#[derive(Clone, Debug)]
+pub struct LoaderOptions {
+    /// A shard directory or its `index.json`.
+    pub shards: PathBuf,
+    pub views: ViewsConfig,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Decode/augment workers (default: the available cores).
+    pub workers: usize,
+    /// Capacity of the batch channel, in batches.
+    pub capacity: usize,
+    /// Samples held by the shuffle buffer (1 = no shuffling beyond the shard order).
+    pub shuffle_buffer: usize,
+    /// Shards read at once, interleaved sample by sample.
+    pub interleave: usize,
+    /// Stop after this epoch (exclusive); `None` runs until the receiver is dropped.
+    pub end_epoch: Option<u64>,
+    /// Where to start: (epoch, samples of that epoch already consumed).
+    pub start: Cursor,
+}
+
+impl LoaderOptions {
+    pub fn new(shards: impl Into<PathBuf>, views: ViewsConfig, batch_size: usize) -> Self {
+        LoaderOptions {
+            shards: shards.into(),
+            views,
+            batch_size,
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            capacity: 4,
+            shuffle_buffer: 1000,
+            interleave: 4,
+            end_epoch: None,
+            start: Cursor::default(),
+        }
+    }
+}
+
+/// Counters for the stats line.
+#[derive(Default)]
+pub struct Stats {
+    pub images: AtomicU64,
+    pub batches: AtomicU64,
+    pub skipped: AtomicU64,
+    pub truncated_shards: AtomicU64,
+    /// Recent per-sample processing times in microseconds (a ring of 4096).
+    times_us: Mutex<Vec<u32>>,
+    next_time: AtomicU64,
+}
+
+impl Stats {
+    fn record_time(&self, us: u32) {
+        let i = self.next_time.fetch_add(1, Ordering::Relaxed) as usize % 4096;
+        if let Ok(mut t) = self.times_us.lock() {
+            if t.len() < 4096 {
+                t.push(us);
+            } else {
+                t[i] = us;
+            }
+        }
+    }
+
+    /// (p50, p99) of recent per-sample decode+augment times, in milliseconds.
+    pub fn time_percentiles(&self) -> (f64, f64) {
+        let mut t = self.times_us.lock().map(|t| t.clone()).unwrap_or_default();
+        if t.is_empty() {
+            return (0.0, 0.0);
+        }
+        t.sort_unstable();
+        let p = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+        (p(0.5), p(0.99))
+    }
+}
+
+/// A running loader: receive batches from `batches`.
+pub struct Loader {
+    pub batches: async_channel::Receiver<Batch>,
+    pub stats: Arc<Stats>,
+    pub index: Arc<Index>,
+    pub shard_dir: PathBuf,
+}
+
+struct Work {
+    epoch: u64,
+    seq: u64,
+    epoch_len: u64,
+    shard: Arc<str>,
+    sample: Sample,
+}
+
+struct Done {
+    epoch: u64,
+    seq: u64,
+    epoch_len: u64,
+    key: String,
+    shard: Arc<str>,
+    label: i64,
+    result: Result<SampleViews, String>,
+}
+
+/// The shard directory and index from a directory or an `index.json` path; one clear error if absent.
+pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
+    if !path.exists() {
+        bail!("{}: no such shard directory or index", path.display());
+    }
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let index = Index::load(path)?;
+    if index.total_samples == 0 || index.shards.is_empty() {
+        bail!("{}: the shard index lists no samples", dir.display());
+    }
+    Ok((dir, index))
+}
+
+/// Starts the pipeline on the current tokio runtime.
+pub fn start(opts: LoaderOptions) -> Result<Loader> {
+    opts.views.validate()?;
+    if opts.batch_size == 0 || opts.world_size == 0 || opts.rank >= opts.world_size {
+        bail!(
+            "loader: need batch_size >= 1 and rank < world_size (got {}, {}/{})",
+            opts.batch_size,
+            opts.rank,
+            opts.world_size
+        );
+    }
+    let (dir, index) = open_index(&opts.shards)?;
+    let first = epoch_plan(
+        &index,
+        opts.seed,
+        opts.start.epoch,
+        opts.rank,
+        opts.world_size,
+    );
+    if first.len < opts.batch_size as u64 {
+        bail!(
+            "{}: rank {} of {} gets {} samples per epoch, fewer than one batch of {}",
+            dir.display(),
+            opts.rank,
+            opts.world_size,
+            first.len,
+            opts.batch_size
+        );
+    }
+    let index = Arc::new(index);
+    let stats = Arc::new(Stats::default());
+    let workers = opts.workers.max(1);
+    let (work_tx, work_rx) = async_channel::bounded::<Work>(workers * 4);
+    let (done_tx, done_rx) = async_channel::bounded::<Done>(workers * 4);
+    let (batch_tx, batch_rx) = async_channel::bounded::<Batch>(opts.capacity.max(1));
+    let opts = Arc::new(opts);
+
+    {
+        let (opts, index, dir, stats) = (opts.clone(), index.clone(), dir.clone(), stats.clone());
+        tokio::task::spawn_blocking(move || read_loop(&opts, &index, &dir, &stats, work_tx));
+    }
+    for _ in 0..workers {
+        let (opts, rx, tx, stats) = (
+            opts.clone(),
+            work_rx.clone(),
+            done_tx.clone(),
+            stats.clone(),
+        );
+        tokio::task::spawn_blocking(move || work_loop(&opts, rx, tx, &stats));
+    }
+    drop((work_rx, done_tx));
+    tokio::spawn(collate_loop(opts.clone(), done_rx, batch_tx, stats.clone()));
+    Ok(Loader {
+        batches: batch_rx,
+        stats,
+        index,
+        shard_dir: dir,
+    })
+}
+
+/// Reads one shard on its own thread into a small channel, so the reader can pull samples from several
+/// shards in a fixed round-robin order.
+fn spawn_shard_reader(path: PathBuf, stats: Arc<Stats>) -> std::sync::mpsc::Receiver<Sample> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(8);
+    std::thread::spawn(move || {
+        let reader = match open_shard(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!(
+                    "warning: {}: cannot open shard, skipping it: {e}",
+                    path.display()
+                );
+                stats.truncated_shards.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        if let Err((n, e)) = read_samples(reader, |s| tx.send(s).is_ok()) {
+            eprintln!(
+                "warning: {}: shard ends early after {n} samples: {e}",
+                path.display()
+            );
+            stats.truncated_shards.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    rx
+}
+
+fn read_loop(
+    opts: &LoaderOptions,
+    index: &Index,
+    dir: &Path,
+    stats: &Arc<Stats>,
+    work: async_channel::Sender<Work>,
+) {
+    let mut epoch = opts.start.epoch;
+    while opts.end_epoch.is_none_or(|end| epoch < end) {
+        let plan = epoch_plan(index, opts.seed, epoch, opts.rank, opts.world_size);
+        let skip = if epoch == opts.start.epoch {
+            opts.start.samples
+        } else {
+            0
+        };
+        let mut pending = plan
+            .shards
+            .iter()
+            .map(|&i| index.shards[i].name.clone())
+            .collect::<Vec<_>>()
+            .into_iter();
+        let mut open: Vec<(Arc<str>, std::sync::mpsc::Receiver<Sample>)> = vec![];
+        let mut next_slot = 0usize;
+        let mut shuffle_rng = rng(opts.seed, Purpose::ShuffleBuffer, &[epoch]);
+        let mut buffer: Vec<(Arc<str>, Sample)> = Vec::with_capacity(opts.shuffle_buffer);
+        let mut seq = 0u64;
+        // Emits one sample; false once the consumer is gone or the epoch is full.
+        let emit = |item: (Arc<str>, Sample), seq: &mut u64| -> bool {
+            if *seq >= plan.len {
+                return false;
+            }
+            let s = *seq;
+            *seq += 1;
+            if s < skip {
+                return true;
+            }
+            work.send_blocking(Work {
+                epoch,
+                seq: s,
+                epoch_len: plan.len,
+                shard: item.0,
+                sample: item.1,
+            })
+            .is_ok()
+        };
+        loop {
+            while open.len() < opts.interleave.max(1) {
+                match pending.next() {
+                    Some(name) => {
+                        let rx = spawn_shard_reader(dir.join(&name), stats.clone());
+                        open.push((Arc::from(name.as_str()), rx));
+                    }
+                    None => break,
+                }
+            }
+            if open.is_empty() {
+                break;
+            }
+            let slot = next_slot % open.len();
+            match open[slot].1.recv() {
+                Ok(sample) => {
+                    let item = (open[slot].0.clone(), sample);
+                    next_slot = slot + 1;
+                    if buffer.len() + 1 < opts.shuffle_buffer.max(1) {
+                        buffer.push(item);
+                        continue;
+                    }
+                    buffer.push(item);
+                    let pick = shuffle_rng.random_range(0..buffer.len());
+                    if !emit(buffer.swap_remove(pick), &mut seq) {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    // The shard is done: its slot goes to the next shard, keeping the rotation position.
+                    open.remove(slot);
+                    next_slot = slot;
+                }
+            }
+        }
+        while !buffer.is_empty() && seq < plan.len {
+            let pick = shuffle_rng.random_range(0..buffer.len());
+            if !emit(buffer.swap_remove(pick), &mut seq) {
+                break;
+            }
+        }
+        if work.is_closed() {
+            return;
+        }
+        if seq < plan.len {
+            // Damaged shards delivered fewer samples than the index promised; the collator must still
+            // see the epoch end, so the missing positions are sent as empty (skipped) samples.
+            eprintln!(
+                "warning: epoch {epoch}: {} samples missing from damaged shards",
+                plan.len - seq
+            );
+            while seq < plan.len {
+                let s = seq;
+                seq += 1;
+                if s >= skip {
+                    let empty = Sample {
+                        key: format!("<missing {s}>"),
+                        members: vec![],
+                    };
+                    let w = Work {
+                        epoch,
+                        seq: s,
+                        epoch_len: plan.len,
+                        shard: Arc::from("<missing>"),
+                        sample: empty,
+                    };
+                    if work.send_blocking(w).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        epoch += 1;
+    }
+}
+
+fn work_loop(
+    opts: &LoaderOptions,
+    rx: async_channel::Receiver<Work>,
+    tx: async_channel::Sender<Done>,
+    stats: &Stats,
+) {
+    let mut scratch = Scratch::default();
+    while let Ok(w) = rx.recv_blocking() {
+        let t0 = Instant::now();
+        let label = w
+            .sample
+            .get("cls")
+            .and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok())
+            .unwrap_or(-1);
+        let result = match w
+            .sample
+            .get("jpg")
+            .or_else(|| w.sample.get("png"))
+            .or_else(|| w.sample.get("jpeg"))
+        {
+            Some(bytes) => make_views(bytes, &opts.views, opts.seed, w.epoch, w.seq, &mut scratch),
+            None => Err("no image member".to_string()),
+        };
+        stats.record_time(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        let done = Done {
+            epoch: w.epoch,
+            seq: w.seq,
+            epoch_len: w.epoch_len,
+            key: w.sample.key,
+            shard: w.shard,
+            label,
+            result,
+        };
+        if tx.send_blocking(done).is_err() {
+            return;
+        }
+    }
+}
+
+struct Pending {
+    views: Vec<Vec<u8>>,
+    teacher: Vec<Vec<f32>>,
+    student: Vec<Vec<f32>>,
+    labels: Vec<i64>,
+    keys: Vec<String>,
+    seq: Vec<u64>,
+}
+
+impl Pending {
+    fn new(cfg: &ViewsConfig, b: usize) -> Self {
+        let (g, v, m) = (cfg.num_global, cfg.num_views(), cfg.num_points);
+        Pending {
+            views: (0..v)
+                .map(|i| Vec::with_capacity(b * 3 * cfg.view_size(i).pow(2)))
+                .collect(),
+            teacher: vec![Vec::with_capacity(b * v * m * 2); g],
+            student: vec![Vec::with_capacity(b * g * m * 2); v],
+            labels: Vec::with_capacity(b),
+            keys: Vec::with_capacity(b),
+            seq: Vec::with_capacity(b),
+        }
+    }
+
+    fn push(&mut self, label: i64, key: String, seq: u64, s: SampleViews) {
+        for (dst, src) in self.views.iter_mut().zip(&s.views) {
+            dst.extend_from_slice(src);
+        }
+        for (dst, src) in self.teacher.iter_mut().zip(&s.points.teacher) {
+            dst.extend_from_slice(src);
+        }
+        for (dst, src) in self.student.iter_mut().zip(&s.points.student) {
+            dst.extend_from_slice(src);
+        }
+        self.labels.push(label);
+        self.keys.push(key);
+        self.seq.push(seq);
+    }
+}
+
+async fn collate_loop(
+    opts: Arc<LoaderOptions>,
+    rx: async_channel::Receiver<Done>,
+    tx: async_channel::Sender<Batch>,
+    stats: Arc<Stats>,
+) {
+    let cfg = &opts.views;
+    let b = opts.batch_size;
+    let mut reorder: BTreeMap<(u64, u64), Done> = BTreeMap::new();
+    let mut next = (opts.start.epoch, opts.start.samples);
+    let mut pending = Pending::new(cfg, b);
+    while let Ok(done) = rx.recv().await {
+        reorder.insert((done.epoch, done.seq), done);
+        while let Some(d) = reorder.remove(&next) {
+            let Done {
+                epoch,
+                seq,
+                epoch_len,
+                key,
+                shard,
+                label,
+                result,
+            } = d;
+            match result {
+                Ok(views) => pending.push(label, key, seq, views),
+                Err(e) => {
+                    stats.skipped.fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "warning: skipped sample {key} of shard {shard} (epoch {epoch}, seq {seq}): {e}"
+                    );
+                }
+            }
+            next = (epoch, seq + 1);
+            if pending.labels.len() == b {
+                let full = std::mem::replace(&mut pending, Pending::new(cfg, b));
+                let batch = Batch {
+                    batch_size: b,
+                    num_points: cfg.num_points,
+                    views: full
+                        .views
+                        .into_iter()
+                        .enumerate()
+                        .map(|(v, data)| ViewPixels {
+                            size: cfg.view_size(v),
+                            data,
+                        })
+                        .collect(),
+                    teacher_points: full.teacher,
+                    student_points: full.student,
+                    labels: full.labels,
+                    keys: full.keys,
+                    seq: full.seq,
+                    epoch,
+                    // Fewer positions than a batch left: the epoch's tail can never fill a batch and is
+                    // dropped, so the cursor already points at the next epoch.
+                    cursor: if epoch_len - (seq + 1) < b as u64 {
+                        Cursor {
+                            epoch: epoch + 1,
+                            samples: 0,
+                        }
+                    } else {
+                        Cursor {
+                            epoch,
+                            samples: seq + 1,
+                        }
+                    },
+                };
+                stats.images.fetch_add(b as u64, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                if tx.send(batch).await.is_err() {
+                    rx.close();
+                    return;
+                }
+            }
+            if seq + 1 == epoch_len {
+                // Epoch end: the incomplete tail batch is dropped.
+                pending = Pending::new(cfg, b);
+                next = (epoch + 1, 0);
+            }
+        }
+    }
+}
+
+/// Reads the shard directory's samples in index order without views (the decode-only benchmark).
+pub fn for_each_sample(
+    dir: &Path,
+    index: &Index,
+    mut f: impl FnMut(&str, Sample) -> bool,
+) -> Result<()> {
+    for s in &index.shards {
+        let path = dir.join(&s.name);
+        let reader =
+            open_shard(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let mut go = true;
+        if let Err((n, e)) = read_samples(reader, |x| {
+            go = f(&s.name, x);
+            go
+        }) {
+            eprintln!(
+                "warning: {}: shard ends early after {n} samples: {e}",
+                path.display()
+            );
+        }
+        if !go {
+            break;
+        }
+    }
+    Ok(())
+}
