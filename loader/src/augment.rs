@@ -1,24 +1,37 @@
-//! Pixel operations of the DINO view pipeline on interleaved RGB `u8` views (`method-spec.md` §2.2):
-//! crop + bicubic resize, flip, ColorJitter (the four operations in random order), grayscale, Gaussian
-//! blur, solarise. Each operation rounds back to `u8`, as PIL does between operations.
+//! Pixel operations of the DINO view pipeline (`method-spec.md` §2.2): crop + bicubic resize, flip,
+//! ColorJitter (the four operations in random order), grayscale, Gaussian blur, solarise. Each
+//! operation rounds back to `u8`, as PIL does between operations.
+//!
+//! Views are planar (`[3, S, S]`, the layout of `common::Batch`) from the resize on, so every loop runs
+//! over contiguous channel planes, which the compiler vectorises, and no conversion is needed at the end.
 //!
 //! Brightness, contrast and saturation follow PIL's `ImageEnhance` (a blend with a degenerate image,
 //! truncated to integers as PIL's `Image.blend` does); luma is PIL's `convert("L")`
 //! (L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, i.e. 0.299/0.587/0.114); hue follows torchvision's
-//! tensor path (HSV in floats, h ← (h + factor) mod 1), so a full turn is the identity.
-//! Float-to-byte conversions round half up, as torchvision's tensor path does before `to_pil_image`.
+//! tensor path (HSV, h ← (h + factor) mod 1), so a full turn is the identity; the blur is PIL's
+//! `GaussianBlur` (three extended box passes per axis). `tests/pil_parity.rs` checks brightness,
+//! contrast, saturation, grayscale, solarise and blur against Pillow's own output, byte for byte.
 
 use fast_image_resize as fr;
 use rand::Rng;
 use rand::seq::SliceRandom;
 
+/// The three planes of a planar image.
+#[inline(always)]
+fn planes(px: &mut [u8]) -> (&mut [u8], &mut [u8], &mut [u8]) {
+    let n = px.len() / 3;
+    let (r, rest) = px.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    (r, g, b)
+}
+
 /// ITU-R 601-2 luma as PIL computes it.
-#[inline]
+#[inline(always)]
 pub fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((19595 * r as u32 + 38470 * g as u32 + 7471 * b as u32 + 0x8000) >> 16) as u8
 }
 
-#[inline]
+#[inline(always)]
 fn blend(degenerate: f32, v: u8, factor: f32) -> u8 {
     // PIL's Image.blend: (int)(in1 + alpha·(in2 − in1)), clipped to 0..255.
     (degenerate + factor * (v as f32 - degenerate)).clamp(0.0, 255.0) as i32 as u8
@@ -26,155 +39,242 @@ fn blend(degenerate: f32, v: u8, factor: f32) -> u8 {
 
 /// A per-value table of `blend(degenerate, v, factor)`: brightness and contrast map each channel value
 /// independently, so 256 entries replace a float multiply per byte.
+#[inline(always)]
 fn blend_lut(degenerate: f32, factor: f32) -> [u8; 256] {
     std::array::from_fn(|v| blend(degenerate, v as u8, factor))
 }
 
+#[inline(always)]
 pub fn brightness(px: &mut [u8], factor: f32) {
     let lut = blend_lut(0.0, factor);
     px.iter_mut().for_each(|v| *v = lut[*v as usize]);
 }
 
+#[inline(always)]
 pub fn contrast(px: &mut [u8], factor: f32) {
     let n = (px.len() / 3).max(1) as u64;
-    let sum: u64 = px
-        .chunks_exact(3)
-        .map(|p| luma(p[0], p[1], p[2]) as u64)
+    let (r, g, b) = planes(px);
+    let sum: u64 = r
+        .iter()
+        .zip(g.iter())
+        .zip(b.iter())
+        .map(|((&r, &g), &b)| luma(r, g, b) as u64)
         .sum();
     let mean = (sum as f64 / n as f64 + 0.5).floor() as f32;
     let lut = blend_lut(mean, factor);
     px.iter_mut().for_each(|v| *v = lut[*v as usize]);
 }
 
+#[inline(always)]
 pub fn saturation(px: &mut [u8], factor: f32) {
-    for p in px.chunks_exact_mut(3) {
-        let l = luma(p[0], p[1], p[2]) as f32;
-        for v in p.iter_mut() {
-            *v = blend(l, *v, factor);
-        }
+    // PIL blends each channel toward the pixel's luma, in f32, truncated: trunc(L + f·(v − L)).
+    let (r, g, b) = planes(px);
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let l = luma(*r, *g, *b) as f32;
+        (*r, *g, *b) = (
+            blend(l, *r, factor),
+            blend(l, *g, factor),
+            blend(l, *b, factor),
+        );
     }
 }
 
-/// Shifts hue by `factor` turns (torchvision: factor in [−0.5, 0.5]). The HSV round trip is written in
-/// terms of max, min and chroma of the pixel: with s = chroma/max, torchvision's p = v(1 − s) is min,
-/// q = max − chroma·f and t = min + chroma·f, which saves the divisions and the modulo.
+/// Shifts hue by `factor` turns (torchvision: factor in [−0.5, 0.5]), in HSV as torchvision's tensor
+/// path does, but in integers. With max, min and chroma c = max − min of a pixel, its hue scaled by c
+/// is hp ∈ [0, 6c) (sector·c + offset), the shift adds round(6·factor·c), and HSV → RGB is the closed
+/// form channel = max − clamp(min(k, 4c − k), 0, c) with k = (n·c + hp) mod 6c, n = 5, 3, 1 for R, G,
+/// B. This is the float formula scaled by c, exact but for the rounding of the shift (at most one
+/// level), and a full turn is exactly the identity.
+#[inline(always)]
 pub fn hue(px: &mut [u8], factor: f32) {
-    let shift = factor.rem_euclid(1.0) * 6.0;
-    for p in px.chunks_exact_mut(3) {
-        let (r, g, b) = (p[0] as f32, p[1] as f32, p[2] as f32);
+    // The shift in sixths of a turn, in 16.16 fixed point (at most 6·2^16, so shift·c fits in i32).
+    let shift = (factor.rem_euclid(1.0) as f64 * 6.0 * 65536.0).round() as i32;
+    let (r, g, b) = planes(px);
+    // Branch-free (selects only), so the loop vectorises; a gray pixel (c = 0) comes out unchanged.
+    for ((pr, pg), pb) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let (r, g, b) = (*pr as i32, *pg as i32, *pb as i32);
         let maxc = r.max(g).max(b);
         let minc = r.min(g).min(b);
-        let cr = maxc - minc;
-        if cr == 0.0 {
-            continue; // gray: hue is undefined and unchanged
-        }
-        // Hue in sixths of a turn, [0, 6).
-        let mut h = if maxc == r {
-            (g - b) / cr
+        let c = maxc - minc;
+        let hp = if maxc == r {
+            g - b
         } else if maxc == g {
-            2.0 + (b - r) / cr
+            2 * c + b - r
         } else {
-            4.0 + (r - g) / cr
+            4 * c + r - g
         };
-        if h < 0.0 {
-            h += 6.0;
-        }
-        h += shift;
-        if h >= 6.0 {
-            h -= 6.0;
-        }
-        let i = h.floor();
-        let f = h - i;
-        let (q, t) = (maxc - cr * f, minc + cr * f);
-        let (r2, g2, b2) = match i as i32 {
-            0 => (maxc, t, minc),
-            1 => (q, maxc, minc),
-            2 => (minc, maxc, t),
-            3 => (minc, q, maxc),
-            4 => (t, minc, maxc),
-            _ => (maxc, minc, q),
+        let hp = hp + ((shift * c + 0x8000) >> 16);
+        let six = 6 * c;
+        // n·c + hp lies in [0, 17c): at most two wraps.
+        let channel = |n: i32| {
+            let k = n * c + hp;
+            let k = if k >= six { k - six } else { k };
+            let k = if k >= six { k - six } else { k };
+            // max(0).min(c), not clamp(0, c): clamp asserts its bounds, and that branch stops vectorisation.
+            (maxc - k.min(4 * c - k).max(0).min(c)) as u8
         };
-        p[0] = (r2 + 0.5) as u8;
-        p[1] = (g2 + 0.5) as u8;
-        p[2] = (b2 + 0.5) as u8;
+        (*pr, *pg, *pb) = (channel(5), channel(3), channel(1));
     }
 }
 
+#[inline(always)]
 pub fn grayscale(px: &mut [u8]) {
-    for p in px.chunks_exact_mut(3) {
-        let l = luma(p[0], p[1], p[2]);
-        p.fill(l);
+    let (r, g, b) = planes(px);
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let l = luma(*r, *g, *b);
+        (*r, *g, *b) = (l, l, l);
     }
 }
 
+#[inline(always)]
 pub fn solarize(px: &mut [u8], threshold: u8) {
     for v in px.iter_mut() {
-        if *v >= threshold {
-            *v = 255 - *v;
-        }
+        *v = if *v >= threshold { 255 - *v } else { *v };
     }
 }
 
+/// Mirrors every row of every plane (`size` pixels per row).
+#[inline(always)]
 pub fn flip_horizontal(px: &mut [u8], size: usize) {
-    for row in px.chunks_exact_mut(size * 3) {
-        let (mut a, mut b) = (0, size - 1);
-        while a < b {
-            for c in 0..3 {
-                row.swap(a * 3 + c, b * 3 + c);
+    for row in px.chunks_exact_mut(size) {
+        row.reverse();
+    }
+}
+
+/// The extended-box radius whose `passes`-fold repetition has the variance of a Gaussian of standard
+/// deviation `sigma` (Gwosdek et al., "Theoretical foundations of Gaussian convolution by extended box
+/// filtering", 2011: box length, its integer part, and the fractional part that matches the variance).
+/// Computed in the precisions PIL uses, so the radius, and hence the result, matches PIL's.
+pub fn box_radius(sigma: f32, passes: u32) -> f32 {
+    let sigma2 = sigma * sigma / passes as f32;
+    let length = (12.0 * sigma2 as f64 + 1.0).sqrt() as f32;
+    let l = ((length as f64 - 1.0) / 2.0).floor() as f32;
+    let a =
+        (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    l + a
+}
+
+/// One pass of PIL's extended box filter (its `ImagingLineBoxBlur`): each output is the sum of the
+/// 2r+1 pixels around it times `whole` plus the two next ones times `far`, in 8.24 fixed point with
+/// rounding. `tap(k)` is the input line aligned with the output for offset k − r − 1 (a shifted view of
+/// a padded row for the horizontal pass, a neighbouring row for the vertical one), so every loop is
+/// elementwise over a line and vectorises. The sums are exact integers, so this equals PIL's
+/// running-sum form. The radii of DINO's blur range (σ ≤ 2 gives r ≤ 1) get fused single loops.
+#[inline(always)]
+fn box_taps<'a>(
+    tap: impl Fn(usize) -> &'a [u8],
+    r: usize,
+    out: &mut [u8],
+    whole: u32,
+    far: u32,
+    acc: &mut [u32],
+) {
+    let finish = |inner: u32, lo: u8, hi: u8| {
+        let bulk = inner
+            .wrapping_mul(whole)
+            .wrapping_add((lo as u32 + hi as u32).wrapping_mul(far));
+        (bulk.wrapping_add(1 << 23) >> 24) as u8
+    };
+    match r {
+        0 => {
+            let (t0, t1, t2) = (tap(0), tap(1), tap(2));
+            for (((o, &a), &b), &c) in out.iter_mut().zip(t0).zip(t1).zip(t2) {
+                *o = finish(b as u32, a, c);
             }
-            a += 1;
-            b -= 1;
+        }
+        1 => {
+            let (t0, t1, t2, t3, t4) = (tap(0), tap(1), tap(2), tap(3), tap(4));
+            for (((((o, &a), &b), &c), &d), &e) in
+                out.iter_mut().zip(t0).zip(t1).zip(t2).zip(t3).zip(t4)
+            {
+                *o = finish(b as u32 + c as u32 + d as u32, a, e);
+            }
+        }
+        _ => {
+            acc.fill(0);
+            for k in 1..2 * r + 2 {
+                for (a, &v) in acc.iter_mut().zip(tap(k)) {
+                    *a += v as u32;
+                }
+            }
+            for (((o, &a), &lo), &hi) in out
+                .iter_mut()
+                .zip(acc.iter())
+                .zip(tap(0))
+                .zip(tap(2 * r + 2))
+            {
+                *o = finish(a, lo, hi);
+            }
         }
     }
 }
 
-/// Separable Gaussian blur with standard deviation `sigma` (PIL's GaussianBlur radius), taps out to
-/// 3σ, borders extended. `scratch` is reused between calls. Both passes run along rows of contiguous
-/// memory (the vertical pass accumulates whole weighted rows) so the compiler vectorises them.
-pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut Vec<f32>) {
-    let radius = ((3.0 * sigma).ceil().max(1.0) as usize)
-        .min(size.saturating_sub(1))
-        .max(1);
-    let kernel: Vec<f32> = (0..=2 * radius)
-        .map(|i| {
-            let d = i as f32 - radius as f32;
-            (-(d * d) / (2.0 * sigma * sigma)).exp()
-        })
-        .collect();
-    let norm: f32 = kernel.iter().sum();
-    let kernel: Vec<f32> = kernel.iter().map(|k| k / norm).collect();
-    let stride = size * 3;
+/// Gaussian blur of each `size`² plane as PIL's `ImageFilter.GaussianBlur(sigma)` computes it (DINO's
+/// blur): three passes of an extended box filter along the rows, then three along the columns, edge
+/// pixels repeated outwards, 8-bit rounding after each pass. `scratch` is reused between calls.
+#[inline(always)]
+pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut Vec<u8>) {
+    const PASSES: u32 = 3;
+    let radius = box_radius(sigma, PASSES);
+    if radius == 0.0 || size == 0 {
+        return;
+    }
+    let r = radius as usize;
+    // PIL's weights: the float division truncated, the remainder split between the two outer pixels.
+    let whole = (16_777_216f32 / (radius * 2.0 + 1.0)) as u32;
+    let far = ((1u32 << 24) - (r as u32 * 2 + 1) * whole) / 2;
+    let plane = size * size;
+    let pad = r + 1;
     scratch.clear();
-    scratch.resize(px.len() + stride, 0.0);
-    let (tmp, acc) = scratch.split_at_mut(px.len());
-    // Horizontal pass into tmp: a padded row (borders extended) convolved tap by tap.
-    let mut padded = vec![0f32; (size + 2 * radius) * 3];
-    for y in 0..size {
-        let row = &px[y * stride..(y + 1) * stride];
-        for (x, p) in padded.chunks_exact_mut(3).enumerate() {
-            let sx = x.saturating_sub(radius).min(size - 1) * 3;
-            p.copy_from_slice(&[row[sx] as f32, row[sx + 1] as f32, row[sx + 2] as f32]);
-        }
-        let out = &mut tmp[y * stride..(y + 1) * stride];
-        out.fill(0.0);
-        for (k, &w) in kernel.iter().enumerate() {
-            for (o, &p) in out.iter_mut().zip(&padded[k * 3..k * 3 + stride]) {
-                *o += w * p;
+    scratch.resize(plane + 2 * size + 2 * pad, 0);
+    let (tmp, rest) = scratch.split_at_mut(plane);
+    let (padded, line) = rest.split_at_mut(size + 2 * pad);
+    let mut acc = vec![0u32; size];
+    let last = size - 1;
+    for channel in px.chunks_exact_mut(plane) {
+        for row in channel.chunks_exact_mut(size) {
+            for _ in 0..PASSES {
+                padded[..pad].fill(row[0]);
+                padded[pad..pad + size].copy_from_slice(row);
+                padded[pad + size..].fill(row[last]);
+                let pr: &[u8] = padded;
+                box_taps(|k| &pr[k..k + size], r, row, whole, far, &mut acc);
             }
+        }
+        // Columns: ping-pong between the channel and tmp, a whole row of outputs at a time.
+        for pass in 0..PASSES {
+            let (src, dst): (&[u8], &mut [u8]) = if pass % 2 == 0 {
+                (&*channel, &mut *tmp)
+            } else {
+                (&*tmp, &mut *channel)
+            };
+            for (y, out) in dst.chunks_exact_mut(size).enumerate() {
+                let rows = |k: usize| {
+                    let sy = (y + k).saturating_sub(pad).min(last);
+                    &src[sy * size..(sy + 1) * size]
+                };
+                box_taps(rows, r, line, whole, far, &mut acc);
+                out.copy_from_slice(line);
+            }
+        }
+        if PASSES % 2 == 1 {
+            channel.copy_from_slice(tmp);
         }
     }
-    // Vertical pass: each output row is a weighted sum of whole input rows.
-    for y in 0..size {
-        acc.fill(0.0);
-        for (k, &w) in kernel.iter().enumerate() {
-            let sy = (y + k).saturating_sub(radius).min(size - 1);
-            for (a, &t) in acc.iter_mut().zip(&tmp[sy * stride..(sy + 1) * stride]) {
-                *a += w * t;
-            }
-        }
-        for (o, &a) in px[y * stride..(y + 1) * stride].iter_mut().zip(acc.iter()) {
-            *o = (a + 0.5).clamp(0.0, 255.0) as u8;
-        }
+}
+
+/// Interleaved `[S, S, 3]` to planar `[3, S, S]`.
+pub fn to_planar(src: &[u8], dst: &mut Vec<u8>) {
+    dst.clear();
+    dst.resize(src.len(), 0);
+    let (r, g, b) = planes(dst);
+    for (((p, r), g), b) in src
+        .chunks_exact(3)
+        .zip(r.iter_mut())
+        .zip(g.iter_mut())
+        .zip(b.iter_mut())
+    {
+        (*r, *g, *b) = (p[0], p[1], p[2]);
     }
 }
 
@@ -254,13 +354,46 @@ pub fn draw_photometric(
     }
 }
 
-/// Applies the photometric choices to a `size`² interleaved view, in torchvision's order.
+/// Applies the photometric choices to a planar `[3, size, size]` view, in torchvision's order.
+///
+/// On x86-64 CPUs with AVX2 the same code is compiled a second time with AVX2 enabled and chosen at
+/// run time: the loops are integer or plain float arithmetic without fused multiply-add, so both
+/// versions give identical bytes.
 pub fn apply_photometric(
     px: &mut [u8],
     size: usize,
     p: &Photometric,
     threshold: u8,
-    scratch: &mut Vec<f32>,
+    scratch: &mut Vec<u8>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { apply_photometric_avx2(px, size, p, threshold, scratch) };
+        return;
+    }
+    apply_photometric_body(px, size, p, threshold, scratch);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn apply_photometric_avx2(
+    px: &mut [u8],
+    size: usize,
+    p: &Photometric,
+    threshold: u8,
+    scratch: &mut Vec<u8>,
+) {
+    apply_photometric_body(px, size, p, threshold, scratch);
+}
+
+#[inline(always)]
+fn apply_photometric_body(
+    px: &mut [u8],
+    size: usize,
+    p: &Photometric,
+    threshold: u8,
+    scratch: &mut Vec<u8>,
 ) {
     if p.flip {
         flip_horizontal(px, size);
@@ -343,9 +476,14 @@ mod tests {
         let mut px = orig.clone();
         hue(&mut px, 1.0);
         assert_eq!(px, orig);
-        let mut red = vec![255, 0, 0, 0, 0, 255];
-        hue(&mut red, 1.0 / 3.0);
-        assert_eq!(red, [0, 255, 0, 255, 0, 0]);
+        // Planar: pixel 0 red, pixel 1 blue; a third of a turn makes them green and red.
+        let mut px = vec![255, 0, 0, 0, 0, 255];
+        hue(&mut px, 1.0 / 3.0);
+        assert_eq!(px, [0, 255, 255, 0, 0, 0]);
+        // A half turn maps a colour to its complement's hue at the same max and min.
+        let mut px = vec![200, 50, 100];
+        hue(&mut px, 0.5);
+        assert_eq!(px, [50, 200, 150]);
     }
 
     #[test]
@@ -353,10 +491,21 @@ mod tests {
         let mut px = vec![100, 200, 50];
         brightness(&mut px, 1.5);
         assert_eq!(px, [150, 255, 75]);
-        // A two-pixel image, black and white: mean luma 127.5 → 128; contrast 0.5 pulls halfway to it.
-        let mut px = vec![0, 0, 0, 255, 255, 255];
+        // A two-pixel planar image, black and white: mean luma 127.5 → 128; contrast 0.5 pulls halfway.
+        let mut px = vec![0, 255, 0, 255, 0, 255];
         contrast(&mut px, 0.5);
-        assert_eq!(px, [64, 64, 64, 191, 191, 191]);
+        assert_eq!(px, [64, 191, 64, 191, 64, 191]);
+        // Saturation 0 is the luma image; 2 doubles the distance from it (clipped).
+        let mut px = vec![200, 100, 50];
+        saturation(&mut px, 0.0);
+        assert_eq!(px, [luma(200, 100, 50); 3]);
+        let mut px = [200u8, 100, 50];
+        let l = luma(200, 100, 50) as i32;
+        saturation(&mut px, 2.0);
+        assert_eq!(
+            px.map(|v| v as i32),
+            [200, 100, 50].map(|v: i32| (l + 2 * (v - l)).clamp(0, 255))
+        );
     }
 
     #[test]
@@ -378,9 +527,16 @@ mod tests {
     }
 
     #[test]
-    fn flip_reverses_columns() {
-        let mut px: Vec<u8> = (0..2 * 3 * 3).map(|i| i as u8).collect(); // 3 wide, 2 rows
-        flip_horizontal(&mut px, 3);
-        assert_eq!(&px[..9], &[6, 7, 8, 3, 4, 5, 0, 1, 2]);
+    fn flip_reverses_columns_of_every_plane() {
+        let mut px: Vec<u8> = (0..3 * 2 * 2).map(|i| i as u8).collect(); // 3 planes of 2x2
+        flip_horizontal(&mut px, 2);
+        assert_eq!(px, [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10]);
+    }
+
+    #[test]
+    fn planar_conversion_splits_channels() {
+        let mut out = vec![];
+        to_planar(&[1, 2, 3, 4, 5, 6], &mut out);
+        assert_eq!(out, [1, 4, 2, 5, 3, 6]);
     }
 }

@@ -3,12 +3,14 @@
 //!
 //! [`plan`] decides which shards a rank reads in an epoch; [`decode`] turns bytes into RGB; [`augment`]
 //! holds the pixel operations; [`views`] makes one sample's views and points; [`pipeline`] runs it all on
-//! tokio with exact replay from a seed and a cursor.
+//! tokio with exact replay from a seed and a cursor; [`preview`] draws a batch for a person to check; [`report`] is the stats line and progress bar.
 
 pub mod augment;
 pub mod decode;
 pub mod pipeline;
 pub mod plan;
+pub mod preview;
+pub mod report;
 pub mod views;
 
 pub use common::geometry::CropBox;

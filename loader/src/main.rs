@@ -1,4 +1,5 @@
-//! The `loader` command: `bench` measures the pipeline against decode alone on the same images.
+//! The `loader` command: `bench` measures the pipeline against decode alone on the same images;
+//! `preview` draws views and reference points for a person to check.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,55 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Draw a PNG grid of the first images' views with their reference points.
+    Preview {
+        #[arg(long)]
+        shards: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "paper-main")]
+        preset: String,
+        /// Images (rows) to draw.
+        #[arg(long, default_value_t = 4)]
+        count: usize,
+        /// Side of each view in the picture, in pixels.
+        #[arg(long, default_value_t = 160)]
+        cell: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn preview(
+    shards: PathBuf,
+    out: &std::path::Path,
+    preset: &str,
+    count: usize,
+    cell: u32,
+    seed: u64,
+) -> Result<()> {
+    let views = ViewsConfig::preset(preset)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let batch = rt.block_on(async {
+        let mut opts = LoaderOptions::new(shards, views, count.max(1));
+        opts.seed = seed;
+        let loader = start(opts)?;
+        anyhow::Ok(loader.batches.recv().await?)
+    })?;
+    let img = loader::preview::render(&batch, cell);
+    img.save(out)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
+    println!(
+        "wrote {} ({} images x {} views; keys: {})",
+        out.display(),
+        batch.batch_size,
+        batch.num_views(),
+        batch.keys.join(", ")
+    );
+    Ok(())
 }
 
 /// Decodes in-memory images on `workers` threads for `seconds`; images/s.
@@ -130,29 +180,31 @@ fn bench(
         let loader = start(opts)?;
         // Warm up: the first batch fills the shuffle buffer.
         loader.batches.recv().await?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let reporter = tokio::spawn(loader::report::report(
+            loader.stats.clone(),
+            loader.batches.clone(),
+            None,
+            Duration::from_secs(2),
+            stop_rx,
+        ));
         let t0 = Instant::now();
         let mut imgs = 0u64;
-        let mut last = Instant::now();
         while t0.elapsed().as_secs_f64() < seconds {
             let b = loader.batches.recv().await?;
             imgs += b.batch_size as u64;
-            if last.elapsed() >= Duration::from_secs(2) {
-                last = Instant::now();
-                let (p50, p99) = loader.stats.time_percentiles();
-                let secs = t0.elapsed().as_secs_f64();
-                eprintln!(
-                    "loader: {:.0} images/s, {:.1} batches/s, queue {}/{}, sample p50 {p50:.1} ms p99 {p99:.1} ms, skipped {}",
-                    imgs as f64 / secs,
-                    imgs as f64 / secs / batch_size as f64,
-                    loader.batches.len(),
-                    loader.batches.capacity().unwrap_or(0),
-                    loader.stats.skipped.load(Ordering::Relaxed)
-                );
-            }
         }
+        let _ = stop_tx.send(());
+        let _ = reporter.await;
         let rate = imgs as f64 / t0.elapsed().as_secs_f64();
         let (p50, p99) = loader.stats.time_percentiles();
-        anyhow::Ok((rate, format!("sample time p50 {p50:.1} ms, p99 {p99:.1} ms, skipped {}", loader.stats.skipped.load(Ordering::Relaxed))))
+        anyhow::Ok((
+            rate,
+            format!(
+                "sample time p50 {p50:.1} ms, p99 {p99:.1} ms, skipped {}",
+                loader.stats.skipped.load(Ordering::Relaxed)
+            ),
+        ))
     })?;
     println!(
         "decode only:   {decode:8.1} images/s  ({:.1} per worker)",
@@ -184,6 +236,14 @@ fn main() -> ExitCode {
             batch_size,
             seed,
         ),
+        Command::Preview {
+            shards,
+            out,
+            preset,
+            count,
+            cell,
+            seed,
+        } => preview(shards, &out, &preset, count, cell, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

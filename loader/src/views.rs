@@ -9,7 +9,7 @@ use common::config::ViewsConfig;
 use common::geometry::{CropBox, RefPoints, reference_points, sample_boxes};
 use common::seed::{Purpose, rng};
 
-use crate::augment::{apply_photometric, crop_resize, draw_photometric};
+use crate::augment::{apply_photometric, crop_resize, draw_photometric, to_planar};
 use crate::decode::decode_rgb;
 
 /// A sample ready for collation: planar views `[3, S_v, S_v]` and its reference points.
@@ -28,7 +28,7 @@ pub struct SampleViews {
 pub struct Scratch {
     rgb: Vec<u8>,
     view: Vec<u8>,
-    blur: Vec<f32>,
+    blur: Vec<u8>,
     resizer: fr::Resizer,
 }
 
@@ -40,20 +40,6 @@ impl Default for Scratch {
             blur: vec![],
             resizer: fr::Resizer::new(),
         }
-    }
-}
-
-/// Interleaved `[S, S, 3]` to planar `[3, S, S]`.
-fn to_planar(src: &[u8], dst: &mut Vec<u8>) {
-    let n = src.len() / 3;
-    dst.clear();
-    dst.resize(src.len(), 0);
-    let (r, rest) = dst.split_at_mut(n);
-    let (g, b) = rest.split_at_mut(n);
-    for (i, p) in src.chunks_exact(3).enumerate() {
-        r[i] = p[0];
-        g[i] = p[1];
-        b[i] = p[2];
     }
 }
 
