@@ -85,7 +85,7 @@ fn main() {
         crop_resize(&mut resizer, &src, &b, 224, &mut inter).expect("resize");
         t_resize += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        to_planar(&inter, &mut view);
+        to_planar(&inter, 3, &mut view);
         t_planar += t0.elapsed().as_secs_f64();
         for (i, (_, p)) in stages.iter().enumerate() {
             let t0 = Instant::now();

@@ -31,10 +31,19 @@ pub fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((19595 * r as u32 + 38470 * g as u32 + 7471 * b as u32 + 0x8000) >> 16) as u8
 }
 
+// max/min rather than clamp: clamp passes NaN through, and the unchecked cast below needs a number.
+#[allow(clippy::manual_clamp)]
 #[inline(always)]
 fn blend(degenerate: f32, v: u8, factor: f32) -> u8 {
     // PIL's Image.blend: (int)(in1 + alpha·(in2 − in1)), clipped to 0..255.
-    (degenerate + factor * (v as f32 - degenerate)).clamp(0.0, 255.0) as i32 as u8
+    // f32::max returns the other operand when one is NaN, so x is a number in 0..=255 whatever the
+    // inputs (NaN or infinite factors included).
+    let x = (degenerate + factor * (v as f32 - degenerate))
+        .max(0.0)
+        .min(255.0);
+    // SAFETY: x is in 0..=255 (above), so it is representable as i32. The checked `as` cast carries
+    // saturation fix-ups that stop these loops from vectorising.
+    unsafe { x.to_int_unchecked::<i32>() as u8 }
 }
 
 /// A per-value table of `blend(degenerate, v, factor)`: brightness and contrast map each channel value
@@ -68,14 +77,19 @@ pub fn contrast(px: &mut [u8], factor: f32) {
 #[inline(always)]
 pub fn saturation(px: &mut [u8], factor: f32) {
     // PIL blends each channel toward the pixel's luma, in f32, truncated: trunc(L + f·(v − L)).
-    let (r, g, b) = planes(px);
-    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
-        let l = luma(*r, *g, *b) as f32;
-        (*r, *g, *b) = (
-            blend(l, *r, factor),
-            blend(l, *g, factor),
-            blend(l, *b, factor),
-        );
+    // The luma plane first, then one two-stream loop per channel: simple loops vectorise.
+    let lumas: Vec<u8> = {
+        let (r, g, b) = planes(px);
+        r.iter()
+            .zip(g.iter())
+            .zip(b.iter())
+            .map(|((&r, &g), &b)| luma(r, g, b))
+            .collect()
+    };
+    for plane in px.chunks_exact_mut(lumas.len().max(1)) {
+        for (v, &l) in plane.iter_mut().zip(&lumas) {
+            *v = blend(l as f32, *v, factor);
+        }
     }
 }
 
@@ -225,7 +239,6 @@ pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut Vec<u
     let far = ((1u32 << 24) - (r as u32 * 2 + 1) * whole) / 2;
     let plane = size * size;
     let pad = r + 1;
-    scratch.clear();
     scratch.resize(plane + 2 * size + 2 * pad, 0);
     let (tmp, rest) = scratch.split_at_mut(plane);
     let (padded, line) = rest.split_at_mut(size + 2 * pad);
@@ -263,18 +276,13 @@ pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut Vec<u
     }
 }
 
-/// Interleaved `[S, S, 3]` to planar `[3, S, S]`.
-pub fn to_planar(src: &[u8], dst: &mut Vec<u8>) {
+/// Interleaved `[S, S, channels]` (RGB or RGBX) to planar `[3, S, S]`.
+pub fn to_planar(src: &[u8], channels: usize, dst: &mut Vec<u8>) {
+    // Extending from exact-size iterators writes each byte once (no zero-fill first).
     dst.clear();
-    dst.resize(src.len(), 0);
-    let (r, g, b) = planes(dst);
-    for (((p, r), g), b) in src
-        .chunks_exact(3)
-        .zip(r.iter_mut())
-        .zip(g.iter_mut())
-        .zip(b.iter_mut())
-    {
-        (*r, *g, *b) = (p[0], p[1], p[2]);
+    dst.reserve(src.len() / channels * 3);
+    for c in 0..3 {
+        dst.extend(src.chunks_exact(channels).map(|p| p[c]));
     }
 }
 
@@ -287,7 +295,7 @@ pub fn crop_resize(
     size: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
-    out.clear();
+    // Reused between views: resizing a buffer of the right length writes nothing.
     out.resize(size * size * 3, 0);
     let mut dst = fr::images::Image::from_slice_u8(
         size as u32,
@@ -536,7 +544,7 @@ mod tests {
     #[test]
     fn planar_conversion_splits_channels() {
         let mut out = vec![];
-        to_planar(&[1, 2, 3, 4, 5, 6], &mut out);
+        to_planar(&[1, 2, 3, 4, 5, 6], 3, &mut out);
         assert_eq!(out, [1, 4, 2, 5, 3, 6]);
     }
 }

@@ -38,3 +38,47 @@ pub fn decode_rgb(bytes: &[u8], out: &mut Vec<u8>) -> Result<(u32, u32), String>
         Ok((w, h))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(img: image::DynamicImage) -> Vec<u8> {
+        let mut out = vec![];
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn content_decides_the_decoder_and_gray_becomes_rgb() {
+        let mut out = vec![];
+        // A PNG (whatever its name would be) decodes through the image crate.
+        let rgb =
+            image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
+        assert_eq!(
+            decode_rgb(&png(rgb.clone().into()), &mut out).unwrap(),
+            (5, 4)
+        );
+        assert_eq!(out, rgb.as_raw().as_slice());
+        // Grayscale PNG: three equal channels.
+        let gray = image::GrayImage::from_fn(3, 2, |x, y| image::Luma([(x * 60 + y * 9) as u8]));
+        decode_rgb(&png(gray.clone().into()), &mut out).unwrap();
+        let expanded: Vec<u8> = gray.as_raw().iter().flat_map(|&v| [v, v, v]).collect();
+        assert_eq!(out, expanded);
+        // Grayscale JPEG through zune: three equal channels close to the source.
+        let luma: Vec<u8> = (0..16 * 16).map(|i| (i % 16 * 16) as u8).collect();
+        let mut jpeg = vec![];
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
+            .encode(&luma, 16, 16, image::ExtendedColorType::L8)
+            .unwrap();
+        assert_eq!(decode_rgb(&jpeg, &mut out).unwrap(), (16, 16));
+        for (p, &l) in out.chunks_exact(3).zip(&luma) {
+            assert!(
+                p[0] == p[1] && p[1] == p[2] && (p[0] as i32 - l as i32).abs() <= 8,
+                "{p:?} vs {l}"
+            );
+        }
+        assert!(decode_rgb(b"not an image", &mut out).is_err());
+    }
+}

@@ -95,6 +95,13 @@ fn preview(
     Ok(())
 }
 
+/// Resident memory of this process in MB (Linux), to show that a long run does not grow.
+fn rss_mb() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0 / 1e6)
+}
+
 /// Decodes in-memory images on `workers` threads for `seconds`; images/s.
 fn decode_rate(images: &Arc<Vec<Vec<u8>>>, workers: usize, seconds: f64) -> f64 {
     let count = Arc::new(AtomicU64::new(0));
@@ -188,6 +195,7 @@ fn bench(
             Duration::from_secs(2),
             stop_rx,
         ));
+        let rss_start = rss_mb();
         let t0 = Instant::now();
         let mut imgs = 0u64;
         while t0.elapsed().as_secs_f64() < seconds {
@@ -196,6 +204,16 @@ fn bench(
         }
         let _ = stop_tx.send(());
         let _ = reporter.await;
+        if let (Some(a), Some(b)) = (rss_start, rss_mb()) {
+            eprintln!(
+                "memory: {a:.0} MB resident after warm-up, {b:.0} MB at the end ({} epochs read)",
+                loader
+                    .stats
+                    .images
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    / loader.index.total_samples.max(1)
+            );
+        }
         let rate = imgs as f64 / t0.elapsed().as_secs_f64();
         let (p50, p99) = loader.stats.time_percentiles();
         anyhow::Ok((

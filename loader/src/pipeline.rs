@@ -115,6 +115,20 @@ pub struct Loader {
     pub stats: Arc<Stats>,
     pub index: Arc<Index>,
     pub shard_dir: PathBuf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Drops the receiving end and waits until every stage has returned (dropping a `Loader` stops it
+    /// the same way, without waiting).
+    pub async fn shutdown(self) {
+        let Loader { batches, tasks, .. } = self;
+        batches.close();
+        drop(batches);
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 struct Work {
@@ -189,9 +203,12 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
     let (batch_tx, batch_rx) = async_channel::bounded::<Batch>(opts.capacity.max(1));
     let opts = Arc::new(opts);
 
+    let mut tasks = vec![];
     {
         let (opts, index, dir, stats) = (opts.clone(), index.clone(), dir.clone(), stats.clone());
-        tokio::task::spawn_blocking(move || read_loop(&opts, &index, &dir, &stats, work_tx));
+        tasks.push(tokio::task::spawn_blocking(move || {
+            read_loop(&opts, &index, &dir, &stats, work_tx)
+        }));
     }
     for _ in 0..workers {
         let (opts, rx, tx, stats) = (
@@ -200,11 +217,19 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
             done_tx.clone(),
             stats.clone(),
         );
-        tokio::task::spawn_blocking(move || work_loop(&opts, rx, tx, &stats));
+        tasks.push(tokio::task::spawn_blocking(move || {
+            work_loop(&opts, rx, tx, &stats)
+        }));
     }
     drop((work_rx, done_tx));
-    tokio::spawn(collate_loop(opts.clone(), done_rx, batch_tx, stats.clone()));
+    tasks.push(tokio::spawn(collate_loop(
+        opts.clone(),
+        done_rx,
+        batch_tx,
+        stats.clone(),
+    )));
     Ok(Loader {
+        tasks,
         batches: batch_rx,
         stats,
         index,

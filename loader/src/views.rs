@@ -84,7 +84,7 @@ fn make_views_rgb(
         );
         flips.push(photo.flip);
         let mut planar = Vec::new();
-        to_planar(&s.view, &mut planar);
+        to_planar(&s.view, 3, &mut planar);
         views.push(planar);
     }
     let points = reference_points(&mut r, &boxes, &flips, cfg);

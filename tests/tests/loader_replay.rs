@@ -10,13 +10,17 @@ use loader::{LoaderOptions, start};
 use shard::synth::{SynthOptions, synth};
 
 fn make_set(dir: &Path, count: usize) {
+    make_set_with(dir, count, None)
+}
+
+fn make_set_with(dir: &Path, count: usize, zstd_level: Option<i32>) {
     let opts = SynthOptions {
         count,
         size: 64,
         seed: 3,
         prefix: "train".into(),
         per_shard: 20,
-        zstd_level: None,
+        zstd_level,
         quality: 90,
         force: true,
         quiet: true,
@@ -167,4 +171,57 @@ fn a_truncated_shard_ends_with_a_warning_and_the_run_goes_on() {
     let batches = run(tmp.path(), 2, 2, Cursor::default(), 10);
     assert_eq!(batches.len(), 10);
     assert!(batches.iter().any(|b| b.epoch == 1));
+}
+
+#[test]
+fn zstd_shards_give_the_same_batches_and_an_index_path_works_too() {
+    let (plain, zst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    make_set(plain.path(), 48);
+    make_set_with(zst.path(), 48, Some(3));
+    assert!(zst.path().join("train-000000.tar.zst").is_file());
+    let a: Vec<String> = run(plain.path(), 2, 2, Cursor::default(), 5)
+        .iter()
+        .map(batch_digest)
+        .collect();
+    let b: Vec<String> = run(&zst.path().join("index.json"), 2, 2, Cursor::default(), 5)
+        .iter()
+        .map(batch_digest)
+        .collect();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn dropping_the_receiver_shuts_every_stage_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_set(tmp.path(), 100);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut o = LoaderOptions::new(tmp.path(), small_views(), 8);
+        o.workers = 2;
+        o.capacity = 1;
+        let l = start(o).unwrap();
+        l.batches.recv().await.unwrap();
+        // The pipeline is now stalled on a full channel (back-pressure) with work in flight.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(
+            l.batches.len(),
+            1,
+            "the bounded channel holds exactly its capacity"
+        );
+        let stats = l.stats.clone();
+        tokio::time::timeout(std::time::Duration::from_secs(20), l.shutdown())
+            .await
+            .expect("every stage returns after the receiver is dropped");
+        let n = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(
+            stats.batches.load(std::sync::atomic::Ordering::Relaxed),
+            n,
+            "nothing runs after shutdown"
+        );
+    });
 }
