@@ -46,17 +46,11 @@ fn blend(degenerate: f32, v: u8, factor: f32) -> u8 {
     unsafe { x.to_int_unchecked::<i32>() as u8 }
 }
 
-/// A per-value table of `blend(degenerate, v, factor)`: brightness and contrast map each channel value
-/// independently, so 256 entries replace a float multiply per byte.
-#[inline(always)]
-fn blend_lut(degenerate: f32, factor: f32) -> [u8; 256] {
-    std::array::from_fn(|v| blend(degenerate, v as u8, factor))
-}
-
 #[inline(always)]
 pub fn brightness(px: &mut [u8], factor: f32) {
-    let lut = blend_lut(0.0, factor);
-    px.iter_mut().for_each(|v| *v = lut[*v as usize]);
+    for v in px.iter_mut() {
+        *v = blend(0.0, *v, factor);
+    }
 }
 
 #[inline(always)]
@@ -70,8 +64,9 @@ pub fn contrast(px: &mut [u8], factor: f32) {
         .map(|((&r, &g), &b)| luma(r, g, b) as u64)
         .sum();
     let mean = (sum as f64 / n as f64 + 0.5).floor() as f32;
-    let lut = blend_lut(mean, factor);
-    px.iter_mut().for_each(|v| *v = lut[*v as usize]);
+    for v in px.iter_mut() {
+        *v = blend(mean, *v, factor);
+    }
 }
 
 #[inline(always)]

@@ -74,17 +74,18 @@ fn make_views_rgb(
     for (v, b) in boxes.iter().enumerate() {
         let size = cfg.view_size(v);
         crop_resize(&mut s.resizer, &src, b, size, &mut s.view)?;
+        // Every photometric operation works on the planar layout of `common::Batch`.
+        let mut planar = Vec::new();
+        to_planar(&s.view, 3, &mut planar);
         let photo = draw_photometric(&mut r, cfg, v.min(2));
         apply_photometric(
-            &mut s.view,
+            &mut planar,
             size,
             &photo,
             cfg.solarize_threshold,
             &mut s.blur,
         );
         flips.push(photo.flip);
-        let mut planar = Vec::new();
-        to_planar(&s.view, 3, &mut planar);
         views.push(planar);
     }
     let points = reference_points(&mut r, &boxes, &flips, cfg);
@@ -101,4 +102,91 @@ fn make_views_rgb(
 /// Decode only (the benchmark's baseline): same decoder, same buffers.
 pub fn decode_only(bytes: &[u8], s: &mut Scratch) -> Result<(u32, u32), String> {
     decode_rgb(bytes, &mut s.rgb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JPEG with structure in every direction (so a flip or a channel mix-up shows).
+    fn photo() -> Vec<u8> {
+        let img = image::RgbImage::from_fn(120, 90, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 2) as u8, ((x * y) % 251) as u8])
+        });
+        let mut out = vec![];
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    fn plain(cfg: ViewsConfig) -> ViewsConfig {
+        ViewsConfig {
+            jitter_p: 0.0,
+            grayscale_p: 0.0,
+            blur_p: [0.0; 3],
+            solarize_p: [0.0; 3],
+            flip_p: 0.0,
+            ..cfg
+        }
+    }
+
+    #[test]
+    fn a_flipped_view_is_the_mirror_of_the_unflipped_one() {
+        let cfg = plain(ViewsConfig {
+            global_size: 32,
+            local_size: 16,
+            ..ViewsConfig::paper_main()
+        });
+        let flipped_cfg = ViewsConfig {
+            flip_p: 1.0,
+            ..cfg.clone()
+        };
+        let mut s = Scratch::default();
+        let a = make_views(&photo(), &cfg, 1, 0, 7, &mut s).unwrap();
+        let b = make_views(&photo(), &flipped_cfg, 1, 0, 7, &mut s).unwrap();
+        assert_eq!(a.boxes, b.boxes, "the same draws give the same boxes");
+        assert!(b.flips.iter().all(|&f| f) && a.flips.iter().all(|&f| !f));
+        for (v, (x, y)) in a.views.iter().zip(&b.views).enumerate() {
+            let size = cfg.view_size(v);
+            for (row_a, row_b) in x.chunks_exact(size).zip(y.chunks_exact(size)) {
+                let mirrored: Vec<u8> = row_a.iter().rev().copied().collect();
+                assert_eq!(mirrored, row_b, "view {v}");
+            }
+        }
+        // The reference points of a flipped view have x negated, y unchanged.
+        for (pa, pb) in a.points.student.iter().zip(&b.points.student) {
+            for (p, q) in pa.chunks_exact(2).zip(pb.chunks_exact(2)) {
+                assert_eq!((p[0], p[1]), (-q[0], q[1]));
+            }
+        }
+    }
+
+    #[test]
+    fn views_are_planar_rgb_and_grayscale_makes_three_equal_planes() {
+        let cfg = plain(ViewsConfig {
+            global_size: 24,
+            local_size: 24,
+            ..ViewsConfig::paper_main()
+        });
+        let mut s = Scratch::default();
+        let v = make_views(&photo(), &cfg, 2, 0, 3, &mut s).unwrap();
+        // The source's red channel grows with x, green with y: in a planar view, plane 0 rises along
+        // each row and plane 1 down each column.
+        let view = &v.views[0];
+        let n = 24 * 24;
+        let (red, green) = (&view[..n], &view[n..2 * n]);
+        assert!(
+            red[23] > red[0] && green[23 * 24] > green[0],
+            "planes are R then G"
+        );
+        let gray = ViewsConfig {
+            grayscale_p: 1.0,
+            ..cfg
+        };
+        let g = make_views(&photo(), &gray, 2, 0, 3, &mut s).unwrap();
+        for view in &g.views {
+            let n = view.len() / 3;
+            assert!(view[..n] == view[n..2 * n] && view[n..2 * n] == view[2 * n..]);
+        }
+    }
 }
