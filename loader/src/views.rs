@@ -52,19 +52,6 @@ pub fn make_views(
     s: &mut Scratch,
 ) -> Result<SampleViews, String> {
     let (w, h) = decode_rgb(bytes, &mut s.rgb)?;
-    make_views_rgb(w, h, cfg, seed, epoch, seq, s)
-}
-
-/// [`make_views`] on the image already decoded into the scratch buffer.
-fn make_views_rgb(
-    w: u32,
-    h: u32,
-    cfg: &ViewsConfig,
-    seed: u64,
-    epoch: u64,
-    seq: u64,
-    s: &mut Scratch,
-) -> Result<SampleViews, String> {
     let mut r = rng(seed, Purpose::Views, &[epoch, seq]);
     let (boxes, overlap_fallback) = sample_boxes(&mut r, w, h, cfg);
     let src =

@@ -3,7 +3,6 @@
 
 mod util;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use shard::format::{open_shard, read_samples};
@@ -25,19 +24,6 @@ fn fixture_set(root: &Path) -> PathBuf {
         }
     }
     input
-}
-
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
 }
 
 /// (key, members) of every sample in shard order, with our reader.

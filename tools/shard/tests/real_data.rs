@@ -51,19 +51,6 @@ fn sorted_folders(dir: &Path) -> Vec<String> {
     v
 }
 
-fn bytes_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn imagenet_layout_counts_labels_keys_index_and_determinism() {
     let data = shared_data().join("imagenet-sample");
@@ -161,7 +148,7 @@ fn imagenet_layout_counts_labels_keys_index_and_determinism() {
     }
     assert_eq!(members, 1500);
     // Same seed: the same bytes; another seed: another order of the same samples.
-    assert_eq!(bytes_of(&a), bytes_of(&b));
+    assert_eq!(files(&a), files(&b));
     let other = read_packed(&c);
     let order = |p: &Packed| p.samples.iter().map(|s| s.0.clone()).collect::<Vec<_>>();
     assert_ne!(order(&p), order(&other));

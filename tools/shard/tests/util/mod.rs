@@ -2,6 +2,7 @@
 //! under test), the shared real-data folder, and running the `shard` binary.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -144,4 +145,18 @@ pub fn assert_blocks(rgb: &image::RgbImage, tol: i32) {
             );
         }
     }
+}
+
+/// Every file directly in `dir`, name → bytes, to compare whole sets byte for byte.
+pub fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
 }
