@@ -12,19 +12,13 @@ fn main() {
         .expect("usage: stage_times SHARD_DIR");
     let (dir, index) = loader::pipeline::open_index(std::path::Path::new(&dir)).expect("shards");
     let mut imgs = vec![];
-    loader::pipeline::for_each_sample(&dir, &index, |_, s| {
+    loader::pipeline::for_each_sample(&dir, &index, |s| {
         imgs.extend(s.get("jpg").map(<[u8]>::to_vec));
         imgs.len() < 100
     })
     .expect("read");
     let cfg = common::config::ViewsConfig::paper_main();
-    let none = Photometric {
-        flip: false,
-        jitter: None,
-        grayscale: false,
-        blur_sigma: None,
-        solarize: false,
-    };
+    let none = Photometric::IDENTITY;
     let jitter = |op: usize, f: f32| Photometric {
         jitter: Some(([op, 4, 4, 4], [f, f, f, f - 1.0])),
         ..none.clone()
@@ -85,7 +79,7 @@ fn main() {
         crop_resize(&mut resizer, &src, &b, 224, &mut inter).expect("resize");
         t_resize += t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
-        to_planar(&inter, 3, &mut view);
+        to_planar(&inter, &mut view);
         t_planar += t0.elapsed().as_secs_f64();
         for (i, (_, p)) in stages.iter().enumerate() {
             let t0 = Instant::now();

@@ -271,37 +271,31 @@ pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut Vec<u
     }
 }
 
-/// Interleaved `[S, S, channels]` (RGB or RGBX) to planar `[3, S, S]`. Dispatched to an AVX2 build
-/// where available (the strided loads become shuffles there).
-pub fn to_planar(src: &[u8], channels: usize, dst: &mut Vec<u8>) {
+/// Interleaved RGB `[S, S, 3]` to planar `[3, S, S]`. Dispatched to an AVX2 build where available
+/// (the strided loads become shuffles there).
+pub fn to_planar(src: &[u8], dst: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        unsafe { to_planar_avx2(src, channels, dst) };
+        unsafe { to_planar_avx2(src, dst) };
         return;
     }
-    to_planar_body(src, channels, dst);
+    to_planar_body(src, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn to_planar_avx2(src: &[u8], channels: usize, dst: &mut Vec<u8>) {
-    to_planar_body(src, channels, dst);
+fn to_planar_avx2(src: &[u8], dst: &mut Vec<u8>) {
+    to_planar_body(src, dst);
 }
 
 #[inline(always)]
-fn to_planar_body(src: &[u8], channels: usize, dst: &mut Vec<u8>) {
+fn to_planar_body(src: &[u8], dst: &mut Vec<u8>) {
     // Extending from exact-size iterators writes each byte once (no zero-fill first).
     dst.clear();
-    dst.reserve(src.len() / channels * 3);
-    if channels == 3 {
-        for c in 0..3 {
-            dst.extend(src.chunks_exact(3).map(|p| p[c]));
-        }
-    } else {
-        for c in 0..3 {
-            dst.extend(src.chunks_exact(channels).map(|p| p[c]));
-        }
+    dst.reserve(src.len());
+    for c in 0..3 {
+        dst.extend(src.chunks_exact(3).map(|p| p[c]));
     }
 }
 
@@ -340,6 +334,17 @@ pub struct Photometric {
     pub grayscale: bool,
     pub blur_sigma: Option<f32>,
     pub solarize: bool,
+}
+
+impl Photometric {
+    /// No operation at all: the starting point for choosing single operations (tests, timings).
+    pub const IDENTITY: Photometric = Photometric {
+        flip: false,
+        jitter: None,
+        grayscale: false,
+        blur_sigma: None,
+        solarize: false,
+    };
 }
 
 /// Draws the photometric choices of view `v` (`kind` 0/1 for the global views, 2 for the others).
@@ -563,7 +568,7 @@ mod tests {
     #[test]
     fn planar_conversion_splits_channels() {
         let mut out = vec![];
-        to_planar(&[1, 2, 3, 4, 5, 6], 3, &mut out);
+        to_planar(&[1, 2, 3, 4, 5, 6], &mut out);
         assert_eq!(out, [1, 4, 2, 5, 3, 6]);
     }
 }

@@ -144,7 +144,7 @@ fn bench(opts: LoaderOptions, preset: &str, seconds: f64, rounds: usize) -> Resu
     let (workers, seed, views) = (opts.workers, opts.seed, opts.views.clone());
     let (dir, index) = open_index(&opts.shards)?;
     let mut images = vec![];
-    for_each_sample(&dir, &index, |_, s| {
+    for_each_sample(&dir, &index, |s| {
         if let Some(j) = s.get("jpg") {
             images.push(j.to_vec());
         }

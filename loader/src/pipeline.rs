@@ -79,6 +79,8 @@ pub struct Stats {
     pub images: AtomicU64,
     pub batches: AtomicU64,
     pub skipped: AtomicU64,
+    /// Samples where a view took the overlap redraw loop's fallback (a tiny or thin image).
+    pub overlap_fallbacks: AtomicU64,
     pub truncated_shards: AtomicU64,
     /// Recent per-sample processing times in microseconds (a ring of 4096).
     times_us: Mutex<Vec<u32>>,
@@ -114,7 +116,6 @@ pub struct Loader {
     pub batches: async_channel::Receiver<Batch>,
     pub stats: Arc<Stats>,
     pub index: Arc<Index>,
-    pub shard_dir: PathBuf,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -233,7 +234,6 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
         batches: batch_rx,
         stats,
         index,
-        shard_dir: dir,
     })
 }
 
@@ -327,11 +327,10 @@ fn read_loop(
                 Ok(sample) => {
                     let item = (open[slot].0.clone(), sample);
                     next_slot = slot + 1;
-                    if buffer.len() + 1 < opts.shuffle_buffer.max(1) {
-                        buffer.push(item);
+                    buffer.push(item);
+                    if buffer.len() < opts.shuffle_buffer.max(1) {
                         continue;
                     }
-                    buffer.push(item);
                     let pick = shuffle_rng.random_range(0..buffer.len());
                     if !emit(buffer.swap_remove(pick), &mut seq) {
                         break;
@@ -408,6 +407,9 @@ fn work_loop(
             Some(bytes) => make_views(bytes, &opts.views, opts.seed, w.epoch, w.seq, &mut scratch),
             None => Err("no image member".to_string()),
         };
+        if result.as_ref().is_ok_and(|v| v.overlap_fallback) {
+            stats.overlap_fallbacks.fetch_add(1, Ordering::Relaxed);
+        }
         stats.record_time(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
         let done = Done {
             epoch: w.epoch,
@@ -461,6 +463,18 @@ impl Pending {
         self.labels.push(label);
         self.keys.push(key);
         self.seq.push(seq);
+    }
+
+    /// Drops the samples but keeps the buffers (the incomplete tail of an epoch).
+    fn clear(&mut self) {
+        self.views.iter_mut().for_each(Vec::clear);
+        self.teacher
+            .iter_mut()
+            .chain(self.student.iter_mut())
+            .for_each(Vec::clear);
+        self.labels.clear();
+        self.keys.clear();
+        self.seq.clear();
     }
 }
 
@@ -540,7 +554,7 @@ async fn collate_loop(
             }
             if seq + 1 == epoch_len {
                 // Epoch end: the incomplete tail batch is dropped.
-                pending = Pending::new(cfg, b);
+                pending.clear();
                 next = (epoch + 1, 0);
             }
         }
@@ -548,18 +562,14 @@ async fn collate_loop(
 }
 
 /// Reads the shard directory's samples in index order without views (the decode-only benchmark).
-pub fn for_each_sample(
-    dir: &Path,
-    index: &Index,
-    mut f: impl FnMut(&str, Sample) -> bool,
-) -> Result<()> {
+pub fn for_each_sample(dir: &Path, index: &Index, mut f: impl FnMut(Sample) -> bool) -> Result<()> {
     for s in &index.shards {
         let path = dir.join(&s.name);
         let reader =
             open_shard(&path).with_context(|| format!("{}: cannot open", path.display()))?;
         let mut go = true;
         if let Err((n, e)) = read_samples(reader, |x| {
-            go = f(&s.name, x);
+            go = f(x);
             go
         }) {
             eprintln!(

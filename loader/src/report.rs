@@ -17,12 +17,22 @@ pub fn stats_line(stats: &Stats, elapsed: Duration, queue: usize, capacity: usiz
     let (p50, p99) = stats.time_percentiles();
     let images = stats.images.load(Ordering::Relaxed) as f64;
     let batches = stats.batches.load(Ordering::Relaxed) as f64;
-    format!(
+    let mut line = format!(
         "{:.0} images/s, {:.2} batches/s, queue {queue}/{capacity}, sample p50 {p50:.1} ms p99 {p99:.1} ms, skipped {}",
         images / secs,
         batches / secs,
         stats.skipped.load(Ordering::Relaxed)
-    )
+    );
+    // Rare events, shown only once they happen.
+    let fallbacks = stats.overlap_fallbacks.load(Ordering::Relaxed);
+    let damaged = stats.truncated_shards.load(Ordering::Relaxed);
+    if fallbacks > 0 {
+        line.push_str(&format!(", overlap fallbacks {fallbacks}"));
+    }
+    if damaged > 0 {
+        line.push_str(&format!(", damaged shards {damaged}"));
+    }
+    line
 }
 
 /// Reports on `stats` until `stop` resolves: a bar of `total` batches (or a spinner) on a terminal,

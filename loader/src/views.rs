@@ -19,7 +19,6 @@ pub struct SampleViews {
     pub points: RefPoints,
     pub boxes: Vec<CropBox>,
     pub flips: Vec<bool>,
-    pub image_size: (u32, u32),
     /// A view needed the documented fallback of the overlap redraw loop.
     pub overlap_fallback: bool,
 }
@@ -63,7 +62,7 @@ pub fn make_views(
         crop_resize(&mut s.resizer, &src, b, size, &mut s.view)?;
         // Every photometric operation works on the planar layout of `common::Batch`.
         let mut planar = Vec::new();
-        to_planar(&s.view, 3, &mut planar);
+        to_planar(&s.view, &mut planar);
         let photo = draw_photometric(&mut r, cfg, v.min(2));
         apply_photometric(
             &mut planar,
@@ -81,7 +80,6 @@ pub fn make_views(
         points,
         boxes,
         flips,
-        image_size: (w, h),
         overlap_fallback,
     })
 }
@@ -95,7 +93,7 @@ pub fn decode_only(bytes: &[u8], s: &mut Scratch) -> Result<(u32, u32), String> 
 mod tests {
     use super::*;
 
-    /// A JPEG with structure in every direction (so a flip or a channel mix-up shows).
+    /// An image (PNG) with structure in every direction (so a flip or a channel mix-up shows).
     fn photo() -> Vec<u8> {
         let img = image::RgbImage::from_fn(120, 90, |x, y| {
             image::Rgb([(x * 2) as u8, (y * 2) as u8, ((x * y) % 251) as u8])

@@ -37,16 +37,10 @@ fn photometric_ops_match_pillow_byte_for_byte() {
     let size = fixture["width"].as_u64().unwrap() as usize;
     assert_eq!(fixture["height"].as_u64(), Some(size as u64));
     let mut planar_input = vec![];
-    to_planar(&test_image(size, size), 3, &mut planar_input);
+    to_planar(&test_image(size, size), &mut planar_input);
     let cases = fixture["cases"].as_object().unwrap();
     assert_eq!(cases.len(), 20);
-    let none = Photometric {
-        flip: false,
-        jitter: None,
-        grayscale: false,
-        blur_sigma: None,
-        solarize: false,
-    };
+    let none = Photometric::IDENTITY;
     let jitter = |op: usize, f: f32| {
         let mut factors = [1.0, 1.0, 1.0, 0.0];
         factors[op] = f;

@@ -205,10 +205,19 @@ impl Sample {
 /// Opens a shard for reading, decompressing `.zst` by name.
 pub fn open_shard(path: &Path) -> io::Result<Box<dyn Read + Send>> {
     let file = io::BufReader::with_capacity(1 << 20, File::open(path)?);
+    tar_stream(path, file)
+}
+
+/// The tar stream of a shard's raw bytes: `raw` itself, or `raw` decompressed for a `.zst` name. The
+/// one place that decides compression (the reader and `verify`, which hashes the raw bytes, share it).
+pub fn tar_stream<'a, R: io::BufRead + Send + 'a>(
+    path: &Path,
+    raw: R,
+) -> io::Result<Box<dyn Read + Send + 'a>> {
     if path.extension().is_some_and(|e| e == "zst") {
-        Ok(Box::new(zstd::Decoder::with_buffer(file)?))
+        Ok(Box::new(zstd::Decoder::with_buffer(raw)?))
     } else {
-        Ok(Box::new(file))
+        Ok(Box::new(raw))
     }
 }
 

@@ -1,14 +1,14 @@
 //! `shard verify`: re-read every shard against `index.json` (presence, size, SHA-256, sample count,
 //! members, class indices; optionally a full decode of every image) and report every mismatch.
 
-use std::io::Read;
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 use anyhow::Result;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::format::{ShardInfo, open_shard, read_samples};
+use crate::format::{ShardInfo, read_samples, tar_stream};
 use crate::index::Index;
 
 #[derive(Debug, Default)]
@@ -19,20 +19,21 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
+/// Hashes and counts the raw bytes that pass through, so one read of a shard serves both the
+/// checksum and the sample checks.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
     }
-    Ok((len, hex::encode(hasher.finalize())))
 }
 
 fn check_shard(
@@ -43,8 +44,8 @@ fn check_shard(
 ) -> (u64, u64, Vec<String>) {
     let path = dir.join(&shard.name);
     let mut problems = vec![];
-    let (len, sha) = match sha256_file(&path) {
-        Ok(x) => x,
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
         Err(e) => {
             return (
                 0,
@@ -53,22 +54,13 @@ fn check_shard(
             );
         }
     };
-    if len != shard.bytes {
-        problems.push(format!(
-            "{}: {len} bytes, the index says {}",
-            path.display(),
-            shard.bytes
-        ));
-    }
-    if sha != shard.sha256 {
-        problems.push(format!(
-            "{}: SHA-256 {sha}, the index says {}",
-            path.display(),
-            shard.sha256
-        ));
-    }
+    let mut raw = HashingReader {
+        inner: file,
+        hasher: Sha256::new(),
+        bytes: 0,
+    };
     let (mut decoded, mut keys) = (0u64, std::collections::HashSet::new());
-    let reader = match open_shard(&path) {
+    let reader = match tar_stream(&path, BufReader::with_capacity(1 << 20, &mut raw)) {
         Ok(r) => r,
         Err(e) => return (0, 0, vec![format!("{}: cannot open: {e}", path.display())]),
     };
@@ -118,6 +110,26 @@ fn check_shard(
             n
         }
     };
+    // The tar reader stops at the end-of-archive marker: hash whatever follows it too.
+    if let Err(e) = std::io::copy(&mut raw, &mut std::io::sink()) {
+        problems.push(format!("{}: read error: {e}", path.display()));
+    }
+    let sha = hex::encode(raw.hasher.finalize());
+    if raw.bytes != shard.bytes {
+        problems.push(format!(
+            "{}: {} bytes, the index says {}",
+            path.display(),
+            raw.bytes,
+            shard.bytes
+        ));
+    }
+    if sha != shard.sha256 {
+        problems.push(format!(
+            "{}: SHA-256 {sha}, the index says {}",
+            path.display(),
+            shard.sha256
+        ));
+    }
     if samples != shard.samples {
         problems.push(format!(
             "{}: {samples} samples, the index says {}",
