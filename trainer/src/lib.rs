@@ -1,0 +1,19 @@
+//! `trainer`: DenseDINO in burn 0.22: the ViT with reference tokens ([`vit`]), the DINO heads ([`head`]),
+//! the network one side of the distillation owns ([`model`]), the dual loss with its centers ([`loss`]),
+//! the schedules ([`schedule`]), AdamW, clipping and the EMA teacher ([`optim`]), and one training step that
+//! ties them together ([`step`]).
+//!
+//! burn 0.22's tensors carry no backend generic: the `Device` picks the backend at run time and autodiff is
+//! `device.autodiff()`. The student's parameters live on the autodiff device; the teacher, the centers and
+//! the optimiser state on the plain one. Every random draw (initialisation, stochastic depth) comes from the
+//! run's seed on the host, so every backend starts from the same numbers.
+
+pub mod bicubic;
+pub mod head;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+pub mod step;
+pub mod vit;

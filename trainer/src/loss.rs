@@ -1,0 +1,255 @@
+//! The DenseDINO objective (method-spec §2.4 and §3.6): DINO's centred, sharpened cross-entropy on the CLS
+//! token plus the same on reference tokens, matched point for point across views, with separate centers.
+
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+/// Which teacher reference groups feed `ref_center` (method-spec §3.6 ⚠).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefCenterGroups {
+    /// The official code: groups v ∈ {0, 1} of both global views, self-pairs (g, g) included.
+    Global,
+    /// Only the cross pairs (0, 1) and (1, 0): leaves out the self-pair points spread over a whole crop.
+    GlobalCross,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    /// The CLS (DINO) loss (`--use_global_loss`).
+    pub use_global_loss: bool,
+    /// The reference-token loss (`--use_ref_loss`).
+    pub use_ref_loss: bool,
+    /// α in `α·L_cls + (1−α)·L_ref` (0.5, the paper and the `--alpha` default).
+    pub alpha: f64,
+    /// Student temperature (0.1, hard-coded in DINOLoss).
+    pub student_temp: f64,
+    /// Teacher temperature after warmup (0.04 in the code default; 0.07 for the DINO "boost" recipe).
+    pub teacher_temp: f64,
+    /// Teacher temperature at epoch 0 of the warmup (0.04).
+    pub warmup_teacher_temp: f64,
+    /// Epochs of linear teacher-temperature warmup (0: constant).
+    pub warmup_teacher_temp_epochs: usize,
+    /// Center EMA momentum (0.9, hard-coded).
+    pub center_momentum: f64,
+    /// CLS terms over every student view (`--use_all_crop_global`; off in the official command, so the
+    /// CLS loss then has only the two global↔global terms). The paper's Eq. 2 sums over all views.
+    pub use_all_crop_global: bool,
+    /// Reference terms over every student view (`--use_all_crop_ref`; on in the official command).
+    pub use_all_crop_ref: bool,
+    /// Which teacher reference groups update `ref_center`.
+    pub ref_center_groups: RefCenterGroups,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            use_global_loss: true,
+            use_ref_loss: true,
+            alpha: 0.5,
+            student_temp: 0.1,
+            teacher_temp: 0.04,
+            warmup_teacher_temp: 0.04,
+            warmup_teacher_temp_epochs: 0,
+            center_momentum: 0.9,
+            use_all_crop_global: false,
+            use_all_crop_ref: true,
+            ref_center_groups: RefCenterGroups::Global,
+        }
+    }
+}
+
+impl LossConfig {
+    /// τ_t(epoch): `linspace(warmup, temp, E_w)` per epoch (inclusive), then constant.
+    pub fn teacher_temp_at(&self, epoch: usize) -> f64 {
+        let ew = self.warmup_teacher_temp_epochs;
+        if epoch >= ew {
+            self.teacher_temp
+        } else if ew == 1 {
+            self.warmup_teacher_temp
+        } else {
+            self.warmup_teacher_temp
+                + (self.teacher_temp - self.warmup_teacher_temp) * epoch as f64 / (ew - 1) as f64
+        }
+    }
+}
+
+/// How the logits of one step are laid out: B images, V views, M points per ordered pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub batch: usize,
+    pub views: usize,
+    pub points: usize,
+}
+
+/// The two centers (buffers, saved in checkpoints) and the loss itself.
+pub struct DenseDinoLoss {
+    pub cfg: LossConfig,
+    /// `[1, K]` for the CLS logits.
+    pub center: Tensor<2>,
+    /// `[1, K]` for the reference logits.
+    pub ref_center: Tensor<2>,
+}
+
+/// The loss of one step. `total` carries the gradient; the parts are for logging.
+pub struct LossOutput {
+    pub total: Tensor<1>,
+    pub cls: Option<Tensor<1>>,
+    pub refs: Option<Tensor<1>>,
+}
+
+/// Cross-entropy `mean_rows(−Σ_k p_k log q_k)` of targets `[n, K]` against student log-probabilities `[n, K]`.
+fn soft_ce(p: Tensor<2>, log_q: Tensor<2>) -> Tensor<1> {
+    (p * log_q).sum_dim(1).mean().neg()
+}
+
+impl DenseDinoLoss {
+    pub fn new(cfg: &LossConfig, out_dim: usize, device: &Device) -> Self {
+        let zeros = || Tensor::<2>::zeros([1, out_dim], device);
+        Self {
+            cfg: cfg.clone(),
+            center: zeros(),
+            ref_center: zeros(),
+        }
+    }
+
+    /// `t_cls`: teacher CLS logits `[2B, K]` (views 0, 1), `s_cls`: student CLS logits `[V*B, K]`;
+    /// `t_ref`: teacher reference logits `[2B * V * M, K]` (group-major: view g, then partner v, then point);
+    /// `s_ref`: student reference logits `[V * B * 2 * M, K]` (view v, then global g, then point).
+    /// Teacher logits carry no gradient. The centers are *not* updated here ([`Self::update_centers`]).
+    pub fn forward(
+        &self,
+        t_cls: Tensor<2>,
+        s_cls: Tensor<2>,
+        t_ref: Option<Tensor<2>>,
+        s_ref: Option<Tensor<2>>,
+        layout: Layout,
+        teacher_temp: f64,
+    ) -> LossOutput {
+        let (b, v, m) = (layout.batch, layout.views, layout.points);
+        let cfg = &self.cfg;
+        let inv_s = 1.0 / cfg.student_temp;
+        let inv_t = 1.0 / teacher_temp;
+        let device = s_cls.device();
+        // Teacher targets are computed without autodiff, then enter the student's graph as constants.
+        let autodiff = device.is_autodiff();
+        let as_const = |t: Tensor<2>| {
+            if autodiff {
+                Tensor::<2>::from_inner(t)
+            } else {
+                t
+            }
+        };
+
+        let cls = cfg.use_global_loss.then(|| {
+            let p = as_const(softmax(
+                (t_cls.clone() - self.center.clone()).mul_scalar(inv_t),
+                1,
+            )); // [2B, K]
+            let log_q = log_softmax(s_cls.mul_scalar(inv_s), 1); // [V*B, K]
+            let mut sum = Tensor::<1>::zeros([1], &device);
+            let mut n = 0usize;
+            for g in 0..2 {
+                for sv in (0..v).filter(|&sv| sv != g && (cfg.use_all_crop_global || sv < 2)) {
+                    sum = sum
+                        + soft_ce(
+                            p.clone().narrow(0, g * b, b),
+                            log_q.clone().narrow(0, sv * b, b),
+                        );
+                    n += 1;
+                }
+            }
+            sum.div_scalar(n as f64 + 1e-5)
+        });
+
+        let refs = match (cfg.use_ref_loss, t_ref, s_ref) {
+            (true, Some(t_ref), Some(s_ref)) => {
+                let k = t_ref.dims()[1];
+                let p = as_const(softmax(
+                    (t_ref - self.ref_center.clone()).mul_scalar(inv_t),
+                    1,
+                ));
+                let p = p.reshape([2, b, v, m, k]);
+                let log_q = log_softmax(s_ref.mul_scalar(inv_s), 1).reshape([v, b, 2, m, k]);
+                let mut sum = Tensor::<1>::zeros([1], &device);
+                let mut n = 0usize;
+                for g in 0..2 {
+                    for sv in (0..v).filter(|&sv| sv != g && (cfg.use_all_crop_ref || sv < 2)) {
+                        // Teacher view g, partner sv  ↔  student view sv, global g: point j meets point j.
+                        let pt = p
+                            .clone()
+                            .narrow(0, g, 1)
+                            .narrow(2, sv, 1)
+                            .reshape([b * m, k]);
+                        let qs = log_q
+                            .clone()
+                            .narrow(0, sv, 1)
+                            .narrow(2, g, 1)
+                            .reshape([b * m, k]);
+                        sum = sum + soft_ce(pt, qs);
+                        n += 1;
+                    }
+                }
+                Some(sum.div_scalar(n as f64 + 1e-5))
+            }
+            _ => None,
+        };
+
+        let total = match (&cls, &refs) {
+            (Some(c), Some(r)) => {
+                c.clone().mul_scalar(cfg.alpha) + r.clone().mul_scalar(1.0 - cfg.alpha)
+            }
+            (Some(c), None) => c.clone(),
+            (None, Some(r)) => r.clone(),
+            (None, None) => {
+                panic!("the loss config enables neither the CLS nor the reference loss")
+            }
+        };
+        LossOutput { total, cls, refs }
+    }
+
+    /// `c ← m·c + (1−m)·mean(teacher logits)`, after the loss (each step uses the previous centers).
+    /// Single process: the all-reduce of the official code is the identity.
+    pub fn update_centers(&mut self, t_cls: Tensor<2>, t_ref: Option<Tensor<2>>, layout: Layout) {
+        let (batch, views, points) = (layout.batch, layout.views, layout.points);
+        let mom = self.cfg.center_momentum;
+        let batch_center = t_cls.mean_dim(0); // [1, K]
+        self.center = self.center.clone().mul_scalar(mom) + batch_center.mul_scalar(1.0 - mom);
+        if let Some(t_ref) = t_ref {
+            let k = t_ref.dims()[1];
+            let t = t_ref.reshape([2, batch, views, points, k]);
+            let used = match self.cfg.ref_center_groups {
+                RefCenterGroups::Global => t.narrow(2, 0, 2).reshape([2 * batch * 2 * points, k]),
+                RefCenterGroups::GlobalCross => Tensor::cat(
+                    vec![
+                        t.clone()
+                            .narrow(0, 0, 1)
+                            .narrow(2, 1, 1)
+                            .reshape([batch * points, k]),
+                        t.narrow(0, 1, 1)
+                            .narrow(2, 0, 1)
+                            .reshape([batch * points, k]),
+                    ],
+                    0,
+                ),
+            };
+            self.ref_center =
+                self.ref_center.clone().mul_scalar(mom) + used.mean_dim(0).mul_scalar(1.0 - mom);
+        }
+    }
+
+    /// The centers as host vectors (checkpoints) and back.
+    pub fn centers_to_host(&self) -> (Vec<f32>, Vec<f32>) {
+        (
+            crate::params::host(self.center.clone()),
+            crate::params::host(self.ref_center.clone()),
+        )
+    }
+    pub fn set_centers(&mut self, center: Vec<f32>, ref_center: Vec<f32>, device: &Device) {
+        let k = center.len();
+        self.center = Tensor::from_data(TensorData::new(center, [1, k]), device);
+        self.ref_center = Tensor::from_data(TensorData::new(ref_center, [1, k]), device);
+    }
+}

@@ -1,0 +1,265 @@
+//! One DenseDINO training step, top to bottom (method-spec §2.6): schedules → teacher and student forward →
+//! loss → backward → per-tensor clip and frozen last layer → AdamW → EMA teacher → centers.
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor};
+use common::Batch;
+use common::seed::{self, Purpose};
+use serde::{Deserialize, Serialize};
+
+use crate::head::HeadConfig;
+use crate::loss::{DenseDinoLoss, Layout, LossConfig};
+use crate::model::DenseDino;
+use crate::optim::{self, AdamW, StepOptions};
+use crate::params::host;
+use crate::schedule::Cosine;
+use crate::vit::{self, VitConfig};
+
+/// The recipe of §2.5 and §2.6; every default is `main_dino.py`'s.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate at a total batch of 256; scaled linearly by `total_batch / 256`.
+    pub lr: f64,
+    /// Floor of the cosine decay.
+    pub min_lr: f64,
+    /// Linear warmup from 0 over these epochs.
+    pub warmup_epochs: usize,
+    /// Weight decay of group 0, cosine from `weight_decay` to `weight_decay_end` over the run.
+    pub weight_decay: f64,
+    pub weight_decay_end: f64,
+    /// Teacher EMA momentum, cosine from this to 1 (use 0.9995 for small batches, dino #104).
+    pub momentum_teacher: f64,
+    /// Per-tensor gradient norm clip (0: off).
+    pub clip_grad: f64,
+    /// Epochs during which the heads' last layers get no update.
+    pub freeze_last_layer: usize,
+    /// AdamW betas and epsilon (PyTorch defaults).
+    pub betas: (f64, f64),
+    pub eps: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5e-4,
+            min_lr: 1e-6,
+            warmup_epochs: 10,
+            weight_decay: 0.04,
+            weight_decay_end: 0.4,
+            momentum_teacher: 0.996,
+            clip_grad: 3.0,
+            freeze_last_layer: 1,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+        }
+    }
+}
+
+/// The three per-iteration schedules of a run.
+#[derive(Clone, Debug)]
+pub struct Schedules {
+    pub iters_per_epoch: usize,
+    pub lr: Cosine,
+    pub wd: Cosine,
+    pub momentum: Cosine,
+}
+
+impl Schedules {
+    pub fn new(
+        cfg: &OptimConfig,
+        epochs: usize,
+        iters_per_epoch: usize,
+        total_batch: usize,
+    ) -> Self {
+        let base_lr = cfg.lr * total_batch as f64 / 256.0;
+        Self {
+            iters_per_epoch,
+            lr: Cosine::new(
+                base_lr,
+                cfg.min_lr,
+                epochs,
+                iters_per_epoch,
+                cfg.warmup_epochs,
+                0.0,
+            ),
+            wd: Cosine::new(
+                cfg.weight_decay,
+                cfg.weight_decay_end,
+                epochs,
+                iters_per_epoch,
+                0,
+                0.0,
+            ),
+            momentum: Cosine::new(cfg.momentum_teacher, 1.0, epochs, iters_per_epoch, 0, 0.0),
+        }
+    }
+}
+
+/// What one step reports (host numbers).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub it: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    pub cls_loss: Option<f64>,
+    pub ref_loss: Option<f64>,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub teacher_temp: f64,
+    /// Mean entropy of the teacher's CLS targets per sample (ln K: uniform collapse; 0: one-hot).
+    pub teacher_entropy: f64,
+    /// Entropy of the batch-mean teacher target (near 0: every sample on one prototype, the other collapse).
+    pub teacher_batch_entropy: f64,
+}
+
+/// Everything a step reads and writes.
+pub struct Trainer {
+    pub device: Device,
+    pub seed: u64,
+    pub vit: VitConfig,
+    pub head: HeadConfig,
+    pub optim_cfg: OptimConfig,
+    pub student: DenseDino,
+    pub teacher: DenseDino,
+    pub loss: DenseDinoLoss,
+    pub optim: AdamW,
+    pub schedules: Schedules,
+    /// The next global iteration.
+    pub it: usize,
+}
+
+impl Trainer {
+    /// `device`: the plain device; the student lives on its autodiff twin. Student and teacher start equal.
+    pub fn new(
+        vit_cfg: &VitConfig,
+        head_cfg: &HeadConfig,
+        loss_cfg: &LossConfig,
+        optim_cfg: &OptimConfig,
+        schedules: Schedules,
+        seed: u64,
+        device: &Device,
+    ) -> Self {
+        let with_ref_head = loss_cfg.use_ref_loss && !head_cfg.shared_ref_head;
+        let init = || seed::rng(seed, Purpose::Model, &[0]);
+        let student = DenseDino::new(
+            vit_cfg,
+            head_cfg,
+            with_ref_head,
+            &mut init(),
+            &device.clone().autodiff(),
+        );
+        // The same draws on the plain device: an exact copy, as `teacher.load_state_dict(student)`.
+        let mut teacher_cfg = vit_cfg.clone();
+        teacher_cfg.drop_path_rate = 0.0;
+        let teacher = DenseDino::new(&teacher_cfg, head_cfg, with_ref_head, &mut init(), device);
+        Self {
+            device: device.clone(),
+            seed,
+            vit: vit_cfg.clone(),
+            head: head_cfg.clone(),
+            optim_cfg: optim_cfg.clone(),
+            student,
+            teacher,
+            loss: DenseDinoLoss::new(loss_cfg, head_cfg.out_dim, device),
+            optim: AdamW {
+                beta1: optim_cfg.betas.0,
+                beta2: optim_cfg.betas.1,
+                eps: optim_cfg.eps,
+                ..Default::default()
+            },
+            schedules,
+            it: 0,
+        }
+    }
+
+    /// One optimisation step on `batch`. Returns `Err` with the metrics when the loss is not finite; nothing
+    /// was updated then (the official code exits at that point).
+    pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, StepMetrics> {
+        let it = self.it;
+        let epoch = it / self.schedules.iters_per_epoch.max(1);
+        let (b, v, m) = (batch.batch_size, batch.num_views(), batch.num_points);
+        let lr = self.schedules.lr.at(it);
+        let wd = self.schedules.wd.at(it);
+        let momentum = self.schedules.momentum.at(it);
+        let temp = self.loss.cfg.teacher_temp_at(epoch);
+        let refs_on = self.loss.cfg.use_ref_loss;
+        let layout = Layout {
+            batch: b,
+            views: v,
+            points: m,
+        };
+
+        // u8 → normalised f32 once on the device; the student reads the same tensors as autodiff constants.
+        let views: Vec<Tensor<4>> = batch
+            .views
+            .iter()
+            .map(|view| vit::normalize_pixels(&view.data, b, view.size, &self.device))
+            .collect();
+        let teacher_out = self.teacher.forward(
+            &views[..2],
+            refs_on.then_some(&batch.teacher_points[..]),
+            None,
+        );
+        let student_views: Vec<Tensor<4>> = views.into_iter().map(Tensor::from_inner).collect();
+        let mut drop_rng = seed::rng(self.seed, Purpose::Model, &[1, it as u64]);
+        let student_out = self.student.forward(
+            &student_views,
+            refs_on.then_some(&batch.student_points[..]),
+            Some(&mut drop_rng),
+        );
+
+        let out = self.loss.forward(
+            teacher_out.cls.clone(),
+            student_out.cls,
+            teacher_out.refs.clone(),
+            student_out.refs,
+            layout,
+            temp,
+        );
+        let (entropy, batch_entropy) =
+            target_entropies(teacher_out.cls.clone(), self.loss.center.clone(), temp);
+        let scalar = |t: Tensor<1>| host(optim::plain(t))[0] as f64;
+        let mut metrics = StepMetrics {
+            it,
+            epoch,
+            loss: scalar(out.total.clone()),
+            cls_loss: out.cls.map(scalar),
+            ref_loss: out.refs.map(scalar),
+            lr,
+            weight_decay: wd,
+            momentum,
+            teacher_temp: temp,
+            teacher_entropy: entropy,
+            teacher_batch_entropy: batch_entropy,
+        };
+        if !metrics.loss.is_finite() {
+            return Err(metrics);
+        }
+
+        let grads = out.total.backward();
+        let opts = StepOptions {
+            lr,
+            weight_decay: wd,
+            clip_grad: self.optim_cfg.clip_grad,
+            freeze_last_layer: epoch < self.optim_cfg.freeze_last_layer,
+        };
+        self.optim.step(&mut self.student, &grads, opts);
+        optim::ema_update(&mut self.teacher, &mut self.student, momentum);
+        self.loss
+            .update_centers(teacher_out.cls, teacher_out.refs, layout);
+        self.it += 1;
+        metrics.it = it;
+        Ok(metrics)
+    }
+}
+
+/// Mean per-sample entropy of `softmax((t − c)/τ)` and the entropy of its batch mean, in nats.
+pub fn target_entropies(t_cls: Tensor<2>, center: Tensor<2>, temp: f64) -> (f64, f64) {
+    let p = softmax((t_cls - center).div_scalar(temp), 1); // [n, K]
+    let plogp = |p: Tensor<2>| (p.clone() * p.clamp_min(1e-30).log()).sum_dim(1).neg(); // [n, 1]
+    let per_sample = host(plogp(p.clone()).mean());
+    let of_mean = host(plogp(p.mean_dim(0)).mean());
+    (per_sample[0] as f64, of_mean[0] as f64)
+}

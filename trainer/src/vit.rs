@@ -1,0 +1,652 @@
+//! The Vision Transformer of DINO with DenseDINO's reference tokens (method-spec §1 and §3.4).
+//!
+//! Token layout of the official code: `[CLS, REF_1..REF_R, PATCH_1..PATCH_N]` with an additive mask in every
+//! block. With the default mask `all2pos_pos2cls_eye` nothing attends to a reference token and a reference
+//! token attends to itself and the patches only, so the CLS and patch path is exactly a plain ViT.
+//! [`Vit::forward`] uses that: the plain path runs on `[CLS, patches]` through burn's fused attention, and in
+//! each block the R reference rows are computed against the patch keys and values plus their own. Every
+//! layer other than the attention (LayerNorms, qkv, proj, MLP) runs once on the concatenation.
+//! [`Vit::forward_masked`] is the literal `(1+R+N)^2` masked formulation: the test oracle, and the path for
+//! the other mask modes.
+//!
+//! Shapes: B batch, T = 1 + N tokens, R reference tokens, D width, H heads, dh = D / H.
+
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::{attention, conv2d, layer_norm, linear};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::bicubic;
+use crate::params::{self, ParamMut, Params};
+
+/// LayerNorm epsilon of DINO's ViT (`partial(nn.LayerNorm, eps=1e-6)`).
+pub const LN_EPS: f64 = 1e-6;
+/// ImageNet normalisation (method-spec §2.2 step 6).
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Which tokens may attend to which (method-spec §3.4, `--mask_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskMode {
+    /// `020` in the official code: full attention; reference tokens perturb CLS and patches.
+    None,
+    /// Nobody sees reference tokens; a reference token sees CLS and patches but not itself.
+    All2pos,
+    /// As `all2pos`, and a reference token does not see CLS either.
+    All2posPos2cls,
+    /// The official README's mode: a reference token sees itself and the patches; nothing sees it.
+    All2posPos2clsEye,
+    /// Every row loses CLS and reference columns, then the diagonal is restored (changes the plain path).
+    AllQuery,
+}
+
+/// The backbone's hyperparameters. `vit_tiny`/`vit_small`/`vit_base` give the spec's table (§1.1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    /// D: 192 (Tiny), 384 (Small), 768 (Base).
+    pub embed_dim: usize,
+    /// Blocks: 12 for every size in the paper.
+    pub depth: usize,
+    /// Heads; head_dim = embed_dim / num_heads = 64 for every size in the paper.
+    pub num_heads: usize,
+    /// 16 (the code default; 8 is supported by the official code too).
+    pub patch_size: usize,
+    /// The size the positional grid is learned at: 224 gives the 14x14 grid that reference tokens sample.
+    pub img_size: usize,
+    /// MLP hidden width = mlp_ratio * D (4 in DINO).
+    pub mlp_ratio: usize,
+    /// Stochastic depth: block i drops with `linspace(0, rate, depth)[i]`; the student uses 0.1, the teacher 0.
+    pub drop_path_rate: f64,
+    /// The attention mask of the reference tokens; `all2pos_pos2cls_eye` takes the efficient path.
+    pub mask_mode: MaskMode,
+    /// `--with_learnable_token`: one shared learnable content vector instead of zeros (off in the README run).
+    pub learnable_ref_token: bool,
+    /// `--detach_pos_embed`: no gradient from reference tokens into the positional embedding.
+    pub detach_pos_embed: bool,
+}
+
+impl VitConfig {
+    fn sized(embed_dim: usize, num_heads: usize) -> Self {
+        Self {
+            embed_dim,
+            depth: 12,
+            num_heads,
+            patch_size: 16,
+            img_size: 224,
+            mlp_ratio: 4,
+            drop_path_rate: 0.1,
+            mask_mode: MaskMode::All2posPos2clsEye,
+            learnable_ref_token: false,
+            detach_pos_embed: false,
+        }
+    }
+    pub fn vit_tiny() -> Self {
+        Self::sized(192, 3)
+    }
+    pub fn vit_small() -> Self {
+        Self::sized(384, 6)
+    }
+    pub fn vit_base() -> Self {
+        Self::sized(768, 12)
+    }
+    /// By name, as the official `--arch`.
+    pub fn arch(name: &str) -> Option<Self> {
+        match name {
+            "vit_tiny" => Some(Self::vit_tiny()),
+            "vit_small" => Some(Self::vit_small()),
+            "vit_base" => Some(Self::vit_base()),
+            _ => None,
+        }
+    }
+    /// Side of the learned positional grid (14 for 224 / 16).
+    pub fn grid(&self) -> usize {
+        self.img_size / self.patch_size
+    }
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
+            return Err(format!(
+                "embed_dim {} is not a multiple of num_heads {}",
+                self.embed_dim, self.num_heads
+            ));
+        }
+        if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
+            return Err(format!(
+                "img_size {} is not a multiple of patch_size {}",
+                self.img_size, self.patch_size
+            ));
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            return Err(format!(
+                "drop_path_rate {} is outside [0, 1)",
+                self.drop_path_rate
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `y = x W + b`, W stored `[in, out]` (burn's layout; export transposes to PyTorch's `[out, in]`).
+pub struct Linear {
+    pub weight: Tensor<2>,
+    pub bias: Tensor<1>,
+}
+
+impl Linear {
+    /// DINO's `_init_weights`: weight trunc_normal(std 0.02), bias 0.
+    fn init_trunc(d_in: usize, d_out: usize, rng: &mut ChaCha8Rng, device: &Device) -> Self {
+        Self {
+            weight: params::param(
+                params::trunc_normal(d_in * d_out, 0.02, rng),
+                [d_in, d_out],
+                device,
+            ),
+            bias: params::param(vec![0.0; d_out], [d_out], device),
+        }
+    }
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.weight.clone(), Some(self.bias.clone()))
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
+        f(&format!("{prefix}.weight"), ParamMut::R2(&mut self.weight));
+        f(&format!("{prefix}.bias"), ParamMut::R1(&mut self.bias));
+    }
+}
+
+pub struct LayerNorm {
+    pub weight: Tensor<1>,
+    pub bias: Tensor<1>,
+}
+
+impl LayerNorm {
+    fn init(d: usize, device: &Device) -> Self {
+        Self {
+            weight: params::param(vec![1.0; d], [d], device),
+            bias: params::param(vec![0.0; d], [d], device),
+        }
+    }
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        layer_norm(x, self.weight.clone(), Some(self.bias.clone()), LN_EPS)
+    }
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
+        f(&format!("{prefix}.weight"), ParamMut::R1(&mut self.weight));
+        f(&format!("{prefix}.bias"), ParamMut::R1(&mut self.bias));
+    }
+}
+
+/// One pre-norm block: `x + DropPath(Attn(LN1 x))`, then `x + DropPath(MLP(LN2 x))`.
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub norm2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// `[B, S, 3D]` → q, k, v each `[B, H, S, dh]` (PyTorch's `reshape(B, S, 3, H, dh)` order).
+fn split_heads(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
+    let [b, s, d3] = qkv.dims();
+    let d = d3 / 3;
+    let part = |i: usize| {
+        qkv.clone()
+            .narrow(2, i * d, d)
+            .reshape([b, s, heads, d / heads])
+            .swap_dims(1, 2)
+    };
+    [part(0), part(1), part(2)]
+}
+
+/// `[B, H, S, dh]` → `[B, S, D]`.
+fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, s, dh] = x.dims();
+    x.swap_dims(1, 2).reshape([b, s, h * dh])
+}
+
+/// Per-sample residual scale `[B, 1, 1]` (0 or 1/keep_prob), or none when the block never drops.
+fn drop_residual(x: Tensor<3>, branch: Tensor<3>, drop: Option<&Tensor<3>>) -> Tensor<3> {
+    match drop {
+        Some(scale) => x + branch * scale.clone(),
+        None => x + branch,
+    }
+}
+
+impl Block {
+    fn init(cfg: &VitConfig, rng: &mut ChaCha8Rng, device: &Device) -> Self {
+        let d = cfg.embed_dim;
+        let hidden = d * cfg.mlp_ratio;
+        Self {
+            norm1: LayerNorm::init(d, device),
+            qkv: Linear::init_trunc(d, 3 * d, rng, device),
+            proj: Linear::init_trunc(d, d, rng, device),
+            norm2: LayerNorm::init(d, device),
+            fc1: Linear::init_trunc(d, hidden, rng, device),
+            fc2: Linear::init_trunc(hidden, d, rng, device),
+        }
+    }
+
+    fn mlp(&self, x: Tensor<3>, drop: Option<&Tensor<3>>) -> Tensor<3> {
+        let h = self
+            .fc2
+            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+        drop_residual(x, h, drop)
+    }
+
+    /// The efficient path. `x`: `[B, T, D]` (CLS then N patches), `r`: `[B, R, D]`. Returns the new `x`,
+    /// the new `r`, and with `want_attn` the CLS attention over the patches `[B, H, N]`.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        r: Option<Tensor<3>>,
+        heads: usize,
+        drop: Option<&Tensor<3>>,
+        want_attn: bool,
+    ) -> (Tensor<3>, Option<Tensor<3>>, Option<Tensor<3>>) {
+        let [b, t, d] = x.dims();
+        let nr = r.as_ref().map_or(0, |r| r.dims()[1]);
+        let n = t - 1;
+        let scale = ((d / heads) as f64).powf(-0.5);
+        let all = match r {
+            Some(r) => Tensor::cat(vec![x, r], 1), // [B, T+R, D]
+            None => x,
+        };
+        let [q, k, v] = split_heads(self.qkv.forward(self.norm1.forward(all.clone())), heads); // [B,H,T+R,dh]
+        let (qm, km, vm) = (
+            q.clone().narrow(2, 0, t),
+            k.clone().narrow(2, 0, t),
+            v.clone().narrow(2, 0, t),
+        );
+        let attn_map = want_attn.then(|| {
+            // [B,H,1,dh] @ [B,H,dh,T] → [B,H,1,T]; the CLS row of the last block, for attention maps.
+            let logits = qm
+                .clone()
+                .narrow(2, 0, 1)
+                .matmul(km.clone().swap_dims(2, 3))
+                .mul_scalar(scale);
+            softmax(logits, 3).narrow(3, 1, n).reshape([b, heads, n])
+        });
+        let om = attention(
+            qm,
+            km.clone(),
+            vm.clone(),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        ); // [B,H,T,dh]
+        let o = if nr > 0 {
+            let (qr, kr, vr) = (q.narrow(2, t, nr), k.narrow(2, t, nr), v.narrow(2, t, nr)); // [B,H,R,dh]
+            let (kp, vp) = (km.narrow(2, 1, n), vm.narrow(2, 1, n)); // [B,H,N,dh]: patches only, no CLS
+            let to_patches = qr.clone().matmul(kp.swap_dims(2, 3)).mul_scalar(scale); // [B,H,R,N]
+            let to_self = (qr * kr).sum_dim(3).mul_scalar(scale); // [B,H,R,1]
+            let a = softmax(Tensor::cat(vec![to_self, to_patches], 3), 3); // [B,H,R,1+N]
+            let or = a.clone().narrow(3, 0, 1) * vr + a.narrow(3, 1, n).matmul(vp); // [B,H,R,dh]
+            Tensor::cat(vec![om, or], 2) // [B,H,T+R,dh]
+        } else {
+            om
+        };
+        let all = drop_residual(all, self.proj.forward(merge_heads(o)), drop);
+        let all = self.mlp(all, drop); // [B, T+R, D]
+        if nr > 0 {
+            (
+                all.clone().narrow(1, 0, t),
+                Some(all.narrow(1, t, nr)),
+                attn_map,
+            )
+        } else {
+            (all, None, attn_map)
+        }
+    }
+
+    /// The literal formulation: softmax(q kᵀ·scale + bias) v over the whole sequence; `bias` is `[T, T]`.
+    fn forward_masked(
+        &self,
+        x: Tensor<3>,
+        heads: usize,
+        bias: &Tensor<4>,
+        drop: Option<&Tensor<3>>,
+    ) -> Tensor<3> {
+        let d = x.dims()[2];
+        let scale = ((d / heads) as f64).powf(-0.5);
+        let [q, k, v] = split_heads(self.qkv.forward(self.norm1.forward(x.clone())), heads);
+        let logits = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + bias.clone(); // [B,H,S,S]
+        let o = softmax(logits, 3).matmul(v);
+        let x = drop_residual(x, self.proj.forward(merge_heads(o)), drop);
+        self.mlp(x, drop)
+    }
+
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
+        self.norm1.visit(&format!("{prefix}.norm1"), f);
+        self.qkv.visit(&format!("{prefix}.attn.qkv"), f);
+        self.proj.visit(&format!("{prefix}.attn.proj"), f);
+        self.norm2.visit(&format!("{prefix}.norm2"), f);
+        self.fc1.visit(&format!("{prefix}.mlp.fc1"), f);
+        self.fc2.visit(&format!("{prefix}.mlp.fc2"), f);
+    }
+}
+
+/// What a forward pass gives back.
+pub struct VitOutput {
+    /// CLS after the final norm: `[B, D]`.
+    pub cls: Tensor<2>,
+    /// Reference tokens after the final norm: `[B, R, D]`.
+    pub refs: Option<Tensor<3>>,
+    /// Patch tokens after the final norm (dense features): `[B, N, D]`.
+    pub patches: Tensor<3>,
+    /// The last block's CLS attention over the patches: `[B, H, N]` (when asked for).
+    pub attn: Option<Tensor<3>>,
+}
+
+pub struct Vit {
+    pub cfg: VitConfig,
+    /// `[1, 1, D]`.
+    pub cls_token: Tensor<3>,
+    /// `[1, 1 + N0, D]`, DINO's layout (index 0 is the CLS position, N0 = grid²).
+    pub pos_embed: Tensor<3>,
+    /// `[D, 3, p, p]` and `[D]`: the patch-embedding convolution (kernel = stride = p).
+    pub patch_weight: Tensor<4>,
+    pub patch_bias: Tensor<1>,
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm,
+    /// `[1, 1, D]`, only with `learnable_ref_token`.
+    pub ref_token: Option<Tensor<3>>,
+}
+
+impl Vit {
+    pub fn new(cfg: &VitConfig, rng: &mut ChaCha8Rng, device: &Device) -> Self {
+        let d = cfg.embed_dim;
+        let n0 = cfg.grid() * cfg.grid();
+        let fan_in = 3 * cfg.patch_size * cfg.patch_size;
+        let bound = 1.0 / (fan_in as f64).sqrt(); // PyTorch's Conv2d default init (kaiming-uniform, a=√5)
+        let pos_embed = params::param(
+            params::trunc_normal((1 + n0) * d, 0.02, rng),
+            [1, 1 + n0, d],
+            device,
+        );
+        let cls_token = params::param(params::trunc_normal(d, 0.02, rng), [1, 1, d], device);
+        let patch_weight = params::param(
+            params::uniform(d * fan_in, bound, rng),
+            [d, 3, cfg.patch_size, cfg.patch_size],
+            device,
+        );
+        let patch_bias = params::param(params::uniform(d, bound, rng), [d], device);
+        let blocks = (0..cfg.depth)
+            .map(|_| Block::init(cfg, rng, device))
+            .collect();
+        // The official learnable token is zero-initialised (it starts as the paper's zero content vector).
+        let ref_token = cfg
+            .learnable_ref_token
+            .then(|| params::param(vec![0.0; d], [1, 1, d], device));
+        Self {
+            cfg: cfg.clone(),
+            cls_token,
+            pos_embed,
+            patch_weight,
+            patch_bias,
+            blocks,
+            norm: LayerNorm::init(d, device),
+            ref_token,
+        }
+    }
+
+    /// `[N0, D]`: the learned patch positions (no CLS).
+    fn patch_pos(&self) -> Tensor<2> {
+        let [_, t0, d] = self.pos_embed.dims();
+        self.pos_embed
+            .clone()
+            .narrow(1, 1, t0 - 1)
+            .reshape([t0 - 1, d])
+    }
+
+    /// `[h*w, D]`: the patch positions for an `h x w` patch grid; bicubically resized when it differs from
+    /// the learned grid (DINO's `interpolate_pos_encoding`, +0.1 included, CLS position untouched).
+    fn patch_pos_for(&self, h: usize, w: usize) -> Tensor<2> {
+        let g = self.cfg.grid();
+        let pos = self.patch_pos();
+        if h == g && w == g {
+            return pos;
+        }
+        let m = bicubic::pos_resize_matrix(g, h, w);
+        let m = Tensor::<2>::from_data(TensorData::new(m, [h * w, g * g]), &pos.device());
+        m.matmul(pos)
+    }
+
+    /// Patch embedding plus positions: `[B, 3, H, W]` → `[B, 1+N, D]` (CLS first).
+    fn embed(&self, x: Tensor<4>) -> Tensor<3> {
+        let [b, _, hh, ww] = x.dims();
+        let p = self.cfg.patch_size;
+        let d = self.cfg.embed_dim;
+        let (h, w) = (hh / p, ww / p);
+        let opts = ConvOptions::new([p, p], [0, 0], [1, 1], 1);
+        let patches = conv2d(
+            x,
+            self.patch_weight.clone(),
+            Some(self.patch_bias.clone()),
+            opts,
+        ); // [B,D,h,w]
+        let patches = patches.reshape([b, d, h * w]).swap_dims(1, 2); // [B, N, D]
+        let patches = patches + self.patch_pos_for(h, w).unsqueeze::<3>(); // [B, N, D]
+        let cls_pos = self.pos_embed.clone().narrow(1, 0, 1); // [1,1,D]
+        let cls = (self.cls_token.clone() + cls_pos).expand([b, 1, d]); // [B,1,D]
+        Tensor::cat(vec![cls, patches], 1)
+    }
+
+    /// Reference-token inputs `[B, R, D]` from bicubic weights `[B*R, N0]` (see [`ref_weights`]).
+    fn ref_tokens(&self, weights: Tensor<2>, batch: usize) -> Tensor<3> {
+        let d = self.cfg.embed_dim;
+        let pos = if self.cfg.detach_pos_embed {
+            self.patch_pos().detach()
+        } else {
+            self.patch_pos()
+        };
+        let r = weights.dims()[0] / batch;
+        let tokens = weights.matmul(pos).reshape([batch, r, d]); // [B, R, D]
+        match &self.ref_token {
+            Some(content) => tokens + content.clone(),
+            None => tokens,
+        }
+    }
+
+    /// The training/inference forward. `refs`: bicubic weights `[B*R, N0]` of the reference points.
+    /// `drop`: per-block residual scales from [`drop_path_scales`].
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        refs: Option<Tensor<2>>,
+        drop: &[Option<Tensor<3>>],
+        want_attn: bool,
+    ) -> VitOutput {
+        if refs.is_some() && self.cfg.mask_mode != MaskMode::All2posPos2clsEye {
+            return self.forward_masked(x, refs, self.cfg.mask_mode, drop);
+        }
+        let b = x.dims()[0];
+        let heads = self.cfg.num_heads;
+        let mut h = self.embed(x); // [B, T, D]
+        let mut r = refs.map(|w| self.ref_tokens(w, b)); // [B, R, D]
+        let mut attn = None;
+        let last = self.blocks.len().saturating_sub(1);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (h2, r2, a) = block.forward(
+                h,
+                r,
+                heads,
+                drop.get(i).and_then(|d| d.as_ref()),
+                want_attn && i == last,
+            );
+            (h, r, attn) = (h2, r2, a);
+        }
+        let h = self.norm.forward(h);
+        let t = h.dims()[1];
+        VitOutput {
+            cls: h.clone().narrow(1, 0, 1).squeeze_dim(1),
+            patches: h.narrow(1, 1, t - 1),
+            refs: r.map(|r| self.norm.forward(r)),
+            attn,
+        }
+    }
+
+    /// The official formulation: tokens `[CLS, REF.., PATCH..]` and an additive mask in every block.
+    pub fn forward_masked(
+        &self,
+        x: Tensor<4>,
+        refs: Option<Tensor<2>>,
+        mode: MaskMode,
+        drop: &[Option<Tensor<3>>],
+    ) -> VitOutput {
+        let b = x.dims()[0];
+        let heads = self.cfg.num_heads;
+        let tokens = self.embed(x);
+        let t = tokens.dims()[1];
+        let r = refs.map(|w| self.ref_tokens(w, b));
+        let nr = r.as_ref().map_or(0, |r| r.dims()[1]);
+        let seq = match r {
+            Some(r) => Tensor::cat(
+                vec![
+                    tokens.clone().narrow(1, 0, 1),
+                    r,
+                    tokens.narrow(1, 1, t - 1),
+                ],
+                1,
+            ),
+            None => tokens,
+        }; // [B, 1+R+N, D]
+        let s = t + nr;
+        let bias = Tensor::<2>::from_data(
+            TensorData::new(mask_bias(mode, nr, t - 1), [s, s]),
+            &seq.device(),
+        )
+        .reshape([1, 1, s, s]);
+        let mut h = seq;
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = block.forward_masked(h, heads, &bias, drop.get(i).and_then(|d| d.as_ref()));
+        }
+        let h = self.norm.forward(h);
+        VitOutput {
+            cls: h.clone().narrow(1, 0, 1).squeeze_dim(1),
+            refs: (nr > 0).then(|| h.clone().narrow(1, 1, nr)),
+            patches: h.narrow(1, 1 + nr, t - 1),
+            attn: None,
+        }
+    }
+}
+
+impl Params for Vit {
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
+        f(
+            &format!("{prefix}cls_token"),
+            ParamMut::R3(&mut self.cls_token),
+        );
+        f(
+            &format!("{prefix}pos_embed"),
+            ParamMut::R3(&mut self.pos_embed),
+        );
+        f(
+            &format!("{prefix}patch_embed.proj.weight"),
+            ParamMut::R4(&mut self.patch_weight),
+        );
+        f(
+            &format!("{prefix}patch_embed.proj.bias"),
+            ParamMut::R1(&mut self.patch_bias),
+        );
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            block.visit(&format!("{prefix}blocks.{i}"), f);
+        }
+        self.norm.visit(&format!("{prefix}norm"), f);
+        if let Some(t) = &mut self.ref_token {
+            f(&format!("{prefix}ref_token"), ParamMut::R3(t));
+        }
+    }
+}
+
+/// The `[S, S]` additive mask (0 or -inf) of the official code for `R` reference and `N` patch tokens,
+/// token order `[CLS, REF.., PATCH..]`.
+pub fn mask_bias(mode: MaskMode, r: usize, n: usize) -> Vec<f32> {
+    let s = 1 + r + n;
+    let mut m = vec![0.0f32; s * s];
+    let is_ref = |j: usize| (1..1 + r).contains(&j);
+    for i in 0..s {
+        for j in 0..s {
+            let masked = match mode {
+                MaskMode::None => false,
+                MaskMode::All2pos => is_ref(j),
+                MaskMode::All2posPos2cls | MaskMode::All2posPos2clsEye => {
+                    is_ref(j) || (is_ref(i) && j == 0)
+                }
+                MaskMode::AllQuery => is_ref(j) || j == 0,
+            };
+            let diagonal_reset =
+                matches!(mode, MaskMode::All2posPos2clsEye | MaskMode::AllQuery) && i == j;
+            if masked && !diagonal_reset {
+                m[i * s + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    m
+}
+
+/// `[P, N0]` bicubic weights for points `(x, y)` interleaved (`P = points.len() / 2`) over the learned grid.
+pub fn ref_weights(points: &[f32], grid: usize, device: &Device) -> Tensor<2> {
+    let w = bicubic::grid_sample_matrix(points, grid, grid);
+    Tensor::<2>::from_data(TensorData::new(w, [points.len() / 2, grid * grid]), device)
+}
+
+/// Per-block residual scales `[B, 1, 1]` for stochastic depth: block i drops a whole sample with
+/// probability `linspace(0, rate, depth)[i]`, kept samples are scaled by `1/keep`. None where nothing can
+/// drop (rate 0, block 0). Drawn on the host from the run's seeded RNG, so every backend sees the same.
+pub fn drop_path_scales(
+    cfg: &VitConfig,
+    batch: usize,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Vec<Option<Tensor<3>>> {
+    (0..cfg.depth)
+        .map(|i| {
+            let rate = if cfg.depth > 1 {
+                cfg.drop_path_rate * i as f64 / (cfg.depth - 1) as f64
+            } else {
+                0.0
+            };
+            (rate > 0.0).then(|| {
+                let keep = 1.0 - rate;
+                let s: Vec<f32> = (0..batch)
+                    .map(|_| {
+                        if rng.random::<f64>() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Tensor::<3>::from_data(TensorData::new(s, [batch, 1, 1]), device)
+            })
+        })
+        .collect()
+}
+
+/// `u8` planar pixels `[B, 3, S, S]` → normalised f32 on the device (the loader hands over bytes: a quarter
+/// of the bandwidth of f32).
+pub fn normalize_pixels(data: &[u8], batch: usize, size: usize, device: &Device) -> Tensor<4> {
+    let x = Tensor::<4, Int>::from_data(
+        TensorData::new(data.to_vec(), [batch, 3, size, size]),
+        device,
+    )
+    .float();
+    let mean = Tensor::<4>::from_data(
+        TensorData::new(
+            MEAN.iter().map(|m| m * 255.0).collect::<Vec<_>>(),
+            [1, 3, 1, 1],
+        ),
+        device,
+    );
+    let inv_std = Tensor::<4>::from_data(
+        TensorData::new(
+            STD.iter().map(|s| 1.0 / (s * 255.0)).collect::<Vec<_>>(),
+            [1, 3, 1, 1],
+        ),
+        device,
+    );
+    (x - mean) * inv_std
+}
