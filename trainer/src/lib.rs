@@ -9,11 +9,15 @@
 //! run's seed on the host, so every backend starts from the same numbers.
 
 pub mod bicubic;
+pub mod checkpoint;
+pub mod config;
 pub mod head;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod run;
 pub mod schedule;
 pub mod step;
 pub mod vit;

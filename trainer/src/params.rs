@@ -177,6 +177,17 @@ pub fn load_official(
     get: Lookup<'_>,
     device: &Device,
 ) -> Result<(), String> {
+    load(model, prefix, get, device, true)
+}
+
+/// Sets every parameter from tensors in our own layout (`official: false`, checkpoints) or PyTorch's.
+pub fn load(
+    model: &mut dyn Params,
+    prefix: &str,
+    get: Lookup<'_>,
+    device: &Device,
+    official: bool,
+) -> Result<(), String> {
     let mut errors = Vec::new();
     model.visit("", &mut |name, mut p| {
         let key = format!("{prefix}{name}");
@@ -185,7 +196,8 @@ pub fn load_official(
             errors.push(format!("{key}: missing"));
             return;
         };
-        let want: Vec<usize> = if dims.len() == 2 {
+        let transposed = official && dims.len() == 2;
+        let want: Vec<usize> = if transposed {
             vec![dims[1], dims[0]]
         } else {
             dims.clone()
@@ -194,7 +206,7 @@ pub fn load_official(
             errors.push(format!("{key}: shape {shape:?}, expected {want:?}"));
             return;
         }
-        let values = if dims.len() == 2 {
+        let values = if transposed {
             transpose(&values, want[0], want[1])
         } else {
             values

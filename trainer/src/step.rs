@@ -178,7 +178,9 @@ impl Trainer {
     /// was updated then (the official code exits at that point).
     pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, StepMetrics> {
         let it = self.it;
-        let epoch = it / self.schedules.iters_per_epoch.max(1);
+        // The data's epoch, as the official loop variable (an epoch may run short of iters_per_epoch when
+        // bad images were skipped; the schedules stay indexed by the global iteration).
+        let epoch = batch.epoch as usize;
         let (b, v, m) = (batch.batch_size, batch.num_views(), batch.num_points);
         let lr = self.schedules.lr.at(it);
         let wd = self.schedules.wd.at(it);

@@ -1,0 +1,286 @@
+//! Checkpoints: one safetensors file per save holding the student, the teacher, AdamW's moments, both
+//! centers, and (as string metadata) the step, the loader cursor, the per-tensor AdamW step counts and the
+//! resolved config. That is the whole state: every random draw derives from (seed, step), so no RNG state
+//! needs saving.
+//!
+//! Crash safety: a checkpoint is written to `*.partial`, flushed to disk, then renamed; a reader never
+//! sees a half-written file under the final name, and `latest` skips anything that does not parse. The
+//! last `keep` checkpoints stay.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use common::Cursor;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::config::TrainConfig;
+use crate::optim::AdamState;
+use crate::params::{self, host};
+use crate::step::Trainer;
+
+const FORMAT: &str = "densedino-checkpoint/1";
+
+/// What a checkpoint knows besides the tensors.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    /// Steps done (the next global iteration).
+    pub it: usize,
+    /// Where the loader resumes.
+    pub cursor: Cursor,
+    pub config: TrainConfig,
+}
+
+pub fn file_name(it: usize) -> String {
+    format!("ckpt-{it:08}.safetensors")
+}
+
+/// Writes the trainer's state after `it` steps into `dir`, atomically, and prunes to the last `keep`.
+/// `crash_half_way` is a test hook: stop after half the bytes, as a crash or a full disk would.
+pub fn save(
+    dir: &Path,
+    trainer: &mut Trainer,
+    meta: &Meta,
+    keep: usize,
+    crash_half_way: bool,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (prefix, model) in [
+        ("student.", &mut trainer.student),
+        ("teacher.", &mut trainer.teacher),
+    ] {
+        tensors.extend(
+            params::to_host(model)
+                .into_iter()
+                .map(|(n, d, v)| (format!("{prefix}{n}"), d, v)),
+        );
+    }
+    let mut steps = BTreeMap::new();
+    for (name, st) in &trainer.optim.state {
+        let n = st.m.dims()[0];
+        tensors.push((format!("optim.m.{name}"), vec![n], host(st.m.clone())));
+        tensors.push((format!("optim.v.{name}"), vec![n], host(st.v.clone())));
+        steps.insert(name.clone(), st.step);
+    }
+    let (c, rc) = trainer.loss.centers_to_host();
+    tensors.push(("loss.center".into(), vec![1, c.len()], c));
+    tensors.push(("loss.ref_center".into(), vec![1, rc.len()], rc));
+
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, dims, _), b)| {
+            Ok((name.clone(), TensorView::new(Dtype::F32, dims.clone(), b)?))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let info = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("it".to_string(), meta.it.to_string()),
+        ("cursor".to_string(), serde_json::to_string(&meta.cursor)?),
+        ("optim_steps".to_string(), serde_json::to_string(&steps)?),
+        ("config".to_string(), meta.config.to_toml()),
+    ]);
+    let data = safetensors::serialize(views, Some(info))?;
+
+    let path = dir.join(file_name(meta.it));
+    let partial = path.with_extension("safetensors.partial");
+    let mut f = std::fs::File::create(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    if crash_half_way {
+        f.write_all(&data[..data.len() / 2])?;
+        bail!(
+            "injected failure: stopped half way through writing {}",
+            partial.display()
+        );
+    }
+    f.write_all(&data)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&partial, &path)
+        .with_context(|| format!("renaming {} into place", partial.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all(); // the rename itself durable where the platform allows
+    }
+    for old in list(dir).into_iter().rev().skip(keep.max(1)) {
+        let _ = std::fs::remove_file(old.1);
+    }
+    Ok(path)
+}
+
+/// Complete checkpoints in `dir`, oldest first, by step.
+pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let it = name
+                .strip_prefix("ckpt-")?
+                .strip_suffix(".safetensors")?
+                .parse()
+                .ok()?;
+            Some((it, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The newest checkpoint that loads, from a run folder, its `checkpoints/` folder, or a file.
+pub fn latest(path: &Path) -> Result<(PathBuf, Vec<u8>)> {
+    if path.is_file() {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{}: not a checkpoint: {e}", path.display()))?;
+        return Ok((path.to_path_buf(), bytes));
+    }
+    let dir = if path.join("checkpoints").is_dir() {
+        path.join("checkpoints")
+    } else {
+        path.to_path_buf()
+    };
+    for (_, p) in list(&dir).into_iter().rev() {
+        match std::fs::read(&p) {
+            Ok(bytes) if SafeTensors::deserialize(&bytes).is_ok() => return Ok((p, bytes)),
+            _ => eprintln!(
+                "warning: {}: unreadable checkpoint, trying an older one",
+                p.display()
+            ),
+        }
+    }
+    bail!("{}: no checkpoint found", dir.display())
+}
+
+/// Reads the metadata of checkpoint bytes.
+pub fn meta(bytes: &[u8]) -> Result<Meta> {
+    let (_, header) = SafeTensors::read_metadata(bytes)?;
+    let info = header
+        .metadata()
+        .clone()
+        .ok_or_else(|| anyhow!("checkpoint has no metadata"))?;
+    let get = |k: &str| {
+        info.get(k)
+            .cloned()
+            .ok_or_else(|| anyhow!("checkpoint metadata lacks {k}"))
+    };
+    if get("format")? != FORMAT {
+        bail!(
+            "unknown checkpoint format {:?} (expected {FORMAT})",
+            get("format")?
+        );
+    }
+    Ok(Meta {
+        it: get("it")?.parse()?,
+        cursor: serde_json::from_str(&get("cursor")?)?,
+        config: TrainConfig::from_resolved(&get("config")?)?,
+    })
+}
+
+/// All tensors of checkpoint bytes by name: (shape, values).
+pub fn tensors(bytes: &[u8]) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let st = SafeTensors::deserialize(bytes)?;
+    let mut map = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            bail!("{name}: dtype {:?}, expected F32", view.dtype());
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        map.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(map)
+}
+
+/// Restores a trainer built from the checkpoint's own config.
+pub fn restore(trainer: &mut Trainer, bytes: &[u8]) -> Result<Meta> {
+    let meta = meta(bytes)?;
+    let map = tensors(bytes)?;
+    let get = |name: &str| map.get(name).cloned();
+    let device = trainer.device.clone();
+    params::load(
+        &mut trainer.student,
+        "student.",
+        &get,
+        &device.clone().autodiff(),
+        false,
+    )
+    .map_err(|e| anyhow!(e))?;
+    params::load(&mut trainer.teacher, "teacher.", &get, &device, false).map_err(|e| anyhow!(e))?;
+    let (_, header) = SafeTensors::read_metadata(bytes)?;
+    let steps: BTreeMap<String, u64> = serde_json::from_str(
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("optim_steps"))
+            .map_or("{}", |s| s.as_str()),
+    )?;
+    trainer.optim.state.clear();
+    let vec1 = |name: &str| -> Result<Tensor<1>> {
+        let (_, v) = map
+            .get(name)
+            .ok_or_else(|| anyhow!("checkpoint lacks {name}"))?;
+        Ok(Tensor::from_data(
+            TensorData::new(v.clone(), [v.len()]),
+            &device,
+        ))
+    };
+    for (name, step) in steps {
+        let st = AdamState {
+            m: vec1(&format!("optim.m.{name}"))?,
+            v: vec1(&format!("optim.v.{name}"))?,
+            step,
+        };
+        trainer.optim.state.insert(name, st);
+    }
+    let center = map
+        .get("loss.center")
+        .ok_or_else(|| anyhow!("checkpoint lacks loss.center"))?
+        .1
+        .clone();
+    let ref_center = map
+        .get("loss.ref_center")
+        .ok_or_else(|| anyhow!("checkpoint lacks loss.ref_center"))?
+        .1
+        .clone();
+    trainer.loss.set_centers(center, ref_center, &device);
+    trainer.it = meta.it;
+    Ok(meta)
+}
+
+/// The device named by a config or the command line.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" | "flex" => Ok(Device::flex()),
+        #[cfg(feature = "tch")]
+        "tch-cpu" => Ok(Device::libtorch()),
+        #[cfg(feature = "tch")]
+        cuda if cuda.starts_with("cuda") => {
+            let index = cuda
+                .strip_prefix("cuda")
+                .unwrap_or("")
+                .trim_start_matches(':');
+            let index: usize = if index.is_empty() {
+                0
+            } else {
+                index.parse().map_err(|_| anyhow!("bad device {cuda:?}"))?
+            };
+            Ok(Device::libtorch_cuda(index))
+        }
+        other => bail!(
+            "device {other:?} is not available in this build: `cpu` always; `tch-cpu` and `cuda:N` need the `tch` feature \
+             (cargo build --release -p trainer --features tch, see README)"
+        ),
+    }
+}

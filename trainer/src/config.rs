@@ -1,0 +1,315 @@
+//! The one configuration object of a run, read from TOML with presets and `--set key=value` overrides.
+//!
+//! Resolution order: built-in defaults, then the file, then each `--set` in order. Two keys pick presets
+//! that the rest of their table refines: `views.preset` (`paper-main`, `readme-ablation`, `dino`) and
+//! `model.arch` (`vit_tiny`, `vit_small`, `vit_base`). Every struct rejects unknown keys, so a typo is an
+//! error naming it rather than a silently ignored setting. The fully resolved config is written next to
+//! the run and into every checkpoint, so a resume never depends on the file it started from.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use common::config::ViewsConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::head::HeadConfig;
+use crate::loss::LossConfig;
+use crate::step::OptimConfig;
+use crate::vit::VitConfig;
+
+/// The embedded default: the CPU demo (`cargo run --release -p trainer` with no arguments).
+pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The run's folder is `out_dir/name`.
+    pub name: String,
+    pub out_dir: PathBuf,
+    /// One seed for everything: data order and views, initialisation, stochastic depth.
+    pub seed: u64,
+    pub epochs: usize,
+    /// Images per step (single process: the total batch of the lr scaling rule).
+    pub batch_size: usize,
+    /// Stop after this many steps (0: run all epochs); the schedules still span `epochs`.
+    pub max_steps: usize,
+    /// `cpu` (burn's flex backend), `tch-cpu`, or `cuda:N` (LibTorch; the `tch` feature).
+    pub device: String,
+    /// Checkpoint every N steps (0: only at epoch ends), keeping the last `keep_checkpoints`.
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    /// The stats line every N steps.
+    pub log_every: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A shard directory (or its index.json) made by `shard`. Empty: a synthetic set at `synth_dir`, made
+    /// on first use with the `shard synth` generator.
+    pub shards: String,
+    pub synth_dir: PathBuf,
+    pub synth_count: usize,
+    pub synth_size: u32,
+    /// Decode workers (0: the available cores).
+    pub workers: usize,
+    /// Batches the loader may hold ready (the bounded channel).
+    pub capacity: usize,
+    /// Samples in the seeded shuffle buffer.
+    pub shuffle_buffer: usize,
+    /// Shards read interleaved.
+    pub interleave: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub views: ViewsConfig,
+    pub model: VitConfig,
+    pub head: HeadConfig,
+    pub loss: LossConfig,
+    pub optim: OptimConfig,
+}
+
+impl TrainConfig {
+    /// Loads `path` (or the embedded default) and applies `--set` overrides.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+                p.display().to_string(),
+            ),
+            None => (
+                DEFAULT_TOML.to_string(),
+                "the embedded default config".to_string(),
+            ),
+        };
+        let user: toml::Table =
+            toml::from_str(&text).with_context(|| format!("parsing {origin}"))?;
+        Self::resolve(user, sets).with_context(|| format!("in {origin}"))
+    }
+
+    /// Parses a fully resolved config (as stored in a checkpoint); no presets, no defaults.
+    pub fn from_resolved(text: &str) -> Result<Self> {
+        let cfg: Self = toml::from_str(text).context("parsing a resolved config")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// A stored config with `--set run.KEY=VALUE` overrides (a resumed run may run longer, checkpoint
+    /// differently or move to another device; anything else would change the run it continues).
+    pub fn with_run_overrides(&self, sets: &[String]) -> Result<Self> {
+        if let Some(bad) = sets.iter().find(|s| !s.trim_start().starts_with("run.")) {
+            bail!(
+                "--set {bad}: only run.* settings may change on resume (the rest is the stored run's)"
+            );
+        }
+        let table = toml::Table::try_from(self)?;
+        let mut over = toml::Table::new();
+        apply_sets(&mut over, sets)?;
+        let mut merged = table;
+        merge(&mut merged, over);
+        let cfg: Self = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config serialises")
+    }
+
+    fn resolve(mut user: toml::Table, sets: &[String]) -> Result<Self> {
+        apply_sets(&mut user, sets)?;
+        let mut base = toml::Table::try_from(Self::default_values())?;
+        // Presets replace their whole table before the user's keys refine it.
+        if let Some(views) = user.get_mut("views").and_then(|v| v.as_table_mut())
+            && let Some(preset) = views.remove("preset")
+        {
+            let name = preset
+                .as_str()
+                .ok_or_else(|| anyhow!("views.preset must be a string"))?;
+            let preset = ViewsConfig::preset(name).map_err(|e| anyhow!("views.preset: {e}"))?;
+            base.insert("views".into(), toml::Value::try_from(preset)?);
+        }
+        if let Some(model) = user.get_mut("model").and_then(|v| v.as_table_mut())
+            && let Some(arch) = model.remove("arch")
+        {
+            let name = arch
+                .as_str()
+                .ok_or_else(|| anyhow!("model.arch must be a string"))?;
+            let vit = VitConfig::arch(name).ok_or_else(|| {
+                anyhow!("model.arch: unknown {name:?} (vit_tiny, vit_small, vit_base)")
+            })?;
+            base.insert("model".into(), toml::Value::try_from(vit)?);
+        }
+        merge(&mut base, user);
+        let cfg: Self = toml::Value::Table(base)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn default_values() -> Self {
+        Self {
+            run: RunConfig {
+                name: "default".into(),
+                out_dir: "runs".into(),
+                seed: 0,
+                epochs: 100,
+                batch_size: 64,
+                max_steps: 0,
+                device: "cpu".into(),
+                checkpoint_every: 0,
+                keep_checkpoints: 3,
+                log_every: 10,
+            },
+            data: DataConfig {
+                shards: String::new(),
+                synth_dir: "data/synth".into(),
+                synth_count: 512,
+                synth_size: 128,
+                workers: 0,
+                capacity: 4,
+                shuffle_buffer: 1024,
+                interleave: 4,
+            },
+            views: ViewsConfig::paper_main(),
+            model: VitConfig::vit_small(),
+            head: HeadConfig::default(),
+            loss: LossConfig::default(),
+            optim: OptimConfig::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.views.validate().map_err(|e| anyhow!("views: {e}"))?;
+        self.model.validate().map_err(|e| anyhow!("model: {e}"))?;
+        if self.run.batch_size == 0 || self.run.epochs == 0 {
+            bail!("run: batch_size and epochs must be at least 1");
+        }
+        if self.views.num_global != 2 {
+            bail!(
+                "views.num_global must be 2: the teacher and the loss are defined for two global views"
+            );
+        }
+        if self.views.global_size % self.model.patch_size != 0
+            || self.views.local_size % self.model.patch_size != 0
+        {
+            bail!(
+                "views: sizes {} and {} must be multiples of model.patch_size {}",
+                self.views.global_size,
+                self.views.local_size,
+                self.model.patch_size
+            );
+        }
+        if self.views.global_size != self.model.img_size {
+            bail!(
+                "views.global_size {} must equal model.img_size {}: the teacher sees global views on the learned positional grid",
+                self.views.global_size,
+                self.model.img_size
+            );
+        }
+        if !self.loss.use_global_loss && !self.loss.use_ref_loss {
+            bail!("loss: enable use_global_loss, use_ref_loss or both");
+        }
+        if !(0.0..=1.0).contains(&self.loss.alpha) {
+            bail!("loss.alpha {} is outside [0, 1]", self.loss.alpha);
+        }
+        if self.head.nlayers == 0 || self.head.out_dim == 0 {
+            bail!("head: nlayers and out_dim must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The run's folder.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.out_dir.join(&self.run.name)
+    }
+}
+
+/// Applies `key.path=value` settings (values parsed as TOML, else taken as a string) to a table.
+fn apply_sets(user: &mut toml::Table, sets: &[String]) -> Result<()> {
+    for set in sets {
+        let (key, value) = set
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--set {set}: expected key=value"))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .map(|mut t| t.remove("v").expect("just parsed"))
+            .unwrap_or_else(|_| toml::Value::String(value.to_string()));
+        let mut table = &mut *user;
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            table = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| anyhow!("--set {key}: {part} is not a table"))?;
+        }
+        table.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    Ok(())
+}
+
+/// Recursively lays `over` onto `base`: tables merge, anything else replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_overrides_and_unknown_keys() {
+        let cfg = TrainConfig::load(None, &[]).expect("the embedded default resolves");
+        assert_eq!(cfg.run.name, "default");
+        let user: toml::Table = toml::from_str(
+            "[model]\narch = \"vit_base\"\n[views]\npreset = \"dino\"\nnum_points = 3",
+        )
+        .unwrap();
+        let cfg = TrainConfig::resolve(user, &[]).unwrap();
+        assert_eq!(
+            (
+                cfg.views.num_local,
+                cfg.views.local_size,
+                cfg.views.num_points
+            ),
+            (8, 96, 3)
+        );
+        let user: toml::Table = toml::from_str("[views]\nglobal_size = 96").unwrap();
+        let err =
+            TrainConfig::resolve(user, &[]).expect_err("global views must match the learned grid");
+        assert!(format!("{err:#}").contains("img_size"), "{err:#}");
+        let user: toml::Table =
+            toml::from_str("[model]\narch = \"vit_base\"\n[views]\npreset = \"readme-ablation\"")
+                .unwrap();
+        let cfg =
+            TrainConfig::resolve(user, &["run.seed=7".into(), "loss.alpha=0.25".into()]).unwrap();
+        assert_eq!(
+            (
+                cfg.model.embed_dim,
+                cfg.views.num_local,
+                cfg.run.seed,
+                cfg.loss.alpha
+            ),
+            (768, 4, 7, 0.25)
+        );
+        let bad: toml::Table = toml::from_str("[loss]\nalpah = 0.3").unwrap();
+        let err = TrainConfig::resolve(bad, &[]).expect_err("a typo is an error");
+        assert!(format!("{err:#}").contains("alpah"), "{err:#}");
+        let round = TrainConfig::from_resolved(&cfg.to_toml()).unwrap();
+        assert_eq!(round, cfg);
+    }
+}
