@@ -186,9 +186,9 @@ pub fn meta(bytes: &[u8]) -> Result<Meta> {
 }
 
 /// All tensors of checkpoint bytes by name: (shape, values).
-pub fn tensors(bytes: &[u8]) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn tensors(bytes: &[u8]) -> Result<params::Named> {
     let st = SafeTensors::deserialize(bytes)?;
-    let mut map = HashMap::new();
+    let mut map = params::Named::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
             bail!("{name}: dtype {:?}, expected F32", view.dtype());

@@ -197,8 +197,8 @@ impl TrainConfig {
                 "views.num_global must be 2: the teacher and the loss are defined for two global views"
             );
         }
-        if self.views.global_size % self.model.patch_size != 0
-            || self.views.local_size % self.model.patch_size != 0
+        if !self.views.global_size.is_multiple_of(self.model.patch_size)
+            || !self.views.local_size.is_multiple_of(self.model.patch_size)
         {
             bail!(
                 "views: sizes {} and {} must be multiples of model.patch_size {}",

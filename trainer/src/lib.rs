@@ -8,9 +8,12 @@
 //! the optimiser state on the plain one. Every random draw (initialisation, stochastic depth) comes from the
 //! run's seed on the host, so every backend starts from the same numbers.
 
+pub mod attention;
 pub mod bicubic;
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
+pub mod export;
 pub mod head;
 pub mod loss;
 pub mod metrics;
@@ -19,5 +22,6 @@ pub mod optim;
 pub mod params;
 pub mod run;
 pub mod schedule;
+pub mod seg;
 pub mod step;
 pub mod vit;

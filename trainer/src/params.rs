@@ -164,8 +164,12 @@ pub fn uniform(n: usize, bound: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
         .collect()
 }
 
-/// Finds a tensor by name: its shape and f32 values.
-pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>;
+/// A tensor on the host: its shape and f32 values.
+pub type HostTensor = (Vec<usize>, Vec<f32>);
+/// Host tensors by name.
+pub type Named = std::collections::HashMap<String, HostTensor>;
+/// Finds a tensor by name.
+pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<HostTensor>;
 
 /// Sets every parameter of `model` from tensors in the official PyTorch layout, found by `get(prefix +
 /// name)`: rank-2 tensors (Linear weights, `weight_v`, `weight_g`) arrive `[out, in]` and are transposed

@@ -316,7 +316,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                 (epoch_wait, epoch_start) = (Duration::ZERO, Instant::now());
             }
             let periodic =
-                cfg.run.checkpoint_every > 0 && trainer.it % cfg.run.checkpoint_every == 0;
+                cfg.run.checkpoint_every > 0 && trainer.it.is_multiple_of(cfg.run.checkpoint_every);
             if epoch_end || periodic || trainer.it == total_steps {
                 let meta = Meta {
                     it: trainer.it,
@@ -358,6 +358,99 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         images_per_s: images_total as f64 / elapsed,
         data_wait_fraction: wait_total.as_secs_f64() / elapsed,
     })
+}
+
+/// The demo's evaluation: weighted k-NN (k = 20) of the trained teacher and of a randomly initialised
+/// backbone on a held-out synthetic set (made on first use with another seed). Returns (trained, random).
+pub fn synthetic_knn(
+    cfg: &TrainConfig,
+    checkpoint: &Path,
+) -> Result<(crate::eval::KnnResult, crate::eval::KnnResult)> {
+    let train = data_dir(cfg, true)?;
+    let val = PathBuf::from(format!("{}-val", cfg.data.synth_dir.display()));
+    if !val.join("index.json").exists() {
+        let opts = shard::synth::SynthOptions {
+            count: (cfg.data.synth_count / 2).max(64),
+            size: cfg.data.synth_size,
+            seed: cfg.run.seed.wrapping_add(1_000_003),
+            prefix: "val".into(),
+            per_shard: 128,
+            zstd_level: None,
+            quality: 90,
+            force: true,
+            quiet: true,
+        };
+        shard::synth::synth(&val, &opts).with_context(|| format!("making {}", val.display()))?;
+    }
+    let device = checkpoint::device("cpu")?;
+    let pre = crate::eval::Preprocess::for_crop(cfg.model.img_size);
+    let mut out = Vec::new();
+    for ckpt in [Some(checkpoint), None] {
+        let (vit, _) = crate::eval::backbone(ckpt, Some(cfg), &device)?;
+        let tr = crate::eval::extract_cls(&vit, &train, pre, 64, &device)?;
+        let va = crate::eval::extract_cls(&vit, &val, pre, 64, &device)?;
+        out.push(crate::eval::knn((&tr.0, &tr.1), (&va.0, &va.1), &[20], 0.07, &device).remove(0));
+    }
+    let random = out.pop().expect("two results");
+    Ok((out.pop().expect("two results"), random))
+}
+
+/// A step-0 run folder from official-layout weights: backbone into student and teacher; heads from the
+/// file when present, else freshly initialised; a missing `ref_head` starts as a copy of `head` (the
+/// official code's fine-tuning mode).
+pub fn import_checkpoint(cfg: &TrainConfig, weights: &Path, out: &Path) -> Result<PathBuf> {
+    let mut named = crate::export::import(weights)?;
+    if !named.keys().any(|k| k.starts_with("ref_head.")) {
+        let copies: Vec<(String, crate::params::HostTensor)> = named
+            .iter()
+            .filter(|(k, _)| k.starts_with("head."))
+            .map(|(k, v)| (format!("ref_{k}"), v.clone()))
+            .collect();
+        named.extend(copies);
+    }
+    let device = crate::checkpoint::device("cpu")?;
+    let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1, cfg.run.batch_size);
+    let mut trainer = Trainer::new(
+        &cfg.model,
+        &cfg.head,
+        &cfg.loss,
+        &cfg.optim,
+        schedules,
+        cfg.run.seed,
+        &device,
+    );
+    let backbone_only = |model: &mut crate::model::DenseDino,
+                         dev: &burn::tensor::Device|
+     -> Result<()> {
+        let get = |n: &str| named.get(n.strip_prefix("backbone.").unwrap_or(n)).cloned();
+        crate::params::load_official(&mut model.backbone, "", &|n| get(n), dev)
+            .map_err(|e| anyhow!("{}: {e}", weights.display()))?;
+        if named.contains_key("head.last_layer.weight_v") {
+            crate::params::load_official(&mut model.head, "head.", &|n| named.get(n).cloned(), dev)
+                .map_err(|e| anyhow!("{}: {e}", weights.display()))?;
+            if let Some(r) = &mut model.ref_head {
+                crate::params::load_official(r, "ref_head.", &|n| named.get(n).cloned(), dev)
+                    .map_err(|e| anyhow!("{}: {e}", weights.display()))?;
+            }
+        }
+        Ok(())
+    };
+    backbone_only(&mut trainer.student, &device.clone().autodiff())?;
+    backbone_only(&mut trainer.teacher, &device)?;
+    let meta = Meta {
+        it: 0,
+        cursor: Cursor::default(),
+        config: cfg.clone(),
+    };
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+    checkpoint::save(
+        &out.join("checkpoints"),
+        &mut trainer,
+        &meta,
+        cfg.run.keep_checkpoints,
+        false,
+    )
 }
 
 /// Times `steps` training steps (after `warmup` untimed ones) with the real loader or with generated

@@ -104,8 +104,18 @@ fn side(fx: &Fixture, prefix: &str, device: &Device) -> DenseDino {
 
 #[test]
 fn forward_loss_centers_and_gradients_match_pytorch() {
+    check(Device::flex());
+}
+
+/// The same on LibTorch (CPU), when built with `--features tch`: the backend the GPU path uses.
+#[cfg(feature = "tch")]
+#[test]
+fn forward_loss_centers_and_gradients_match_pytorch_on_libtorch() {
+    check(Device::libtorch());
+}
+
+fn check(plain: Device) {
     let fx = Fixture::load();
-    let plain = Device::flex();
     let auto = plain.clone().autodiff();
     let teacher = side(&fx, "teacher.", &plain);
     let mut student = side(&fx, "student.", &auto);

@@ -1,0 +1,404 @@
+//! Evaluation of a pretrained backbone (method-spec §2.7, §3.8): features of shard images through the
+//! teacher, and DINO's weighted k-NN classifier on them.
+//!
+//! Preprocessing is DINO's eval transform: resize the shorter side to `resize` (bicubic), centre crop
+//! `crop`, normalise. Both steps are one crop box on the original image resized once (the same pixels up to
+//! the antialias filter's support), so each image is resized exactly once.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::{Device, Tensor, TensorData};
+use fast_image_resize as fr;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::params::{self, host};
+use crate::vit::{self, Vit};
+
+/// DINO's eval transform sizes (224 after 256); smaller models scale both.
+#[derive(Clone, Copy, Debug)]
+pub struct Preprocess {
+    pub resize: usize,
+    pub crop: usize,
+    /// Resize the whole image to `crop`² ignoring its aspect (the segmentation protocol) instead.
+    pub squash: bool,
+}
+
+impl Preprocess {
+    /// `crop` with DINO's 256/224 resize ratio.
+    pub fn for_crop(crop: usize) -> Self {
+        Self {
+            resize: (crop * 256).div_ceil(224),
+            crop,
+            squash: false,
+        }
+    }
+}
+
+/// The teacher backbone of a checkpoint (or, with `None`, a randomly initialised one from `cfg`: the floor).
+pub fn backbone(
+    checkpoint: Option<&Path>,
+    cfg: Option<&TrainConfig>,
+    device: &Device,
+) -> Result<(Vit, TrainConfig)> {
+    match checkpoint {
+        Some(path) => {
+            let (file, bytes) = checkpoint::latest(path)?;
+            let meta = checkpoint::meta(&bytes)?;
+            let mut model_cfg = meta.config.model.clone();
+            model_cfg.drop_path_rate = 0.0;
+            let mut rng = common::seed::rng(0, common::seed::Purpose::Model, &[0]);
+            let mut vit = Vit::new(&model_cfg, &mut rng, device);
+            let map = checkpoint::tensors(&bytes)?;
+            let get = |name: &str| map.get(name).cloned();
+            params::load(&mut vit, "teacher.backbone.", &get, device, false)
+                .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            Ok((vit, meta.config))
+        }
+        None => {
+            let cfg = cfg
+                .ok_or_else(|| anyhow!("a random backbone needs a config"))?
+                .clone();
+            let mut model_cfg = cfg.model.clone();
+            model_cfg.drop_path_rate = 0.0;
+            let mut rng = common::seed::rng(cfg.run.seed, common::seed::Purpose::Model, &[0]);
+            Ok((Vit::new(&model_cfg, &mut rng, device), cfg))
+        }
+    }
+}
+
+/// One decoded, preprocessed image: planar `[3, crop, crop]` u8, its label and key.
+pub struct Item {
+    pub pixels: Vec<u8>,
+    pub label: i64,
+    pub key: String,
+    /// The `{key}.seg.png` mask, when the shard has one (decoded, full resolution).
+    pub mask: Option<image::GrayImage>,
+}
+
+/// Decodes and preprocesses every sample of a shard set, calling `f` with batches of up to `batch` items.
+/// Unreadable images are skipped with a warning naming shard set and key. Returns (used, skipped).
+pub fn for_each_batch(
+    shards: &Path,
+    pre: Preprocess,
+    batch: usize,
+    want_masks: bool,
+    mut f: impl FnMut(&[Item]) -> Result<()>,
+) -> Result<(usize, usize)> {
+    let (dir, index) = loader::pipeline::open_index(shards)?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = ProgressBar::new(index.total_samples);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} images {elapsed_precise} (eta {eta})",
+            )
+            .expect("template"),
+        );
+        b
+    });
+    let mut resizer = fr::Resizer::new();
+    let (mut rgb, mut out, mut items) = (Vec::new(), Vec::new(), Vec::<Item>::new());
+    let (mut used, mut skipped) = (0usize, 0usize);
+    let mut failure: Option<anyhow::Error> = None;
+    loader::pipeline::for_each_sample(&dir, &index, |s| {
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+        let Some(jpeg) = s.get("jpg") else {
+            eprintln!(
+                "warning: {}: {}: no image, skipped",
+                shards.display(),
+                s.key
+            );
+            skipped += 1;
+            return true;
+        };
+        let (w, h) = match loader::decode::decode_rgb(jpeg, &mut rgb) {
+            Ok(wh) => wh,
+            Err(e) => {
+                eprintln!("warning: {}: {}: {e}, skipped", shards.display(), s.key);
+                skipped += 1;
+                return true;
+            }
+        };
+        let label = s
+            .get("cls")
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or(-1);
+        let mask = if want_masks {
+            match s.get("seg.png").map(decode_mask) {
+                Some(Ok(m)) => Some(m),
+                _ => {
+                    eprintln!(
+                        "warning: {}: {}: no readable mask, skipped",
+                        shards.display(),
+                        s.key
+                    );
+                    skipped += 1;
+                    return true;
+                }
+            }
+        } else {
+            None
+        };
+        let b = centre_box(w, h, pre);
+        let src = match fr::images::ImageRef::new(w, h, &rgb, fr::PixelType::U8x3) {
+            Ok(src) => src,
+            Err(e) => {
+                eprintln!("warning: {}: {}: {e}, skipped", shards.display(), s.key);
+                skipped += 1;
+                return true;
+            }
+        };
+        if let Err(e) = loader::augment::crop_resize(&mut resizer, &src, &b, pre.crop, &mut out) {
+            eprintln!("warning: {}: {}: {e}, skipped", shards.display(), s.key);
+            skipped += 1;
+            return true;
+        }
+        let mut planar = Vec::new();
+        loader::augment::to_planar(&out, &mut planar);
+        items.push(Item {
+            pixels: planar,
+            label,
+            key: s.key.clone(),
+            mask,
+        });
+        used += 1;
+        if items.len() == batch {
+            if let Err(e) = f(&items) {
+                failure = Some(e);
+                return false;
+            }
+            items.clear();
+        }
+        true
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if !items.is_empty() {
+        f(&items)?;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok((used, skipped))
+}
+
+/// A label mask: 8-bit grayscale values or, for palette PNGs (Pascal VOC), the palette indices themselves
+/// (a generic decoder would expand them to colours).
+pub fn decode_mask(bytes: &[u8]) -> Result<image::GrayImage> {
+    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    dec.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = dec.read_info()?;
+    let mut buf = vec![
+        0;
+        reader
+            .output_buffer_size()
+            .ok_or_else(|| anyhow!("mask too large"))?
+    ];
+    let info = reader.next_frame(&mut buf)?;
+    if info.bit_depth != png::BitDepth::Eight
+        || !matches!(
+            info.color_type,
+            png::ColorType::Grayscale | png::ColorType::Indexed
+        )
+    {
+        bail!(
+            "mask is {:?} {:?}, expected 8-bit grayscale or palette indices",
+            info.color_type,
+            info.bit_depth
+        );
+    }
+    buf.truncate(info.buffer_size());
+    image::GrayImage::from_raw(info.width, info.height, buf)
+        .ok_or_else(|| anyhow!("mask buffer size"))
+}
+
+/// The centre crop of DINO's eval transform as a box on the original image.
+pub fn centre_box(w: u32, h: u32, pre: Preprocess) -> loader::CropBox {
+    if pre.squash {
+        return loader::CropBox { x1: 0, y1: 0, w, h };
+    }
+    let scale = pre.resize as f64 / w.min(h) as f64;
+    let side = ((pre.crop as f64 / scale).round() as u32).clamp(1, w.min(h));
+    loader::CropBox {
+        x1: (w - side) / 2,
+        y1: (h - side) / 2,
+        w: side,
+        h: side,
+    }
+}
+
+/// A batch of items as normalised pixels on the device.
+pub fn to_tensor(items: &[Item], size: usize, device: &Device) -> Tensor<4> {
+    let data: Vec<u8> = items
+        .iter()
+        .flat_map(|i| i.pixels.iter().copied())
+        .collect();
+    vit::normalize_pixels(&data, items.len(), size, device)
+}
+
+/// Features of a shard set: L2-normalised teacher CLS after the final norm, `[n, D]` row-major, and labels.
+pub fn extract_cls(
+    vit: &Vit,
+    shards: &Path,
+    pre: Preprocess,
+    batch: usize,
+    device: &Device,
+) -> Result<(Vec<f32>, Vec<i64>)> {
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    let (_, skipped) = for_each_batch(shards, pre, batch, false, |items| {
+        let out = vit.forward(to_tensor(items, pre.crop, device), None, &[], false);
+        let cls = out.cls; // [b, D]
+        let norm = cls.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+        feats.extend(host(cls / norm));
+        labels.extend(items.iter().map(|i| i.label));
+        Ok(())
+    })?;
+    if skipped > 0 {
+        eprintln!("{}: {skipped} samples skipped", shards.display());
+    }
+    if labels.is_empty() {
+        bail!("{}: no usable images", shards.display());
+    }
+    Ok((feats, labels))
+}
+
+/// Features cached as safetensors (`features` [n, D], `labels` [n] as f32) in `cache`, keyed by `key`.
+pub fn cached(
+    cache: Option<&Path>,
+    key: &str,
+    compute: impl FnOnce() -> Result<(Vec<f32>, Vec<i64>)>,
+) -> Result<(Vec<f32>, Vec<i64>)> {
+    let Some(dir) = cache else { return compute() };
+    let path: PathBuf = dir.join(format!("{key}.safetensors"));
+    if let Ok(bytes) = std::fs::read(&path)
+        && let Ok(map) = checkpoint::tensors(&bytes)
+        && let (Some(f), Some(l)) = (map.get("features"), map.get("labels"))
+    {
+        eprintln!("features from the cache {}", path.display());
+        return Ok((f.1.clone(), l.1.iter().map(|&x| x as i64).collect()));
+    }
+    let (feats, labels) = compute()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let d = feats.len() / labels.len();
+    let fb: Vec<u8> = feats.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let lb: Vec<u8> = labels
+        .iter()
+        .flat_map(|&x| (x as f32).to_le_bytes())
+        .collect();
+    let views = vec![
+        (
+            "features".to_string(),
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![labels.len(), d],
+                &fb,
+            )?,
+        ),
+        (
+            "labels".to_string(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![labels.len()], &lb)?,
+        ),
+    ];
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, None, &tmp)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok((feats, labels))
+}
+
+/// One k's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KnnResult {
+    pub k: usize,
+    pub top1: f64,
+    pub top5: f64,
+    /// The mean over classes of each class's top-1 accuracy.
+    pub mean_per_class: f64,
+}
+
+/// DINO's weighted k-NN (`eval_knn.knn_classifier`): cosine similarity to every training feature (both
+/// L2-normalised), the k nearest vote for their class with weight `exp(sim / T)`, top-1 is the heaviest
+/// class and top-5 the five heaviest. Similarities are computed on `device` in chunks of test rows.
+pub fn knn(
+    train: (&[f32], &[i64]),
+    test: (&[f32], &[i64]),
+    ks: &[usize],
+    temperature: f64,
+    device: &Device,
+) -> Vec<KnnResult> {
+    let (train_f, train_l) = train;
+    let (test_f, test_l) = test;
+    let n_train = train_l.len();
+    let d = train_f.len() / n_train;
+    let classes = train_l
+        .iter()
+        .chain(test_l)
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(0) as usize
+        + 1;
+    let kmax = ks.iter().copied().max().unwrap_or(1).min(n_train);
+    let bank =
+        Tensor::<2>::from_data(TensorData::new(train_f.to_vec(), [n_train, d]), device).transpose(); // [D, n]
+    let mut hits = vec![(0usize, 0usize); ks.len()]; // (top1, top5)
+    let mut per_class = vec![vec![(0usize, 0usize); classes]; ks.len()]; // (correct, total)
+    let chunk = 256;
+    for (ci, rows) in test_f.chunks(chunk * d).enumerate() {
+        let n = rows.len() / d;
+        let sims = host(
+            Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [n, d]), device)
+                .matmul(bank.clone()),
+        ); // [n, n_train]
+        for r in 0..n {
+            let label = test_l[ci * chunk + r];
+            let row = &sims[r * n_train..(r + 1) * n_train];
+            let mut idx: Vec<usize> = (0..n_train).collect();
+            idx.select_nth_unstable_by(kmax - 1, |&a, &b| row[b].total_cmp(&row[a]));
+            let mut top: Vec<usize> = idx[..kmax].to_vec();
+            top.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            for (ki, &k) in ks.iter().enumerate() {
+                let mut votes = vec![0f64; classes];
+                for &j in &top[..k.min(kmax)] {
+                    if train_l[j] >= 0 {
+                        votes[train_l[j] as usize] += (row[j] as f64 / temperature).exp();
+                    }
+                }
+                let mut order: Vec<usize> = (0..classes).collect();
+                order.sort_by(|&a, &b| votes[b].total_cmp(&votes[a]));
+                let correct1 = label >= 0 && order[0] == label as usize;
+                let correct5 = label >= 0 && order.iter().take(5).any(|&c| c == label as usize);
+                hits[ki].0 += correct1 as usize;
+                hits[ki].1 += correct5 as usize;
+                if label >= 0 {
+                    let pc = &mut per_class[ki][label as usize];
+                    pc.0 += correct1 as usize;
+                    pc.1 += 1;
+                }
+            }
+        }
+    }
+    let n_test = test_l.len() as f64;
+    ks.iter()
+        .enumerate()
+        .map(|(ki, &k)| {
+            let seen: Vec<f64> = per_class[ki]
+                .iter()
+                .filter(|c| c.1 > 0)
+                .map(|c| c.0 as f64 / c.1 as f64)
+                .collect();
+            KnnResult {
+                k,
+                top1: hits[ki].0 as f64 / n_test,
+                top5: hits[ki].1 as f64 / n_test,
+                mean_per_class: seen.iter().sum::<f64>() / seen.len().max(1) as f64,
+            }
+        })
+        .collect()
+}

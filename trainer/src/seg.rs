@@ -1,0 +1,357 @@
+//! The linear segmentation probe (method-spec §3.8, DenseDINO's VOC protocol): frozen final-norm patch
+//! tokens, a 1x1 convolution trained with SGD on features bilinearly upsampled to 100x100 against the mask
+//! nearest-resized to 100x100 (void ignored), evaluated by upsampling to the input size and arg-maxing
+//! against the nearest-resized ground truth; mIoU over all classes from one confusion matrix, reported for
+//! the last epoch.
+//!
+//! A 1x1 convolution commutes with bilinear upsampling (the weights of each output pixel sum to 1), so the
+//! classifier runs on the patch grid and its logits are upsampled: the same numbers, a fraction of the work.
+//! Upsampling is a pair of separable weight matrices (align_corners false), built on the host.
+//!
+//! Deviation: features are computed once from the deterministic resize (no RandomResizedCrop and flip on
+//! the training images), so the frozen backbone runs once per image instead of once per epoch.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::seq::SliceRandom;
+
+use crate::eval::{self, Item};
+use crate::params::host;
+use crate::vit::Vit;
+
+/// The probe's recipe; defaults are DenseDINO's `eval_segment.py` at batch 8.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub num_classes: usize,
+    /// Label value ignored in the loss and the confusion matrix (CamVid 11, VOC 255).
+    pub ignore: u8,
+    /// Training resolution of features and masks (100).
+    pub train_res: usize,
+    pub epochs: usize,
+    pub batch: usize,
+    /// 0.01 * total_batch / 60.
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// StepLR: lr × gamma every `step` epochs.
+    pub step: usize,
+    pub gamma: f64,
+    pub seed: u64,
+}
+
+impl ProbeOptions {
+    pub fn new(num_classes: usize, ignore: u8) -> Self {
+        let batch = 8;
+        Self {
+            num_classes,
+            ignore,
+            train_res: 100,
+            epochs: 25,
+            batch,
+            lr: 0.01 * batch as f64 / 60.0,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            step: 20,
+            gamma: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// Features of a set: `[n, g*g, D]` patch tokens and masks at full resolution.
+pub struct SegSet {
+    pub feats: Vec<f32>,
+    pub grid: usize,
+    pub dim: usize,
+    pub masks: Vec<image::GrayImage>,
+}
+
+/// 1-D bilinear weights `[out, in]`, align_corners false (PyTorch's `interpolate(mode="bilinear")`).
+pub fn bilinear_1d(input: usize, output: usize) -> Vec<f32> {
+    let mut w = vec![0f32; output * input];
+    let scale = input as f64 / output as f64;
+    for o in 0..output {
+        let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(input - 1);
+        let i1 = (i0 + 1).min(input - 1);
+        let t = src - i0 as f64;
+        w[o * input + i0] += (1.0 - t) as f32;
+        w[o * input + i1] += t as f32;
+    }
+    w
+}
+
+/// Nearest-neighbour resize of a label mask to `size`² (PyTorch's `nearest`: floor((o + 0.5)·in/out)).
+pub fn resize_nearest(mask: &image::GrayImage, size: usize) -> Vec<u8> {
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    let mut out = vec![0u8; size * size];
+    for y in 0..size {
+        let sy = ((y * h) / size).min(h - 1);
+        for x in 0..size {
+            let sx = ((x * w) / size).min(w - 1);
+            out[y * size + x] = mask.get_pixel(sx as u32, sy as u32).0[0];
+        }
+    }
+    out
+}
+
+/// mIoU over all classes and per-class IoU from a `[C, C]` confusion matrix (rows: truth, columns:
+/// prediction): `IoU_c = tp / (row + col − tp + 1e-6)`; a class that never occurs and is never predicted
+/// scores 0, as in DenseDINO's `segment_utils`.
+pub fn miou(conf: &[u64], classes: usize) -> (f64, Vec<f64>) {
+    let iou: Vec<f64> = (0..classes)
+        .map(|c| {
+            let tp = conf[c * classes + c] as f64;
+            let row: f64 = (0..classes).map(|j| conf[c * classes + j] as f64).sum();
+            let col: f64 = (0..classes).map(|i| conf[i * classes + c] as f64).sum();
+            tp / (row + col - tp + 1e-6)
+        })
+        .collect();
+    (iou.iter().sum::<f64>() / classes as f64, iou)
+}
+
+/// Patch features of every image (frozen backbone, the whole image resized to `size`² as the protocol does,
+/// DINO normalisation) with its mask.
+pub fn features(vit: &Vit, shards: &Path, size: usize, device: &Device) -> Result<SegSet> {
+    let pre = eval::Preprocess {
+        resize: size,
+        crop: size,
+        squash: true,
+    };
+    let (mut feats, mut masks) = (Vec::new(), Vec::new());
+    let (mut grid, mut dim) = (0, 0);
+    eval::for_each_batch(shards, pre, 8, true, |items: &[Item]| {
+        let out = vit.forward(eval::to_tensor(items, size, device), None, &[], false);
+        let [_, n, d] = out.patches.dims();
+        (grid, dim) = ((n as f64).sqrt() as usize, d);
+        feats.extend(host(out.patches));
+        masks.extend(
+            items
+                .iter()
+                .map(|i| i.mask.clone().expect("masks requested")),
+        );
+        Ok(())
+    })?;
+    if masks.is_empty() {
+        bail!("{}: no images with masks", shards.display());
+    }
+    Ok(SegSet {
+        feats,
+        grid,
+        dim,
+        masks,
+    })
+}
+
+/// Trains the 1x1 convolution on `train` and returns (mIoU, per-class IoU, pixel accuracy) on `val` at the
+/// last epoch.
+pub fn probe(
+    train: &SegSet,
+    val: &SegSet,
+    opts: &ProbeOptions,
+    eval_size: usize,
+    device: &Device,
+    quiet: bool,
+) -> Result<(f64, Vec<f64>, f64)> {
+    let (g, d, c) = (train.grid, train.dim, opts.num_classes);
+    let ad = device.clone().autodiff();
+    let r = opts.train_res;
+    // Bilinear upsampling of [.., g, g] logits to r x r: out = Wy · L · Wxᵀ.
+    let wy = Tensor::<2>::from_data(TensorData::new(bilinear_1d(g, r), [r, g]), &ad);
+    let mut rng = common::seed::rng(opts.seed, common::seed::Purpose::Model, &[77]);
+    // PyTorch's Conv2d default init would do; DenseDINO initialises N(0, 0.01), bias 0.
+    let mut w = Tensor::<2>::from_data(
+        TensorData::new(crate::params::trunc_normal(d * c, 0.01, &mut rng), [d, c]),
+        device,
+    );
+    let mut b = Tensor::<1>::zeros([c], device);
+    let (mut mw, mut mb) = (w.zeros_like(), b.zeros_like());
+    let targets: Vec<Vec<u8>> = train.masks.iter().map(|m| resize_nearest(m, r)).collect();
+    let n = train.masks.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    for epoch in 0..opts.epochs {
+        let lr = opts.lr * opts.gamma.powi((epoch / opts.step.max(1)) as i32);
+        order.shuffle(&mut rng);
+        let mut epoch_loss = 0.0;
+        for idx in order.chunks(opts.batch) {
+            let bsz = idx.len();
+            let x: Vec<f32> = idx
+                .iter()
+                .flat_map(|&i| {
+                    train.feats[i * g * g * d..(i + 1) * g * g * d]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let x = Tensor::<3>::from_data(TensorData::new(x, [bsz, g * g, d]), &ad);
+            let wl = Tensor::from_inner(w.clone()).require_grad();
+            let bl = Tensor::from_inner(b.clone()).require_grad();
+            let logits = x.matmul(wl.clone().unsqueeze::<3>()) + bl.clone().unsqueeze::<3>(); // [B, g*g, C]
+            let logits = logits.swap_dims(1, 2).reshape([bsz * c, g, g]); // [B*C, g, g]
+            let up = wy
+                .clone()
+                .unsqueeze::<3>()
+                .matmul(logits)
+                .matmul(wy.clone().transpose().unsqueeze::<3>()); // [B*C, r, r]
+            let logp = log_softmax(up.reshape([bsz, c, r * r]), 1);
+            let mut onehot = vec![0f32; bsz * c * r * r];
+            let mut valid = 0usize;
+            for (bi, &i) in idx.iter().enumerate() {
+                for (p, &t) in targets[i].iter().enumerate() {
+                    if t != opts.ignore && (t as usize) < c {
+                        onehot[(bi * c + t as usize) * r * r + p] = 1.0;
+                        valid += 1;
+                    }
+                }
+            }
+            if valid == 0 {
+                continue;
+            }
+            let onehot = Tensor::<3>::from_data(TensorData::new(onehot, [bsz, c, r * r]), &ad);
+            let loss = (logp * onehot).sum().neg().div_scalar(valid as f64);
+            epoch_loss += host(crate::optim::plain(loss.clone()))[0] as f64;
+            let grads = loss.backward();
+            let gw = wl
+                .grad(&grads)
+                .ok_or_else(|| anyhow!("no gradient for the probe weight"))?;
+            let gb = bl
+                .grad(&grads)
+                .ok_or_else(|| anyhow!("no gradient for the probe bias"))?;
+            // PyTorch SGD: g += wd·w; buf = m·buf + g; w -= lr·buf.
+            let gw = gw + w.clone().mul_scalar(opts.weight_decay);
+            let gb = gb + b.clone().mul_scalar(opts.weight_decay);
+            mw = mw.mul_scalar(opts.momentum) + gw;
+            mb = mb.mul_scalar(opts.momentum) + gb;
+            w = w - mw.clone().mul_scalar(lr);
+            b = b - mb.clone().mul_scalar(lr);
+        }
+        if !quiet {
+            eprintln!(
+                "probe epoch {epoch}: lr {lr:.2e}, loss {:.4}",
+                epoch_loss / n.div_ceil(opts.batch) as f64
+            );
+        }
+    }
+    evaluate(val, &w, &b, opts, eval_size, device)
+}
+
+/// Upsamples the probe's logits to `size`² and compares with the nearest-resized truth.
+fn evaluate(
+    val: &SegSet,
+    w: &Tensor<2>,
+    b: &Tensor<1>,
+    opts: &ProbeOptions,
+    size: usize,
+    device: &Device,
+) -> Result<(f64, Vec<f64>, f64)> {
+    let (g, d, c) = (val.grid, val.dim, opts.num_classes);
+    let wy = Tensor::<2>::from_data(TensorData::new(bilinear_1d(g, size), [size, g]), device);
+    let mut conf = vec![0u64; c * c];
+    let (mut right, mut total) = (0u64, 0u64);
+    for (i, mask) in val.masks.iter().enumerate() {
+        let x = Tensor::<2>::from_data(
+            TensorData::new(
+                val.feats[i * g * g * d..(i + 1) * g * g * d].to_vec(),
+                [g * g, d],
+            ),
+            device,
+        );
+        let logits = (x.matmul(w.clone()) + b.clone().unsqueeze::<2>())
+            .transpose()
+            .reshape([c, g, g]); // [C, g, g]
+        let up = wy
+            .clone()
+            .unsqueeze::<3>()
+            .matmul(logits)
+            .matmul(wy.clone().transpose().unsqueeze::<3>()); // [C, S, S]
+        let pred = host(up.argmax(0).float()); // [S*S]
+        let truth = resize_nearest(mask, size);
+        for (p, &t) in pred.iter().zip(&truth) {
+            if t == opts.ignore || t as usize >= c {
+                continue;
+            }
+            let p = *p as usize;
+            conf[t as usize * c + p] += 1;
+            right += (p == t as usize) as u64;
+            total += 1;
+        }
+    }
+    let (m, per) = miou(&conf, c);
+    Ok((m, per, right as f64 / total.max(1) as f64))
+}
+
+/// CamVid's 11 classes (void = 11).
+pub const CAMVID_CLASSES: [&str; 11] = [
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "sign",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+];
+
+/// Where a raw data set's splits are, packed on first use into shards under `cache` (images + masks), so
+/// the probe reads them with the same decoder and crop as the rest.
+pub fn packed_split(data: &Path, dataset: &str, split: &str, cache: &Path) -> Result<PathBuf> {
+    let out = cache.join(format!("{dataset}-{split}"));
+    if out.join("index.json").exists() {
+        return Ok(out);
+    }
+    let (images, masks, list) = match dataset {
+        "camvid" => (data.join(split), data.join(format!("{split}annot")), None),
+        "voc" => {
+            let masks = if data.join("SegmentationClassAug").is_dir() && split == "train" {
+                data.join("SegmentationClassAug")
+            } else {
+                data.join("SegmentationClass")
+            };
+            let name =
+                if split == "train" && data.join("ImageSets/Segmentation/trainaug.txt").exists() {
+                    "trainaug"
+                } else {
+                    split
+                };
+            (
+                data.join("JPEGImages"),
+                masks,
+                Some(data.join(format!("ImageSets/Segmentation/{name}.txt"))),
+            )
+        }
+        other => bail!("unknown dataset {other:?} (camvid or voc)"),
+    };
+    if !images.is_dir() || !masks.is_dir() {
+        bail!(
+            "{}: expected {} and {}",
+            data.display(),
+            images.display(),
+            masks.display()
+        );
+    }
+    let mut cmd = std::process::Command::new(std::env::current_exe()?.with_file_name("shard"));
+    cmd.arg("pack")
+        .arg("--input")
+        .arg(&images)
+        .arg("--masks")
+        .arg(&masks)
+        .arg("--out")
+        .arg(&out)
+        .arg("--quiet");
+    if let Some(l) = list {
+        cmd.arg("--list").arg(l);
+    }
+    let status = cmd
+        .status()
+        .context("running `shard pack` (build it: cargo build --release -p shard)")?;
+    if !status.success() {
+        bail!("`shard pack` failed for {}", images.display());
+    }
+    Ok(out)
+}

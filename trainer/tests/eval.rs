@@ -1,0 +1,234 @@
+//! Evaluation against independent expectations: k-NN against a brute-force classifier written here, mIoU
+//! from a hand-made confusion matrix, the probe on oracle and constant features, export then import.
+
+use burn::tensor::Device;
+use common::seed::{self, Purpose};
+use rand::Rng;
+use trainer::eval::knn;
+use trainer::seg::{self, ProbeOptions, SegSet};
+
+/// Brute force: every distance, a full sort, votes exp(sim/T) per class over the k nearest.
+fn brute_force(
+    train: &[Vec<f32>],
+    tl: &[i64],
+    test: &[Vec<f32>],
+    vl: &[i64],
+    k: usize,
+    t: f64,
+) -> (f64, f64) {
+    let classes = 1 + *tl.iter().chain(vl).max().unwrap() as usize;
+    let (mut top1, mut per) = (0usize, vec![(0usize, 0usize); classes]);
+    for (x, &y) in test.iter().zip(vl) {
+        let mut sims: Vec<(f64, usize)> = train
+            .iter()
+            .enumerate()
+            .map(|(j, r)| {
+                (
+                    r.iter()
+                        .zip(x)
+                        .map(|(a, b)| (*a as f64) * (*b as f64))
+                        .sum(),
+                    j,
+                )
+            })
+            .collect();
+        sims.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut votes = vec![0f64; classes];
+        for &(s, j) in &sims[..k] {
+            votes[tl[j] as usize] += (s / t).exp();
+        }
+        let best = (0..classes)
+            .max_by(|&a, &b| votes[a].total_cmp(&votes[b]).then(b.cmp(&a)))
+            .unwrap();
+        top1 += (best == y as usize) as usize;
+        per[y as usize].1 += 1;
+        per[y as usize].0 += (best == y as usize) as usize;
+    }
+    let seen: Vec<f64> = per
+        .iter()
+        .filter(|c| c.1 > 0)
+        .map(|c| c.0 as f64 / c.1 as f64)
+        .collect();
+    (
+        top1 as f64 / vl.len() as f64,
+        seen.iter().sum::<f64>() / seen.len() as f64,
+    )
+}
+
+fn unit_rows(
+    n: usize,
+    rng: &mut impl Rng,
+    centres: &[Vec<f32>],
+    labels: &mut Vec<i64>,
+) -> Vec<Vec<f32>> {
+    (0..n)
+        .map(|_| {
+            let c = rng.random_range(0..centres.len());
+            labels.push(c as i64);
+            let mut v: Vec<f32> = centres[c]
+                .iter()
+                .map(|x| x + rng.random::<f32>() * 1.6 - 0.8)
+                .collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= norm);
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn knn_matches_a_brute_force_classifier() {
+    let mut rng = seed::rng(1, Purpose::Synth, &[0]);
+    let (d, classes) = (16, 5);
+    let centres: Vec<Vec<f32>> = (0..classes)
+        .map(|_| (0..d).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect())
+        .collect();
+    let (mut tl, mut vl) = (Vec::new(), Vec::new());
+    let train = unit_rows(300, &mut rng, &centres, &mut tl);
+    let test = unit_rows(120, &mut rng, &centres, &mut vl);
+    let flat = |rows: &[Vec<f32>]| rows.iter().flatten().copied().collect::<Vec<f32>>();
+    let (tf, vf) = (flat(&train), flat(&test));
+    let results = knn((&tf, &tl), (&vf, &vl), &[1, 10, 20], 0.07, &Device::flex());
+    for r in &results {
+        let (top1, mean_class) = brute_force(&train, &tl, &test, &vl, r.k, 0.07);
+        assert!(
+            (r.top1 - top1).abs() < 1e-12,
+            "k={}: top-1 {} vs brute force {top1}",
+            r.k,
+            r.top1
+        );
+        assert!(
+            (r.mean_per_class - mean_class).abs() < 1e-12,
+            "k={}: per-class {} vs {mean_class}",
+            r.k,
+            r.mean_per_class
+        );
+        assert!(r.top5 >= r.top1);
+    }
+    assert!(
+        results[1].top1 > 0.5,
+        "well-separated clusters are mostly right: {}",
+        results[1].top1
+    );
+}
+
+#[test]
+fn miou_from_a_hand_made_confusion_matrix() {
+    // Rows: truth, columns: prediction. Class 0: tp 8, row 10, col 9 → 8/(10+9-8) = 8/11. Class 1: tp 5,
+    // row 6, col 7 → 5/8. Class 2: never present, never predicted → 0 (it still counts in the mean).
+    let conf = [8, 2, 0, 1, 5, 0, 0, 0, 0];
+    let (m, per) = seg::miou(&conf, 3);
+    assert!(
+        (per[0] - 8.0 / 11.0).abs() < 1e-6 && (per[1] - 5.0 / 8.0).abs() < 1e-6 && per[2] == 0.0,
+        "{per:?}"
+    );
+    assert!((m - (8.0 / 11.0 + 5.0 / 8.0) / 3.0).abs() < 1e-6);
+}
+
+/// Masks of quadrant blocks aligned to a 4x4 patch grid of 64 px images, and features that either encode
+/// the block's class (oracle) or are constant.
+fn blocks(n: usize, oracle: bool) -> SegSet {
+    let (g, d, c) = (4, 6, 3);
+    let mut rng = seed::rng(2, Purpose::Synth, &[n as u64]);
+    let (mut feats, mut masks) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let cls: Vec<u8> = (0..g * g)
+            .map(|_| {
+                if rng.random::<f32>() < 0.6 {
+                    0
+                } else {
+                    rng.random_range(1..c as u8)
+                }
+            })
+            .collect();
+        masks.push(image::GrayImage::from_fn(64, 64, |x, y| {
+            image::Luma([cls[(y as usize / 16) * g + x as usize / 16]])
+        }));
+        for &k in &cls {
+            feats.extend((0..d).map(|j| {
+                if oracle {
+                    (j == k as usize) as u8 as f32 * 4.0
+                } else {
+                    1.0
+                }
+            }));
+        }
+    }
+    SegSet {
+        feats,
+        grid: g,
+        dim: d,
+        masks,
+    }
+}
+
+#[test]
+fn probe_reaches_near_one_on_oracle_features_and_the_majority_on_constant_ones() {
+    let dev = Device::flex();
+    let mut opts = ProbeOptions::new(3, 255);
+    opts.epochs = 30;
+    opts.lr = 0.5;
+    opts.train_res = 64;
+    let (m, per, acc) =
+        seg::probe(&blocks(24, true), &blocks(8, true), &opts, 64, &dev, true).unwrap();
+    // Bilinear upsampling blurs the block borders by a few pixels; everything else is right.
+    assert!(
+        m > 0.85 && acc > 0.93,
+        "oracle features: mIoU {m}, accuracy {acc}, per class {per:?}"
+    );
+    let (m, per, acc) =
+        seg::probe(&blocks(24, false), &blocks(8, false), &opts, 64, &dev, true).unwrap();
+    // Constant features can only predict one class: the majority (class 0, about 60% of pixels).
+    assert!(per[1] == 0.0 && per[2] == 0.0, "{per:?}");
+    assert!(
+        (acc - per[0]).abs() < 1e-9 && (0.45..0.75).contains(&acc),
+        "majority level: accuracy {acc}, mIoU {m}"
+    );
+}
+
+#[test]
+fn export_then_import_is_the_identity() {
+    use trainer::params::{self, Params};
+    let dev = Device::flex();
+    let cfg = trainer::vit::VitConfig {
+        embed_dim: 32,
+        depth: 2,
+        num_heads: 2,
+        patch_size: 8,
+        img_size: 32,
+        ..trainer::vit::VitConfig::vit_tiny()
+    };
+    let mut a = trainer::vit::Vit::new(&cfg, &mut seed::rng(4, Purpose::Model, &[0]), &dev);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.safetensors");
+    trainer::export::write_official(
+        &mut [("", &mut a as &mut dyn Params)],
+        &path,
+        Default::default(),
+    )
+    .unwrap();
+    let named = trainer::export::import(&path).unwrap();
+    assert_eq!(
+        named["pos_embed"].0,
+        vec![1, 17, 32],
+        "pos_embed keeps the official [1, 1+N, D]"
+    );
+    assert_eq!(
+        named["blocks.0.attn.qkv.weight"].0,
+        vec![96, 32],
+        "Linear weights are [out, in]"
+    );
+    let mut b = trainer::vit::Vit::new(&cfg, &mut seed::rng(5, Purpose::Model, &[0]), &dev);
+    params::load_official(&mut b, "", &|n| named.get(n).cloned(), &dev).unwrap();
+    assert_eq!(params::to_host(&mut a), params::to_host(&mut b));
+}
+
+#[test]
+fn attention_threshold_keeps_the_requested_mass() {
+    let attn = [0.5f32, 0.05, 0.2, 0.15, 0.1];
+    // Sorted: 0.5, 0.2 (0.7 ≥ 0.6): two patches hold 60% of the mass.
+    assert_eq!(
+        trainer::attention::threshold_mask(&attn, 0.6),
+        vec![true, false, true, false, false]
+    );
+}
