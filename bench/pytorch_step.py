@@ -12,7 +12,6 @@ Prints one line: `pytorch: ... s/step, ... images/s`.
 """
 
 import argparse
-import copy
 import time
 
 import torch
@@ -120,7 +119,8 @@ def main():
     d, heads = ARCH[a.arch]
     b, v, m, k = a.batch, a.views, a.points, a.out_dim
     student = Side(d, heads, a.size, k, 0.1).to(dev)
-    teacher = copy.deepcopy(student)
+    teacher = Side(d, heads, a.size, k, 0.0).to(dev)  # weight_norm modules cannot be deep-copied
+    teacher.load_state_dict(student.state_dict())
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad = False

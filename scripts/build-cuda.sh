@@ -37,6 +37,8 @@ fi
 export LIBTORCH=$DIR LIBTORCH_BYPASS_VERSION_CHECK=1
 unset LIBTORCH_USE_PYTORCH
 # Only the final link needs the flag; RUSTFLAGS would rebuild every crate.
-cargo rustc --release -p trainer --bin trainer --features tch -- -C link-arg=-Wl,--allow-shlib-undefined
-mkdir -p dist && cp target/release/trainer dist/trainer-cuda
+# A target folder of its own, so that the CPU LibTorch build in target/ is not rebuilt back and forth.
+TARGET=${CUDA_TARGET_DIR:-target/cuda}
+cargo rustc --release --target-dir "$TARGET" -p trainer --bin trainer --features tch -- -C link-arg=-Wl,--allow-shlib-undefined
+mkdir -p dist && cp "$TARGET/release/trainer" dist/trainer-cuda
 echo "dist/trainer-cuda: $(du -h dist/trainer-cuda | cut -f1)"

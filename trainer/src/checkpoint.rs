@@ -260,6 +260,9 @@ pub fn restore(trainer: &mut Trainer, bytes: &[u8]) -> Result<Meta> {
 }
 
 /// The device named by a config or the command line.
+// burn 0.22 marks burn-tch deprecated in favour of CubeCL; LibTorch is the GPU path asked for, and CubeCL's
+// CUDA backend cannot be built offline (it downloads LLVM at build time).
+#[allow(deprecated)]
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" | "flex" => Ok(Device::flex()),

@@ -129,3 +129,25 @@ fn resume_may_not_change_the_method() {
         9
     );
 }
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = run::train(demo(tmp.path(), "nan", 2), &quiet()).expect("two good steps");
+    let dir = first.run_dir;
+    // A zero teacher temperature divides the targets' logits by zero: the loss of the next step is NaN.
+    let mut cfg = checkpoint::meta(&checkpoint::latest(&dir).unwrap().1)
+        .unwrap()
+        .config;
+    cfg.loss.teacher_temp = 0.0;
+    cfg.loss.warmup_teacher_temp = 0.0;
+    cfg.run.name = "nan-broken".into();
+    let err = run::train(cfg, &quiet()).expect_err("NaN must stop the run");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("non-finite loss") && msg.contains("step 0"),
+        "{msg}"
+    );
+    let (_, bytes) = checkpoint::latest(&dir).expect("the earlier run's checkpoint is intact");
+    assert_eq!(checkpoint::meta(&bytes).unwrap().it, 2);
+}
