@@ -238,9 +238,13 @@ fn apply_sets(user: &mut toml::Table, sets: &[String]) -> Result<()> {
         let (key, value) = set
             .split_once('=')
             .ok_or_else(|| anyhow!("--set {set}: expected key=value"))?;
+        // TOML reads bare `nan` and `inf` as floats; no setting wants those, and `run.name=nan` means a name.
+        let bare_float = matches!(value.trim().trim_start_matches(['+', '-']), "nan" | "inf");
         let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .filter(|_| !bare_float)
             .map(|mut t| t.remove("v").expect("just parsed"))
-            .unwrap_or_else(|_| toml::Value::String(value.to_string()));
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
         let mut table = &mut *user;
         let parts: Vec<&str> = key.trim().split('.').collect();
         for part in &parts[..parts.len() - 1] {
