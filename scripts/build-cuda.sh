@@ -41,4 +41,5 @@ unset LIBTORCH_USE_PYTORCH
 TARGET=${CUDA_TARGET_DIR:-target/cuda}
 cargo rustc --release --target-dir "$TARGET" -p trainer --bin trainer --features tch -- -C link-arg=-Wl,--allow-shlib-undefined
 mkdir -p dist && cp "$TARGET/release/trainer" dist/trainer-cuda
+strip dist/trainer-cuda  # travels to the GPU machine: line tables are dead weight there
 echo "dist/trainer-cuda: $(du -h dist/trainer-cuda | cut -f1)"
