@@ -69,17 +69,6 @@ pub fn save(
     tensors.push(("loss.center".into(), vec![1, c.len()], c));
     tensors.push(("loss.ref_center".into(), vec![1, rc.len()], rc));
 
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, dims, _), b)| {
-            Ok((name.clone(), TensorView::new(Dtype::F32, dims.clone(), b)?))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let info = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("it".to_string(), meta.it.to_string()),
@@ -87,7 +76,7 @@ pub fn save(
         ("optim_steps".to_string(), serde_json::to_string(&steps)?),
         ("config".to_string(), meta.config.to_toml()),
     ]);
-    let data = safetensors::serialize(views, Some(info))?;
+    let data = serialize(&tensors, info)?;
 
     let path = dir.join(file_name(meta.it));
     let partial = path.with_extension("safetensors.partial");
@@ -113,6 +102,25 @@ pub fn save(
         let _ = std::fs::remove_file(old.1);
     }
     Ok(path)
+}
+
+/// Named f32 tensors (name, shape, values) as safetensors bytes with string metadata.
+pub fn serialize(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, dims, _), b)| {
+            Ok((name.clone(), TensorView::new(Dtype::F32, dims.clone(), b)?))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
 /// Complete checkpoints in `dir`, oldest first, by step.

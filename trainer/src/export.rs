@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use safetensors::{Dtype, tensor::TensorView};
 
 use crate::checkpoint;
 use crate::params::{self, Params};
@@ -32,17 +31,8 @@ pub fn write_official(
             tensors.push((format!("{prefix}{name}"), dims, values));
         }
     }
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((n, d, _), b)| Ok((n.clone(), TensorView::new(Dtype::F32, d.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let tmp = out.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp)
+    std::fs::write(&tmp, checkpoint::serialize(&tensors, metadata)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, out)?;
     Ok(tensors.len())

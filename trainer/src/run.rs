@@ -56,21 +56,33 @@ pub fn data_dir(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
                 dir.display()
             );
         }
-        let opts = shard::synth::SynthOptions {
-            count: cfg.data.synth_count,
-            size: cfg.data.synth_size,
-            seed: cfg.run.seed,
-            prefix: "train".into(),
-            per_shard: 128,
-            zstd_level: None,
-            quality: 90,
-            force: true,
-            quiet: true,
-        };
-        shard::synth::synth(&dir, &opts)
-            .with_context(|| format!("making the synthetic set in {}", dir.display()))?;
+        make_synth(
+            &dir,
+            cfg.data.synth_count,
+            cfg.data.synth_size,
+            cfg.run.seed,
+            "train",
+        )?;
     }
     Ok(dir)
+}
+
+/// A synthetic shapes set (the `shard synth` generator) in `dir`.
+fn make_synth(dir: &Path, count: usize, size: u32, seed: u64, prefix: &str) -> Result<()> {
+    let opts = shard::synth::SynthOptions {
+        count,
+        size,
+        seed,
+        prefix: prefix.into(),
+        per_shard: 128,
+        zstd_level: None,
+        quality: 90,
+        force: true,
+        quiet: true,
+    };
+    shard::synth::synth(dir, &opts)
+        .with_context(|| format!("making the synthetic set in {}", dir.display()))?;
+    Ok(())
 }
 
 /// Batches per epoch for this data set (single process; the loader drops the tail).
@@ -369,18 +381,14 @@ pub fn synthetic_knn(
     let train = data_dir(cfg, true)?;
     let val = PathBuf::from(format!("{}-val", cfg.data.synth_dir.display()));
     if !val.join("index.json").exists() {
-        let opts = shard::synth::SynthOptions {
-            count: (cfg.data.synth_count / 2).max(64),
-            size: cfg.data.synth_size,
-            seed: cfg.run.seed.wrapping_add(1_000_003),
-            prefix: "val".into(),
-            per_shard: 128,
-            zstd_level: None,
-            quality: 90,
-            force: true,
-            quiet: true,
-        };
-        shard::synth::synth(&val, &opts).with_context(|| format!("making {}", val.display()))?;
+        let seed = cfg.run.seed.wrapping_add(1_000_003);
+        make_synth(
+            &val,
+            (cfg.data.synth_count / 2).max(64),
+            cfg.data.synth_size,
+            seed,
+            "val",
+        )?;
     }
     let device = checkpoint::device("cpu")?;
     let pre = crate::eval::Preprocess::for_crop(cfg.model.img_size);

@@ -2,10 +2,7 @@
 //! both heads, the loss) from the spec in its official formulation and saves weights, inputs, outputs and
 //! gradients. Here the same weights go into our model and everything must match within 1e-4 (f32).
 
-use std::collections::HashMap;
-
 use burn::tensor::{Device, Tensor, TensorData};
-use safetensors::SafeTensors;
 use trainer::head::HeadConfig;
 use trainer::loss::{DenseDinoLoss, Layout, LossConfig};
 use trainer::model::DenseDino;
@@ -17,7 +14,7 @@ const M: usize = 3;
 const V: usize = 4;
 const K: usize = 64;
 
-struct Fixture(HashMap<String, (Vec<usize>, Vec<f32>)>);
+struct Fixture(trainer::params::Named);
 
 impl Fixture {
     fn load() -> Self {
@@ -26,16 +23,7 @@ impl Fixture {
             "/tests/fixtures/reference.safetensors"
         );
         let bytes = std::fs::read(path).expect("fixture (regenerate with make_reference.py)");
-        let st = SafeTensors::deserialize(&bytes).expect("safetensors");
-        let mut map = HashMap::new();
-        for (name, view) in st.tensors() {
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            map.insert(name, (view.shape().to_vec(), values));
-        }
+        let map = trainer::checkpoint::tensors(&bytes).expect("fixture tensors");
         Self(map)
     }
     fn get(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
