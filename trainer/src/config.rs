@@ -276,6 +276,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_shipped_config_resolves() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("configs/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                TrainConfig::load(Some(&path), &[])
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                n += 1;
+            }
+        }
+        assert_eq!(
+            n, 5,
+            "default, the paper's two runs, the DINO baseline, Caltech-101"
+        );
+    }
+
+    #[test]
     fn presets_overrides_and_unknown_keys() {
         let cfg = TrainConfig::load(None, &[]).expect("the embedded default resolves");
         assert_eq!(cfg.run.name, "default");
