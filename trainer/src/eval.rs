@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::params::{self, host};
-use crate::vit::{self, Vit};
+use crate::vit::{self, Vit, VitConfig};
 
 /// DINO's eval transform sizes (224 after 256); smaller models scale both.
 #[derive(Clone, Copy, Debug)]
@@ -44,30 +44,27 @@ pub fn backbone(
     cfg: Option<&TrainConfig>,
     device: &Device,
 ) -> Result<(Vit, TrainConfig)> {
-    match checkpoint {
-        Some(path) => {
-            let (file, bytes) = checkpoint::latest(path)?;
-            let meta = checkpoint::meta(&bytes)?;
-            let mut model_cfg = meta.config.model.clone();
-            model_cfg.drop_path_rate = 0.0;
-            let mut rng = common::seed::rng(0, common::seed::Purpose::Model, &[0]);
-            let mut vit = Vit::new(&model_cfg, &mut rng, device);
-            let map = checkpoint::tensors(&bytes)?;
-            let get = |name: &str| map.get(name).cloned();
-            params::load(&mut vit, "teacher.backbone.", &get, device, false)
-                .map_err(|e| anyhow!("{}: {e}", file.display()))?;
-            Ok((vit, meta.config))
-        }
-        None => {
-            let cfg = cfg
-                .ok_or_else(|| anyhow!("a random backbone needs a config"))?
-                .clone();
-            let mut model_cfg = cfg.model.clone();
-            model_cfg.drop_path_rate = 0.0;
-            let mut rng = common::seed::rng(cfg.run.seed, common::seed::Purpose::Model, &[0]);
-            Ok((Vit::new(&model_cfg, &mut rng, device), cfg))
-        }
+    let loaded = checkpoint.map(checkpoint::latest).transpose()?;
+    let cfg = match &loaded {
+        Some((_, bytes)) => checkpoint::meta(bytes)?.config,
+        None => cfg
+            .ok_or_else(|| anyhow!("a random backbone needs a config"))?
+            .clone(),
+    };
+    // The teacher never drops paths; a random backbone is the run's own initialisation.
+    let model_cfg = VitConfig {
+        drop_path_rate: 0.0,
+        ..cfg.model.clone()
+    };
+    let mut rng = common::seed::rng(cfg.run.seed, common::seed::Purpose::Model, &[0]);
+    let mut vit = Vit::new(&model_cfg, &mut rng, device);
+    if let Some((file, bytes)) = loaded {
+        let map = checkpoint::tensors(&bytes)?;
+        let get = |name: &str| map.get(name).cloned();
+        params::load(&mut vit, "teacher.backbone.", &get, device, false)
+            .map_err(|e| anyhow!("{}: {e}", file.display()))?;
     }
+    Ok((vit, cfg))
 }
 
 /// One decoded, preprocessed image: planar `[3, crop, crop]` u8, its label and key.

@@ -98,6 +98,8 @@ pub struct LossOutput {
     pub total: Tensor<1>,
     pub cls: Option<Tensor<1>>,
     pub refs: Option<Tensor<1>>,
+    /// The teacher's CLS targets `softmax((t − c)/τ)` `[2B, K]` (plain device), for the collapse metrics.
+    pub cls_targets: Tensor<2>,
 }
 
 /// Cross-entropy `mean_rows(−Σ_k p_k log q_k)` of targets `[n, K]` against student log-probabilities `[n, K]`.
@@ -143,11 +145,10 @@ impl DenseDinoLoss {
             }
         };
 
+        // Computed even without the CLS loss: the step's collapse metrics read them.
+        let cls_targets = softmax((t_cls - self.center.clone()).mul_scalar(inv_t), 1); // [2B, K]
         let cls = cfg.use_global_loss.then(|| {
-            let p = as_const(softmax(
-                (t_cls.clone() - self.center.clone()).mul_scalar(inv_t),
-                1,
-            )); // [2B, K]
+            let p = as_const(cls_targets.clone());
             let log_q = log_softmax(s_cls.mul_scalar(inv_s), 1); // [V*B, K]
             let mut sum = Tensor::<1>::zeros([1], &device);
             let mut n = 0usize;
@@ -207,7 +208,12 @@ impl DenseDinoLoss {
                 panic!("the loss config enables neither the CLS nor the reference loss")
             }
         };
-        LossOutput { total, cls, refs }
+        LossOutput {
+            total,
+            cls,
+            refs,
+            cls_targets,
+        }
     }
 
     /// `c ← m·c + (1−m)·mean(teacher logits)`, after the loss (each step uses the previous centers).

@@ -67,6 +67,19 @@ pub fn data_dir(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The trainer a config describes (student and teacher equal, fresh optimiser and centers).
+fn new_trainer(cfg: &TrainConfig, schedules: Schedules, device: &burn::tensor::Device) -> Trainer {
+    Trainer::new(
+        &cfg.model,
+        &cfg.head,
+        &cfg.loss,
+        &cfg.optim,
+        schedules,
+        cfg.run.seed,
+        device,
+    )
+}
+
 /// A synthetic shapes set (the `shard synth` generator) in `dir`.
 fn make_synth(dir: &Path, count: usize, size: u32, seed: u64, prefix: &str) -> Result<()> {
     let opts = shard::synth::SynthOptions {
@@ -200,15 +213,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     };
     let device = checkpoint::device(&cfg.run.device)?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, ipe, cfg.run.batch_size);
-    let mut trainer = Trainer::new(
-        &cfg.model,
-        &cfg.head,
-        &cfg.loss,
-        &cfg.optim,
-        schedules,
-        cfg.run.seed,
-        &device,
-    );
+    let mut trainer = new_trainer(&cfg, schedules, &device);
     let mut cursor = Cursor::default();
     if let Some((file, bytes)) = &resumed {
         let meta = checkpoint::restore(&mut trainer, bytes)?;
@@ -418,15 +423,7 @@ pub fn import_checkpoint(cfg: &TrainConfig, weights: &Path, out: &Path) -> Resul
     }
     let device = crate::checkpoint::device("cpu")?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1, cfg.run.batch_size);
-    let mut trainer = Trainer::new(
-        &cfg.model,
-        &cfg.head,
-        &cfg.loss,
-        &cfg.optim,
-        schedules,
-        cfg.run.seed,
-        &device,
-    );
+    let mut trainer = new_trainer(cfg, schedules, &device);
     let backbone_only = |model: &mut crate::model::DenseDino,
                          dev: &burn::tensor::Device|
      -> Result<()> {
@@ -473,18 +470,18 @@ pub fn bench(
     let device_name = device.unwrap_or(&cfg.run.device);
     let device = checkpoint::device(device_name)?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1000, cfg.run.batch_size);
-    let mut trainer = Trainer::new(
-        &cfg.model,
-        &cfg.head,
-        &cfg.loss,
-        &cfg.optim,
-        schedules,
-        cfg.run.seed,
-        &device,
-    );
+    let mut trainer = new_trainer(cfg, schedules, &device);
     let b = cfg.run.batch_size;
     let batches: Box<dyn FnMut() -> Result<Batch>> = if synthetic {
-        let batch = generated_batch(cfg);
+        let sizes: Vec<usize> = (0..cfg.views.num_views())
+            .map(|i| cfg.views.view_size(i))
+            .collect();
+        let batch = random_batch(
+            cfg.run.batch_size,
+            &sizes,
+            cfg.views.num_points,
+            cfg.run.seed,
+        );
         Box::new(move || Ok(batch.clone()))
     } else {
         let shards = data_dir(cfg, false)?;
@@ -539,13 +536,12 @@ pub fn bench(
     Ok((step_time, ips))
 }
 
-/// A batch of the configured shape with random pixels and valid reference points (for model-only timing).
-pub fn generated_batch(cfg: &TrainConfig) -> Batch {
+/// A batch of `b` images with views of the given sizes, random pixels and valid reference points: for
+/// timing the model without the data pipeline, and for tests. The same `seed` gives the same batch.
+pub fn random_batch(b: usize, sizes: &[usize], m: usize, seed: u64) -> Batch {
     use rand::Rng;
-    let mut rng = common::seed::rng(cfg.run.seed, common::seed::Purpose::Synth, &[u64::MAX]);
-    let (b, m) = (cfg.run.batch_size, cfg.views.num_points);
-    let v = cfg.views.num_views();
-    let sizes: Vec<usize> = (0..v).map(|i| cfg.views.view_size(i)).collect();
+    let mut rng = common::seed::rng(seed, common::seed::Purpose::Synth, &[u64::MAX]);
+    let v = sizes.len();
     let mut pts = |n: usize| {
         (0..n)
             .map(|_| rng.random::<f32>() * 1.8 - 0.9)
@@ -557,7 +553,7 @@ pub fn generated_batch(cfg: &TrainConfig) -> Batch {
         .iter()
         .map(|&s| common::ViewPixels {
             size: s,
-            data: (0..b * 3 * s * s).map(|i| (i * 31 % 251) as u8).collect(),
+            data: (0..b * 3 * s * s).map(|_| rng.random()).collect(),
         })
         .collect();
     Batch {

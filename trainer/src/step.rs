@@ -1,7 +1,6 @@
 //! One DenseDINO training step, top to bottom (method-spec §2.6): schedules → teacher and student forward →
 //! loss → backward → per-tensor clip and frozen last layer → AdamW → EMA teacher → centers.
 
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 use common::Batch;
 use common::seed::{self, Purpose};
@@ -220,21 +219,29 @@ impl Trainer {
             layout,
             temp,
         );
-        let (entropy, batch_entropy) =
-            target_entropies(teacher_out.cls.clone(), self.loss.center.clone(), temp);
-        let scalar = |t: Tensor<1>| host(optim::plain(t))[0] as f64;
-        let mut metrics = StepMetrics {
+        // One host read for every number the step reports: each read is a device sync.
+        let mut scalars = vec![optim::plain(out.total.clone())];
+        scalars.extend(out.cls.clone().map(optim::plain));
+        scalars.extend(out.refs.clone().map(optim::plain));
+        scalars.extend(target_entropies(out.cls_targets.clone()));
+        let v: Vec<f64> = host(Tensor::cat(scalars, 0))
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let (has_cls, has_ref) = (out.cls.is_some(), out.refs.is_some());
+        let n = v.len();
+        let metrics = StepMetrics {
             it,
             epoch,
-            loss: scalar(out.total.clone()),
-            cls_loss: out.cls.map(scalar),
-            ref_loss: out.refs.map(scalar),
+            loss: v[0],
+            cls_loss: has_cls.then(|| v[1]),
+            ref_loss: has_ref.then(|| v[1 + has_cls as usize]),
             lr,
             weight_decay: wd,
             momentum,
             teacher_temp: temp,
-            teacher_entropy: entropy,
-            teacher_batch_entropy: batch_entropy,
+            teacher_entropy: v[n - 2],
+            teacher_batch_entropy: v[n - 1],
         };
         if !metrics.loss.is_finite() {
             return Err(metrics);
@@ -252,16 +259,13 @@ impl Trainer {
         self.loss
             .update_centers(teacher_out.cls, teacher_out.refs, layout);
         self.it += 1;
-        metrics.it = it;
         Ok(metrics)
     }
 }
 
-/// Mean per-sample entropy of `softmax((t − c)/τ)` and the entropy of its batch mean, in nats.
-pub fn target_entropies(t_cls: Tensor<2>, center: Tensor<2>, temp: f64) -> (f64, f64) {
-    let p = softmax((t_cls - center).div_scalar(temp), 1); // [n, K]
+/// Mean per-sample entropy of the targets `p` `[n, K]` and the entropy of their batch mean, in nats, as two
+/// `[1]` tensors (left on the device: the caller reads all step numbers at once).
+pub fn target_entropies(p: Tensor<2>) -> [Tensor<1>; 2] {
     let plogp = |p: Tensor<2>| (p.clone() * p.clamp_min(1e-30).log()).sum_dim(1).neg(); // [n, 1]
-    let per_sample = host(plogp(p.clone()).mean());
-    let of_mean = host(plogp(p.mean_dim(0)).mean());
-    (per_sample[0] as f64, of_mean[0] as f64)
+    [plogp(p.clone()).mean(), plogp(p.mean_dim(0)).mean()]
 }

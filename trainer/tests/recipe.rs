@@ -3,8 +3,6 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::seed::{self, Purpose};
-use common::{Batch, Cursor, ViewPixels};
-use rand::Rng;
 use trainer::head::HeadConfig;
 use trainer::loss::{DenseDinoLoss, Layout, LossConfig};
 use trainer::model::DenseDino;
@@ -28,39 +26,6 @@ fn tiny_vit() -> VitConfig {
     }
 }
 
-/// Random pixels and random (valid) reference points: enough to drive a step.
-fn random_batch(b: usize, sizes: &[usize], m: usize, salt: u64) -> Batch {
-    let mut rng = seed::rng(11, Purpose::Synth, &[salt]);
-    let v = sizes.len();
-    let mut pts = |n: usize| {
-        (0..n)
-            .map(|_| rng.random::<f32>() * 1.8 - 0.9)
-            .collect::<Vec<f32>>()
-    };
-    let teacher_points = (0..2).map(|_| pts(b * v * m * 2)).collect();
-    let student_points = (0..v).map(|_| pts(b * 2 * m * 2)).collect();
-    let mut rng = seed::rng(12, Purpose::Synth, &[salt]);
-    let views = sizes
-        .iter()
-        .map(|&s| ViewPixels {
-            size: s,
-            data: (0..b * 3 * s * s).map(|_| rng.random()).collect(),
-        })
-        .collect();
-    Batch {
-        batch_size: b,
-        num_points: m,
-        views,
-        teacher_points,
-        student_points,
-        labels: vec![-1; b],
-        keys: (0..b).map(|i| i.to_string()).collect(),
-        seq: (0..b as u64).collect(),
-        epoch: 0,
-        cursor: Cursor::default(),
-    }
-}
-
 #[test]
 fn loss_at_initialisation_is_about_ln_k() {
     // The full DINO head (2048 hidden, 256 bottleneck, K = 65536) on a small backbone: near-uniform
@@ -74,7 +39,7 @@ fn loss_at_initialisation_is_about_ln_k() {
         &mut seed::rng(3, Purpose::Model, &[0]),
         &dev,
     );
-    let batch = random_batch(4, &[32, 32, 32, 32], 2, 1);
+    let batch = trainer::run::random_batch(4, &[32, 32, 32, 32], 2, 1);
     let views: Vec<Tensor<4>> = batch
         .views
         .iter()
@@ -256,7 +221,7 @@ fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
     ];
     let before: Vec<Vec<f32>> = names.iter().map(|n| named(&mut tr.student, n)).collect();
     for i in 0..2 {
-        tr.step(&random_batch(4, &[32, 32, 32], 2, i))
+        tr.step(&trainer::run::random_batch(4, &[32, 32, 32], 2, i))
             .expect("finite loss");
     }
     let after0: Vec<Vec<f32>> = names.iter().map(|n| named(&mut tr.student, n)).collect();
@@ -277,7 +242,7 @@ fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
         !tr.optim.state.contains_key("head.last_layer.weight_v"),
         "a frozen tensor has no AdamW state"
     );
-    let mut next = random_batch(4, &[32, 32, 32], 2, 9);
+    let mut next = trainer::run::random_batch(4, &[32, 32, 32], 2, 9);
     next.epoch = 1; // the loader's epoch drives the freeze, as the official loop variable does
     tr.step(&next).expect("finite loss");
     assert_ne!(
