@@ -1,5 +1,6 @@
-//! The `loader` command: `bench` measures the pipeline against decode alone on the same images;
-//! `preview` draws views and reference points for a person to check.
+//! The `loader` command: `bench` measures the pipeline against decode alone on the same images; `soak`
+//! streams many epochs and prints resident memory after each (a long run must not grow); `preview` draws
+//! views and reference points for a person to check.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,19 @@ enum Command {
         batch_size: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Stream `epochs` epochs through the pipeline alone, printing resident memory after each.
+    Soak {
+        #[arg(long)]
+        shards: PathBuf,
+        #[arg(long, default_value = "paper-main")]
+        preset: String,
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long, default_value_t = 20)]
+        epochs: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
     },
     /// Draw a PNG grid of the first images' views with their reference points.
     Preview {
@@ -248,6 +262,44 @@ fn bench(opts: LoaderOptions, preset: &str, seconds: f64, rounds: usize) -> Resu
     Ok(())
 }
 
+/// Resident memory per epoch. The first epochs fill the allocator's pools (one per worker thread) and
+/// the channel; after that a pipeline that reuses its buffers stays flat.
+fn soak(opts: LoaderOptions, epochs: usize) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let loader = start(opts)?;
+        let t0 = Instant::now();
+        let (mut epoch, mut images, mut rss) = (0usize, 0u64, vec![]);
+        while rss.len() < epochs {
+            let batch = loader.batches.recv().await?;
+            if batch.epoch as usize != epoch {
+                let mb = rss_mb().unwrap_or(f64::NAN);
+                println!(
+                    "epoch {epoch:3}: {mb:6.1} MB resident, {images} images, {:.0} images/s",
+                    images as f64 / t0.elapsed().as_secs_f64()
+                );
+                rss.push(mb);
+                epoch = batch.epoch as usize;
+            }
+            images += batch.batch_size as u64;
+        }
+        let settled = rss.len().min(3);
+        let after = rss[settled - 1];
+        let max_later = rss[settled..].iter().copied().fold(after, f64::max);
+        println!(
+            "resident memory: {after:.1} MB after epoch {}, at most {max_later:.1} MB over epochs {}..{}, {:.1} MB at the end",
+            settled - 1,
+            settled,
+            rss.len() - 1,
+            rss[rss.len() - 1]
+        );
+        anyhow::Ok(())
+    })
+}
+
 fn main() -> ExitCode {
     let workers_default = std::thread::available_parallelism().map_or(1, |n| n.get());
     let result = match Cli::parse().command {
@@ -270,6 +322,19 @@ fn main() -> ExitCode {
                 opts.shuffle_buffer = shuffle_buffer;
                 opts.interleave = interleave;
                 bench(opts, &preset, seconds, rounds)
+            }),
+        Command::Soak {
+            shards,
+            preset,
+            workers,
+            epochs,
+            batch_size,
+        } => ViewsConfig::preset(&preset)
+            .map_err(anyhow::Error::from)
+            .and_then(|views| {
+                let mut opts = LoaderOptions::new(shards, views, batch_size);
+                opts.workers = workers.unwrap_or(workers_default);
+                soak(opts, epochs.max(1))
             }),
         Command::Preview {
             shards,

@@ -25,6 +25,7 @@ fn make_set_with(dir: &Path, count: usize, zstd_level: Option<i32>) {
     let opts = SynthOptions {
         count,
         size: 64,
+        max_shapes: 3,
         seed: 3,
         prefix: "train".into(),
         per_shard: 20,

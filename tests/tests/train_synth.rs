@@ -16,6 +16,7 @@ fn a_short_cpu_run_lowers_the_loss_without_collapse() {
     let opts = SynthOptions {
         count: 256,
         size: 64,
+        max_shapes: 3,
         seed: 5,
         prefix: "train".into(),
         per_shard: 64,

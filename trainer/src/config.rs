@@ -51,6 +51,9 @@ pub struct DataConfig {
     pub synth_dir: PathBuf,
     pub synth_count: usize,
     pub synth_size: u32,
+    /// Shapes per synthetic scene: 1 to this many.
+    #[serde(default = "three")]
+    pub synth_shapes: usize,
     /// Decode workers (0: the available cores).
     pub workers: usize,
     /// Batches the loader may hold ready (the bounded channel).
@@ -71,6 +74,10 @@ pub struct TrainConfig {
     pub head: HeadConfig,
     pub loss: LossConfig,
     pub optim: OptimConfig,
+}
+
+fn three() -> usize {
+    3
 }
 
 impl TrainConfig {
@@ -173,6 +180,7 @@ impl TrainConfig {
                 synth_dir: "data/synth".into(),
                 synth_count: 512,
                 synth_size: 128,
+                synth_shapes: 3,
                 workers: 0,
                 capacity: 4,
                 shuffle_buffer: 1024,

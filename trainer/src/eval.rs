@@ -187,33 +187,9 @@ pub fn for_each_batch(
 }
 
 /// A label mask: 8-bit grayscale values or, for palette PNGs (Pascal VOC), the palette indices themselves
-/// (a generic decoder would expand them to colours).
+/// (the same reader `shard pack --masks` uses).
 pub fn decode_mask(bytes: &[u8]) -> Result<image::GrayImage> {
-    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
-    dec.set_transformations(png::Transformations::IDENTITY);
-    let mut reader = dec.read_info()?;
-    let mut buf = vec![
-        0;
-        reader
-            .output_buffer_size()
-            .ok_or_else(|| anyhow!("mask too large"))?
-    ];
-    let info = reader.next_frame(&mut buf)?;
-    if info.bit_depth != png::BitDepth::Eight
-        || !matches!(
-            info.color_type,
-            png::ColorType::Grayscale | png::ColorType::Indexed
-        )
-    {
-        bail!(
-            "mask is {:?} {:?}, expected 8-bit grayscale or palette indices",
-            info.color_type,
-            info.bit_depth
-        );
-    }
-    buf.truncate(info.buffer_size());
-    image::GrayImage::from_raw(info.width, info.height, buf)
-        .ok_or_else(|| anyhow!("mask buffer size"))
+    shard::pack::decode_mask(bytes).map_err(|e| anyhow!("mask {e}"))
 }
 
 /// The centre crop of DINO's eval transform as a box on the original image.

@@ -4,10 +4,9 @@
 //! `[out, in]`, so `model.load_state_dict(load_file(path))` takes it with strict key matching; optionally
 //! the heads (`head.mlp.0.weight`, …, `head.last_layer.weight_v/_g`, and `ref_head.*`).
 //!
-//! Import reads such files back, and the checkpoints of the official code once converted to safetensors:
-//! prefixes `module.`, `teacher.`/`student.` and `backbone.` are stripped, and DenseDINO's split
-//! `cls_pos_embed` [1,1,D] / `patch_pos_embed` [1,N,D] are joined into `pos_embed`. PyTorch `.pth` pickles
-//! are not read here (see [`import`]).
+//! Import reads such files back, and the checkpoints of the official code, as `.pth` or safetensors: a
+//! training checkpoint gives its teacher, prefixes `module.` and `backbone.` are stripped, and DenseDINO's
+//! split `cls_pos_embed` [1,1,D] / `patch_pos_embed` [1,N,D] are joined into `pos_embed`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,7 +18,9 @@ use crate::params::{self, Params};
 
 pub use crate::params::Named;
 
-/// Writes `model`'s parameters under `prefix` in the official layout to `out` (atomically).
+/// Writes each model's parameters under its prefix in the official layout to `out` (atomically).
+/// A head with `norm_last_layer` has no `weight_g` parameter here (it is fixed at 1), but PyTorch's
+/// `weight_norm` state dict always holds one, so ones `[K, 1]` are written in its place for strict loading.
 pub fn write_official(
     models: &mut [(&str, &mut dyn Params)],
     out: &Path,
@@ -27,7 +28,17 @@ pub fn write_official(
 ) -> Result<usize> {
     let mut tensors = Vec::new();
     for (prefix, model) in models.iter_mut() {
-        for (name, dims, values) in params::to_official(*model) {
+        let official = params::to_official(*model);
+        let has_g = official.iter().any(|(n, _, _)| n == "last_layer.weight_g");
+        for (name, dims, values) in official {
+            if name == "last_layer.weight_v" && !has_g {
+                let k = dims[0];
+                tensors.push((
+                    format!("{prefix}last_layer.weight_g"),
+                    vec![k, 1],
+                    vec![1.0; k],
+                ));
+            }
             tensors.push((format!("{prefix}{name}"), dims, values));
         }
     }
@@ -83,28 +94,40 @@ pub fn export(
     }
 }
 
-/// Reads official-layout weights: safetensors only. For a `.pth` checkpoint of the official code, convert
-/// it once with PyTorch (the error message says how); unpickling arbitrary Python is not done here.
+/// Reads official-layout weights from safetensors or a PyTorch `.pth`/`.pt` (read without PyTorch by
+/// burn's `pytorch-reader`; f16, bf16 and f64 become f32, integer tensors such as step counts are left
+/// out). A full training checkpoint of the official code (`student`, `teacher`, `optimizer`, …) gives its
+/// teacher. Prefixes `module.` and `backbone.` are stripped; DenseDINO's split position embeddings are
+/// joined.
 pub fn import(path: &Path) -> Result<Named> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext == "pth" || ext == "pt" {
-        bail!(
-            "{}: PyTorch pickles are not read directly; convert once with\n  python -c \"import torch; from safetensors.torch import save_file; \
-             sd = torch.load('{0}', map_location='cpu'); sd = sd.get('teacher', sd); \
-             save_file({{k: v.float().contiguous() for k, v in sd.items()}}, '{0}.safetensors')\"",
-            path.display()
-        );
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let raw = checkpoint::tensors(&bytes)
-        .with_context(|| format!("{}: not a safetensors file of f32 tensors", path.display()))?;
+    let raw = if ext == "pth" || ext == "pt" {
+        read_pytorch(path)?
+    } else {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        checkpoint::tensors(&bytes)
+            .with_context(|| format!("{}: not a safetensors file of f32 tensors", path.display()))?
+    };
+    // A file with both sides holds a training state: the teacher is the model DINO evaluates.
+    let side = ["teacher.", "student."]
+        .into_iter()
+        .find(|side| raw.keys().any(|k| k.starts_with(side)));
     let mut out = Named::new();
     for (name, t) in raw {
         let mut n = name.as_str();
-        for p in ["module.", "teacher.", "student.", "backbone."] {
+        if let Some(side) = side {
+            let Some(rest) = n.strip_prefix(side) else {
+                continue;
+            };
+            n = rest;
+        }
+        for p in ["module.", "backbone."] {
             n = n.strip_prefix(p).unwrap_or(n);
         }
         out.insert(n.to_string(), t);
+    }
+    if out.is_empty() {
+        bail!("{}: no floating-point tensors found", path.display());
     }
     if !out.contains_key("pos_embed")
         && let (Some(cls), Some(patch)) =
@@ -115,6 +138,42 @@ pub fn import(path: &Path) -> Result<Named> {
         let mut v = cls.1;
         v.extend(patch.1);
         out.insert("pos_embed".into(), (vec![1, 1 + n, d], v));
+    }
+    Ok(out)
+}
+
+/// Every floating-point tensor of a PyTorch pickle checkpoint, by its dotted path, as f32.
+fn read_pytorch(path: &Path) -> Result<Named> {
+    use pytorch_reader::DType;
+    let reader = pytorch_reader::PytorchReader::new(path)
+        .map_err(|e| anyhow!("{}: not a readable PyTorch checkpoint: {e}", path.display()))?;
+    let mut out = Named::new();
+    for (name, t) in reader.tensors() {
+        let bytes = match t.dtype() {
+            DType::F64 | DType::F32 | DType::F16 | DType::BF16 => t
+                .read()
+                .with_context(|| format!("{}: reading {name}", path.display()))?,
+            _ => continue,
+        };
+        let values: Vec<f32> = match t.dtype() {
+            DType::F64 => bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_ne_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+        };
+        out.insert(name.clone(), (t.shape().to_vec(), values));
     }
     Ok(out)
 }

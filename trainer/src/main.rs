@@ -92,10 +92,11 @@ enum Command {
         #[arg(long)]
         heads: bool,
     },
-    /// Make a step-0 checkpoint from official-layout weights (DINO/DenseDINO, converted to safetensors), to
+    /// Make a step-0 checkpoint from official-layout weights (DINO/DenseDINO `.pth` or safetensors), to
     /// evaluate them or to start a run from them (`train --resume OUT`).
     Import {
-        /// The weights: backbone keys, optionally `head.*` / `ref_head.*`.
+        /// The weights (`.pth`/`.pt` or `.safetensors`): backbone keys, optionally `head.*` / `ref_head.*`;
+        /// a full training checkpoint of the official code gives its teacher.
         #[arg(long)]
         weights: PathBuf,
         /// The config whose model the weights fit.

@@ -47,24 +47,32 @@ pub fn data_dir(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
         return Ok(PathBuf::from(&cfg.data.shards));
     }
     let dir = cfg.data.synth_dir.clone();
-    if !dir.join("index.json").exists() {
-        if !quiet {
-            eprintln!(
-                "making a synthetic data set: {} images of {} px in {}",
-                cfg.data.synth_count,
-                cfg.data.synth_size,
-                dir.display()
-            );
-        }
-        make_synth(
-            &dir,
+    if !quiet && !synth_is_current(&dir, cfg, cfg.data.synth_count, cfg.run.seed) {
+        eprintln!(
+            "making a synthetic data set: {} images of {} px in {}",
             cfg.data.synth_count,
             cfg.data.synth_size,
-            cfg.run.seed,
-            "train",
-        )?;
+            dir.display()
+        );
     }
+    make_synth(&dir, cfg, cfg.data.synth_count, cfg.run.seed, "train")?;
     Ok(dir)
+}
+
+/// Whether `dir` already holds the synthetic set these settings make (a set made with other settings is
+/// remade rather than silently reused).
+fn synth_is_current(dir: &Path, cfg: &TrainConfig, count: usize, seed: u64) -> bool {
+    let Ok(index) = shard::Index::load(&dir.join(shard::index::INDEX_FILE)) else {
+        return false;
+    };
+    let extra = &index.options.extra;
+    let field = |k: &str| extra.get(k).and_then(serde_json::Value::as_u64);
+    index.options.layout == "synth"
+        && index.options.seed == seed
+        && field("count") == Some(count as u64)
+        && field("size") == Some(cfg.data.synth_size as u64)
+        // Sets from before the option had up to three shapes.
+        && field("max_shapes").unwrap_or(3) == cfg.data.synth_shapes as u64
 }
 
 /// The trainer a config describes (student and teacher equal, fresh optimiser and centers).
@@ -80,11 +88,15 @@ fn new_trainer(cfg: &TrainConfig, schedules: Schedules, device: &burn::tensor::D
     )
 }
 
-/// A synthetic shapes set (the `shard synth` generator) in `dir`.
-fn make_synth(dir: &Path, count: usize, size: u32, seed: u64, prefix: &str) -> Result<()> {
+/// A synthetic shapes set (the `shard synth` generator) in `dir`, unless it is there already.
+fn make_synth(dir: &Path, cfg: &TrainConfig, count: usize, seed: u64, prefix: &str) -> Result<()> {
+    if synth_is_current(dir, cfg, count, seed) {
+        return Ok(());
+    }
     let opts = shard::synth::SynthOptions {
         count,
-        size,
+        size: cfg.data.synth_size,
+        max_shapes: cfg.data.synth_shapes,
         seed,
         prefix: prefix.into(),
         per_shard: 128,
@@ -385,16 +397,8 @@ pub fn synthetic_knn(
 ) -> Result<(crate::eval::KnnResult, crate::eval::KnnResult)> {
     let train = data_dir(cfg, true)?;
     let val = PathBuf::from(format!("{}-val", cfg.data.synth_dir.display()));
-    if !val.join("index.json").exists() {
-        let seed = cfg.run.seed.wrapping_add(1_000_003);
-        make_synth(
-            &val,
-            (cfg.data.synth_count / 2).max(64),
-            cfg.data.synth_size,
-            seed,
-            "val",
-        )?;
-    }
+    let seed = cfg.run.seed.wrapping_add(1_000_003);
+    make_synth(&val, cfg, (cfg.data.synth_count / 2).max(64), seed, "val")?;
     let device = checkpoint::device("cpu")?;
     let pre = crate::eval::Preprocess::for_crop(cfg.model.img_size);
     let mut out = Vec::new();

@@ -335,23 +335,27 @@ pub fn packed_split(data: &Path, dataset: &str, split: &str, cache: &Path) -> Re
             masks.display()
         );
     }
-    let mut cmd = std::process::Command::new(std::env::current_exe()?.with_file_name("shard"));
-    cmd.arg("pack")
-        .arg("--input")
-        .arg(&images)
-        .arg("--masks")
-        .arg(&masks)
-        .arg("--out")
-        .arg(&out)
-        .arg("--quiet");
-    if let Some(l) = list {
-        cmd.arg("--list").arg(l);
-    }
-    let status = cmd
-        .status()
-        .context("running `shard pack` (build it: cargo build --release -p shard)")?;
-    if !status.success() {
-        bail!("`shard pack` failed for {}", images.display());
-    }
+    let opts = shard::pack::PackOptions {
+        input: images.clone(),
+        out: out.clone(),
+        layout: shard::input::LayoutArgs {
+            list,
+            masks: Some(masks),
+            ..Default::default()
+        },
+        seed: 0,
+        prefix: split.to_string(),
+        shard_bytes: 1 << 30,
+        per_shard: None,
+        quality: 95,
+        max_side: None,
+        zstd_level: None,
+        workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        strict: false,
+        resume: false,
+        force: false,
+        quiet: true,
+    };
+    shard::pack::pack(&opts).with_context(|| format!("packing {}", images.display()))?;
     Ok(out)
 }

@@ -232,3 +232,148 @@ fn attention_threshold_keeps_the_requested_mass() {
         vec![true, false, true, false, false]
     );
 }
+
+/// A palette PNG as Pascal VOC stores its masks: the pixel values are palette indices (0 background,
+/// 1..20 classes, 255 the void border), with colours that a generic decoder would expand to RGB.
+fn voc_mask(w: u32, h: u32, f: impl Fn(u32, u32) -> u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w, h);
+    enc.set_color(png::ColorType::Indexed);
+    enc.set_depth(png::BitDepth::Eight);
+    let palette: Vec<u8> = (0..=255u8).flat_map(|i| [i, 255 - i, i / 2]).collect();
+    enc.set_palette(palette);
+    let mut writer = enc.write_header().unwrap();
+    let data: Vec<u8> = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (x, y)))
+        .map(|(x, y)| f(x, y))
+        .collect();
+    writer.write_image_data(&data).unwrap();
+    writer.finish().unwrap();
+    out
+}
+
+#[test]
+fn voc_reader_packs_the_listed_split_with_palette_indices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("VOC2012");
+    for d in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    // Five images; only four have masks (as in VOC, where most JPEGImages are detection-only), three in
+    // train and one in val.
+    let stems = [
+        "2007_000032",
+        "2007_000039",
+        "2008_000123",
+        "2011_003276",
+        "2012_000001",
+    ];
+    for (i, stem) in stems.iter().enumerate() {
+        let img = image::RgbImage::from_fn(40 + 4 * i as u32, 30, |x, y| {
+            image::Rgb([(x * 5) as u8, (y * 7) as u8, (i * 40) as u8])
+        });
+        img.save(root.join(format!("JPEGImages/{stem}.jpg")))
+            .unwrap();
+        if i < 4 {
+            let class = 1 + 5 * i as u8; // 1, 6, 11, 16
+            let mask = voc_mask(40 + 4 * i as u32, 30, |x, _| match x {
+                0..10 => 0,
+                10..12 => 255,
+                _ => class,
+            });
+            std::fs::write(root.join(format!("SegmentationClass/{stem}.png")), mask).unwrap();
+        }
+    }
+    std::fs::write(
+        root.join("ImageSets/Segmentation/train.txt"),
+        "2007_000032\n2008_000123\n2011_003276\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("ImageSets/Segmentation/val.txt"), "2007_000039\n").unwrap();
+
+    let cache = tmp.path().join("cache");
+    let mut seen = Vec::new();
+    for split in ["train", "val"] {
+        let dir = seg::packed_split(&root, "voc", split, &cache).unwrap();
+        let pre = trainer::eval::Preprocess {
+            resize: 32,
+            crop: 32,
+            squash: true,
+        };
+        trainer::eval::for_each_batch(&dir, pre, 8, true, |items| {
+            for it in items {
+                let mask = it.mask.as_ref().expect("packed with its mask");
+                let mut values: Vec<u8> = mask.pixels().map(|p| p.0[0]).collect();
+                values.sort();
+                values.dedup();
+                seen.push((split, it.key.clone(), mask.width(), values));
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    seen.sort();
+    let expect = |split, stem: &str, w, class| (split, stem.to_string(), w, vec![0, class, 255]);
+    assert_eq!(
+        seen,
+        vec![
+            expect("train", "2007_000032", 40, 1),
+            expect("train", "2008_000123", 48, 11),
+            expect("train", "2011_003276", 52, 16),
+            expect("val", "2007_000039", 44, 6),
+        ],
+        "the listed images only, masks as palette indices at full resolution"
+    );
+
+    // A listed stem without an image is one clear error naming the list and the line.
+    std::fs::write(
+        root.join("ImageSets/Segmentation/val.txt"),
+        "2007_000039\n2009_999999\n",
+    )
+    .unwrap();
+    let err = seg::packed_split(&root, "voc", "val", &tmp.path().join("cache2")).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("val.txt:2") && msg.contains("2009_999999"),
+        "{msg}"
+    );
+}
+
+/// `.pth` files as the official code writes them (made by `fixtures/make_pth.py` with PyTorch 2.9.0):
+/// a training checkpoint gives its teacher, bit for bit, whatever else it pickles (optimizer state, an
+/// argparse.Namespace, an int); a half-precision release file gives its values widened to f32.
+#[test]
+fn pth_import_reads_the_official_checkpoints() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth");
+    let expected =
+        trainer::checkpoint::tensors(&std::fs::read(dir.join("expected.safetensors")).unwrap())
+            .unwrap();
+    let ckpt = trainer::export::import(&dir.join("checkpoint.pth")).unwrap();
+    let mut want: Vec<(String, &trainer::params::HostTensor)> = expected
+        .iter()
+        .filter(|(k, _)| !k.starts_with("fp16."))
+        .map(|(k, v)| (k.strip_prefix("backbone.").unwrap_or(k).to_string(), v))
+        .collect();
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut got: Vec<(String, &trainer::params::HostTensor)> =
+        ckpt.iter().map(|(k, v)| (k.clone(), v)).collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got, want, "the teacher's tensors, backbone prefix stripped");
+    assert!(
+        ckpt.contains_key("blocks.0.attn.qkv.weight")
+            && ckpt.contains_key("head.last_layer.weight_v")
+    );
+
+    let released = trainer::export::import(&dir.join("pretrain_fp16.pth")).unwrap();
+    assert_eq!(released.len(), 18);
+    for (k, v) in &released {
+        assert_eq!(v, &expected[&format!("fp16.{k}")], "{k}");
+    }
+
+    // Not a pickle: one error naming the file.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("broken.pth");
+    std::fs::write(&bad, b"not a checkpoint").unwrap();
+    let err = format!("{:#}", trainer::export::import(&bad).unwrap_err());
+    assert!(err.contains("broken.pth"), "{err}");
+}

@@ -182,7 +182,7 @@ pub fn plan(input: &Path, args: &LayoutArgs) -> Result<Plan> {
         None => HashMap::new(),
     };
     let mut plan = if let Some(masks) = &args.masks {
-        plan_segmentation(input, masks)?
+        plan_segmentation(input, masks, args.list.as_deref())?
     } else if let Some(labels) = &args.val_labels {
         plan_val(input, labels, args.classes_from.as_deref(), &names)?
     } else {
@@ -375,13 +375,43 @@ fn plan_val(
     })
 }
 
-fn plan_segmentation(input: &Path, masks: &Path) -> Result<Plan> {
+/// Image/mask pairs by stem. With a `list` (Pascal VOC's `ImageSets/Segmentation/train.txt`: one stem
+/// per line), only the listed images, which must each have an image and a mask; without one, every image
+/// in `input`, which must each have a mask.
+fn plan_segmentation(input: &Path, masks: &Path, list: Option<&Path>) -> Result<Plan> {
     let mask_by_stem: HashMap<String, String> = list_dir(masks, false)?
         .into_iter()
         .map(|m| (key_of(&m), m))
         .collect();
+    let images = list_dir(input, false)?;
+    let rels: Vec<String> = match list {
+        None => images,
+        Some(list_path) => {
+            let image_by_stem: HashMap<String, &String> =
+                images.iter().map(|r| (key_of(r), r)).collect();
+            let text = std::fs::read_to_string(list_path)
+                .with_context(|| format!("{}: cannot read", list_path.display()))?;
+            let mut rels = vec![];
+            for (n, line) in text.lines().enumerate() {
+                // VOC lists hold bare stems; a `stem.jpg` or a trailing column is accepted too.
+                let Some(first) = line.split_whitespace().next() else {
+                    continue;
+                };
+                let Some(rel) = image_by_stem.get(&key_of(first)) else {
+                    bail!(
+                        "{}:{}: no image with the stem {first:?} in {}",
+                        list_path.display(),
+                        n + 1,
+                        input.display()
+                    );
+                };
+                rels.push((*rel).clone());
+            }
+            rels
+        }
+    };
     let mut items = vec![];
-    for rel in list_dir(input, false)? {
+    for rel in rels {
         let key = key_of(&rel);
         let Some(mask) = mask_by_stem.get(&key) else {
             bail!(

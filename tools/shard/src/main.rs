@@ -33,7 +33,8 @@ enum Command {
         /// Where the shards and index.json go.
         #[arg(long)]
         out: PathBuf,
-        /// Pack only the `class/file` lines of this list (e.g. Caltech-101's train.txt).
+        /// Pack only the `class/file` lines of this list (e.g. Caltech-101's train.txt); with --masks,
+        /// only the image stems it lists (Pascal VOC's ImageSets/Segmentation/train.txt).
         #[arg(long)]
         list: Option<PathBuf>,
         /// ImageNet val labels: Kaggle LOC_val_solution.csv or `file class` lines.
@@ -104,6 +105,9 @@ enum Command {
         /// Image side in pixels.
         #[arg(long, default_value_t = 128)]
         size: u32,
+        /// Shapes per scene: 1 to this many (the label is the one covering the most pixels).
+        #[arg(long, default_value_t = 3)]
+        max_shapes: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, default_value = "train")]
@@ -170,15 +174,8 @@ fn run() -> Result<ExitCode> {
             force,
             quiet,
         } => {
-            if [list.is_some(), val_labels.is_some(), masks.is_some()]
-                .iter()
-                .filter(|&&b| b)
-                .count()
-                > 1
-            {
-                bail!(
-                    "--list, --val-labels and --masks choose different layouts; give at most one"
-                );
+            if val_labels.is_some() && (list.is_some() || masks.is_some()) {
+                bail!("--val-labels (ImageNet val) cannot be combined with --list or --masks");
             }
             let opts = PackOptions {
                 input,
@@ -243,6 +240,7 @@ fn run() -> Result<ExitCode> {
             out,
             count,
             size,
+            max_shapes,
             seed,
             prefix,
             per_shard,
@@ -254,6 +252,7 @@ fn run() -> Result<ExitCode> {
             let opts = SynthOptions {
                 count,
                 size,
+                max_shapes,
                 seed,
                 prefix,
                 per_shard,

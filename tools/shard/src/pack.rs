@@ -330,26 +330,55 @@ fn process(
     Ok(members)
 }
 
-/// A segmentation mask as a single-channel PNG of the image's size (labels resized by nearest neighbour
-/// if the image was capped); a valid 8-bit gray PNG is kept byte for byte.
+/// A label mask's values: 8-bit grayscale, or for palette PNGs (Pascal VOC) the palette indices
+/// themselves, which a generic decoder would expand to colours. Other formats must be single-channel.
+pub fn decode_mask(bytes: &[u8]) -> Result<image::GrayImage, String> {
+    if image::guess_format(bytes).ok() != Some(image::ImageFormat::Png) {
+        let img = image::load_from_memory(bytes).map_err(|e| format!("unreadable: {e}"))?;
+        if img.color().channel_count() != 1 {
+            return Err(format!(
+                "has {} channels, expected 1",
+                img.color().channel_count()
+            ));
+        }
+        return Ok(img.into_luma8());
+    }
+    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    dec.set_transformations(png::Transformations::IDENTITY);
+    let mut reader = dec.read_info().map_err(|e| format!("unreadable: {e}"))?;
+    let size = reader.output_buffer_size().ok_or("too large")?;
+    let mut buf = vec![0; size];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| format!("unreadable: {e}"))?;
+    if info.bit_depth != png::BitDepth::Eight
+        || !matches!(
+            info.color_type,
+            png::ColorType::Grayscale | png::ColorType::Indexed
+        )
+    {
+        return Err(format!(
+            "is a {:?} {:?} PNG, expected 8-bit grayscale or palette indices",
+            info.color_type, info.bit_depth
+        ));
+    }
+    buf.truncate(info.buffer_size());
+    image::GrayImage::from_raw(info.width, info.height, buf).ok_or_else(|| "bad size".to_string())
+}
+
+/// A segmentation mask as an 8-bit gray PNG of the image's size (labels resized by nearest neighbour if
+/// the image was capped); a valid gray PNG of the right size is kept byte for byte, a palette PNG is
+/// rewritten as gray so that any reader sees the label values.
 fn clean_mask(path: &Path, width: u32, height: u32) -> Result<Vec<u8>, String> {
     let bytes =
         std::fs::read(path).map_err(|e| format!("mask {}: cannot read: {e}", path.display()))?;
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| format!("mask {}: unreadable: {e}", path.display()))?;
+    let mut gray = decode_mask(&bytes).map_err(|e| format!("mask {}: {e}", path.display()))?;
     let is_png_l8 = image::guess_format(&bytes).ok() == Some(image::ImageFormat::Png)
-        && matches!(img, image::DynamicImage::ImageLuma8(_));
-    if is_png_l8 && (img.width(), img.height()) == (width, height) {
+        && image::load_from_memory(&bytes)
+            .is_ok_and(|img| matches!(img, image::DynamicImage::ImageLuma8(_)));
+    if is_png_l8 && gray.dimensions() == (width, height) {
         return Ok(bytes);
     }
-    if img.color().channel_count() != 1 {
-        return Err(format!(
-            "mask {}: has {} channels, expected 1",
-            path.display(),
-            img.color().channel_count()
-        ));
-    }
-    let mut gray = img.into_luma8();
     if gray.dimensions() != (width, height) {
         let (w0, h0) = gray.dimensions();
         // Only a capped image may change size; a mask of another shape is an input error.

@@ -23,6 +23,8 @@ pub const CLASSES: [&str; 4] = ["circle", "square", "triangle", "ring"];
 pub struct SynthOptions {
     pub count: usize,
     pub size: u32,
+    /// Shapes per scene are drawn from 1..=max_shapes (3 by default; 1 gives one object per image).
+    pub max_shapes: usize,
     pub seed: u64,
     pub prefix: String,
     pub per_shard: u64,
@@ -75,7 +77,7 @@ impl Shape {
 }
 
 /// Renders image `i`: (RGB pixels, mask, label).
-pub fn render(seed: u64, i: u64, size: u32) -> (Vec<u8>, Vec<u8>, usize) {
+pub fn render(seed: u64, i: u64, size: u32, max_shapes: usize) -> (Vec<u8>, Vec<u8>, usize) {
     let mut rng = common::seed::rng(seed, common::seed::Purpose::Synth, &[i]);
     let s = size as f32;
     let color =
@@ -86,7 +88,7 @@ pub fn render(seed: u64, i: u64, size: u32) -> (Vec<u8>, Vec<u8>, usize) {
         rng.random_range(0.0..0.15f32),
         rng.random_range(0.0..6.3f32),
     );
-    let shapes: Vec<Shape> = (0..rng.random_range(1..=3))
+    let shapes: Vec<Shape> = (0..rng.random_range(1..=max_shapes.max(1)))
         .map(|_| Shape {
             class: rng.random_range(0..CLASSES.len()),
             cx: rng.random_range(0.2 * s..0.8 * s),
@@ -132,7 +134,7 @@ pub fn render(seed: u64, i: u64, size: u32) -> (Vec<u8>, Vec<u8>, usize) {
 }
 
 fn encode_sample(seed: u64, i: u64, opts: &SynthOptions) -> Result<Vec<(&'static str, Vec<u8>)>> {
-    let (rgb, mask, label) = render(seed, i, opts.size);
+    let (rgb, mask, label) = render(seed, i, opts.size, opts.max_shapes);
     let jpeg =
         encode_jpeg(&rgb, opts.size, opts.size, 3, opts.quality).map_err(anyhow::Error::msg)?;
     let mut png = vec![];
@@ -175,7 +177,7 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<(Index, Summary)> {
         quality: opts.quality,
         max_side: None,
         zstd_level: opts.zstd_level,
-        extra: serde_json::json!({ "count": opts.count, "size": opts.size }),
+        extra: serde_json::json!({ "count": opts.count, "size": opts.size, "max_shapes": opts.max_shapes }),
     };
     let (mut set, start) = ShardSet::open(out, record, opts.count, false, opts.force)?;
     let mut progress = Progress::new("synth", opts.count as u64, opts.quiet);
@@ -222,10 +224,10 @@ mod tests {
 
     #[test]
     fn render_is_deterministic_and_labels_the_largest_class() {
-        let (a, mask, label) = render(3, 17, 64);
-        let (b, mask_b, label_b) = render(3, 17, 64);
+        let (a, mask, label) = render(3, 17, 64, 3);
+        let (b, mask_b, label_b) = render(3, 17, 64, 3);
         assert_eq!((&a, &mask, label), (&b, &mask_b, label_b));
-        assert_ne!(render(3, 18, 64).0, a);
+        assert_ne!(render(3, 18, 64, 3).0, a);
         let mut area = [0usize; 4];
         for &m in &mask {
             if m > 0 {
