@@ -27,17 +27,38 @@ struct Cli {
     command: Command,
 }
 
+/// What every pipeline run needs: the shards, the views preset, the workers and the batch size.
+#[derive(clap::Args)]
+struct PipelineArgs {
+    #[arg(long)]
+    shards: PathBuf,
+    /// paper-main, readme-ablation or dino.
+    #[arg(long, default_value = "paper-main")]
+    preset: String,
+    /// Decode workers (default: the available cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+}
+
+impl PipelineArgs {
+    fn options(&self) -> Result<LoaderOptions> {
+        let views = ViewsConfig::preset(&self.preset)?;
+        let mut opts = LoaderOptions::new(self.shards.clone(), views, self.batch_size);
+        opts.workers = self
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Ok(opts)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Throughput of the full pipeline and of decode alone on the same images, with their ratio.
     Bench {
-        #[arg(long)]
-        shards: PathBuf,
-        /// paper-main, readme-ablation or dino.
-        #[arg(long, default_value = "paper-main")]
-        preset: String,
-        #[arg(long)]
-        workers: Option<usize>,
+        #[command(flatten)]
+        pipeline: PipelineArgs,
         /// Total seconds for each of the two measurements (split over the rounds).
         #[arg(long, default_value_t = 12.0)]
         seconds: f64,
@@ -50,23 +71,15 @@ enum Command {
         /// Shards read at once.
         #[arg(long, default_value_t = 4)]
         interleave: usize,
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
     /// Stream `epochs` epochs through the pipeline alone, printing resident memory after each.
     Soak {
-        #[arg(long)]
-        shards: PathBuf,
-        #[arg(long, default_value = "paper-main")]
-        preset: String,
-        #[arg(long)]
-        workers: Option<usize>,
+        #[command(flatten)]
+        pipeline: PipelineArgs,
         #[arg(long, default_value_t = 20)]
         epochs: usize,
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
     },
     /// Draw a PNG grid of the first images' views with their reference points.
     Preview {
@@ -232,7 +245,7 @@ fn bench(opts: LoaderOptions, preset: &str, seconds: f64, rounds: usize) -> Resu
         let _ = reporter.await;
         if let (Some(a), Some(b)) = (rss_start, rss_mb()) {
             let epochs = loader.stats.images.load(Ordering::Relaxed) / loader.index.total_samples.max(1);
-            eprintln!("memory: {a:.0} MB resident after warm-up, {b:.0} MB at the end ({epochs} epochs read)");
+            eprintln!("memory: {a:.0} MB resident after warm-up, {b:.0} MB at the end ({epochs} epochs read; between windows the channel fills to capacity and allocator pools grow to their working size; `loader soak` prints memory per epoch)");
         }
         let (p50, p99) = loader.stats.time_percentiles();
         let line = format!("sample time p50 {p50:.1} ms, p99 {p99:.1} ms, skipped {}", loader.stats.skipped.load(Ordering::Relaxed));
@@ -287,6 +300,10 @@ fn soak(opts: LoaderOptions, epochs: usize) -> Result<()> {
             images += batch.batch_size as u64;
         }
         let settled = rss.len().min(3);
+        if rss.len() <= settled {
+            println!("resident memory: {:.1} MB at the end (run more epochs to see a trend)", rss[rss.len() - 1]);
+            return anyhow::Ok(());
+        }
         let after = rss[settled - 1];
         let max_later = rss[settled..].iter().copied().fold(after, f64::max);
         println!(
@@ -301,41 +318,23 @@ fn soak(opts: LoaderOptions, epochs: usize) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let workers_default = std::thread::available_parallelism().map_or(1, |n| n.get());
     let result = match Cli::parse().command {
         Command::Bench {
-            shards,
-            preset,
-            workers,
+            pipeline,
             seconds,
             rounds,
             shuffle_buffer,
             interleave,
-            batch_size,
             seed,
-        } => ViewsConfig::preset(&preset)
-            .map_err(anyhow::Error::from)
-            .and_then(|views| {
-                let mut opts = LoaderOptions::new(shards, views, batch_size);
-                opts.workers = workers.unwrap_or(workers_default);
-                opts.seed = seed;
-                opts.shuffle_buffer = shuffle_buffer;
-                opts.interleave = interleave;
-                bench(opts, &preset, seconds, rounds)
-            }),
-        Command::Soak {
-            shards,
-            preset,
-            workers,
-            epochs,
-            batch_size,
-        } => ViewsConfig::preset(&preset)
-            .map_err(anyhow::Error::from)
-            .and_then(|views| {
-                let mut opts = LoaderOptions::new(shards, views, batch_size);
-                opts.workers = workers.unwrap_or(workers_default);
-                soak(opts, epochs.max(1))
-            }),
+        } => pipeline.options().and_then(|mut opts| {
+            opts.seed = seed;
+            opts.shuffle_buffer = shuffle_buffer;
+            opts.interleave = interleave;
+            bench(opts, &pipeline.preset, seconds, rounds)
+        }),
+        Command::Soak { pipeline, epochs } => pipeline
+            .options()
+            .and_then(|opts| soak(opts, epochs.max(1))),
         Command::Preview {
             shards,
             out,

@@ -16,6 +16,7 @@ pub struct Progress {
     bytes: u64,
     start: Instant,
     last_line: Instant,
+    quiet: bool,
 }
 
 impl Progress {
@@ -39,6 +40,7 @@ impl Progress {
             bytes: 0,
             start: now,
             last_line: now,
+            quiet,
         }
     }
 
@@ -52,7 +54,7 @@ impl Progress {
                 bar.set_position(self.done);
                 bar.set_message(format!("{:.1} MB/s", self.bytes as f64 / 1e6 / secs));
             }
-            None if self.last_line.elapsed() >= PLAIN_EVERY => {
+            None if !self.quiet && self.last_line.elapsed() >= PLAIN_EVERY => {
                 self.last_line = Instant::now();
                 eprintln!(
                     "{}: {}/{} images, {:.0} images/s, {:.1} MB/s",
