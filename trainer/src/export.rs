@@ -149,29 +149,29 @@ fn read_pytorch(path: &Path) -> Result<Named> {
         .map_err(|e| anyhow!("{}: not a readable PyTorch checkpoint: {e}", path.display()))?;
     let mut out = Named::new();
     for (name, t) in reader.tensors() {
-        let bytes = match t.dtype() {
-            DType::F64 | DType::F32 | DType::F16 | DType::BF16 => t
-                .read()
-                .with_context(|| format!("{}: reading {name}", path.display()))?,
-            _ => continue,
+        let read = || {
+            t.read()
+                .with_context(|| format!("{}: reading {name}", path.display()))
         };
         let values: Vec<f32> = match t.dtype() {
-            DType::F64 => bytes
+            DType::F64 => read()?
                 .chunks_exact(8)
                 .map(|c| f64::from_ne_bytes(c.try_into().expect("8 bytes")) as f32)
                 .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            _ => bytes
+            DType::F32 => read()?
                 .chunks_exact(4)
                 .map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes")))
                 .collect(),
+            DType::F16 => read()?
+                .chunks_exact(2)
+                .map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => read()?
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            // Integer tensors (optimizer step counts, index buffers) are not weights.
+            _ => continue,
         };
         out.insert(name.clone(), (t.shape().to_vec(), values));
     }

@@ -47,15 +47,14 @@ pub fn data_dir(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
         return Ok(PathBuf::from(&cfg.data.shards));
     }
     let dir = cfg.data.synth_dir.clone();
-    if !quiet && !synth_is_current(&dir, cfg, cfg.data.synth_count, cfg.run.seed) {
-        eprintln!(
-            "making a synthetic data set: {} images of {} px in {}",
-            cfg.data.synth_count,
-            cfg.data.synth_size,
-            dir.display()
-        );
-    }
-    make_synth(&dir, cfg, cfg.data.synth_count, cfg.run.seed, "train")?;
+    make_synth(
+        &dir,
+        cfg,
+        cfg.data.synth_count,
+        cfg.run.seed,
+        "train",
+        !quiet,
+    )?;
     Ok(dir)
 }
 
@@ -89,9 +88,23 @@ fn new_trainer(cfg: &TrainConfig, schedules: Schedules, device: &burn::tensor::D
 }
 
 /// A synthetic shapes set (the `shard synth` generator) in `dir`, unless it is there already.
-fn make_synth(dir: &Path, cfg: &TrainConfig, count: usize, seed: u64, prefix: &str) -> Result<()> {
+fn make_synth(
+    dir: &Path,
+    cfg: &TrainConfig,
+    count: usize,
+    seed: u64,
+    prefix: &str,
+    announce: bool,
+) -> Result<()> {
     if synth_is_current(dir, cfg, count, seed) {
         return Ok(());
+    }
+    if announce {
+        eprintln!(
+            "making a synthetic data set: {count} images of {} px in {}",
+            cfg.data.synth_size,
+            dir.display()
+        );
     }
     let opts = shard::synth::SynthOptions {
         count,
@@ -398,7 +411,14 @@ pub fn synthetic_knn(
     let train = data_dir(cfg, true)?;
     let val = PathBuf::from(format!("{}-val", cfg.data.synth_dir.display()));
     let seed = cfg.run.seed.wrapping_add(1_000_003);
-    make_synth(&val, cfg, (cfg.data.synth_count / 2).max(64), seed, "val")?;
+    make_synth(
+        &val,
+        cfg,
+        (cfg.data.synth_count / 2).max(64),
+        seed,
+        "val",
+        false,
+    )?;
     let device = checkpoint::device("cpu")?;
     let pre = crate::eval::Preprocess::for_crop(cfg.model.img_size);
     let mut out = Vec::new();

@@ -373,9 +373,13 @@ fn clean_mask(path: &Path, width: u32, height: u32) -> Result<Vec<u8>, String> {
     let bytes =
         std::fs::read(path).map_err(|e| format!("mask {}: cannot read: {e}", path.display()))?;
     let mut gray = decode_mask(&bytes).map_err(|e| format!("mask {}: {e}", path.display()))?;
-    let is_png_l8 = image::guess_format(&bytes).ok() == Some(image::ImageFormat::Png)
-        && image::load_from_memory(&bytes)
-            .is_ok_and(|img| matches!(img, image::DynamicImage::ImageLuma8(_)));
+    // The PNG header alone says whether the file is already what we store.
+    let is_png_l8 = png::Decoder::new(std::io::Cursor::new(&bytes))
+        .read_info()
+        .is_ok_and(|r| {
+            let info = r.info();
+            info.color_type == png::ColorType::Grayscale && info.bit_depth == png::BitDepth::Eight
+        });
     if is_png_l8 && gray.dimensions() == (width, height) {
         return Ok(bytes);
     }
