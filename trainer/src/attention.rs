@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use burn::tensor::Device;
-use fast_image_resize as fr;
 use image::{Rgb, RgbImage};
 
 use crate::eval;
@@ -109,27 +108,18 @@ pub fn draw(
     device: &Device,
 ) -> Result<Vec<PathBuf>> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
-    let mut rgb = Vec::new();
-    let (w, h) = loader::decode::decode_rgb(&bytes, &mut rgb)
-        .map_err(|e| anyhow!("{}: {e}", image.display()))?;
-    let pre = eval::Preprocess::for_crop(size);
-    let b = eval::centre_box(
-        w,
-        h,
-        eval::Preprocess {
-            resize: size,
-            ..pre
-        },
-    );
-    let src =
-        fr::images::ImageRef::new(w, h, &rgb, fr::PixelType::U8x3).map_err(|e| anyhow!("{e}"))?;
-    let mut crop = Vec::new();
-    loader::augment::crop_resize(&mut fr::Resizer::new(), &src, &b, size, &mut crop)
-        .map_err(|e| anyhow!("{e}"))?;
-    let mut planar = Vec::new();
-    loader::augment::to_planar(&crop, &mut planar);
+    // The largest centred square, resized to `size`.
+    let pre = eval::Preprocess {
+        resize: size,
+        crop: size,
+        squash: false,
+    };
+    let mut prep = eval::Prep::default();
+    let pixels =
+        eval::prepare(&bytes, pre, &mut prep).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    let crop = std::mem::take(&mut prep.crop);
     let item = eval::Item {
-        pixels: planar,
+        pixels,
         label: -1,
         key: String::new(),
         mask: None,

@@ -76,6 +76,33 @@ pub struct Item {
     pub mask: Option<image::GrayImage>,
 }
 
+/// Buffers reused from image to image by [`prepare`].
+#[derive(Default)]
+pub struct Prep {
+    resizer: fr::Resizer,
+    rgb: Vec<u8>,
+    /// The last image's interleaved RGB crop `[crop, crop, 3]`.
+    pub crop: Vec<u8>,
+}
+
+/// Decodes an image and applies `pre` (one crop box on the original, resized once): planar
+/// `[3, crop, crop]` u8 pixels; the interleaved crop stays in `s.crop`.
+pub fn prepare(bytes: &[u8], pre: Preprocess, s: &mut Prep) -> Result<Vec<u8>, String> {
+    let (w, h) = loader::decode::decode_rgb(bytes, &mut s.rgb)?;
+    let src =
+        fr::images::ImageRef::new(w, h, &s.rgb, fr::PixelType::U8x3).map_err(|e| e.to_string())?;
+    loader::augment::crop_resize(
+        &mut s.resizer,
+        &src,
+        &centre_box(w, h, pre),
+        pre.crop,
+        &mut s.crop,
+    )?;
+    let mut planar = Vec::new();
+    loader::augment::to_planar(&s.crop, &mut planar);
+    Ok(planar)
+}
+
 /// Decodes and preprocesses every sample of a shard set, calling `f` with batches of up to `batch` items.
 /// Unreadable images are skipped with a warning naming shard set and key. Returns (used, skipped).
 pub fn for_each_batch(
@@ -96,70 +123,41 @@ pub fn for_each_batch(
         );
         b
     });
-    let mut resizer = fr::Resizer::new();
-    let (mut rgb, mut out, mut items) = (Vec::new(), Vec::new(), Vec::<Item>::new());
+    let mut prep = Prep::default();
+    let mut items = Vec::<Item>::new();
     let (mut used, mut skipped) = (0usize, 0usize);
     let mut failure: Option<anyhow::Error> = None;
     loader::pipeline::for_each_sample(&dir, &index, |s| {
         if let Some(b) = &bar {
             b.inc(1);
         }
-        let Some(jpeg) = s.get("jpg") else {
-            eprintln!(
-                "warning: {}: {}: no image, skipped",
-                shards.display(),
-                s.key
-            );
+        let mut skip = |why: &dyn std::fmt::Display| {
+            eprintln!("warning: {}: {}: {why}, skipped", shards.display(), s.key);
             skipped += 1;
-            return true;
+            true
         };
-        let (w, h) = match loader::decode::decode_rgb(jpeg, &mut rgb) {
-            Ok(wh) => wh,
-            Err(e) => {
-                eprintln!("warning: {}: {}: {e}, skipped", shards.display(), s.key);
-                skipped += 1;
-                return true;
+        let Some(jpeg) = s.get("jpg") else {
+            return skip(&"no image");
+        };
+        let mask = if want_masks {
+            match s.get("seg.png").map(decode_mask) {
+                Some(Ok(m)) => Some(m),
+                _ => return skip(&"no readable mask"),
             }
+        } else {
+            None
+        };
+        let pixels = match prepare(jpeg, pre, &mut prep) {
+            Ok(p) => p,
+            Err(e) => return skip(&e),
         };
         let label = s
             .get("cls")
             .and_then(|c| std::str::from_utf8(c).ok())
             .and_then(|c| c.trim().parse().ok())
             .unwrap_or(-1);
-        let mask = if want_masks {
-            match s.get("seg.png").map(decode_mask) {
-                Some(Ok(m)) => Some(m),
-                _ => {
-                    eprintln!(
-                        "warning: {}: {}: no readable mask, skipped",
-                        shards.display(),
-                        s.key
-                    );
-                    skipped += 1;
-                    return true;
-                }
-            }
-        } else {
-            None
-        };
-        let b = centre_box(w, h, pre);
-        let src = match fr::images::ImageRef::new(w, h, &rgb, fr::PixelType::U8x3) {
-            Ok(src) => src,
-            Err(e) => {
-                eprintln!("warning: {}: {}: {e}, skipped", shards.display(), s.key);
-                skipped += 1;
-                return true;
-            }
-        };
-        if let Err(e) = loader::augment::crop_resize(&mut resizer, &src, &b, pre.crop, &mut out) {
-            eprintln!("warning: {}: {}: {e}, skipped", shards.display(), s.key);
-            skipped += 1;
-            return true;
-        }
-        let mut planar = Vec::new();
-        loader::augment::to_planar(&out, &mut planar);
         items.push(Item {
-            pixels: planar,
+            pixels,
             label,
             key: s.key.clone(),
             mask,
@@ -260,27 +258,17 @@ pub fn cached(
     let (feats, labels) = compute()?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let d = feats.len() / labels.len();
-    let fb: Vec<u8> = feats.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let lb: Vec<u8> = labels
-        .iter()
-        .flat_map(|&x| (x as f32).to_le_bytes())
-        .collect();
-    let views = vec![
-        (
-            "features".to_string(),
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                vec![labels.len(), d],
-                &fb,
-            )?,
-        ),
+    let tensors = [
+        ("features".to_string(), vec![labels.len(), d], feats.clone()),
         (
             "labels".to_string(),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![labels.len()], &lb)?,
+            vec![labels.len()],
+            labels.iter().map(|&x| x as f32).collect(),
         ),
     ];
     let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, None, &tmp)?;
+    std::fs::write(&tmp, checkpoint::serialize(&tensors, Default::default())?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path)?;
     Ok((feats, labels))
 }
@@ -323,6 +311,7 @@ pub fn knn(
     let mut hits = vec![(0usize, 0usize); ks.len()]; // (top1, top5)
     let mut per_class = vec![vec![(0usize, 0usize); classes]; ks.len()]; // (correct, total)
     let chunk = 256;
+    let mut idx: Vec<usize> = Vec::with_capacity(n_train);
     for (ci, rows) in test_f.chunks(chunk * d).enumerate() {
         let n = rows.len() / d;
         let sims = host(
@@ -332,7 +321,8 @@ pub fn knn(
         for r in 0..n {
             let label = test_l[ci * chunk + r];
             let row = &sims[r * n_train..(r + 1) * n_train];
-            let mut idx: Vec<usize> = (0..n_train).collect();
+            idx.clear();
+            idx.extend(0..n_train);
             idx.select_nth_unstable_by(kmax - 1, |&a, &b| row[b].total_cmp(&row[a]));
             let mut top: Vec<usize> = idx[..kmax].to_vec();
             top.sort_by(|&a, &b| row[b].total_cmp(&row[a]));

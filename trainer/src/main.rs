@@ -333,18 +333,7 @@ fn real_main() -> Result<()> {
                 },
         } => {
             let (vit, _, device) = load_model(&model)?;
-            let (classes, ignore, names): (usize, u8, Vec<String>) = match dataset.as_str() {
-                "camvid" => (
-                    11,
-                    11,
-                    trainer::seg::CAMVID_CLASSES
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect(),
-                ),
-                "voc" => (21, 255, (0..21).map(|c| format!("class{c}")).collect()),
-                other => anyhow::bail!("unknown dataset {other:?} (camvid or voc)"),
-            };
+            let (classes, ignore, names) = trainer::seg::classes(&dataset)?;
             let train = trainer::seg::packed_split(&data, &dataset, "train", &cache)?;
             let val = trainer::seg::packed_split(&data, &dataset, "val", &cache)?;
             let tr = trainer::seg::features(&vit, &train, size, &device)?;

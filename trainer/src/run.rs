@@ -448,24 +448,26 @@ pub fn import_checkpoint(cfg: &TrainConfig, weights: &Path, out: &Path) -> Resul
     let device = crate::checkpoint::device("cpu")?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1, cfg.run.batch_size);
     let mut trainer = new_trainer(cfg, schedules, &device);
-    let backbone_only = |model: &mut crate::model::DenseDino,
-                         dev: &burn::tensor::Device|
-     -> Result<()> {
-        let get = |n: &str| named.get(n.strip_prefix("backbone.").unwrap_or(n)).cloned();
-        crate::params::load_official(&mut model.backbone, "", &|n| get(n), dev)
-            .map_err(|e| anyhow!("{}: {e}", weights.display()))?;
-        if named.contains_key("head.last_layer.weight_v") {
-            crate::params::load_official(&mut model.head, "head.", &|n| named.get(n).cloned(), dev)
-                .map_err(|e| anyhow!("{}: {e}", weights.display()))?;
-            if let Some(r) = &mut model.ref_head {
-                crate::params::load_official(r, "ref_head.", &|n| named.get(n).cloned(), dev)
+    // `import` has stripped `backbone.`: backbone tensors sit at the top level, heads under their prefix.
+    let get = |n: &str| named.get(n).cloned();
+    let load_side =
+        |model: &mut crate::model::DenseDino, dev: &burn::tensor::Device| -> Result<()> {
+            let mut parts: Vec<(&str, &mut dyn crate::params::Params)> =
+                vec![("", &mut model.backbone)];
+            if named.contains_key("head.last_layer.weight_v") {
+                parts.push(("head.", &mut model.head));
+                if let Some(r) = &mut model.ref_head {
+                    parts.push(("ref_head.", r));
+                }
+            }
+            for (prefix, part) in parts {
+                crate::params::load_official(part, prefix, &get, dev)
                     .map_err(|e| anyhow!("{}: {e}", weights.display()))?;
             }
-        }
-        Ok(())
-    };
-    backbone_only(&mut trainer.student, &device.clone().autodiff())?;
-    backbone_only(&mut trainer.teacher, &device)?;
+            Ok(())
+        };
+    load_side(&mut trainer.student, &device.clone().autodiff())?;
+    load_side(&mut trainer.teacher, &device)?;
     let meta = Meta {
         it: 0,
         cursor: Cursor::default(),

@@ -84,7 +84,7 @@ pub fn bilinear_1d(input: usize, output: usize) -> Vec<f32> {
     w
 }
 
-/// Nearest-neighbour resize of a label mask to `size`² (PyTorch's `nearest`: floor((o + 0.5)·in/out)).
+/// Nearest-neighbour resize of a label mask to `size`² (PyTorch's `nearest`: source index floor(o·in/out)).
 pub fn resize_nearest(mask: &image::GrayImage, size: usize) -> Vec<u8> {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
     let mut out = vec![0u8; size * size];
@@ -111,6 +111,14 @@ pub fn miou(conf: &[u64], classes: usize) -> (f64, Vec<f64>) {
         })
         .collect();
     (iou.iter().sum::<f64>() / classes as f64, iou)
+}
+
+/// Bilinear upsampling of `[n, g, g]` maps to `[n, s, s]`: `Wy · L · Wyᵀ` with `wy` = [`bilinear_1d`]`(g, s)`.
+fn upsample(wy: &Tensor<2>, maps: Tensor<3>) -> Tensor<3> {
+    wy.clone()
+        .unsqueeze::<3>()
+        .matmul(maps)
+        .matmul(wy.clone().transpose().unsqueeze::<3>())
 }
 
 /// Patch features of every image (frozen backbone, the whole image resized to `size`² as the protocol does,
@@ -191,11 +199,7 @@ pub fn probe(
             let bl = Tensor::from_inner(b.clone()).require_grad();
             let logits = x.matmul(wl.clone().unsqueeze::<3>()) + bl.clone().unsqueeze::<3>(); // [B, g*g, C]
             let logits = logits.swap_dims(1, 2).reshape([bsz * c, g, g]); // [B*C, g, g]
-            let up = wy
-                .clone()
-                .unsqueeze::<3>()
-                .matmul(logits)
-                .matmul(wy.clone().transpose().unsqueeze::<3>()); // [B*C, r, r]
+            let up = upsample(&wy, logits); // [B*C, r, r]
             let logp = log_softmax(up.reshape([bsz, c, r * r]), 1);
             let mut onehot = vec![0f32; bsz * c * r * r];
             let mut valid = 0usize;
@@ -262,11 +266,7 @@ fn evaluate(
         let logits = (x.matmul(w.clone()) + b.clone().unsqueeze::<2>())
             .transpose()
             .reshape([c, g, g]); // [C, g, g]
-        let up = wy
-            .clone()
-            .unsqueeze::<3>()
-            .matmul(logits)
-            .matmul(wy.clone().transpose().unsqueeze::<3>()); // [C, S, S]
+        let up = upsample(&wy, logits); // [C, S, S]
         let pred = host(up.argmax(0).float()); // [S*S]
         let truth = resize_nearest(mask, size);
         for (p, &t) in pred.iter().zip(&truth) {
@@ -282,6 +282,40 @@ fn evaluate(
     let (m, per) = miou(&conf, c);
     Ok((m, per, right as f64 / total.max(1) as f64))
 }
+
+/// A data set's classes: (count, the ignored label, names).
+pub fn classes(dataset: &str) -> Result<(usize, u8, Vec<String>)> {
+    match dataset {
+        "camvid" => Ok((11, 11, CAMVID_CLASSES.map(String::from).to_vec())),
+        "voc" => Ok((21, 255, VOC_CLASSES.map(String::from).to_vec())),
+        other => bail!("unknown dataset {other:?} (camvid or voc)"),
+    }
+}
+
+/// Pascal VOC's 21 classes (255 = void).
+pub const VOC_CLASSES: [&str; 21] = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+];
 
 /// CamVid's 11 classes (void = 11).
 pub const CAMVID_CLASSES: [&str; 11] = [
