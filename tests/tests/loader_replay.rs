@@ -23,6 +23,7 @@ fn make_set(dir: &Path, count: usize) {
 
 fn make_set_with(dir: &Path, count: usize, zstd_level: Option<i32>) {
     let opts = SynthOptions {
+        kind: Default::default(),
         count,
         size: 64,
         max_shapes: 3,

@@ -14,6 +14,7 @@ use trainer::vit::{MaskMode, VitConfig};
 fn a_short_cpu_run_lowers_the_loss_without_collapse() {
     let tmp = tempfile::tempdir().unwrap();
     let opts = SynthOptions {
+        kind: Default::default(),
         count: 256,
         size: 64,
         max_shapes: 3,

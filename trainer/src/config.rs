@@ -49,6 +49,10 @@ pub struct DataConfig {
     /// on first use with the `shard synth` generator.
     pub shards: String,
     pub synth_dir: PathBuf,
+    /// shapes (scenes of shapes, the label the largest) or palettes (the label is the colour palette,
+    /// under random brightness and contrast: the set where training visibly beats a random network).
+    #[serde(default)]
+    pub synth_kind: shard::synth::SynthKind,
     pub synth_count: usize,
     pub synth_size: u32,
     /// Shapes per synthetic scene: 1 to this many.
@@ -178,6 +182,7 @@ impl TrainConfig {
             data: DataConfig {
                 shards: String::new(),
                 synth_dir: "data/synth".into(),
+                synth_kind: Default::default(),
                 synth_count: 512,
                 synth_size: 128,
                 synth_shapes: 3,

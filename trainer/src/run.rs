@@ -70,6 +70,9 @@ fn synth_is_current(dir: &Path, cfg: &TrainConfig, count: usize, seed: u64) -> b
         && index.options.seed == seed
         && field("count") == Some(count as u64)
         && field("size") == Some(cfg.data.synth_size as u64)
+        // Sets from before the option were shapes.
+        && extra.get("kind").and_then(serde_json::Value::as_str).unwrap_or("shapes")
+            == cfg.data.synth_kind.name()
         // Sets from before the option had up to three shapes.
         && field("max_shapes").unwrap_or(3) == cfg.data.synth_shapes as u64
 }
@@ -101,12 +104,14 @@ fn make_synth(
     }
     if announce {
         eprintln!(
-            "making a synthetic data set: {count} images of {} px in {}",
+            "making a synthetic data set: {count} {} images of {} px in {}",
+            cfg.data.synth_kind.name(),
             cfg.data.synth_size,
             dir.display()
         );
     }
     let opts = shard::synth::SynthOptions {
+        kind: cfg.data.synth_kind,
         count,
         size: cfg.data.synth_size,
         max_shapes: cfg.data.synth_shapes,

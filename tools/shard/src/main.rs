@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use shard::input::LayoutArgs;
 use shard::pack::{PackOptions, pack};
-use shard::synth::{SynthOptions, synth};
+use shard::synth::{SynthKind, SynthOptions, synth};
 
 #[derive(Parser)]
 #[command(
@@ -96,10 +96,15 @@ enum Command {
         #[arg(long)]
         decode: bool,
     },
-    /// Write a deterministic synthetic set: shapes of 4 classes on textured backgrounds, with masks.
+    /// Write a deterministic synthetic set of 4 classes with masks: shapes on textured backgrounds, or
+    /// scenes whose class is their colour palette.
     Synth {
         #[arg(long)]
         out: PathBuf,
+        /// shapes (the demo's scenes) or palettes (the class is which hues an image holds; see
+        /// `shard::synth`).
+        #[arg(long, value_enum, default_value_t = SynthKind::Shapes)]
+        kind: SynthKind,
         #[arg(long, default_value_t = 512)]
         count: usize,
         /// Image side in pixels.
@@ -238,6 +243,7 @@ fn run() -> Result<ExitCode> {
         }
         Command::Synth {
             out,
+            kind,
             count,
             size,
             max_shapes,
@@ -250,6 +256,7 @@ fn run() -> Result<ExitCode> {
             quiet,
         } => {
             let opts = SynthOptions {
+                kind,
                 count,
                 size,
                 max_shapes,
