@@ -55,7 +55,7 @@ pub struct DataConfig {
     pub synth_kind: shard::synth::SynthKind,
     pub synth_count: usize,
     pub synth_size: u32,
-    /// Shapes per synthetic scene: 1 to this many.
+    /// Shapes per synthetic scene (either kind): 1 to this many.
     #[serde(default = "three")]
     pub synth_shapes: usize,
     /// Decode workers (0: the available cores).
@@ -301,8 +301,8 @@ mod tests {
             }
         }
         assert_eq!(
-            n, 5,
-            "default, the paper's two runs, the DINO baseline, Caltech-101"
+            n, 6,
+            "default, the paper's two runs, the DINO baseline, Caltech-101, palettes"
         );
     }
 

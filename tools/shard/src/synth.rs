@@ -209,7 +209,12 @@ fn scene(
 /// between two of them), then one colour change for the whole image: brightness, contrast and
 /// saturation, each by a factor in 0.6 to 1.4 (the loader's jitter ranges). The mask is the label
 /// everywhere.
-pub fn render_palette(seed: u64, i: u64, size: u32) -> (Vec<u8>, Vec<u8>, usize) {
+pub fn render_palette(
+    seed: u64,
+    i: u64,
+    size: u32,
+    max_shapes: usize,
+) -> (Vec<u8>, Vec<u8>, usize) {
     let mut rng = common::seed::rng(seed, common::seed::Purpose::Synth, &[i]);
     let label = rng.random_range(0..PALETTES.len());
     let hues = PALETTES[label];
@@ -218,7 +223,7 @@ pub fn render_palette(seed: u64, i: u64, size: u32) -> (Vec<u8>, Vec<u8>, usize)
         let (sat, val) = (rng.random_range(0.5..0.8f32), rng.random_range(0.6..0.9f32));
         hsv(h, sat, val)
     };
-    let (mut rgb, _, _) = scene(&mut rng, size, 3, &mut color);
+    let (mut rgb, _, _) = scene(&mut rng, size, max_shapes, &mut color);
     let brightness = rng.random_range(0.6..1.4f32);
     let contrast = rng.random_range(0.6..1.4f32);
     let saturation = rng.random_range(0.6..1.4f32);
@@ -256,7 +261,7 @@ fn hsv(h: f32, s: f32, v: f32) -> [f32; 3] {
 fn encode_sample(seed: u64, i: u64, opts: &SynthOptions) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let (rgb, mask, label) = match opts.kind {
         SynthKind::Shapes => render(seed, i, opts.size, opts.max_shapes),
-        SynthKind::Palettes => render_palette(seed, i, opts.size),
+        SynthKind::Palettes => render_palette(seed, i, opts.size, opts.max_shapes),
     };
     let jpeg =
         encode_jpeg(&rgb, opts.size, opts.size, 3, opts.quality).map_err(anyhow::Error::msg)?;
@@ -370,13 +375,16 @@ mod tests {
 
     #[test]
     fn palette_images_are_deterministic_labelled_everywhere_and_cover_the_classes() {
-        let (a, mask, label) = render_palette(3, 17, 48);
-        assert_eq!(render_palette(3, 17, 48), (a.clone(), mask.clone(), label));
-        assert_ne!(render_palette(3, 18, 48).0, a);
+        let (a, mask, label) = render_palette(3, 17, 48, 3);
+        assert_eq!(
+            render_palette(3, 17, 48, 3),
+            (a.clone(), mask.clone(), label)
+        );
+        assert_ne!(render_palette(3, 18, 48, 3).0, a);
         assert!(mask.iter().all(|&m| m as usize == label + 1));
         let mut seen = [0usize; 4];
         for i in 0..64 {
-            seen[render_palette(9, i, 32).2] += 1;
+            seen[render_palette(9, i, 32, 3).2] += 1;
         }
         assert!(
             seen.iter().all(|&n| n >= 8),
