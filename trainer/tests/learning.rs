@@ -14,6 +14,11 @@ use trainer::config::TrainConfig;
 use trainer::run::{self, RunOptions};
 
 #[test]
+// The run trains on the CPU backend whatever the features, so a `tch` build would only repeat it.
+#[cfg_attr(
+    feature = "tch",
+    ignore = "trains on the CPU backend; runs in the build without `tch`"
+)]
 fn a_trained_teacher_scores_far_above_a_random_network_on_the_palettes_set() {
     let tmp = tempfile::tempdir().unwrap();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/palettes-cpu.toml");
