@@ -1,37 +1,111 @@
 #!/usr/bin/env bash
-# One DenseDINO training step of ViT-Tiny with the paper-main views (4 x 224, M = 4) at batch 8, timed on
-# burn's flex backend, on burn-tch (when built with `--features tch`) and in PyTorch eager, in one run on
-# one machine, so the ratios compare like with like. Usage: bench/compare.sh [STEPS] [DEVICE]
-# (DEVICE: cpu, the default, or cuda; tch then runs on cuda:0).
+# One DenseDINO training step (paper-main views: 4 x 224, M = 4, K = 65536) timed on burn's flex backend,
+# on burn-tch, and in PyTorch eager, in one run on one machine, so that the ratios compare like with like.
+#
+#   bench/compare.sh [STEPS] [DEVICE] [ARCH] [BATCH]      (defaults: 5 cpu vit_tiny 8)
+#
+# PyTorch runs the official formulation: the literal (1+R+N)^2 masked attention of every block, where we
+# run the fused attention with the reference rows; the ratios include that saving.
+# DEVICE cpu: flex f32, tch-cpu f32 and bf16, PyTorch eager f32 and AMP bf16. Our binary keeps freed memory
+# (mimalloc, and glibc's malloc for LibTorch's tensors; trainer/src/main.rs); PyTorch runs twice in f32,
+# as installed and with the same glibc policy (GLIBC_TUNABLES), so both comparisons are on the table.
+# DEVICE cuda: tch on cuda:0 in f32 and bf16, PyTorch eager f32, AMP bf16 and AMP fp16 + GradScaler (the
+# official --use_fp16).
+# COUNT_OPS=1 adds the LibTorch ops of one step: PyTorch's from torch.profiler, ours from ltrace on the
+# entry points of LibTorch's operators (`at::_ops::*::call`, nested ones included, as the profiler counts
+# them), the difference of a 2-step and a 1-step run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-5}
 DEVICE=${2:-cpu}
+ARCH=${3:-vit_tiny}
+BATCH=${4:-8}
 PY=${PYTHON:-$HOME/.cache/densedino/torch-venv/bin/python}
 TRAINER=${TRAINER:-target/release/trainer}
-COMMON=(--config configs/densedino-vits16-imagenet.toml --set model.arch=vit_tiny --set run.batch_size=8
-        --steps "$STEPS" --warmup 2 --synthetic-batches)
-THREADS=$(nproc)
+OUT=${BENCH_OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+MODEL=(--config configs/densedino-vits16-imagenet.toml --set "model.arch=$ARCH" --set "run.batch_size=$BATCH"
+       --synthetic-batches)
+COMMON=("${MODEL[@]}" --steps "$STEPS" --warmup 2)
+TORCH=(bench/pytorch_step.py --arch "$ARCH" --batch "$BATCH" --views 4 --size 224 --points 4 --steps "$STEPS"
+       --device "$DEVICE" --threads "$(nproc)")
+SAME_MALLOC="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+
+run() { # NAME COMMAND...: runs it, keeps its output in $OUT/NAME.txt, never stops the comparison
+  local name=$1; shift
+  echo "== $name" >&2
+  "$@" > "$OUT/$name.txt" 2>&1 || echo "(failed: see $OUT/$name.txt)" >&2
+  grep -E "s/step|error" "$OUT/$name.txt" >&2 || true
+}
+
 if [ "$DEVICE" = cpu ]; then
-  "$TRAINER" bench "${COMMON[@]}" --device cpu | tee /tmp/bench-flex.txt
-  "$TRAINER" bench "${COMMON[@]}" --device tch-cpu 2>&1 | tee /tmp/bench-tch.txt || true
+  run flex-f32 "$TRAINER" bench "${COMMON[@]}" --device cpu
+  run tch-f32 "$TRAINER" bench "${COMMON[@]}" --device tch-cpu
+  run tch-bf16 "$TRAINER" bench "${COMMON[@]}" --device tch-cpu --set run.precision=bf16
+  run torch-f32 "$PY" "${TORCH[@]}"
+  run torch-f32-same-malloc env GLIBC_TUNABLES=$SAME_MALLOC "$PY" "${TORCH[@]}"
+  run torch-amp-bf16 "$PY" "${TORCH[@]}" --amp bf16
+  TCH_DEVICE=tch-cpu
 else
-  : > /tmp/bench-flex.txt
-  "$TRAINER" bench "${COMMON[@]}" --device cuda:0 2>&1 | tee /tmp/bench-tch.txt || true
+  run tch-f32 "$TRAINER" bench "${COMMON[@]}" --device cuda:0
+  run tch-bf16 "$TRAINER" bench "${COMMON[@]}" --device cuda:0 --set run.precision=bf16
+  run torch-f32 "$PY" "${TORCH[@]}"
+  run torch-amp-bf16 "$PY" "${TORCH[@]}" --amp bf16
+  # GradScaler starts at 2^16 and skips the steps that overflow until it has come down: warm it up.
+  run torch-amp-fp16 "$PY" "${TORCH[@]}" --amp fp16 --warmup 20
+  TCH_DEVICE=cuda:0
 fi
-"$PY" bench/pytorch_step.py --arch vit_tiny --batch 8 --views 4 --size 224 --points 4 --steps "$STEPS" \
-  --device "$DEVICE" --threads "$THREADS" | tee /tmp/bench-torch.txt
-python3 - <<'PY'
-import re
-def secs(path):
+
+if [ "${COUNT_OPS:-0}" = 1 ]; then
+  run torch-ops "$PY" "${TORCH[@]}" --steps 1 --warmup 1 --count-ops
+  if command -v ltrace >/dev/null; then
+    for n in 1 2; do
+      ltrace -c -L -x '_ZN2at4_ops*call*' -o "$OUT/ltrace-$n.txt" "$TRAINER" bench "${MODEL[@]}" --device "$TCH_DEVICE" \
+        --steps "$n" --warmup 0 > /dev/null 2>&1 || true
+    done
+  else
+    echo "(no ltrace: our LibTorch op count is skipped; apt-get install ltrace)" >&2
+  fi
+fi
+
+OUT="$OUT" ARCH="$ARCH" BATCH="$BATCH" DEVICE="$DEVICE" python3 - <<'PY'
+import os, re
+out = os.environ["OUT"]
+def secs(name):
     try:
-        m = re.search(r"([0-9.]+) s/step", open(path).read())
+        m = re.search(r"([0-9.]+) s/step", open(f"{out}/{name}.txt").read())
         return float(m.group(1)) if m else None
     except OSError:
         return None
-torch = secs("/tmp/bench-torch.txt")
-for name, path in [("flex", "/tmp/bench-flex.txt"), ("tch", "/tmp/bench-tch.txt")]:
-    s = secs(path)
-    if s and torch:
-        print(f"{name}: {s / torch:.2f}x the step time of PyTorch eager")
+rows = [("flex f32", "flex-f32"), ("tch f32", "tch-f32"), ("tch bf16", "tch-bf16"),
+        ("PyTorch eager f32", "torch-f32"), ("PyTorch eager f32, our malloc policy", "torch-f32-same-malloc"),
+        ("PyTorch AMP bf16", "torch-amp-bf16"), ("PyTorch AMP fp16 + GradScaler", "torch-amp-fp16")]
+batch = int(os.environ["BATCH"])
+base, amp = secs("torch-f32"), secs("torch-amp-bf16")
+print(f"\n{os.environ['ARCH']}, batch {batch}, 4 x 224 views, M = 4, K = 65536, on {os.environ['DEVICE']}")
+print(f"{'run':40} {'s/step':>8} {'images/s':>9} {'vs PyTorch f32':>15} {'vs PyTorch AMP bf16':>20}")
+for label, name in rows:
+    s = secs(name)
+    if s is None:
+        continue
+    r1 = f"{s / base:.2f}x" if base else "-"
+    r2 = f"{s / amp:.2f}x" if amp else "-"
+    print(f"{label:40} {s:8.4f} {batch / s:9.1f} {r1:>15} {r2:>20}")
+print("(ratios are step times: below 1.00x is faster)")
+def calls(n):
+    try:
+        m = re.search(r"^\s*100\.00\s+\S+\s+(\d+) total", open(f"{out}/ltrace-{n}.txt").read(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+one, two = calls(1), calls(2)
+if one is not None and two is not None:
+    print(f"tch ops per step: {two - one} LibTorch ops (ltrace, at::_ops entry points, nested included)")
+try:
+    m = re.search(r"pytorch ops per step: .*", open(f"{out}/torch-ops.txt").read())
+    if m:
+        print(m.group(0))
+except OSError:
+    pass
 PY
+echo "(outputs in $OUT)"

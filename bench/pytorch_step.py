@@ -3,12 +3,15 @@
 Built from ../shared/reference/method-spec.md as the official code runs it: ViT with the full
 [CLS, REF, PATCH] sequence and the additive `all2pos_pos2cls_eye` mask, reference tokens by
 `F.grid_sample(bicubic)`, two DINO heads with weight-normalised last layers, DenseDINO's loss, AdamW,
-per-tensor clipping, the EMA teacher. fp32 (the Rust side has no mixed precision).
+per-tensor clipping, the EMA teacher. fp32 by default; `--amp bf16` runs forward and loss under
+`torch.autocast(dtype=torch.bfloat16)`, and `--amp fp16` as the official `main_dino.py` does with
+`--use_fp16` (autocast fp16, a GradScaler, gradients unscaled before the clip).
 
     ~/.cache/densedino/torch-venv/bin/python bench/pytorch_step.py --arch vit_tiny --batch 8 --views 4 \
-        --size 224 --points 4 --steps 5 [--device cuda] [--threads 2]
+        --size 224 --points 4 --steps 5 [--device cuda] [--threads 2] [--amp bf16|fp16] [--count-ops]
 
-Prints one line: `pytorch: ... s/step, ... images/s`.
+Prints one line: `pytorch ...: ... s/step, ... images/s`; with `--count-ops`, also the ATen ops of one
+step (and the CUDA kernels on a GPU) counted by torch.profiler, and where its time goes.
 """
 
 import argparse
@@ -112,6 +115,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    ap.add_argument("--count-ops", action="store_true")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -136,30 +141,47 @@ def main():
     t_pts = [torch.rand(b, v * m, 2, device=dev) * 2 - 1 for _ in range(2)]
     s_pts = [torch.rand(b, 2 * m, 2, device=dev) * 2 - 1 for _ in range(v)]
 
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.amp)
+    scaler = torch.amp.GradScaler(dev.type) if a.amp == "fp16" else None
+
     def step():
         nonlocal center, ref_center
+        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.no_grad():
+                t_cls, t_ref = teacher(views[:2], t_pts)
+            s_cls, s_ref = student(views, s_pts)
+            loss = dino_loss(t_cls, t_ref, s_cls, s_ref)
+        opt.zero_grad()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # the clip sees the true gradients, as main_dino.py
+        else:
+            loss.backward()
+        for p in params:
+            norm = p.grad.data.norm(2)
+            p.grad.data.mul_(torch.clamp(3.0 / (norm + 1e-6), max=1.0))
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         with torch.no_grad():
-            t_cls, t_ref = teacher(views[:2], t_pts)
-        s_cls, s_ref = student(views, s_pts)
+            for ps, pt in zip(student.parameters(), teacher.parameters()):
+                pt.data.mul_(0.996).add_((1 - 0.996) * ps.detach().data)
+            t_cls, t_ref = t_cls.float(), t_ref.float()
+            center = center * 0.9 + t_cls.mean(0, keepdim=True) * 0.1
+            ref_center = ref_center * 0.9 + t_ref.reshape(2, b, v, m, k)[:, :, :2].reshape(-1, k).mean(0, keepdim=True) * 0.1
+        return loss.item()
+
+    def dino_loss(t_cls, t_ref, s_cls, s_ref):
+        t_cls, t_ref, s_cls, s_ref = t_cls.float(), t_ref.float(), s_cls.float(), s_ref.float()
         t = F.softmax((t_cls - center) / 0.04, -1).chunk(2)
         s = (s_cls / 0.1).chunk(v)
         cls_loss = sum(torch.sum(-t[g] * F.log_softmax(s[w], -1), -1).mean() for g in range(2) for w in range(2) if w != g) / (2 + 1e-5)
         tr = F.softmax((t_ref - ref_center) / 0.04, -1).reshape(2, b, v, m, k)
         sr = (s_ref / 0.1).reshape(v, b, 2, m, k)
         terms = [torch.sum(-tr[g][:, w] * F.log_softmax(sr[w][:, g], -1), -1).mean() for g in range(2) for w in range(v) if w != g]
-        loss = 0.5 * cls_loss + 0.5 * sum(terms) / (len(terms) + 1e-5)
-        opt.zero_grad()
-        loss.backward()
-        for p in params:
-            norm = p.grad.data.norm(2)
-            p.grad.data.mul_(torch.clamp(3.0 / (norm + 1e-6), max=1.0))
-        opt.step()
-        with torch.no_grad():
-            for ps, pt in zip(student.parameters(), teacher.parameters()):
-                pt.data.mul_(0.996).add_((1 - 0.996) * ps.detach().data)
-            center = center * 0.9 + t_cls.mean(0, keepdim=True) * 0.1
-            ref_center = ref_center * 0.9 + t_ref.reshape(2, b, v, m, k)[:, :, :2].reshape(-1, k).mean(0, keepdim=True) * 0.1
-        return loss.item()
+        return 0.5 * cls_loss + 0.5 * sum(terms) / (len(terms) + 1e-5)
 
     for _ in range(a.warmup):
         step()
@@ -171,8 +193,20 @@ def main():
     if dev.type == "cuda":
         torch.cuda.synchronize()
     secs = (time.perf_counter() - t0) / a.steps
-    print(f"pytorch {torch.__version__} on {a.device} ({torch.get_num_threads()} threads): {a.arch} {v} views x {a.size} M={m} "
-          f"batch {b} K={k}: {secs:.4f} s/step, {b / secs:.1f} images/s")
+    precision = {"none": "f32", "bf16": "AMP bf16", "fp16": "AMP fp16 + GradScaler"}[a.amp]
+    print(f"pytorch {torch.__version__} on {a.device} ({torch.get_num_threads()} threads), {precision}: {a.arch} {v} views x {a.size} "
+          f"M={m} batch {b} K={k}: {secs:.4f} s/step, {b / secs:.1f} images/s")
+    if a.count_ops:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step()
+        events = prof.events()
+        aten = sum(1 for e in events if e.name.startswith("aten::"))
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"pytorch ops per step: {aten} ATen ops" + (f", {kernels} CUDA kernels" if dev.type == "cuda" else ""))
+        sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15))
 
 
 if __name__ == "__main__":

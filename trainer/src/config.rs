@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::head::HeadConfig;
 use crate::loss::LossConfig;
 use crate::step::OptimConfig;
-use crate::vit::VitConfig;
+use crate::vit::{Precision, VitConfig};
 
 /// The embedded default: the CPU demo (`cargo run --release -p trainer` with no arguments).
 pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
@@ -35,6 +35,11 @@ pub struct RunConfig {
     pub max_steps: usize,
     /// `cpu` (burn's flex backend), `tch-cpu`, or `cuda:N` (LibTorch; the `tch` feature).
     pub device: String,
+    /// `f32`, or `bf16`: mixed precision as `torch.autocast` does it (matmuls, convolutions and attention
+    /// in bf16; f32 master weights, optimiser state, LayerNorm, softmax, loss and centers). LibTorch
+    /// devices only (`tch-cpu` is fast with AVX-512 BF16 or AMX; `cuda:N` with tensor cores).
+    #[serde(default)]
+    pub precision: Precision,
     /// Checkpoint every N steps (0: only at epoch ends), keeping the last `keep_checkpoints`.
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
@@ -175,6 +180,7 @@ impl TrainConfig {
                 batch_size: 64,
                 max_steps: 0,
                 device: "cpu".into(),
+                precision: Precision::F32,
                 checkpoint_every: 0,
                 keep_checkpoints: 3,
                 log_every: 10,

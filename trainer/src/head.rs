@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::params::{self, ParamMut, Params};
-use crate::vit::Linear;
+use crate::vit::{self, Linear, Precision};
 
 /// `F.normalize`'s epsilon: the norm is clamped from below before dividing.
 const L2_EPS: f64 = 1e-12;
@@ -51,6 +51,8 @@ pub struct DinoHead {
     pub last_v: Tensor<2>,
     /// `weight_g` `[1, K]`: present (trainable) only without `norm_last_layer`; otherwise fixed at 1.
     pub last_g: Option<Tensor<2>>,
+    /// The compute dtype of the MLP and the last matmul (the normalisations stay f32).
+    pub precision: Precision,
 }
 
 impl DinoHead {
@@ -85,24 +87,27 @@ impl DinoHead {
             mlp,
             last_v,
             last_g,
+            precision: Precision::F32,
         }
     }
 
     /// `[n, D]` → logits `[n, K]`.
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let last = self.mlp.len() - 1;
+        let p = self.precision;
         let mut h = x;
         for (i, layer) in self.mlp.iter().enumerate() {
-            h = layer.forward(h);
+            h = layer.forward(h, p);
             if i < last {
                 h = gelu(h);
             }
         }
+        let h = vit::f32(h); // [n, bottleneck]
         let norm = h.clone().square().sum_dim(1).sqrt().clamp_min(L2_EPS); // [n, 1]
         let h = h / norm; // [n, bottleneck]
         let v_norm = self.last_v.clone().square().sum_dim(0).sqrt(); // [1, K]
         let w = self.last_v.clone() / v_norm; // [bottleneck, K]
-        let logits = h.matmul(w); // [n, K]
+        let logits = vit::f32(p.compute(h).matmul(p.compute(w))); // [n, K]
         match &self.last_g {
             Some(g) => logits * g.clone(),
             None => logits,

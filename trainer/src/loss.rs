@@ -1,9 +1,11 @@
 //! The DenseDINO objective (method-spec §2.4 and §3.6): DINO's centred, sharpened cross-entropy on the CLS
 //! token plus the same on reference tokens, matched point for point across views, with separate centers.
 
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+
+use crate::fused::{self, Pairs};
 
 /// Which teacher reference groups feed `ref_center` (method-spec §3.6 ⚠).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,11 +104,6 @@ pub struct LossOutput {
     pub cls_targets: Tensor<2>,
 }
 
-/// Cross-entropy `mean_rows(−Σ_k p_k log q_k)` of targets `[n, K]` against student log-probabilities `[n, K]`.
-fn soft_ce(p: Tensor<2>, log_q: Tensor<2>) -> Tensor<1> {
-    (p * log_q).sum_dim(1).mean().neg()
-}
-
 impl DenseDinoLoss {
     pub fn new(cfg: &LossConfig, out_dim: usize, device: &Device) -> Self {
         let zeros = || Tensor::<2>::zeros([1, out_dim], device);
@@ -148,52 +145,45 @@ impl DenseDinoLoss {
         // Computed even without the CLS loss: the step's collapse metrics read them.
         let cls_targets = softmax((t_cls - self.center.clone()).mul_scalar(inv_t), 1); // [2B, K]
         let cls = cfg.use_global_loss.then(|| {
-            let p = as_const(cls_targets.clone());
-            let log_q = log_softmax(s_cls.mul_scalar(inv_s), 1); // [V*B, K]
-            let mut sum = Tensor::<1>::zeros([1], &device);
-            let mut n = 0usize;
-            for g in 0..2 {
-                for sv in (0..v).filter(|&sv| sv != g && (cfg.use_all_crop_global || sv < 2)) {
-                    sum = sum
-                        + soft_ce(
-                            p.clone().narrow(0, g * b, b),
-                            log_q.clone().narrow(0, sv * b, b),
-                        );
-                    n += 1;
-                }
-            }
-            sum.div_scalar(n as f64 + 1e-5)
+            // Teacher view g (rows g·B + i) against student view sv ≠ g (rows sv·B + i): the two
+            // global↔global terms, or every student view with `use_all_crop_global`.
+            let terms: Vec<(usize, usize)> = (0..2)
+                .flat_map(|g| (0..v).map(move |sv| (g, sv)))
+                .filter(|&(g, sv)| sv != g && (cfg.use_all_crop_global || sv < 2))
+                .collect();
+            let pairs = Pairs::new(
+                v * b,
+                terms
+                    .iter()
+                    .flat_map(|&(g, sv)| (0..b).map(move |i| (sv * b + i, g * b + i))),
+            );
+            // Each term is a mean over B rows; the terms are averaged as the official `n_loss_terms`.
+            let weight = 1.0 / (b as f64 * (terms.len() as f64 + 1e-5));
+            fused::dino_ce(s_cls, as_const(cls_targets.clone()), &pairs, inv_s, weight)
         });
 
         let refs = match (cfg.use_ref_loss, t_ref, s_ref) {
             (true, Some(t_ref), Some(s_ref)) => {
-                let k = t_ref.dims()[1];
-                let p = as_const(softmax(
-                    (t_ref - self.ref_center.clone()).mul_scalar(inv_t),
-                    1,
-                ));
-                let p = p.reshape([2, b, v, m, k]);
-                let log_q = log_softmax(s_ref.mul_scalar(inv_s), 1).reshape([v, b, 2, m, k]);
-                let mut sum = Tensor::<1>::zeros([1], &device);
-                let mut n = 0usize;
-                for g in 0..2 {
-                    for sv in (0..v).filter(|&sv| sv != g && (cfg.use_all_crop_ref || sv < 2)) {
-                        // Teacher view g, partner sv  ↔  student view sv, global g: point j meets point j.
-                        let pt = p
-                            .clone()
-                            .narrow(0, g, 1)
-                            .narrow(2, sv, 1)
-                            .reshape([b * m, k]);
-                        let qs = log_q
-                            .clone()
-                            .narrow(0, sv, 1)
-                            .narrow(2, g, 1)
-                            .reshape([b * m, k]);
-                        sum = sum + soft_ce(pt, qs);
-                        n += 1;
-                    }
-                }
-                Some(sum.div_scalar(n as f64 + 1e-5))
+                let p = softmax((t_ref - self.ref_center.clone()).mul_scalar(inv_t), 1); // [2·B·V·M, K]
+                let terms: Vec<(usize, usize)> = (0..2)
+                    .flat_map(|g| (0..v).map(move |sv| (g, sv)))
+                    .filter(|&(g, sv)| sv != g && (cfg.use_all_crop_ref || sv < 2))
+                    .collect();
+                // Teacher view g, partner sv, point j  ↔  student view sv, global g, point j.
+                let pairs = Pairs::new(
+                    v * b * 2 * m,
+                    terms.iter().flat_map(|&(g, sv)| {
+                        (0..b * m).map(move |bj| {
+                            let (i, j) = (bj / m, bj % m);
+                            (
+                                ((sv * b + i) * 2 + g) * m + j,
+                                ((g * b + i) * v + sv) * m + j,
+                            )
+                        })
+                    }),
+                );
+                let weight = 1.0 / ((b * m) as f64 * (terms.len() as f64 + 1e-5));
+                Some(fused::dino_ce(s_ref, as_const(p), &pairs, inv_s, weight))
             }
             _ => None,
         };

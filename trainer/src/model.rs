@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::head::{DinoHead, HeadConfig};
 use crate::params::{ParamMut, Params};
-use crate::vit::{self, Vit, VitConfig};
+use crate::vit::{self, Precision, Vit, VitConfig};
 
 pub struct DenseDino {
     pub backbone: Vit,
@@ -40,6 +40,15 @@ impl DenseDino {
             backbone,
             head,
             ref_head,
+        }
+    }
+
+    /// Sets the compute dtype of the backbone and the heads (`run.precision`).
+    pub fn set_precision(&mut self, p: Precision) {
+        self.backbone.precision = p;
+        self.head.precision = p;
+        if let Some(h) = &mut self.ref_head {
+            h.precision = p;
         }
     }
 

@@ -4,12 +4,16 @@
 //! burn's `AdamW` decays every parameter at one rate and clips by one global rule; DINO needs the decay
 //! schedule on one group only, a per-tensor clip, and a "no gradient at all" state for the last layer
 //! (PyTorch's AdamW then skips the tensor: no update, no decay, no step count). Written out here, it is
-//! PyTorch's single-tensor AdamW line for line, and its state is plain tensors for the checkpoint.
+//! PyTorch's single-tensor AdamW formula, run for all tensors at once by the multi-tensor kernels of
+//! [`crate::fused`] (two passes over memory instead of ~15 kernels per tensor), and its state is plain
+//! tensors for the checkpoint.
 
 use std::collections::BTreeMap;
 
 use burn::tensor::{Gradients, Tensor};
 
+use crate::fused::host::Host;
+use crate::fused::multi_tensor::{self, AdamScalars, AdamSlot};
 use crate::params::{ParamMut, Params};
 
 /// The non-autodiff value of a tensor (parameters live on the autodiff device; updates do not).
@@ -65,77 +69,242 @@ impl Default for AdamW {
     }
 }
 
-/// DINO's `clip_gradients`: each tensor's gradient is scaled by `clip / (‖g‖ + 1e-6)` when that is below 1.
-/// Done on the device as `g · min(1, clip / (‖g‖ + 1e-6))`: no host round trip per tensor.
-pub fn clip_per_tensor(g: Tensor<1>, clip: f64) -> Tensor<1> {
-    let norm = g.clone().square().sum().sqrt(); // [1]
-    let coef = norm
-        .add_scalar(1e-6)
-        .recip()
-        .mul_scalar(clip)
-        .clamp_max(1.0);
-    g * coef
+/// One parameter's share of a step.
+struct Update {
+    name: String,
+    /// The parameter and its gradient, flattened, on the plain device.
+    param: Tensor<1>,
+    grad: Tensor<1>,
+    weight_decay: f64,
 }
 
 impl AdamW {
     /// One optimiser step over every parameter of `model` that has a gradient in `grads`.
+    ///
+    /// One multi-tensor kernel: [`multi_tensor::adamw`] where the values live in host memory (flex,
+    /// LibTorch on the CPU), [`crate::fused::tch::adamw`] over flat buffers elsewhere (CUDA).
     pub fn step(&mut self, model: &mut dyn Params, grads: &Gradients, o: StepOptions) {
-        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
-        model.visit("", &mut |name, mut p: ParamMut<'_>| {
+        let mut updates = Vec::new();
+        model.visit("", &mut |name, p: ParamMut<'_>| {
             if o.freeze_last_layer && is_last_layer(name) {
                 return;
             }
-            let Some(mut g) = p.grad_flat(grads) else {
+            let Some(grad) = p.grad_flat(grads) else {
                 return;
             };
-            if o.clip_grad > 0.0 {
-                g = clip_per_tensor(g, o.clip_grad);
-            }
-            let wd = if is_decayed(name, p.rank()) {
+            let weight_decay = if is_decayed(name, p.rank()) {
                 o.weight_decay
             } else {
                 0.0
             };
-            let x = plain(p.flat());
+            updates.push(Update {
+                name: name.to_string(),
+                param: plain(p.flat()),
+                grad,
+                weight_decay,
+            });
+        });
+        for u in &updates {
             let st = self
                 .state
-                .entry(name.to_string())
+                .entry(u.name.clone())
                 .or_insert_with(|| AdamState {
-                    m: x.zeros_like(),
-                    v: x.zeros_like(),
+                    m: u.param.zeros_like(),
+                    v: u.param.zeros_like(),
                     step: 0,
                 });
             st.step += 1;
-            let x = x.mul_scalar(1.0 - o.lr * wd);
-            st.m = st.m.clone().mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
-            st.v = st.v.clone().mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
-            let bc1 = 1.0 - b1.powi(st.step as i32);
-            let bc2 = 1.0 - b2.powi(st.step as i32);
-            let denom = st.v.clone().sqrt().div_scalar(bc2.sqrt()).add_scalar(eps);
-            let x = x - (st.m.clone() / denom).mul_scalar(o.lr / bc1);
-            p.set_leaf(x, true);
+        }
+        let new = match self.step_host(&updates, o) {
+            Some(new) => new,
+            #[cfg(feature = "tch")]
+            None if libtorch::all(updates.iter().map(|u| &u.param)) => {
+                self.step_libtorch(&updates, o)
+            }
+            None => panic!("AdamW: parameters on a device other than flex or LibTorch"),
+        };
+        // The same walk again: each updated parameter, in the order they were gathered.
+        let mut pending = updates.iter().map(|u| u.name.as_str()).zip(new).peekable();
+        model.visit("", &mut |name, mut p| {
+            if let Some((_, value)) = pending.next_if(|(n, _)| *n == name) {
+                p.set_leaf(value, true);
+            }
         });
+        assert!(
+            pending.next().is_none(),
+            "AdamW: the model's parameters changed during the step"
+        );
+    }
+
+    /// The multi-tensor step over host memory; `None` (nothing changed) when some tensor is elsewhere.
+    fn step_host(&mut self, updates: &[Update], o: StepOptions) -> Option<Vec<Tensor<1>>> {
+        let mut params = Vec::with_capacity(updates.len());
+        let mut grads = Vec::with_capacity(updates.len());
+        let mut moments = Vec::with_capacity(updates.len());
+        for u in updates {
+            params.push(Host::new(u.param.clone())?);
+            grads.push(Host::new(u.grad.clone())?);
+        }
+        // Taken out of the state (a cheap placeholder stands in), so that the kernel owns them and
+        // updates them in place.
+        for u in updates {
+            let st = self.state.get_mut(&u.name).expect("state made by step");
+            let m = std::mem::replace(&mut st.m, u.grad.clone());
+            let v = std::mem::replace(&mut st.v, u.grad.clone());
+            moments.push((
+                Host::new(m).expect("moments live with their parameter"),
+                Host::new(v).expect("same"),
+            ));
+        }
+        let mut outs: Vec<Host> = params.iter().map(|p| p.output(p.slice().len())).collect();
+        let (b1, b2) = (self.beta1, self.beta2);
+        let mut slots: Vec<AdamSlot<'_>> = updates
+            .iter()
+            .zip(&params)
+            .zip(&grads)
+            .zip(moments.iter_mut().zip(outs.iter_mut()))
+            .map(|(((u, param), grad), ((m, v), out))| {
+                let t = self.state[&u.name].step as i32;
+                AdamSlot {
+                    param: param.slice(),
+                    grad: grad.slice(),
+                    m: m.slice_mut(),
+                    v: v.slice_mut(),
+                    out: out.slice_mut(),
+                    decay: (1.0 - o.lr * u.weight_decay) as f32,
+                    step_size: (o.lr / (1.0 - b1.powi(t))) as f32,
+                    bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+                }
+            })
+            .collect();
+        multi_tensor::adamw(
+            &mut slots,
+            AdamScalars {
+                beta1: b1,
+                beta2: b2,
+                eps: self.eps,
+                clip: o.clip_grad,
+            },
+        );
+        drop(slots);
+        for (u, (m, v)) in updates.iter().zip(moments) {
+            let st = self.state.get_mut(&u.name).expect("state made above");
+            (st.m, st.v) = (m.into_tensor(), v.into_tensor());
+        }
+        Some(outs.into_iter().map(Host::into_tensor).collect())
+    }
+
+    /// The multi-tensor step on LibTorch tensors off the host (CUDA): [`crate::fused::tch::adamw`].
+    #[cfg(feature = "tch")]
+    fn step_libtorch(&mut self, updates: &[Update], o: StepOptions) -> Vec<Tensor<1>> {
+        let (b1, b2) = (self.beta1, self.beta2);
+        let mut per = Vec::with_capacity(updates.len());
+        let (mut params, mut grads, mut ms, mut vs) = (vec![], vec![], vec![], vec![]);
+        for u in updates {
+            let st = self.state.get_mut(&u.name).expect("state made by step");
+            let t = st.step as i32;
+            per.push(crate::fused::tch::AdamConsts {
+                decay: (1.0 - o.lr * u.weight_decay) as f32,
+                step_size: (o.lr / (1.0 - b1.powi(t))) as f32,
+                bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+            });
+            params.push(libtorch::primitive(u.param.clone()));
+            grads.push(libtorch::primitive(u.grad.clone()));
+            ms.push(libtorch::primitive(st.m.clone()));
+            vs.push(libtorch::primitive(st.v.clone()));
+        }
+        let k = AdamScalars {
+            beta1: b1,
+            beta2: b2,
+            eps: self.eps,
+            clip: o.clip_grad,
+        };
+        let [x, m, v] = crate::fused::tch::adamw(&params, &grads, &ms, &vs, &per, k);
+        for ((u, m), v) in updates.iter().zip(m).zip(v) {
+            let st = self.state.get_mut(&u.name).expect("state made by step");
+            (st.m, st.v) = (libtorch::tensor(m), libtorch::tensor(v));
+        }
+        x.into_iter().map(libtorch::tensor).collect()
     }
 }
 
-/// `θ_t ← m·θ_t + (1−m)·θ_s` over every (student, teacher) pair, backbone and heads.
+/// `θ_t ← m·θ_t + (1−m)·θ_s` over every (student, teacher) pair, backbone and heads: one multi-tensor
+/// kernel ([`multi_tensor::ema`] in host memory, [`crate::fused::tch::ema`] on CUDA).
 pub fn ema_update(teacher: &mut dyn Params, student: &mut dyn Params, momentum: f64) {
     let mut source = Vec::new();
     student.visit("", &mut |name, p| {
         source.push((name.to_string(), plain(p.flat())))
     });
-    let mut it = source.into_iter();
-    teacher.visit("", &mut |name, mut p| {
-        let (s_name, s) = it
+    let mut targets = Vec::with_capacity(source.len());
+    let mut it = source.iter();
+    teacher.visit("", &mut |name, p| {
+        let (s_name, _) = it
             .next()
             .unwrap_or_else(|| panic!("teacher has a parameter {name} the student lacks"));
         assert_eq!(
             s_name, name,
             "student and teacher parameters must match one to one"
         );
-        let t = plain(p.flat());
-        p.set_flat(t.mul_scalar(momentum) + s.mul_scalar(1.0 - momentum));
+        targets.push(plain(p.flat()));
     });
+    let hosts: Option<Vec<(Host, Host)>> = targets
+        .iter()
+        .zip(&source)
+        .map(|(t, (_, s))| Some((Host::new(t.clone())?, Host::new(s.clone())?)))
+        .collect();
+    let mut new: Vec<Tensor<1>> = match hosts {
+        #[cfg(feature = "tch")]
+        None if libtorch::all(targets.iter()) => {
+            let t: Vec<_> = targets.into_iter().map(libtorch::primitive).collect();
+            let s: Vec<_> = source
+                .into_iter()
+                .map(|(_, s)| libtorch::primitive(s))
+                .collect();
+            crate::fused::tch::ema(&t, &s, momentum)
+                .into_iter()
+                .map(libtorch::tensor)
+                .collect()
+        }
+        Some(hosts) => {
+            let mut outs: Vec<Host> = hosts
+                .iter()
+                .map(|(t, _)| t.output(t.slice().len()))
+                .collect();
+            let mut pairs: Vec<(&[f32], &[f32], &mut [f32])> = hosts
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|((t, s), out)| (t.slice(), s.slice(), out.slice_mut()))
+                .collect();
+            multi_tensor::ema(&mut pairs, momentum);
+            drop(pairs);
+            outs.into_iter().map(Host::into_tensor).collect()
+        }
+        None => panic!("EMA: parameters on a device other than flex or LibTorch"),
+    };
+    new.reverse();
+    teacher.visit("", &mut |_, mut p| {
+        p.set_flat(new.pop().expect("one value per parameter"))
+    });
+}
+
+/// Plain tensors as burn-tch primitives and back.
+#[cfg(feature = "tch")]
+#[allow(deprecated)] // burn-tch, as in `fused`
+mod libtorch {
+    use burn::backend::libtorch::TchTensor;
+    use burn::backend::{DispatchDevice, LibTorch};
+    use burn::tensor::Tensor;
+
+    pub fn all<'a>(mut ts: impl Iterator<Item = &'a Tensor<1>>) -> bool {
+        ts.all(|t| matches!(t.device().as_dispatch(), DispatchDevice::LibTorch(_)))
+    }
+    pub fn primitive(t: Tensor<1>) -> TchTensor {
+        t.try_into_primitive::<LibTorch>()
+            .expect("a plain LibTorch tensor")
+    }
+    pub fn tensor(t: TchTensor) -> Tensor<1> {
+        Tensor::from_primitive::<LibTorch>(t)
+    }
 }
 
 /// Makes the teacher an exact copy of the student (at start, as `teacher.load_state_dict(student)`), on

@@ -14,6 +14,7 @@ use crate::checkpoint::{self, Meta};
 use crate::config::TrainConfig;
 use crate::metrics::{MetricsLog, Record};
 use crate::step::{Schedules, StepMetrics, Trainer};
+use crate::vit::Precision;
 
 /// Command-line choices that are not part of the config.
 #[derive(Clone, Debug, Default)]
@@ -78,8 +79,20 @@ fn synth_is_current(dir: &Path, cfg: &TrainConfig, count: usize, seed: u64) -> b
 }
 
 /// The trainer a config describes (student and teacher equal, fresh optimiser and centers).
-fn new_trainer(cfg: &TrainConfig, schedules: Schedules, device: &burn::tensor::Device) -> Trainer {
-    Trainer::new(
+fn new_trainer(
+    cfg: &TrainConfig,
+    schedules: Schedules,
+    device: &burn::tensor::Device,
+) -> Result<Trainer> {
+    if cfg.run.precision == Precision::Bf16
+        && matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
+    {
+        bail!(
+            "run.precision = \"bf16\" needs a LibTorch device (tch-cpu or cuda:N): the flex backend computes \
+             bf16 through f32 and would be slower than f32"
+        );
+    }
+    let mut t = Trainer::new(
         &cfg.model,
         &cfg.head,
         &cfg.loss,
@@ -87,7 +100,10 @@ fn new_trainer(cfg: &TrainConfig, schedules: Schedules, device: &burn::tensor::D
         schedules,
         cfg.run.seed,
         device,
-    )
+    );
+    t.student.set_precision(cfg.run.precision);
+    t.teacher.set_precision(cfg.run.precision);
+    Ok(t)
 }
 
 /// A synthetic shapes set (the `shard synth` generator) in `dir`, unless it is there already.
@@ -243,7 +259,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     };
     let device = checkpoint::device(&cfg.run.device)?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, ipe, cfg.run.batch_size);
-    let mut trainer = new_trainer(&cfg, schedules, &device);
+    let mut trainer = new_trainer(&cfg, schedules, &device)?;
     let mut cursor = Cursor::default();
     if let Some((file, bytes)) = &resumed {
         let meta = checkpoint::restore(&mut trainer, bytes)?;
@@ -452,7 +468,7 @@ pub fn import_checkpoint(cfg: &TrainConfig, weights: &Path, out: &Path) -> Resul
     }
     let device = crate::checkpoint::device("cpu")?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1, cfg.run.batch_size);
-    let mut trainer = new_trainer(cfg, schedules, &device);
+    let mut trainer = new_trainer(cfg, schedules, &device)?;
     // `import` has stripped `backbone.`: backbone tensors sit at the top level, heads under their prefix.
     let get = |n: &str| named.get(n).cloned();
     let load_side =
@@ -501,7 +517,7 @@ pub fn bench(
     let device_name = device.unwrap_or(&cfg.run.device);
     let device = checkpoint::device(device_name)?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1000, cfg.run.batch_size);
-    let mut trainer = new_trainer(cfg, schedules, &device);
+    let mut trainer = new_trainer(cfg, schedules, &device)?;
     let b = cfg.run.batch_size;
     let batches: Box<dyn FnMut() -> Result<Batch>> = if synthetic {
         let sizes: Vec<usize> = (0..cfg.views.num_views())
@@ -544,12 +560,13 @@ pub fn bench(
     let step_time = secs / steps as f64;
     let ips = (steps * b) as f64 / secs;
     println!(
-        "bench: {} on {device_name}, {} views, batch {b}, {} ({}): {:.4} s/step, {:.1} images/s, data wait {:.0}%",
+        "bench: {} on {device_name} in {}, {} views, batch {b}, {} ({}): {:.4} s/step, {:.1} images/s, data wait {:.0}%",
         if cfg.loss.use_ref_loss {
             "DenseDINO"
         } else {
             "DINO"
         },
+        cfg.run.precision,
         cfg.views.num_views(),
         format_args!(
             "D={} depth={} heads={} patch={}",

@@ -3,23 +3,25 @@
 //! Token layout of the official code: `[CLS, REF_1..REF_R, PATCH_1..PATCH_N]` with an additive mask in every
 //! block. With the default mask `all2pos_pos2cls_eye` nothing attends to a reference token and a reference
 //! token attends to itself and the patches only, so the CLS and patch path is exactly a plain ViT.
-//! [`Vit::forward`] uses that: the plain path runs on `[CLS, patches]` through burn's fused attention, and in
-//! each block the R reference rows are computed against the patch keys and values plus their own. Every
-//! layer other than the attention (LayerNorms, qkv, proj, MLP) runs once on the concatenation.
+//! [`Vit::forward`] uses that: the sequence is `[CLS, PATCH.., REF..]` and each block's attention is one
+//! fused op ([`fused::attention`]) in which the first 1 + N rows attend to each other only and each
+//! reference row to the patches and itself; no `[S, S]` mask is ever built on flex. Every layer other than
+//! the attention (LayerNorms, qkv, proj, MLP) runs once on the whole sequence.
 //! [`Vit::forward_masked`] is the literal `(1+R+N)^2` masked formulation: the test oracle, and the path for
 //! the other mask modes.
 //!
 //! Shapes: B batch, T = 1 + N tokens, R reference tokens, D width, H heads, dh = D / H.
 
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::module::{attention, conv2d, layer_norm, linear};
-use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::module::{conv2d, linear};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::bicubic;
+use crate::fused;
 use crate::params::{self, ParamMut, Params};
 
 /// LayerNorm epsilon of DINO's ViT (`partial(nn.LayerNorm, eps=1e-6)`).
@@ -130,6 +132,43 @@ impl VitConfig {
     }
 }
 
+/// The dtype matmuls and convolutions compute in (`run.precision`), as `torch.autocast` splits it: with
+/// `Bf16` the linear layers, the patch convolution, attention and the head's last matmul run in bf16 on
+/// bf16 casts of f32 master weights, while LayerNorm, the residual stream, the L2 and weight
+/// normalisations, softmax, the loss and the centers stay f32. Gradients reach the f32 weights through the
+/// casts. LibTorch only: flex would emulate bf16 in f32, slower than f32 itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Precision {
+    /// `x` in the compute dtype.
+    pub fn compute<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Precision::F32 => x,
+            Precision::Bf16 => x.cast(DType::BF16),
+        }
+    }
+}
+
+/// `x` back in f32 (a no-op when it is).
+pub fn f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.cast(DType::F32)
+}
+
 /// `y = x W + b`, W stored `[in, out]` (burn's layout; export transposes to PyTorch's `[out, in]`).
 pub struct Linear {
     pub weight: Tensor<2>,
@@ -148,8 +187,13 @@ impl Linear {
             bias: params::param(vec![0.0; d_out], [d_out], device),
         }
     }
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.clone(), Some(self.bias.clone()))
+    /// In the compute dtype `p` (the output stays in it).
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, p: Precision) -> Tensor<D> {
+        linear(
+            p.compute(x),
+            p.compute(self.weight.clone()),
+            Some(p.compute(self.bias.clone())),
+        )
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
         f(&format!("{prefix}.weight"), ParamMut::R2(&mut self.weight));
@@ -170,7 +214,7 @@ impl LayerNorm {
         }
     }
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        layer_norm(x, self.weight.clone(), Some(self.bias.clone()), LN_EPS)
+        fused::layer_norm(x, self.weight.clone(), self.bias.clone(), LN_EPS)
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
         f(&format!("{prefix}.weight"), ParamMut::R1(&mut self.weight));
@@ -201,6 +245,22 @@ fn split_heads(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
     [part(0), part(1), part(2)]
 }
 
+/// The CLS row of the attention over the patches, `[B, H, N]` (for attention maps; no reference rows
+/// take part, so only the first `main` tokens are read).
+fn cls_attention(qkv: Tensor<3>, heads: usize, main: usize) -> Tensor<3> {
+    let [b, _, d3] = qkv.dims();
+    let scale = ((d3 / 3 / heads) as f64).powf(-0.5);
+    let [q, k, _] = split_heads(qkv.narrow(1, 0, main), heads); // [B, H, T, dh]
+    // [B,H,1,dh] @ [B,H,dh,T] → [B,H,1,T]
+    let logits = q
+        .narrow(2, 0, 1)
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(scale);
+    softmax(logits, 3)
+        .narrow(3, 1, main - 1)
+        .reshape([b, heads, main - 1])
+}
+
 /// `[B, H, S, dh]` → `[B, S, D]`.
 fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     let [b, h, s, dh] = x.dims();
@@ -229,76 +289,29 @@ impl Block {
         }
     }
 
-    fn mlp(&self, x: Tensor<3>, drop: Option<&Tensor<3>>) -> Tensor<3> {
-        let h = self
-            .fc2
-            .forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+    fn mlp(&self, x: Tensor<3>, p: Precision, drop: Option<&Tensor<3>>) -> Tensor<3> {
+        let h = self.fc1.forward(self.norm2.forward(x.clone()), p); // [B, S, 4D]
+        let h = f32(self.fc2.forward(gelu(h), p)); // [B, S, D]
         drop_residual(x, h, drop)
     }
 
-    /// The efficient path. `x`: `[B, T, D]` (CLS then N patches), `r`: `[B, R, D]`. Returns the new `x`,
-    /// the new `r`, and with `want_attn` the CLS attention over the patches `[B, H, N]`.
+    /// The efficient path. `x`: `[B, S, D]`, the `main` = 1 + N tokens (CLS, patches) followed by the
+    /// reference tokens. Returns the new `x` and, with `want_attn`, the CLS attention over the patches
+    /// `[B, H, N]`.
     fn forward(
         &self,
         x: Tensor<3>,
-        r: Option<Tensor<3>>,
         heads: usize,
+        main: usize,
+        p: Precision,
         drop: Option<&Tensor<3>>,
         want_attn: bool,
-    ) -> (Tensor<3>, Option<Tensor<3>>, Option<Tensor<3>>) {
-        let [b, t, d] = x.dims();
-        let nr = r.as_ref().map_or(0, |r| r.dims()[1]);
-        let n = t - 1;
-        let scale = ((d / heads) as f64).powf(-0.5);
-        let all = match r {
-            Some(r) => Tensor::cat(vec![x, r], 1), // [B, T+R, D]
-            None => x,
-        };
-        let [q, k, v] = split_heads(self.qkv.forward(self.norm1.forward(all.clone())), heads); // [B,H,T+R,dh]
-        let (qm, km, vm) = (
-            q.clone().narrow(2, 0, t),
-            k.clone().narrow(2, 0, t),
-            v.clone().narrow(2, 0, t),
-        );
-        let attn_map = want_attn.then(|| {
-            // [B,H,1,dh] @ [B,H,dh,T] → [B,H,1,T]; the CLS row of the last block, for attention maps.
-            let logits = qm
-                .clone()
-                .narrow(2, 0, 1)
-                .matmul(km.clone().swap_dims(2, 3))
-                .mul_scalar(scale);
-            softmax(logits, 3).narrow(3, 1, n).reshape([b, heads, n])
-        });
-        let om = attention(
-            qm,
-            km.clone(),
-            vm.clone(),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        ); // [B,H,T,dh]
-        let o = if nr > 0 {
-            let (qr, kr, vr) = (q.narrow(2, t, nr), k.narrow(2, t, nr), v.narrow(2, t, nr)); // [B,H,R,dh]
-            let (kp, vp) = (km.narrow(2, 1, n), vm.narrow(2, 1, n)); // [B,H,N,dh]: patches only, no CLS
-            let to_patches = qr.clone().matmul(kp.swap_dims(2, 3)).mul_scalar(scale); // [B,H,R,N]
-            let to_self = (qr * kr).sum_dim(3).mul_scalar(scale); // [B,H,R,1]
-            let a = softmax(Tensor::cat(vec![to_self, to_patches], 3), 3); // [B,H,R,1+N]
-            let or = a.clone().narrow(3, 0, 1) * vr + a.narrow(3, 1, n).matmul(vp); // [B,H,R,dh]
-            Tensor::cat(vec![om, or], 2) // [B,H,T+R,dh]
-        } else {
-            om
-        };
-        let all = drop_residual(all, self.proj.forward(merge_heads(o)), drop);
-        let all = self.mlp(all, drop); // [B, T+R, D]
-        if nr > 0 {
-            (
-                all.clone().narrow(1, 0, t),
-                Some(all.narrow(1, t, nr)),
-                attn_map,
-            )
-        } else {
-            (all, None, attn_map)
-        }
+    ) -> (Tensor<3>, Option<Tensor<3>>) {
+        let qkv = self.qkv.forward(self.norm1.forward(x.clone()), p); // [B, S, 3D]
+        let attn_map = want_attn.then(|| cls_attention(f32(qkv.clone()), heads, main));
+        let o = fused::attention(qkv, heads, main); // [B, S, D]
+        let x = drop_residual(x, f32(self.proj.forward(o, p)), drop);
+        (self.mlp(x, p, drop), attn_map)
     }
 
     /// The literal formulation: softmax(q kᵀ·scale + bias) v over the whole sequence; `bias` is `[T, T]`.
@@ -307,15 +320,17 @@ impl Block {
         x: Tensor<3>,
         heads: usize,
         bias: &Tensor<4>,
+        p: Precision,
         drop: Option<&Tensor<3>>,
     ) -> Tensor<3> {
         let d = x.dims()[2];
         let scale = ((d / heads) as f64).powf(-0.5);
-        let [q, k, v] = split_heads(self.qkv.forward(self.norm1.forward(x.clone())), heads);
-        let logits = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + bias.clone(); // [B,H,S,S]
-        let o = softmax(logits, 3).matmul(v);
-        let x = drop_residual(x, self.proj.forward(merge_heads(o)), drop);
-        self.mlp(x, drop)
+        let [q, k, v] = split_heads(self.qkv.forward(self.norm1.forward(x.clone()), p), heads);
+        // The scores' matmul in the compute dtype, the mask and softmax in f32 (as autocast).
+        let logits = f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale) + bias.clone(); // [B,H,S,S]
+        let o = p.compute(softmax(logits, 3)).matmul(v);
+        let x = drop_residual(x, f32(self.proj.forward(merge_heads(o), p)), drop);
+        self.mlp(x, p, drop)
     }
 
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
@@ -353,6 +368,8 @@ pub struct Vit {
     pub norm: LayerNorm,
     /// `[1, 1, D]`, only with `learnable_ref_token`.
     pub ref_token: Option<Tensor<3>>,
+    /// The compute dtype of the forward passes (f32 unless set).
+    pub precision: Precision,
 }
 
 impl Vit {
@@ -389,6 +406,7 @@ impl Vit {
             blocks,
             norm: LayerNorm::init(d, device),
             ref_token,
+            precision: Precision::F32,
         }
     }
 
@@ -421,12 +439,12 @@ impl Vit {
         let d = self.cfg.embed_dim;
         let (h, w) = (hh / p, ww / p);
         let opts = ConvOptions::new([p, p], [0, 0], [1, 1], 1);
-        let patches = conv2d(
-            x,
-            self.patch_weight.clone(),
-            Some(self.patch_bias.clone()),
-            opts,
-        ); // [B,D,h,w]
+        let pr = self.precision;
+        let (weight, bias) = (
+            pr.compute(self.patch_weight.clone()),
+            pr.compute(self.patch_bias.clone()),
+        );
+        let patches = f32(conv2d(pr.compute(x), weight, Some(bias), opts)); // [B,D,h,w]
         let patches = patches.reshape([b, d, h * w]).swap_dims(1, 2); // [B, N, D]
         let patches = patches + self.patch_pos_for(h, w).unsqueeze::<3>(); // [B, N, D]
         let cls_pos = self.pos_embed.clone().narrow(1, 0, 1); // [1,1,D]
@@ -464,26 +482,25 @@ impl Vit {
         }
         let b = x.dims()[0];
         let heads = self.cfg.num_heads;
-        let mut h = self.embed(x); // [B, T, D]
-        let mut r = refs.map(|w| self.ref_tokens(w, b)); // [B, R, D]
+        let tokens = self.embed(x); // [B, T, D]
+        let t = tokens.dims()[1];
+        // The reference tokens ride at the end of the sequence through every block ([`fused::attention`]).
+        let mut h = match refs.map(|w| self.ref_tokens(w, b)) {
+            Some(r) => Tensor::cat(vec![tokens, r], 1), // [B, T+R, D]
+            None => tokens,
+        };
+        let s = h.dims()[1];
         let mut attn = None;
         let last = self.blocks.len().saturating_sub(1);
         for (i, block) in self.blocks.iter().enumerate() {
-            let (h2, r2, a) = block.forward(
-                h,
-                r,
-                heads,
-                drop.get(i).and_then(|d| d.as_ref()),
-                want_attn && i == last,
-            );
-            (h, r, attn) = (h2, r2, a);
+            let drop = drop.get(i).and_then(|d| d.as_ref());
+            (h, attn) = block.forward(h, heads, t, self.precision, drop, want_attn && i == last);
         }
         let h = self.norm.forward(h);
-        let t = h.dims()[1];
         VitOutput {
             cls: h.clone().narrow(1, 0, 1).squeeze_dim(1),
+            refs: (s > t).then(|| h.clone().narrow(1, t, s - t)),
             patches: h.narrow(1, 1, t - 1),
-            refs: r.map(|r| self.norm.forward(r)),
             attn,
         }
     }
@@ -521,7 +538,8 @@ impl Vit {
         .reshape([1, 1, s, s]);
         let mut h = seq;
         for (i, block) in self.blocks.iter().enumerate() {
-            h = block.forward_masked(h, heads, &bias, drop.get(i).and_then(|d| d.as_ref()));
+            let drop = drop.get(i).and_then(|d| d.as_ref());
+            h = block.forward_masked(h, heads, &bias, self.precision, drop);
         }
         let h = self.norm.forward(h);
         VitOutput {

@@ -193,7 +193,18 @@ fn inputs(batch: usize, size: usize, refs: usize, dev: &Device) -> (Tensor<4>, V
 
 #[test]
 fn efficient_reference_path_equals_the_masked_formulation_and_leaves_cls_and_patches_alone() {
-    let dev = device();
+    oracle_check(device());
+}
+
+/// The same on LibTorch (CPU), whose fused attention is LibTorch's own kernel.
+#[cfg(feature = "tch")]
+#[test]
+#[allow(deprecated)] // burn-tch is deprecated upstream; it is the LibTorch path we ship
+fn efficient_reference_path_equals_the_masked_formulation_on_libtorch() {
+    oracle_check(Device::libtorch());
+}
+
+fn oracle_check(dev: Device) {
     let cfg = tiny(MaskMode::All2posPos2clsEye, 0.2);
     let vit = Vit::new(&cfg, &mut seed::rng(1, Purpose::Model, &[0]), &dev);
     let (b, r) = (3, 5);

@@ -3,6 +3,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::seed::{self, Purpose};
+use trainer::fused::multi_tensor::{self, AdamScalars, AdamSlot};
 use trainer::head::HeadConfig;
 use trainer::loss::{DenseDinoLoss, Layout, LossConfig};
 use trainer::model::DenseDino;
@@ -100,19 +101,53 @@ fn teacher_temperature_warms_up_linearly_inclusive() {
 
 #[test]
 fn clipping_is_per_tensor_not_global() {
-    let dev = Device::flex();
-    let big = Tensor::<1>::from_data(TensorData::new(vec![3.0f32, 4.0, 0.0, 0.0], [4]), &dev); // ‖g‖ = 5 > 3
-    let small = Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0], [4]), &dev); // ‖g‖ = 1
-    let c = host(optim::clip_per_tensor(big, 3.0));
+    // Two tensors, ‖g1‖ = 5 > 3 and ‖g2‖ = 1, through one multi-tensor AdamW step. After it the first
+    // moment is (1 − β1)·g·coef, so it shows each tensor's clip coefficient.
+    let (g1, g2) = ([3.0f32, 4.0, 0.0, 0.0], [1.0f32, 0.0, 0.0, 0.0]);
+    let zeros = [0.0f32; 4];
+    let (mut m1, mut v1, mut o1) = ([0.0f32; 4], [0.0f32; 4], [0.0f32; 4]);
+    let (mut m2, mut v2, mut o2) = ([0.0f32; 4], [0.0f32; 4], [0.0f32; 4]);
+    let mut slots = [
+        AdamSlot {
+            param: &zeros,
+            grad: &g1,
+            m: &mut m1,
+            v: &mut v1,
+            out: &mut o1,
+            decay: 1.0,
+            step_size: 0.1,
+            bc2_sqrt: 0.1,
+        },
+        AdamSlot {
+            param: &zeros,
+            grad: &g2,
+            m: &mut m2,
+            v: &mut v2,
+            out: &mut o2,
+            decay: 1.0,
+            step_size: 0.1,
+            bc2_sqrt: 0.1,
+        },
+    ];
+    multi_tensor::adamw(
+        &mut slots,
+        AdamScalars {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            clip: 3.0,
+        },
+    );
     let k = 3.0 / (5.0 + 1e-6);
+    let c = 1.0 - 0.9f64;
     assert!(
-        (c[0] - 3.0 * k).abs() < 1e-6 && (c[1] - 4.0 * k).abs() < 1e-6,
-        "{c:?}"
+        (m1[0] as f64 - c * 3.0 * k).abs() < 1e-6 && (m1[1] as f64 - c * 4.0 * k).abs() < 1e-6,
+        "{m1:?}"
     );
     // A global-norm clip (‖(g1, g2)‖ = √26) would have scaled the small tensor too.
-    assert_eq!(
-        host(optim::clip_per_tensor(small, 3.0)),
-        vec![1.0, 0.0, 0.0, 0.0]
+    assert!(
+        (m2[0] as f64 - c).abs() < 1e-7 && m2[1..] == [0.0; 3],
+        "{m2:?}"
     );
 }
 

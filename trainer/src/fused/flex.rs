@@ -1,0 +1,675 @@
+//! The fused kernels on burn's pure-Rust `flex` backend: f32 rows in, f32 rows out, one pass where the
+//! decomposed formulation makes five to ten. Rows are split over rayon's pool (the one flex itself uses);
+//! the two small matrix products of attention go to `gemm` (flex's own GEMM), single-threaded inside a
+//! rayon task.
+//!
+//! Reductions run over 16 lanes in a fixed order, in fixed blocks summed in order, so on one machine a
+//! result does not depend on the thread count: replay is bit-exact. (Across machines it may differ in
+//! the last bits: `gemm` picks its kernel and blocking from the CPU, and `ln` is libm's.)
+
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::tensor::{Bytes, DType, Shape};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// Lanes of every reduction (one AVX-512 register, two AVX2 registers).
+const LANES: usize = 16;
+
+/// A contiguous f32 copy (or the tensor itself when it already is one).
+pub fn contiguous(t: FlexTensor) -> FlexTensor {
+    assert_eq!(
+        t.dtype(),
+        DType::F32,
+        "the fused flex kernels take f32 tensors"
+    );
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+pub fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 tensor")
+}
+
+pub fn tensor(data: Vec<f32>, dims: &[usize]) -> FlexTensor {
+    debug_assert_eq!(data.len(), dims.iter().product::<usize>());
+    FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::contiguous(Shape::from(dims.to_vec())),
+        DType::F32,
+    )
+}
+
+pub fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().to_vec()
+}
+
+/// `e^x` to about 2 ulp on the range that matters (`x ≥ −87`; below, a denormal-free tiny value), written
+/// without branches or libm so that a loop over it vectorises (Cephes' `expf`: `x = n ln2 + r`,
+/// `|r| ≤ ln2/2`, a degree-6 polynomial in `r`, and `2^n` put in the exponent bits).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round-to-nearest by the 1.5·2^23 trick: vectorises, unlike `round`.
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Maximum of a row.
+#[inline(always)]
+fn max_row(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] = acc[j].max(c[j]);
+        }
+    }
+    let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &v in tail {
+        m = m.max(v);
+    }
+    m
+}
+
+/// `Σ_j f(x_j)`, lanes summed pairwise at the end.
+#[inline(always)]
+fn sum_row(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] += f(c[j]);
+        }
+    }
+    let mut s = lanes_sum(acc);
+    for &v in tail {
+        s += f(v);
+    }
+    s
+}
+
+/// `Σ_j f(x_j, y_j)`.
+#[inline(always)]
+fn sum_rows2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    debug_assert_eq!(x.len(), y.len());
+    let mut acc = [0f32; LANES];
+    let n = x.len() / LANES * LANES;
+    for (cx, cy) in x[..n].chunks_exact(LANES).zip(y[..n].chunks_exact(LANES)) {
+        for j in 0..LANES {
+            acc[j] += f(cx[j], cy[j]);
+        }
+    }
+    let mut s = lanes_sum(acc);
+    for (&a, &b) in x[n..].iter().zip(&y[n..]) {
+        s += f(a, b);
+    }
+    s
+}
+
+/// `Σ_j f(x_j, y_j, z_j)`.
+#[inline(always)]
+fn sum_rows3(x: &[f32], y: &[f32], z: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = x.len() / LANES * LANES;
+    for c in (0..n).step_by(LANES) {
+        let (x, y, z) = (&x[c..c + LANES], &y[c..c + LANES], &z[c..c + LANES]);
+        for j in 0..LANES {
+            acc[j] += f(x[j], y[j], z[j]);
+        }
+    }
+    let mut s = lanes_sum(acc);
+    for j in n..x.len() {
+        s += f(x[j], y[j], z[j]);
+    }
+    s
+}
+
+#[inline(always)]
+fn lanes_sum(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for j in 0..w {
+            acc[j] += acc[j + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LayerNorm over the last dimension.
+
+/// Rows handled by one rayon task (and one partial sum of the weight and bias gradients).
+const LN_ROWS: usize = 64;
+
+/// `y = (x − μ)·rstd·γ + β` per row of `x` `[rows, d]`. Returns y and, per row, μ and rstd (the backward's
+/// state).
+pub fn layer_norm(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    d: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = x.len() / d;
+    let mut y = vec![0f32; x.len()];
+    let mut mean = vec![0f32; rows];
+    let mut rstd = vec![0f32; rows];
+    y.par_chunks_mut(LN_ROWS * d)
+        .zip(x.par_chunks(LN_ROWS * d))
+        .zip(
+            mean.par_chunks_mut(LN_ROWS)
+                .zip(rstd.par_chunks_mut(LN_ROWS)),
+        )
+        .for_each(|((y, x), (mean, rstd))| layer_norm_rows(x, gamma, beta, d, eps, y, mean, rstd));
+    (y, mean, rstd)
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_rows(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    d: usize,
+    eps: f32,
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    for (r, (x, y)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+        let mu = sum_row(x, |v| v) / d as f32;
+        let var = sum_row(x, |v| (v - mu) * (v - mu)) / d as f32;
+        let rs = 1.0 / (var + eps).sqrt();
+        for j in 0..d {
+            y[j] = (x[j] - mu) * rs * gamma[j] + beta[j];
+        }
+        mean[r] = mu;
+        rstd[r] = rs;
+    }
+}
+
+/// The LayerNorm backward: `dx` `[rows, d]`, `dγ` and `dβ` `[d]`.
+pub fn layer_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    d: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0f32; x.len()];
+    // One partial (dγ, dβ) per task, summed in task order: the same bits whatever the thread count.
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(LN_ROWS * d)
+        .zip(x.par_chunks(LN_ROWS * d).zip(dy.par_chunks(LN_ROWS * d)))
+        .zip(mean.par_chunks(LN_ROWS).zip(rstd.par_chunks(LN_ROWS)))
+        .map(|((dx, (x, dy)), (mean, rstd))| {
+            let mut dg = vec![0f32; d];
+            let mut db = vec![0f32; d];
+            layer_norm_backward_rows(x, gamma, mean, rstd, dy, d, dx, &mut dg, &mut db);
+            (dg, db)
+        })
+        .collect();
+    let mut dgamma = vec![0f32; d];
+    let mut dbeta = vec![0f32; d];
+    for (dg, db) in partials {
+        for j in 0..d {
+            dgamma[j] += dg[j];
+            dbeta[j] += db[j];
+        }
+    }
+    (dx, dgamma, dbeta)
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_backward_rows(
+    x: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    d: usize,
+    dx: &mut [f32],
+    dg: &mut [f32],
+    db: &mut [f32],
+) {
+    for (r, ((x, dy), dx)) in x
+        .chunks_exact(d)
+        .zip(dy.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+        .enumerate()
+    {
+        let (mu, rs) = (mean[r], rstd[r]);
+        // With x̂ = (x − μ)·rstd and g = dy·γ: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)).
+        let a = sum_rows2(dy, gamma, |dy, g| dy * g) / d as f32;
+        let b = sum_rows3(dy, gamma, x, |dy, g, x| dy * g * (x - mu) * rs) / d as f32;
+        for j in 0..d {
+            let xhat = (x[j] - mu) * rs;
+            dx[j] = rs * (dy[j] * gamma[j] - a - xhat * b);
+            dg[j] += dy[j] * xhat;
+            db[j] += dy[j];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Attention with DenseDINO's reference rows, straight from the qkv projection.
+
+/// The shape of one fused attention call. The sequence is `[CLS, PATCH_1..PATCH_N, REF_1..REF_R]`:
+/// `main` = 1 + N tokens that attend to each other, then `seq − main` reference rows that attend to the
+/// patches and to themselves only (the official `all2pos_pos2cls_eye` mask); nothing attends to them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub main: usize,
+    pub heads: usize,
+    /// D = heads · head_dim.
+    pub dim: usize,
+}
+
+impl AttnShape {
+    fn head_dim(&self) -> usize {
+        self.dim / self.heads
+    }
+}
+
+/// Softmax of one score row in place under the reference mask; masked entries become exactly 0. Returns
+/// the row's log-sum-exp (the backward recomputes the probabilities from it).
+#[inline(always)]
+fn masked_softmax_row(row: &mut [f32], i: usize, main: usize) -> f32 {
+    let (lo, own) = if i < main { (0, None) } else { (1, Some(i)) };
+    let mut m = max_row(&row[lo..main]);
+    if let Some(i) = own {
+        m = m.max(row[i]);
+    }
+    let mut z = 0f32;
+    {
+        let r = &mut row[lo..main];
+        let mut acc = [0f32; LANES];
+        let n = r.len() / LANES * LANES;
+        for c in r[..n].chunks_exact_mut(LANES) {
+            for j in 0..LANES {
+                c[j] = exp(c[j] - m);
+                acc[j] += c[j];
+            }
+        }
+        z += lanes_sum(acc);
+        for v in &mut r[n..] {
+            *v = exp(*v - m);
+            z += *v;
+        }
+    }
+    let own_e = own.map(|i| exp(row[i] - m));
+    if let Some(e) = own_e {
+        z += e;
+    }
+    let inv = 1.0 / z;
+    for v in &mut row[lo..main] {
+        *v *= inv;
+    }
+    row[..lo].fill(0.0);
+    row[main..].fill(0.0);
+    if let (Some(i), Some(e)) = (own, own_e) {
+        row[i] = e * inv;
+    }
+    m + z.ln()
+}
+
+/// `dst = beta · lhs · rhs` for strided row-major operands (strides in elements), single-threaded.
+///
+/// # Safety
+/// Every `(row, col)` of `m × k`, `k × n` and `m × n` at the given strides must lie inside the buffers
+/// behind `lhs`, `rhs` and `dst`, and `dst` must not overlap the others.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `qkv` `[B, S, 3D]` (PyTorch's `reshape(B, S, 3, H, dh)` order) → the attention output `[B, S, D]` with
+/// heads merged, and the log-sum-exp `[B, H, S]` of every score row.
+pub fn attention(qkv: &[f32], s: AttnShape, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let AttnShape {
+        batch,
+        seq,
+        main,
+        heads,
+        dim,
+    } = s;
+    let dh = s.head_dim();
+    assert_eq!(qkv.len(), batch * seq * 3 * dim, "qkv is not [B, S, 3D]");
+    let mut out = vec![0f32; batch * seq * dim];
+    let mut lse = vec![0f32; batch * heads * seq];
+    out.par_chunks_mut(seq * dim)
+        .zip(lse.par_chunks_mut(heads * seq))
+        .zip(qkv.par_chunks(seq * 3 * dim))
+        .for_each_init(
+            || vec![0f32; seq * seq],
+            |p, ((out, lse), qkv)| {
+                for h in 0..heads {
+                    let q = qkv[h * dh..].as_ptr();
+                    let k = qkv[dim + h * dh..].as_ptr();
+                    let v = qkv[2 * dim + h * dh..].as_ptr();
+                    // SAFETY: q, k, v are S rows of dh at row stride 3D inside this item's [S, 3D] block;
+                    // p is [S, S]; the output is S rows of dh at row stride D inside this item's [S, D].
+                    unsafe {
+                        // [S, dh] @ [dh, S] → [S, S]
+                        matmul(
+                            seq,
+                            seq,
+                            dh,
+                            p.as_mut_ptr(),
+                            seq,
+                            q,
+                            (3 * dim, 1),
+                            k,
+                            (1, 3 * dim),
+                            scale,
+                        );
+                    }
+                    for (i, row) in p.chunks_exact_mut(seq).enumerate() {
+                        lse[h * seq + i] = masked_softmax_row(row, i, main);
+                    }
+                    unsafe {
+                        // [S, S] @ [S, dh] → [S, dh] into the merged-heads output
+                        matmul(
+                            seq,
+                            dh,
+                            seq,
+                            out[h * dh..].as_mut_ptr(),
+                            dim,
+                            p.as_ptr(),
+                            (seq, 1),
+                            v,
+                            (3 * dim, 1),
+                            1.0,
+                        );
+                    }
+                }
+            },
+        );
+    (out, lse)
+}
+
+/// The attention backward: `d qkv` `[B, S, 3D]` from the forward's input, output and log-sum-exp and the
+/// output's gradient `dout` `[B, S, D]`. The probabilities are recomputed, not stored (FlashAttention's
+/// trade: one more small matmul against an `[B, H, S, S]` buffer kept alive through the step).
+pub fn attention_backward(
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    s: AttnShape,
+    scale: f32,
+) -> Vec<f32> {
+    let AttnShape {
+        batch,
+        seq,
+        main,
+        heads,
+        dim,
+    } = s;
+    let dh = s.head_dim();
+    let mut dqkv = vec![0f32; batch * seq * 3 * dim];
+    dqkv.par_chunks_mut(seq * 3 * dim)
+        .zip(qkv.par_chunks(seq * 3 * dim))
+        .zip(out.par_chunks(seq * dim).zip(dout.par_chunks(seq * dim)))
+        .zip(lse.par_chunks(heads * seq))
+        .for_each_init(
+            || (vec![0f32; seq * seq], vec![0f32; seq * seq]),
+            |(p, dp), (((dqkv, qkv), (out, dout)), lse)| {
+                for h in 0..heads {
+                    let q = qkv[h * dh..].as_ptr();
+                    let k = qkv[dim + h * dh..].as_ptr();
+                    let v = qkv[2 * dim + h * dh..].as_ptr();
+                    let d_o = dout[h * dh..].as_ptr();
+                    // SAFETY (every call below): operands are S rows of dh inside this item's [S, 3D] or
+                    // [S, D] blocks at their row strides, or the [S, S] scratch buffers; the three
+                    // destinations are disjoint column bands of this item's [S, 3D] gradient block.
+                    unsafe {
+                        matmul(
+                            seq,
+                            seq,
+                            dh,
+                            p.as_mut_ptr(),
+                            seq,
+                            q,
+                            (3 * dim, 1),
+                            k,
+                            (1, 3 * dim),
+                            scale,
+                        );
+                    }
+                    for (i, row) in p.chunks_exact_mut(seq).enumerate() {
+                        recompute_probs(row, i, main, lse[h * seq + i]);
+                    }
+                    unsafe {
+                        // dV = Pᵀ dO: [S, S]ᵀ @ [S, dh]
+                        matmul(
+                            seq,
+                            dh,
+                            seq,
+                            dqkv[2 * dim + h * dh..].as_mut_ptr(),
+                            3 * dim,
+                            p.as_ptr(),
+                            (1, seq),
+                            d_o,
+                            (dim, 1),
+                            1.0,
+                        );
+                        // dP = dO Vᵀ: [S, dh] @ [dh, S]
+                        matmul(
+                            seq,
+                            seq,
+                            dh,
+                            dp.as_mut_ptr(),
+                            seq,
+                            d_o,
+                            (dim, 1),
+                            v,
+                            (1, 3 * dim),
+                            1.0,
+                        );
+                    }
+                    for i in 0..seq {
+                        // dS = P ⊙ (dP − Σ_c dO·O): zero wherever P is (the masked entries).
+                        let o = &out[i * dim + h * dh..i * dim + (h + 1) * dh];
+                        let g = &dout[i * dim + h * dh..i * dim + (h + 1) * dh];
+                        let di = sum_rows2(o, g, |a, b| a * b);
+                        let (pr, dr) =
+                            (&p[i * seq..(i + 1) * seq], &mut dp[i * seq..(i + 1) * seq]);
+                        for j in 0..seq {
+                            dr[j] = pr[j] * (dr[j] - di);
+                        }
+                    }
+                    unsafe {
+                        // dQ = dS K · scale, dK = dSᵀ Q · scale
+                        matmul(
+                            seq,
+                            dh,
+                            seq,
+                            dqkv[h * dh..].as_mut_ptr(),
+                            3 * dim,
+                            dp.as_ptr(),
+                            (seq, 1),
+                            k,
+                            (3 * dim, 1),
+                            scale,
+                        );
+                        matmul(
+                            seq,
+                            dh,
+                            seq,
+                            dqkv[dim + h * dh..].as_mut_ptr(),
+                            3 * dim,
+                            dp.as_ptr(),
+                            (1, seq),
+                            q,
+                            (3 * dim, 1),
+                            scale,
+                        );
+                    }
+                }
+            },
+        );
+    dqkv
+}
+
+/// Scores → probabilities `exp(s − lse)` under the reference mask (masked entries exactly 0).
+#[inline(always)]
+fn recompute_probs(row: &mut [f32], i: usize, main: usize, lse: f32) {
+    let lo = if i < main { 0 } else { 1 };
+    let own = (i >= main).then(|| exp(row[i] - lse));
+    for v in &mut row[lo..main] {
+        *v = exp(*v - lse);
+    }
+    row[..lo].fill(0.0);
+    row[main..].fill(0.0);
+    if let Some(e) = own {
+        row[i] = e;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// DINO's cross-entropy between teacher targets and student log-probabilities.
+
+/// For every student row, the teacher rows it is matched with (none, one or two).
+pub type Partners = Vec<Vec<u32>>;
+
+/// `Σ_{(i, j) matched} Σ_k p_jk · log_softmax(s_i / τ)_k` over the student rows `s` `[n_s, K]` and the
+/// targets `p` `[n_t, K]` (the caller negates and scales). Returns that sum and, per student row, its
+/// log-sum-exp (0 for a row without partners, which is never read).
+pub fn dino_ce(
+    s: &[f32],
+    p: &[f32],
+    k: usize,
+    partners: &Partners,
+    inv_tau: f32,
+) -> (f64, Vec<f32>) {
+    let per_row: Vec<(f32, f64)> = s
+        .par_chunks(k)
+        .zip(partners.par_iter())
+        .map(|(s, partners)| {
+            if partners.is_empty() {
+                (0.0, 0.0)
+            } else {
+                dino_ce_row(s, p, k, partners, inv_tau)
+            }
+        })
+        .collect();
+    let total = per_row.iter().map(|&(_, t)| t).sum();
+    (total, per_row.into_iter().map(|(l, _)| l).collect())
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
+fn dino_ce_row(s: &[f32], p: &[f32], k: usize, partners: &[u32], inv_tau: f32) -> (f32, f64) {
+    let m = max_row(s);
+    let z = sum_row(s, |v| exp((v - m) * inv_tau));
+    let lse = m * inv_tau + z.ln();
+    let mut total = 0f64;
+    for &j in partners {
+        let pj = &p[j as usize * k..(j as usize + 1) * k];
+        let ps = sum_rows2(pj, s, |p, s| p * s);
+        let p_sum = sum_row(pj, |v| v);
+        total += (inv_tau * ps) as f64 - (lse * p_sum) as f64;
+    }
+    (lse, total)
+}
+
+/// The gradient of `coef · Σ_{(i, j)} Σ_k p_jk · log_softmax(s_i / τ)_k` with respect to `s`:
+/// `coef/τ · Σ_j (p_j − softmax(s_i/τ) · Σ_k p_jk)` per student row.
+pub fn dino_ce_backward(
+    s: &[f32],
+    p: &[f32],
+    lse: &[f32],
+    k: usize,
+    partners: &Partners,
+    inv_tau: f32,
+    coef: f32,
+) -> Vec<f32> {
+    let mut ds = vec![0f32; s.len()];
+    ds.par_chunks_mut(k)
+        .zip(s.par_chunks(k))
+        .zip(lse.par_iter().zip(partners.par_iter()))
+        .for_each(|((ds, s), (&lse, partners))| {
+            if !partners.is_empty() {
+                dino_ce_backward_row(ds, s, p, lse, k, partners, inv_tau, coef);
+            }
+        });
+    ds
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
+#[allow(clippy::too_many_arguments)]
+fn dino_ce_backward_row(
+    ds: &mut [f32],
+    s: &[f32],
+    p: &[f32],
+    lse: f32,
+    k: usize,
+    partners: &[u32],
+    inv_tau: f32,
+    coef: f32,
+) {
+    let row = |j: u32| &p[j as usize * k..(j as usize + 1) * k];
+    let mass: f32 = partners.iter().map(|&j| sum_row(row(j), |v| v)).sum();
+    let c = coef * inv_tau;
+    let first = row(partners[0]);
+    for i in 0..k {
+        ds[i] = c * (first[i] - exp(s[i] * inv_tau - lse) * mass);
+    }
+    for &j in &partners[1..] {
+        let pj = row(j);
+        for i in 0..k {
+            ds[i] += c * pj[i];
+        }
+    }
+}
