@@ -23,17 +23,15 @@ fn make_set(dir: &Path, count: usize) {
 
 fn make_set_with(dir: &Path, count: usize, zstd_level: Option<i32>) {
     let opts = SynthOptions {
-        kind: Default::default(),
         count,
         size: 64,
-        max_shapes: 3,
         seed: 3,
-        prefix: "train".into(),
         per_shard: 20,
         zstd_level,
         quality: 90,
         force: true,
         quiet: true,
+        ..Default::default()
     };
     synth(dir, &opts).unwrap();
 }

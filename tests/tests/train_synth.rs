@@ -5,26 +5,23 @@ use burn::tensor::Device;
 use common::config::ViewsConfig;
 use loader::{LoaderOptions, start};
 use shard::synth::{SynthOptions, synth};
-use trainer::head::HeadConfig;
-use trainer::loss::LossConfig;
-use trainer::step::{OptimConfig, Schedules, Trainer};
-use trainer::vit::{MaskMode, VitConfig};
+use trainer::model::head::HeadConfig;
+use trainer::model::vit::{MaskMode, VitConfig};
+use trainer::train::loss::LossConfig;
+use trainer::train::step::{OptimConfig, Schedules, Trainer};
 
 #[test]
 fn a_short_cpu_run_lowers_the_loss_without_collapse() {
     let tmp = tempfile::tempdir().unwrap();
     let opts = SynthOptions {
-        kind: Default::default(),
         count: 256,
         size: 64,
-        max_shapes: 3,
         seed: 5,
-        prefix: "train".into(),
         per_shard: 64,
-        zstd_level: None,
         quality: 90,
         force: true,
         quiet: true,
+        ..Default::default()
     };
     synth(tmp.path(), &opts).unwrap();
     let views = ViewsConfig {

@@ -9,14 +9,19 @@
 //! split `cls_pos_embed` [1,1,D] / `patch_pos_embed` [1,N,D] are joined into `pos_embed`.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::checkpoint;
-use crate::params::{self, Params};
+use burn::tensor::Device;
+use common::Cursor;
 
-pub use crate::params::Named;
+use crate::model::params::{self, Params};
+use crate::train::checkpoint::{self, Meta};
+use crate::train::config::TrainConfig;
+use crate::train::step::{Schedules, Trainer};
+
+pub use crate::model::params::Named;
 
 /// Writes each model's parameters under its prefix in the official layout to `out` (atomically).
 /// A head with `norm_last_layer` has no `weight_g` parameter here (it is fixed at 1), but PyTorch's
@@ -176,4 +181,55 @@ fn read_pytorch(path: &Path) -> Result<Named> {
         out.insert(name.clone(), (t.shape().to_vec(), values));
     }
     Ok(out)
+}
+
+/// A step-0 run folder from official-layout weights: backbone into student and teacher; heads from the
+/// file when present, else freshly initialised; a missing `ref_head` starts as a copy of `head` (the
+/// official code's fine-tuning mode).
+pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path) -> Result<PathBuf> {
+    let mut named = import(weights)?;
+    if !named.keys().any(|k| k.starts_with("ref_head.")) {
+        let copies: Vec<(String, crate::model::params::HostTensor)> = named
+            .iter()
+            .filter(|(k, _)| k.starts_with("head."))
+            .map(|(k, v)| (format!("ref_{k}"), v.clone()))
+            .collect();
+        named.extend(copies);
+    }
+    let device = Device::flex();
+    let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1, cfg.run.batch_size);
+    let mut trainer = Trainer::from_config(cfg, schedules, &device)?;
+    // `import` has stripped `backbone.`: backbone tensors sit at the top level, heads under their prefix.
+    let get = |n: &str| named.get(n).cloned();
+    let load_side =
+        |model: &mut crate::model::DenseDino, dev: &burn::tensor::Device| -> Result<()> {
+            let mut parts: Vec<(&str, &mut dyn crate::model::params::Params)> =
+                vec![("", &mut model.backbone)];
+            if named.contains_key("head.last_layer.weight_v") {
+                parts.push(("head.", &mut model.head));
+                if let Some(r) = &mut model.ref_head {
+                    parts.push(("ref_head.", r));
+                }
+            }
+            for (prefix, part) in parts {
+                crate::model::params::load_official(part, prefix, &get, dev)
+                    .map_err(|e| anyhow!("{}: {e}", weights.display()))?;
+            }
+            Ok(())
+        };
+    load_side(&mut trainer.student, &device.clone().autodiff())?;
+    load_side(&mut trainer.teacher, &device)?;
+    let meta = Meta {
+        it: 0,
+        cursor: Cursor::default(),
+        config: cfg.clone(),
+    };
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+    checkpoint::save(
+        &out.join("checkpoints"),
+        &mut trainer,
+        &meta,
+        cfg.run.keep_checkpoints,
+    )
 }

@@ -1,29 +1,32 @@
-//! `trainer`: DenseDINO in burn 0.22: the ViT with reference tokens ([`vit`]), the DINO heads ([`head`]),
-//! the network one side of the distillation owns ([`model`]), the dual loss with its centers ([`loss`]),
-//! the schedules ([`schedule`]), AdamW, clipping and the EMA teacher ([`optim`]), and one training step that
-//! ties them together ([`step`]); [`fused`] holds the fused ops (LayerNorm, attention, DINO's
-//! cross-entropy) with their own backward passes on flex and on LibTorch.
+//! `trainer`: DenseDINO pretraining in burn 0.22, its evaluation and its exchange with the official code.
+//! The folders follow the architecture:
+//!
+//! - [`model`]: what a network is. The ViT with reference tokens ([`model::vit`]), DINO's projection head
+//!   ([`model::head`]), the bicubic sampling of the positional grid ([`model::bicubic`]), the named walk over
+//!   parameters that everything else uses ([`model::params`]), and [`model::DenseDino`], the backbone and
+//!   heads one side of the distillation owns.
+//! - [`fused`]: the fused ops the model and the loss run on (LayerNorm, attention with reference rows,
+//!   DINO's cross-entropy, each with its own backward pass) and the optimiser's multi-tensor kernels, on
+//!   flex and on LibTorch.
+//! - [`train`]: how a network is trained. The config ([`train::config`]), the dual loss and its centers
+//!   ([`train::loss`]), the schedules, AdamW and the EMA teacher ([`train::schedule`], [`train::optim`]),
+//!   one step ([`train::step`]), and around it the run: data ([`train::data`]), the loop ([`train::run`]),
+//!   what it reports ([`train::report`], [`train::metrics`]), checkpoints ([`train::checkpoint`]), and the
+//!   step's benchmark ([`train::bench`]).
+//! - [`eval`]: what a trained backbone is worth: k-NN, the linear segmentation probe ([`eval::seg`]),
+//!   attention maps ([`eval::attention`]).
+//! - [`export`]: the official DINO/timm weight layout, out and in.
 //!
 //! burn 0.22's tensors carry no backend generic: the `Device` picks the backend at run time and autodiff is
 //! `device.autodiff()`. The student's parameters live on the autodiff device; the teacher, the centers and
 //! the optimiser state on the plain one. Every random draw (initialisation, stochastic depth) comes from the
 //! run's seed on the host, so every backend starts from the same numbers.
+//!
+//! Errors: this crate is the application, so it reports with `anyhow` and a context that names the file or
+//! the setting; the library crates below it (`common`, `shard`, `loader`) return typed errors.
 
-pub mod attention;
-pub mod bicubic;
-pub mod checkpoint;
-pub mod config;
 pub mod eval;
 pub mod export;
 pub mod fused;
-pub mod head;
-pub mod loss;
-pub mod metrics;
 pub mod model;
-pub mod optim;
-pub mod params;
-pub mod run;
-pub mod schedule;
-pub mod seg;
-pub mod step;
-pub mod vit;
+pub mod train;

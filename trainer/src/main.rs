@@ -1,13 +1,16 @@
 //! `trainer`: DenseDINO pretraining from the command line. With no arguments it runs the embedded CPU demo
 //! (`configs/default.toml`): a synthetic data set made on first use, a small DenseDINO, a few minutes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
+use burn::tensor::Device;
 use clap::{Parser, Subcommand};
-use trainer::config::TrainConfig;
-use trainer::run::{self, RunOptions};
+use trainer::eval::seg::SegDataset;
+use trainer::model::vit::Vit;
+use trainer::train::config::{DeviceSpec, TrainConfig};
+use trainer::train::run::{self, RunOptions, Start};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,7 +41,7 @@ enum Command {
         resume: Option<PathBuf>,
         /// cpu (burn's pure-Rust backend), tch-cpu or cuda:N (LibTorch, the `tch` feature).
         #[arg(long)]
-        device: Option<String>,
+        device: Option<DeviceSpec>,
         /// No progress output.
         #[arg(long)]
         quiet: bool,
@@ -57,8 +60,9 @@ enum Command {
         /// Feed one generated batch repeatedly: model speed without the data pipeline.
         #[arg(long)]
         synthetic_batches: bool,
+        /// cpu, tch-cpu or cuda:N (default: the config's run.device).
         #[arg(long)]
-        device: Option<String>,
+        device: Option<DeviceSpec>,
     },
     /// Draw a run's metrics as PNG plots (loss, schedules, teacher entropy).
     Plot { run_dir: PathBuf },
@@ -124,7 +128,7 @@ struct ModelArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
 }
 
 #[derive(Subcommand)]
@@ -159,8 +163,8 @@ enum EvalCommand {
         /// CamVid folder (train/, trainannot/, val/, valannot/) or VOC2012 folder.
         #[arg(long)]
         data: PathBuf,
-        #[arg(long, default_value = "camvid")]
-        dataset: String,
+        #[arg(long, value_enum, default_value_t = SegDataset::Camvid)]
+        dataset: SegDataset,
         /// Input side (the protocol's 448; a multiple of the patch size).
         #[arg(long, default_value_t = 448)]
         size: usize,
@@ -172,8 +176,9 @@ enum EvalCommand {
     },
 }
 
-fn load_model(m: &ModelArgs) -> Result<(trainer::vit::Vit, TrainConfig, burn::tensor::Device)> {
-    let device = trainer::checkpoint::device(&m.device)?;
+/// The backbone `m` names (a checkpoint's teacher, or a random initialisation), its config and device.
+fn load_model(m: &ModelArgs) -> Result<(Vit, TrainConfig, Device)> {
+    let device = m.device.device()?;
     let (vit, cfg) = if m.random_init {
         let cfg = TrainConfig::load(m.config.as_deref(), &m.sets)?;
         trainer::eval::backbone(None, Some(&cfg), &device)?
@@ -188,88 +193,23 @@ fn load_model(m: &ModelArgs) -> Result<(trainer::vit::Vit, TrainConfig, burn::te
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
-    // Keep freed memory instead of handing it back to the OS after 10 ms: every training step frees and
-    // reallocates the same few hundred MB of activations, and re-faulting them cost a fifth of a flex step.
-    // SAFETY: sets a process-wide allocator option before any thread exists; mimalloc reads it when purging.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    // The same for LibTorch's CPU tensors, which glibc serves: by default every block over 32 MB is a
-    // fresh mmap, zeroed page by page by the kernel on first touch, and unmapped on free (the head's
-    // [rows, 65536] logits and their gradients are such blocks, several per step): 10-15% of a tch-cpu
-    // step. Serve them from the heap and keep what is freed.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation policy; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-    match real_main() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn real_main() -> Result<()> {
+    keep_freed_memory();
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Train {
+    let demo = Command::Train {
         config: None,
         sets: vec![],
         resume: None,
         device: None,
         quiet: false,
-    }) {
+    };
+    let result = match cli.command.unwrap_or(demo) {
         Command::Train {
             config,
             sets,
             resume,
             device,
             quiet,
-        } => {
-            // On resume the stored config is the run; --set may still change run.* (length, device, logging).
-            let cfg = if resume.is_some() {
-                TrainConfig::load(config.as_deref(), &[])?
-            } else {
-                TrainConfig::load(config.as_deref(), &sets)?
-            };
-            let opts = RunOptions {
-                resume,
-                device,
-                sets,
-                quiet,
-                fail_checkpoint_at: None,
-            };
-            let summary = run::train(cfg, &opts)?;
-            let first = summary.steps.first().map(|m| m.loss);
-            let last = summary.steps.last().map(|m| m.loss);
-            println!(
-                "done: {} steps, loss {} -> {}, {:.1} images/s, data wait {:.0}%",
-                summary.steps.len(),
-                first.map_or("-".into(), |v| format!("{v:.4}")),
-                last.map_or("-".into(), |v| format!("{v:.4}")),
-                summary.images_per_s,
-                100.0 * summary.data_wait_fraction
-            );
-            println!("outputs in {}:", summary.run_dir.display());
-            println!("  metrics.jsonl, loss.png, schedules.png, entropy.png, config.toml");
-            if let Some(c) = &summary.last_checkpoint {
-                println!("  checkpoint {}", c.display());
-            }
-            // On the synthetic set the run evaluates itself: k-NN of its teacher against a random network.
-            let stored = TrainConfig::from_resolved(&std::fs::read_to_string(
-                summary.run_dir.join("config.toml"),
-            )?)?;
-            if let (true, Some(c)) = (stored.data.shards.is_empty(), &summary.last_checkpoint) {
-                let (trained, random) = run::synthetic_knn(&stored, c)?;
-                println!(
-                    "k-NN (k=20) on a held-out synthetic set: trained teacher top-1 {:.1}%, randomly initialised {:.1}%",
-                    100.0 * trained.top1,
-                    100.0 * random.top1
-                );
-            }
-            Ok(())
-        }
+        } => train(config, sets, resume, device, quiet),
         Command::Bench {
             config,
             sets,
@@ -278,10 +218,13 @@ fn real_main() -> Result<()> {
             synthetic_batches,
             device,
         } => {
-            let cfg = TrainConfig::load(config.as_deref(), &sets)?;
-            run::bench(&cfg, steps, warmup, synthetic_batches, device.as_deref())?;
-            Ok(())
+            let cfg = TrainConfig::load(config.as_deref(), &sets);
+            cfg.and_then(|cfg| {
+                trainer::train::bench::bench(&cfg, steps, warmup, synthetic_batches, device)
+            })
+            .map(|_| ())
         }
+        Command::Plot { run_dir } => plot(&run_dir),
         Command::Eval {
             what:
                 EvalCommand::Knn {
@@ -294,51 +237,16 @@ fn real_main() -> Result<()> {
                     batch,
                     cache,
                 },
-        } => {
-            let (vit, cfg, device) = load_model(&model)?;
-            let pre = trainer::eval::Preprocess::for_crop(crop.unwrap_or(cfg.model.img_size));
-            let tag = if model.random_init {
-                "random".to_string()
-            } else {
-                model
-                    .checkpoint
-                    .as_ref()
-                    .map_or("x".into(), |c| c.display().to_string().replace('/', "_"))
-            };
-            let feats = |shards: &PathBuf| {
-                let key = format!(
-                    "{tag}-{}-{}",
-                    shards.display().to_string().replace('/', "_"),
-                    pre.crop
-                );
-                trainer::eval::cached(cache.as_deref(), &key, || {
-                    trainer::eval::extract_cls(&vit, shards, pre, batch, &device)
-                })
-            };
-            let (tf, tl) = feats(&train)?;
-            let (vf, vl) = feats(&val)?;
-            println!(
-                "k-NN ({}; {} train, {} test images, T = {temperature}, crop {}):",
-                if model.random_init {
-                    "random init"
-                } else {
-                    "teacher"
-                },
-                tl.len(),
-                vl.len(),
-                pre.crop
-            );
-            for r in trainer::eval::knn((&tf, &tl), (&vf, &vl), &k, temperature, &device) {
-                println!(
-                    "  k={:<4} top-1 {:6.2}%  top-5 {:6.2}%  mean per-class {:6.2}%",
-                    r.k,
-                    100.0 * r.top1,
-                    100.0 * r.top5,
-                    100.0 * r.mean_per_class
-                );
-            }
-            Ok(())
-        }
+        } => knn(
+            &model,
+            &train,
+            &val,
+            &k,
+            temperature,
+            crop,
+            batch,
+            cache.as_deref(),
+        ),
         Command::Eval {
             what:
                 EvalCommand::Seg {
@@ -349,81 +257,229 @@ fn real_main() -> Result<()> {
                     epochs,
                     cache,
                 },
-        } => {
-            let (vit, _, device) = load_model(&model)?;
-            let (classes, ignore, names) = trainer::seg::classes(&dataset)?;
-            let train = trainer::seg::packed_split(&data, &dataset, "train", &cache)?;
-            let val = trainer::seg::packed_split(&data, &dataset, "val", &cache)?;
-            let tr = trainer::seg::features(&vit, &train, size, &device)?;
-            let va = trainer::seg::features(&vit, &val, size, &device)?;
-            let mut opts = trainer::seg::ProbeOptions::new(classes, ignore);
-            opts.epochs = epochs;
-            let (miou, per, acc) = trainer::seg::probe(&tr, &va, &opts, size, &device, false)?;
-            println!(
-                "{dataset} val ({} images, {size} px): mIoU {:.2}% (last epoch), pixel accuracy {:.2}%",
-                va.masks.len(),
-                100.0 * miou,
-                100.0 * acc
-            );
-            for (n, v) in names.iter().zip(per) {
-                println!("  {n:<12} IoU {:6.2}%", 100.0 * v);
-            }
-            Ok(())
-        }
+        } => seg(&model, &data, dataset, size, epochs, &cache),
         Command::Attention {
             model,
             image,
             out,
             size,
             threshold,
-        } => {
-            let (vit, cfg, device) = load_model(&model)?;
-            for p in trainer::attention::draw(
-                &vit,
-                &image,
-                &out,
-                size.unwrap_or(cfg.model.img_size),
-                threshold,
-                &device,
-            )? {
-                println!("{}", p.display());
-            }
-            Ok(())
-        }
+        } => attention(&model, &image, &out, size, threshold),
         Command::Export {
             checkpoint,
             out,
             heads,
-        } => {
-            let n =
-                trainer::export::export(&checkpoint, &out, heads, &burn::tensor::Device::flex())?;
-            println!(
-                "wrote {} ({n} tensors, official DINO layout)",
-                out.display()
-            );
-            Ok(())
-        }
+        } => export(&checkpoint, &out, heads),
         Command::Import {
             weights,
             config,
             sets,
             out,
-        } => {
-            let cfg = TrainConfig::load(config.as_deref(), &sets)?;
-            let path = trainer::run::import_checkpoint(&cfg, &weights, &out)?;
-            println!(
-                "wrote {}: evaluate it with --checkpoint {}, or continue with train --resume {}",
-                path.display(),
-                out.display(),
-                out.display()
-            );
-            Ok(())
-        }
-        Command::Plot { run_dir } => {
-            for p in trainer::metrics::plot(&run_dir)? {
-                println!("{}", p.display());
-            }
-            Ok(())
+        } => import(&weights, config.as_deref(), &sets, &out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// Allocator settings for training: keep freed memory instead of handing it back to the OS. Every step
+/// frees and reallocates the same few hundred MB of activations; by default mimalloc returns them after
+/// 10 ms and glibc (which serves LibTorch's CPU tensors) maps every block over 32 MB afresh, and the kernel
+/// zeroes each page again on first touch: a fifth of a flex step, 10-15% of a tch-cpu one.
+fn keep_freed_memory() {
+    // SAFETY: sets a process-wide allocator option before any thread exists; mimalloc reads it when purging.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation policy; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// `trainer train`: a fresh run of a config (the embedded demo without one), or `--resume` of a run; on
+/// the synthetic set the run then scores its teacher by k-NN against a random network.
+fn train(
+    config: Option<PathBuf>,
+    sets: Vec<String>,
+    resume: Option<PathBuf>,
+    device: Option<DeviceSpec>,
+    quiet: bool,
+) -> Result<()> {
+    let start = match resume {
+        Some(from) => {
+            if config.is_some() {
+                anyhow::bail!(
+                    "--resume continues a run with its stored config; --config cannot change it (use --set run.* \
+                     for the run's length, checkpointing, logging or device, or start a new run with --config)"
+                );
+            }
+            Start::Resume { from, sets }
+        }
+        None => Start::Fresh(TrainConfig::load(config.as_deref(), &sets)?),
+    };
+    let summary = run::train(start, &RunOptions { device, quiet })?;
+    let loss = |m: Option<&trainer::train::step::StepMetrics>| {
+        m.map_or("-".into(), |m| format!("{:.4}", m.loss))
+    };
+    println!(
+        "done: {} steps, loss {} -> {}, {:.1} images/s, data wait {:.0}%",
+        summary.steps.len(),
+        loss(summary.steps.first()),
+        loss(summary.steps.last()),
+        summary.images_per_s,
+        100.0 * summary.data_wait_fraction
+    );
+    println!("outputs in {}:", summary.run_dir.display());
+    println!("  metrics.jsonl, loss.png, schedules.png, entropy.png, config.toml");
+    if let Some(c) = &summary.last_checkpoint {
+        println!("  checkpoint {}", c.display());
+    }
+    if let (None, Some(c)) = (&summary.config.data.shards, &summary.last_checkpoint) {
+        let (trained, random) = trainer::eval::synthetic_knn(&summary.config, c)?;
+        println!(
+            "k-NN (k=20) on a held-out synthetic set: trained teacher top-1 {:.1}%, randomly initialised {:.1}%",
+            100.0 * trained.top1,
+            100.0 * random.top1
+        );
+    }
+    Ok(())
+}
+
+/// `trainer plot`: a run's metrics as PNG plots.
+fn plot(run_dir: &Path) -> Result<()> {
+    for p in trainer::train::metrics::plot(run_dir)? {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
+/// `trainer eval knn`: DINO's weighted k-NN on CLS features, at every k asked for.
+#[allow(clippy::too_many_arguments)]
+fn knn(
+    model: &ModelArgs,
+    train: &Path,
+    val: &Path,
+    k: &[usize],
+    temperature: f64,
+    crop: Option<usize>,
+    batch: usize,
+    cache: Option<&Path>,
+) -> Result<()> {
+    let (vit, cfg, device) = load_model(model)?;
+    let pre = trainer::eval::Preprocess::for_crop(crop.unwrap_or(cfg.model.img_size));
+    let tag = match (&model.checkpoint, model.random_init) {
+        (_, true) | (None, _) => "random".to_string(),
+        (Some(c), false) => c.display().to_string().replace('/', "_"),
+    };
+    let feats = |shards: &Path| {
+        let key = format!(
+            "{tag}-{}-{}",
+            shards.display().to_string().replace('/', "_"),
+            pre.crop
+        );
+        trainer::eval::cached(cache, &key, || {
+            trainer::eval::extract_cls(&vit, shards, pre, batch, &device)
+        })
+    };
+    let (tf, tl) = feats(train)?;
+    let (vf, vl) = feats(val)?;
+    println!(
+        "k-NN ({}; {} train, {} test images, T = {temperature}, crop {}):",
+        if model.random_init {
+            "random init"
+        } else {
+            "teacher"
+        },
+        tl.len(),
+        vl.len(),
+        pre.crop
+    );
+    for r in trainer::eval::knn((&tf, &tl), (&vf, &vl), k, temperature, &device) {
+        println!(
+            "  k={:<4} top-1 {:6.2}%  top-5 {:6.2}%  mean per-class {:6.2}%",
+            r.k,
+            100.0 * r.top1,
+            100.0 * r.top5,
+            100.0 * r.mean_per_class
+        );
+    }
+    Ok(())
+}
+
+/// `trainer eval seg`: the linear probe on frozen patch tokens, mIoU on the val split.
+fn seg(
+    model: &ModelArgs,
+    data: &Path,
+    dataset: SegDataset,
+    size: usize,
+    epochs: usize,
+    cache: &Path,
+) -> Result<()> {
+    use trainer::eval::seg;
+    let (vit, _, device) = load_model(model)?;
+    let (classes, ignore, names) = dataset.classes();
+    let train = seg::packed_split(data, dataset, "train", cache)?;
+    let val = seg::packed_split(data, dataset, "val", cache)?;
+    let tr = seg::features(&vit, &train, size, &device)?;
+    let va = seg::features(&vit, &val, size, &device)?;
+    let opts = seg::ProbeOptions {
+        epochs,
+        ..seg::ProbeOptions::new(classes, ignore)
+    };
+    let (miou, per, acc) = seg::probe(&tr, &va, &opts, size, &device, false)?;
+    println!(
+        "{} val ({} images, {size} px): mIoU {:.2}% (last epoch), pixel accuracy {:.2}%",
+        dataset.name(),
+        va.masks.len(),
+        100.0 * miou,
+        100.0 * acc
+    );
+    for (n, v) in names.iter().zip(per) {
+        println!("  {n:<12} IoU {:6.2}%", 100.0 * v);
+    }
+    Ok(())
+}
+
+/// `trainer attention`: the last block's CLS attention per head, masks and a PCA of the patch features.
+fn attention(
+    model: &ModelArgs,
+    image: &Path,
+    out: &Path,
+    size: Option<usize>,
+    threshold: Option<f32>,
+) -> Result<()> {
+    let (vit, cfg, device) = load_model(model)?;
+    let size = size.unwrap_or(cfg.model.img_size);
+    for p in trainer::eval::attention::draw(&vit, image, out, size, threshold, &device)? {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
+
+/// `trainer export`: a checkpoint's teacher in the official DINO/timm layout.
+fn export(checkpoint: &Path, out: &Path, heads: bool) -> Result<()> {
+    let n = trainer::export::export(checkpoint, out, heads, &Device::flex())?;
+    println!(
+        "wrote {} ({n} tensors, official DINO layout)",
+        out.display()
+    );
+    Ok(())
+}
+
+/// `trainer import`: a step-0 run folder from official-layout weights.
+fn import(weights: &Path, config: Option<&Path>, sets: &[String], out: &Path) -> Result<()> {
+    let cfg = TrainConfig::load(config, sets)?;
+    let path = trainer::export::import_run(&cfg, weights, out)?;
+    println!(
+        "wrote {}: evaluate it with --checkpoint {}, or continue with train --resume {}",
+        path.display(),
+        out.display(),
+        out.display()
+    );
+    Ok(())
 }

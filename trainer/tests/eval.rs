@@ -5,7 +5,7 @@ use burn::tensor::Device;
 use common::seed::{self, Purpose};
 use rand::Rng;
 use trainer::eval::knn;
-use trainer::seg::{self, ProbeOptions, SegSet};
+use trainer::eval::seg::{self, ProbeOptions, SegSet};
 
 /// Brute force: every distance, a full sort, votes exp(sim/T) per class over the k nearest.
 fn brute_force(
@@ -188,17 +188,17 @@ fn probe_reaches_near_one_on_oracle_features_and_the_majority_on_constant_ones()
 
 #[test]
 fn export_then_import_is_the_identity() {
-    use trainer::params::{self, Params};
+    use trainer::model::params::{self, Params};
     let dev = Device::flex();
-    let cfg = trainer::vit::VitConfig {
+    let cfg = trainer::model::vit::VitConfig {
         embed_dim: 32,
         depth: 2,
         num_heads: 2,
         patch_size: 8,
         img_size: 32,
-        ..trainer::vit::VitConfig::vit_tiny()
+        ..trainer::model::vit::VitConfig::vit_tiny()
     };
-    let mut a = trainer::vit::Vit::new(&cfg, &mut seed::rng(4, Purpose::Model, &[0]), &dev);
+    let mut a = trainer::model::vit::Vit::new(&cfg, &mut seed::rng(4, Purpose::Model, &[0]), &dev);
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("model.safetensors");
     trainer::export::write_official(
@@ -218,7 +218,7 @@ fn export_then_import_is_the_identity() {
         vec![96, 32],
         "Linear weights are [out, in]"
     );
-    let mut b = trainer::vit::Vit::new(&cfg, &mut seed::rng(5, Purpose::Model, &[0]), &dev);
+    let mut b = trainer::model::vit::Vit::new(&cfg, &mut seed::rng(5, Purpose::Model, &[0]), &dev);
     params::load_official(&mut b, "", &|n| named.get(n).cloned(), &dev).unwrap();
     assert_eq!(params::to_host(&mut a), params::to_host(&mut b));
 }
@@ -228,7 +228,7 @@ fn attention_threshold_keeps_the_requested_mass() {
     let attn = [0.5f32, 0.05, 0.2, 0.15, 0.1];
     // Sorted: 0.5, 0.2 (0.7 ≥ 0.6): two patches hold 60% of the mass.
     assert_eq!(
-        trainer::attention::threshold_mask(&attn, 0.6),
+        trainer::eval::attention::threshold_mask(&attn, 0.6),
         vec![true, false, true, false, false]
     );
 }
@@ -294,7 +294,7 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
     let cache = tmp.path().join("cache");
     let mut seen = Vec::new();
     for split in ["train", "val"] {
-        let dir = seg::packed_split(&root, "voc", split, &cache).unwrap();
+        let dir = seg::packed_split(&root, seg::SegDataset::Voc, split, &cache).unwrap();
         let pre = trainer::eval::Preprocess {
             resize: 32,
             crop: 32,
@@ -331,7 +331,13 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
         "2007_000039\n2009_999999\n",
     )
     .unwrap();
-    let err = seg::packed_split(&root, "voc", "val", &tmp.path().join("cache2")).unwrap_err();
+    let err = seg::packed_split(
+        &root,
+        seg::SegDataset::Voc,
+        "val",
+        &tmp.path().join("cache2"),
+    )
+    .unwrap_err();
     let msg = format!("{err:#}");
     assert!(
         msg.contains("val.txt:2") && msg.contains("2009_999999"),
@@ -345,17 +351,18 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
 #[test]
 fn pth_import_reads_the_official_checkpoints() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth");
-    let expected =
-        trainer::checkpoint::tensors(&std::fs::read(dir.join("expected.safetensors")).unwrap())
-            .unwrap();
+    let expected = trainer::train::checkpoint::tensors(
+        &std::fs::read(dir.join("expected.safetensors")).unwrap(),
+    )
+    .unwrap();
     let ckpt = trainer::export::import(&dir.join("checkpoint.pth")).unwrap();
-    let mut want: Vec<(String, &trainer::params::HostTensor)> = expected
+    let mut want: Vec<(String, &trainer::model::params::HostTensor)> = expected
         .iter()
         .filter(|(k, _)| !k.starts_with("fp16."))
         .map(|(k, v)| (k.strip_prefix("backbone.").unwrap_or(k).to_string(), v))
         .collect();
     want.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut got: Vec<(String, &trainer::params::HostTensor)> =
+    let mut got: Vec<(String, &trainer::model::params::HostTensor)> =
         ckpt.iter().map(|(k, v)| (k.clone(), v)).collect();
     got.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(got, want, "the teacher's tensors, backbone prefix stripped");

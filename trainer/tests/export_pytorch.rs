@@ -11,9 +11,9 @@ use std::collections::HashMap;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::seed::{self, Purpose};
-use trainer::config::TrainConfig;
 use trainer::model::DenseDino;
-use trainer::params::{self, Params, host};
+use trainer::model::params::{self, Params, host};
+use trainer::train::config::TrainConfig;
 
 #[test]
 #[ignore = "needs PyTorch: DENSEDINO_PYTHON=$(scripts/torch-venv.sh) ... -- --ignored (run by .ci/run)"]
@@ -71,12 +71,12 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
     let weights = tmp.path().join("weights.safetensors");
     std::fs::write(
         &weights,
-        trainer::checkpoint::serialize(&tensors, HashMap::new()).unwrap(),
+        trainer::train::checkpoint::serialize(&tensors, HashMap::new()).unwrap(),
     )
     .unwrap();
 
     // Weights → run → checkpoint → export, the user's path.
-    let ckpt = trainer::run::import_checkpoint(&cfg, &weights, &tmp.path().join("run")).unwrap();
+    let ckpt = trainer::export::import_run(&cfg, &weights, &tmp.path().join("run")).unwrap();
     let exported = tmp.path().join("export.safetensors");
     trainer::export::export(&ckpt, &exported, true, &dev).unwrap();
 
@@ -111,7 +111,7 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
     let expected_path = tmp.path().join("expected.safetensors");
     std::fs::write(
         &expected_path,
-        trainer::checkpoint::serialize(&expected, HashMap::new()).unwrap(),
+        trainer::train::checkpoint::serialize(&expected, HashMap::new()).unwrap(),
     )
     .unwrap();
 

@@ -7,7 +7,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use common::seed::{self, Purpose};
 use trainer::fused::{self, Pairs};
-use trainer::params::{host, trunc_normal};
+use trainer::model::params::{host, trunc_normal};
 
 fn devices() -> Vec<Device> {
     #[allow(unused_mut)]

@@ -1,24 +1,22 @@
 //! Pretraining learns: `configs/palettes-cpu.toml` (2000 DenseDINO steps of a tiny ViT on the `palettes`
-//! synthetic set, about ten minutes on two cores) lifts the teacher's k-NN accuracy on a held-out set far
+//! synthetic set, about six minutes on two cores) lifts the teacher's k-NN accuracy on a held-out set far
 //! above a randomly initialised network's. The floor is measured, not assumed: the same k-NN on a random
 //! backbone of the same config.
 //!
 //! Each class of `palettes` is a set of hues under random brightness, contrast and saturation (the
 //! loader's jitter ranges), so a random network, whose features carry mean colour and brightness, sits
 //! near 59%; what the views of an image share is its hues, which DINO's objective rewards. This is its own
-//! test binary so that it has the machine's cores to itself while it runs.
+//! test binary so that it has the machine's cores to itself while it runs, and it is ignored by default so
+//! that the README's test command stays a few minutes: `.ci/run` runs it as its own step,
+//! `cargo test --release -p trainer --test learning -- --ignored`.
 
 use std::path::Path;
 
-use trainer::config::TrainConfig;
-use trainer::run::{self, RunOptions};
+use trainer::train::config::TrainConfig;
+use trainer::train::run::{self, RunOptions, Start};
 
 #[test]
-// The run trains on the CPU backend whatever the features, so a `tch` build would only repeat it.
-#[cfg_attr(
-    feature = "tch",
-    ignore = "trains on the CPU backend; runs in the build without `tch`"
-)]
+#[ignore = "six minutes of training: .ci/run runs it with `--test learning -- --ignored`"]
 fn a_trained_teacher_scores_far_above_a_random_network_on_the_palettes_set() {
     let tmp = tempfile::tempdir().unwrap();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/palettes-cpu.toml");
@@ -31,7 +29,7 @@ fn a_trained_teacher_scores_far_above_a_random_network_on_the_palettes_set() {
     ];
     let cfg = TrainConfig::load(Some(&config), &sets).expect("the palettes config");
     let summary = run::train(
-        cfg.clone(),
+        Start::Fresh(cfg.clone()),
         &RunOptions {
             quiet: true,
             ..Default::default()
@@ -44,7 +42,7 @@ fn a_trained_teacher_scores_far_above_a_random_network_on_the_palettes_set() {
         "the run is 250 epochs of 8 steps"
     );
     let checkpoint = summary.last_checkpoint.expect("a final checkpoint");
-    let (trained, random) = run::synthetic_knn(&cfg, &checkpoint).expect("k-NN");
+    let (trained, random) = trainer::eval::synthetic_knn(&cfg, &checkpoint).expect("k-NN");
     eprintln!(
         "k-NN top-1 (k = 20) on the held-out palettes set: trained {:.1}%, random init {:.1}% (chance 25%)",
         100.0 * trained.top1,

@@ -4,8 +4,8 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use common::seed::{self, Purpose};
-use trainer::params::host;
-use trainer::vit::{self, MaskMode, Vit, VitConfig};
+use trainer::model::params::host;
+use trainer::model::vit::{self, MaskMode, Vit, VitConfig};
 
 fn device() -> Device {
     Device::flex()
@@ -44,7 +44,7 @@ fn direct_sample(grid: &[f32], g: usize, d: usize, x: f64, y: f64) -> Vec<f64> {
 
 fn random_grid(g: usize, d: usize, salt: u64) -> Vec<f32> {
     let mut rng = seed::rng(7, Purpose::Model, &[salt]);
-    trainer::params::trunc_normal(g * g * d, 1.0, &mut rng)
+    trainer::model::params::trunc_normal(g * g * d, 1.0, &mut rng)
 }
 
 fn sample(points: &[f32], grid: &[f32], g: usize, d: usize) -> Vec<f32> {
@@ -183,8 +183,8 @@ fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
 
 fn inputs(batch: usize, size: usize, refs: usize, dev: &Device) -> (Tensor<4>, Vec<f32>) {
     let mut rng = seed::rng(3, Purpose::Model, &[9]);
-    let x = trainer::params::trunc_normal(batch * 3 * size * size, 1.0, &mut rng);
-    let pts: Vec<f32> = trainer::params::uniform(batch * refs * 2, 0.98, &mut rng);
+    let x = trainer::model::params::trunc_normal(batch * 3 * size * size, 1.0, &mut rng);
+    let pts: Vec<f32> = trainer::model::params::uniform(batch * refs * 2, 0.98, &mut rng);
     (
         Tensor::<4>::from_data(TensorData::new(x, [batch, 3, size, size]), dev),
         pts,

@@ -4,10 +4,10 @@
 #![allow(deprecated)] // burn-tch is deprecated upstream; it is the LibTorch path we ship
 
 use burn::tensor::Device;
-use trainer::head::HeadConfig;
-use trainer::loss::LossConfig;
-use trainer::step::{OptimConfig, Schedules, Trainer};
-use trainer::vit::{MaskMode, Precision, VitConfig};
+use trainer::model::head::HeadConfig;
+use trainer::model::vit::{MaskMode, Precision, VitConfig};
+use trainer::train::loss::LossConfig;
+use trainer::train::step::{OptimConfig, Schedules, Trainer};
 
 fn losses(precision: Precision) -> Vec<f64> {
     let vit = VitConfig {
@@ -47,9 +47,14 @@ fn losses(precision: Precision) -> Vec<f64> {
     t.teacher.set_precision(precision);
     (0..3)
         .map(|i| {
-            t.step(&trainer::run::random_batch(8, &[32, 32, 16, 16], 3, i))
-                .expect("finite loss")
-                .loss
+            t.step(&trainer::train::bench::random_batch(
+                8,
+                &[32, 32, 16, 16],
+                3,
+                i,
+            ))
+            .expect("finite loss")
+            .loss
         })
         .collect()
 }

@@ -3,18 +3,18 @@
 //! gradients. Here the same weights go into our model and everything must match within 1e-4 (f32).
 
 use burn::tensor::{Device, Tensor, TensorData};
-use trainer::head::HeadConfig;
-use trainer::loss::{DenseDinoLoss, Layout, LossConfig};
 use trainer::model::DenseDino;
-use trainer::params::{self, Params, host};
-use trainer::vit::{self, MaskMode, VitConfig};
+use trainer::model::head::HeadConfig;
+use trainer::model::params::{self, Params, host};
+use trainer::model::vit::{self, MaskMode, VitConfig};
+use trainer::train::loss::{DenseDinoLoss, Layout, LossConfig};
 
 const B: usize = 2;
 const M: usize = 3;
 const V: usize = 4;
 const K: usize = 64;
 
-struct Fixture(trainer::params::Named);
+struct Fixture(trainer::model::params::Named);
 
 impl Fixture {
     fn load() -> Self {
@@ -23,7 +23,7 @@ impl Fixture {
             "/tests/fixtures/reference.safetensors"
         );
         let bytes = std::fs::read(path).expect("fixture (regenerate with make_reference.py)");
-        let map = trainer::checkpoint::tensors(&bytes).expect("fixture tensors");
+        let map = trainer::train::checkpoint::tensors(&bytes).expect("fixture tensors");
         Self(map)
     }
     fn get(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {

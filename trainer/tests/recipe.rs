@@ -4,13 +4,13 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use common::seed::{self, Purpose};
 use trainer::fused::multi_tensor::{self, AdamScalars, AdamSlot};
-use trainer::head::HeadConfig;
-use trainer::loss::{DenseDinoLoss, Layout, LossConfig};
 use trainer::model::DenseDino;
-use trainer::optim::{self, AdamW, StepOptions};
-use trainer::params::{self, ParamMut, Params, host};
-use trainer::step::{OptimConfig, Schedules, Trainer};
-use trainer::vit::{MaskMode, VitConfig};
+use trainer::model::head::HeadConfig;
+use trainer::model::params::{self, ParamMut, Params, host};
+use trainer::model::vit::{MaskMode, VitConfig};
+use trainer::train::loss::{DenseDinoLoss, Layout, LossConfig};
+use trainer::train::optim::{self, AdamW, StepOptions};
+use trainer::train::step::{OptimConfig, Schedules, Trainer};
 
 fn tiny_vit() -> VitConfig {
     VitConfig {
@@ -40,11 +40,11 @@ fn loss_at_initialisation_is_about_ln_k() {
         &mut seed::rng(3, Purpose::Model, &[0]),
         &dev,
     );
-    let batch = trainer::run::random_batch(4, &[32, 32, 32, 32], 2, 1);
+    let batch = trainer::train::bench::random_batch(4, &[32, 32, 32, 32], 2, 1);
     let views: Vec<Tensor<4>> = batch
         .views
         .iter()
-        .map(|v| trainer::vit::normalize_pixels(&v.data, 4, v.size, &dev))
+        .map(|v| trainer::model::vit::normalize_pixels(&v.data, 4, v.size, &dev))
         .collect();
     let t = model.forward(&views[..2], Some(&batch.teacher_points), None);
     let s = model.forward(&views, Some(&batch.student_points), None);
@@ -256,7 +256,7 @@ fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
     ];
     let before: Vec<Vec<f32>> = names.iter().map(|n| named(&mut tr.student, n)).collect();
     for i in 0..2 {
-        tr.step(&trainer::run::random_batch(4, &[32, 32, 32], 2, i))
+        tr.step(&trainer::train::bench::random_batch(4, &[32, 32, 32], 2, i))
             .expect("finite loss");
     }
     let after0: Vec<Vec<f32>> = names.iter().map(|n| named(&mut tr.student, n)).collect();
@@ -277,7 +277,7 @@ fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
         !tr.optim.state.contains_key("head.last_layer.weight_v"),
         "a frozen tensor has no AdamW state"
     );
-    let mut next = trainer::run::random_batch(4, &[32, 32, 32], 2, 9);
+    let mut next = trainer::train::bench::random_batch(4, &[32, 32, 32], 2, 9);
     next.epoch = 1; // the loader's epoch drives the freeze, as the official loop variable does
     tr.step(&next).expect("finite loss");
     assert_ne!(

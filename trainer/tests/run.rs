@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use trainer::checkpoint;
-use trainer::config::TrainConfig;
-use trainer::metrics::{self, Record};
-use trainer::run::{self, RunOptions};
+use trainer::train::checkpoint;
+use trainer::train::config::TrainConfig;
+use trainer::train::metrics::{self, Record};
+use trainer::train::run::{self, RunOptions, Start};
 
 /// The embedded demo config, made small: a tiny ViT at 32 px on 64 synthetic images, batch 8.
 fn demo(dir: &Path, name: &str, max_steps: usize) -> TrainConfig {
@@ -55,11 +55,15 @@ fn quiet() -> RunOptions {
     }
 }
 
+fn fresh(cfg: TrainConfig) -> Result<run::RunSummary, anyhow::Error> {
+    run::train(Start::Fresh(cfg), &quiet())
+}
+
 #[test]
 fn resume_matches_an_uninterrupted_run_exactly_and_survives_a_crash_mid_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     // 40 images at batch 8: 5 steps per epoch; 8 steps cross an epoch boundary.
-    let full = run::train(demo(tmp.path(), "full", 8), &quiet()).expect("uninterrupted run");
+    let full = fresh(demo(tmp.path(), "full", 8)).expect("uninterrupted run");
     let want = losses(&full.run_dir);
     assert_eq!(want.len(), 8);
     assert!(
@@ -70,17 +74,14 @@ fn resume_matches_an_uninterrupted_run_exactly_and_survives_a_crash_mid_checkpoi
     // Stop after 3 steps (checkpoints at 2 and 3, the run end), resume to 6 (checkpoints at 4 and 5, the epoch
     // end) with the one at 6
     // failing half way, then resume again from the last good one to 8.
-    let part = run::train(demo(tmp.path(), "split", 3), &quiet()).expect("first part");
+    let part = fresh(demo(tmp.path(), "split", 3)).expect("first part");
     let dir = part.run_dir.clone();
-    let opts = |steps: usize, fail: Option<usize>| RunOptions {
-        resume: Some(dir.clone()),
+    let resume = |steps: usize| Start::Resume {
+        from: dir.clone(),
         sets: vec![format!("run.max_steps={steps}")],
-        quiet: true,
-        fail_checkpoint_at: fail,
-        ..Default::default()
     };
-    let err = run::train(demo(tmp.path(), "ignored", 0), &opts(6, Some(6)))
-        .expect_err("injected failure");
+    checkpoint::inject_failure(&dir.join("checkpoints"), 6);
+    let err = run::train(resume(6), &quiet()).expect_err("injected failure");
     assert!(format!("{err:#}").contains("half way"), "{err:#}");
     let ckpts = checkpoint::list(&dir.join("checkpoints"));
     assert_eq!(
@@ -102,7 +103,7 @@ fn resume_matches_an_uninterrupted_run_exactly_and_survives_a_crash_mid_checkpoi
         path.display()
     );
 
-    run::train(demo(tmp.path(), "ignored", 0), &opts(8, None)).expect("resumed run");
+    run::train(resume(8), &quiet()).expect("resumed run");
     let got = losses(&dir);
     assert_eq!(
         got.len(),
@@ -133,21 +134,42 @@ fn resume_may_not_change_the_method() {
 #[test]
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let first = run::train(demo(tmp.path(), "nan", 2), &quiet()).expect("two good steps");
-    let dir = first.run_dir;
-    // A zero teacher temperature divides the targets' logits by zero: the loss of the next step is NaN.
-    let mut cfg = checkpoint::meta(&checkpoint::latest(&dir).unwrap().1)
-        .unwrap()
-        .config;
+    // The teacher temperature warms up from 0.04 in epoch 0 to 0 in epoch 1: the targets' logits are then
+    // divided by zero, so the first step of epoch 1 (step 5: 40 images at batch 8) has a NaN loss, after
+    // checkpoints at steps 2, 4 and the epoch end at 5.
+    let mut cfg = demo(tmp.path(), "nan", 8);
+    cfg.loss.warmup_teacher_temp = 0.04;
     cfg.loss.teacher_temp = 0.0;
-    cfg.loss.warmup_teacher_temp = 0.0;
-    cfg.run.name = "nan-broken".into();
-    let err = run::train(cfg, &quiet()).expect_err("NaN must stop the run");
+    cfg.loss.warmup_teacher_temp_epochs = 2;
+    let err = fresh(cfg.clone()).expect_err("NaN must stop the run");
     let msg = format!("{err:#}");
+    let dir = cfg.run_dir();
+    let last_good = dir.join("checkpoints").join(checkpoint::file_name(5));
     assert!(
-        msg.contains("non-finite loss") && msg.contains("step 0"),
+        msg.contains("non-finite loss") && msg.contains("step 5"),
         "{msg}"
     );
-    let (_, bytes) = checkpoint::latest(&dir).expect("the earlier run's checkpoint is intact");
-    assert_eq!(checkpoint::meta(&bytes).unwrap().it, 2);
+    assert!(
+        msg.contains(&last_good.display().to_string()),
+        "the message names the last good checkpoint: {msg}"
+    );
+    let ckpts = checkpoint::list(&dir.join("checkpoints"));
+    assert_eq!(
+        ckpts.last().map(|c| c.0),
+        Some(5),
+        "nothing was saved after the NaN: {ckpts:?}"
+    );
+    let (path, bytes) = checkpoint::latest(&dir).expect("the last good checkpoint loads");
+    assert_eq!((path, checkpoint::meta(&bytes).unwrap().it), (last_good, 5));
+    // And the run continues from it once the cause is fixed in a new run started from the same weights:
+    // resuming the same broken config would meet the same NaN at the same step.
+    let again = run::train(
+        Start::Resume {
+            from: dir.clone(),
+            sets: vec![],
+        },
+        &quiet(),
+    )
+    .expect_err("same config");
+    assert!(format!("{again:#}").contains("step 5"), "{again:#}");
 }

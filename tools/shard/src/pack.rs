@@ -27,6 +27,7 @@ pub const JOURNAL_FILE: &str = ".pack-journal.json";
 /// Test hook: abort the process (no unwinding, no cleanup) after this many samples were appended.
 pub const CRASH_ENV: &str = "SHARD_CRASH_AFTER_SAMPLES";
 
+/// What `pack` does. `Default` is `shard pack`'s command-line defaults (with no input or output).
 #[derive(Clone, Debug)]
 pub struct PackOptions {
     pub input: PathBuf,
@@ -44,6 +45,28 @@ pub struct PackOptions {
     pub resume: bool,
     pub force: bool,
     pub quiet: bool,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        Self {
+            input: PathBuf::new(),
+            out: PathBuf::new(),
+            layout: LayoutArgs::default(),
+            seed: 0,
+            prefix: "train".into(),
+            shard_bytes: 1 << 30,
+            per_shard: None,
+            quality: 95,
+            max_side: None,
+            zstd_level: None,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            strict: false,
+            resume: false,
+            force: false,
+            quiet: false,
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -79,6 +79,7 @@ impl SynthKind {
     }
 }
 
+/// The generator's settings. `Default` is `shard synth`'s command-line defaults.
 #[derive(Clone, Debug)]
 pub struct SynthOptions {
     pub kind: SynthKind,
@@ -93,6 +94,63 @@ pub struct SynthOptions {
     pub quality: u8,
     pub force: bool,
     pub quiet: bool,
+}
+
+impl Default for SynthOptions {
+    fn default() -> Self {
+        Self {
+            kind: SynthKind::Shapes,
+            count: 512,
+            size: 128,
+            max_shapes: 3,
+            seed: 0,
+            prefix: "train".into(),
+            per_shard: 256,
+            zstd_level: None,
+            quality: 95,
+            force: false,
+            quiet: false,
+        }
+    }
+}
+
+/// What a synthetic set records about its generator in its index (`options.extra`): the settings that
+/// decide its images, besides the seed. Two sets with equal records and seeds are equal byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SynthRecord {
+    /// Sets from before the option were shapes.
+    #[serde(default)]
+    pub kind: SynthKind,
+    pub count: usize,
+    pub size: u32,
+    /// Sets from before the option had up to three shapes.
+    #[serde(default = "three")]
+    pub max_shapes: usize,
+}
+
+fn three() -> usize {
+    3
+}
+
+impl SynthRecord {
+    pub fn of(opts: &SynthOptions) -> Self {
+        Self {
+            kind: opts.kind,
+            count: opts.count,
+            size: opts.size,
+            max_shapes: opts.max_shapes,
+        }
+    }
+
+    /// The record and seed of the synthetic set in `dir`, or `None` when `dir` holds no synthetic set.
+    pub fn load(dir: &Path) -> Option<(Self, u64)> {
+        let index = Index::load(&dir.join(crate::index::INDEX_FILE)).ok()?;
+        if index.options.layout != "synth" {
+            return None;
+        }
+        let record = serde_json::from_value(index.options.extra.clone()).ok()?;
+        Some((record, index.options.seed))
+    }
 }
 
 struct Shape {
@@ -305,12 +363,7 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<(Index, Summary)> {
         quality: opts.quality,
         max_side: None,
         zstd_level: opts.zstd_level,
-        extra: serde_json::json!({
-            "kind": opts.kind.name(),
-            "count": opts.count,
-            "size": opts.size,
-            "max_shapes": opts.max_shapes,
-        }),
+        extra: serde_json::to_value(SynthRecord::of(opts))?,
     };
     let (mut set, start) = ShardSet::open(out, record, opts.count, false, opts.force)?;
     let mut progress = Progress::new("synth", opts.count as u64, opts.quiet);

@@ -12,14 +12,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use common::Cursor;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
-use crate::config::TrainConfig;
-use crate::optim::AdamState;
-use crate::params::{self, host};
-use crate::step::Trainer;
+use crate::model::params::{self, host};
+use crate::train::config::{RunConfig, TrainConfig};
+use crate::train::optim::AdamState;
+use crate::train::step::Trainer;
 
 const FORMAT: &str = "densedino-checkpoint/1";
 
@@ -37,15 +37,28 @@ pub fn file_name(it: usize) -> String {
     format!("ckpt-{it:08}.safetensors")
 }
 
+/// Test hook: the save of step `it` into `dir` stops after half its bytes, as a crash or a full disk
+/// would (`tests/run.rs` resumes from such a failure). Keyed by the folder, so that tests running in
+/// parallel never see another's failure; each injected failure fires once.
+#[doc(hidden)]
+pub fn inject_failure(dir: &Path, it: usize) {
+    INJECTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((dir.to_path_buf(), it));
+}
+
+static INJECTED: std::sync::Mutex<Vec<(PathBuf, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether a failure was injected for this save (and takes it).
+fn injected(dir: &Path, it: usize) -> bool {
+    let mut all = INJECTED.lock().unwrap_or_else(|e| e.into_inner());
+    let at = all.iter().position(|(d, i)| *i == it && d == dir);
+    at.map(|at| all.remove(at)).is_some()
+}
+
 /// Writes the trainer's state after `it` steps into `dir`, atomically, and prunes to the last `keep`.
-/// `crash_half_way` is a test hook: stop after half the bytes, as a crash or a full disk would.
-pub fn save(
-    dir: &Path,
-    trainer: &mut Trainer,
-    meta: &Meta,
-    keep: usize,
-    crash_half_way: bool,
-) -> Result<PathBuf> {
+pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for (prefix, model) in [
@@ -82,7 +95,7 @@ pub fn save(
     let partial = path.with_extension("safetensors.partial");
     let mut f = std::fs::File::create(&partial)
         .with_context(|| format!("creating {}", partial.display()))?;
-    if crash_half_way {
+    if injected(dir, meta.it) {
         f.write_all(&data[..data.len() / 2])?;
         bail!(
             "injected failure: stopped half way through writing {}",
@@ -102,6 +115,45 @@ pub fn save(
         let _ = std::fs::remove_file(old.1);
     }
     Ok(path)
+}
+
+/// When a run saves: every `run.checkpoint_every` steps, at each epoch end and at the run's last step,
+/// keeping the newest `run.keep_checkpoints`. It remembers the last checkpoint it wrote.
+pub struct Policy {
+    dir: PathBuf,
+    every: usize,
+    keep: usize,
+    /// The last checkpoint written by this run, and the step it holds.
+    pub last: Option<(usize, PathBuf)>,
+}
+
+impl Policy {
+    pub fn new(dir: PathBuf, run: &RunConfig) -> Self {
+        Self {
+            dir,
+            every: run.checkpoint_every,
+            keep: run.keep_checkpoints,
+            last: None,
+        }
+    }
+
+    /// Whether the state after step `it` (of `total`) is saved.
+    pub fn due(&self, it: usize, epoch_end: bool, total: usize) -> bool {
+        epoch_end || it == total || (self.every > 0 && it.is_multiple_of(self.every))
+    }
+
+    pub fn save(&mut self, trainer: &mut Trainer, meta: &Meta) -> Result<()> {
+        let path = save(&self.dir, trainer, meta, self.keep)?;
+        self.last = Some((meta.it, path));
+        Ok(())
+    }
+
+    /// The last checkpoint written by this run, for messages.
+    pub fn describe_last(&self) -> String {
+        self.last
+            .as_ref()
+            .map_or("none yet".into(), |(_, p)| p.display().to_string())
+    }
 }
 
 /// Named f32 tensors (name, shape, values) as safetensors bytes with string metadata.
@@ -265,33 +317,4 @@ pub fn restore(trainer: &mut Trainer, bytes: &[u8]) -> Result<Meta> {
     trainer.loss.set_centers(center, ref_center, &device);
     trainer.it = meta.it;
     Ok(meta)
-}
-
-/// The device named by a config or the command line.
-// burn 0.22 marks burn-tch deprecated in favour of CubeCL; LibTorch is the GPU path asked for, and CubeCL's
-// CUDA backend cannot be built offline (it downloads LLVM at build time).
-#[allow(deprecated)]
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" | "flex" => Ok(Device::flex()),
-        #[cfg(feature = "tch")]
-        "tch-cpu" => Ok(Device::libtorch()),
-        #[cfg(feature = "tch")]
-        cuda if cuda.starts_with("cuda") => {
-            let index = cuda
-                .strip_prefix("cuda")
-                .unwrap_or("")
-                .trim_start_matches(':');
-            let index: usize = if index.is_empty() {
-                0
-            } else {
-                index.parse().map_err(|_| anyhow!("bad device {cuda:?}"))?
-            };
-            Ok(Device::libtorch_cuda(index))
-        }
-        other => bail!(
-            "device {other:?} is not available in this build: `cpu` always; `tch-cpu` and `cuda:N` need the `tch` feature \
-             (cargo build --release -p trainer --features tch, see README)"
-        ),
-    }
 }

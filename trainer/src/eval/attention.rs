@@ -9,8 +9,8 @@ use burn::tensor::Device;
 use image::{Rgb, RgbImage};
 
 use crate::eval;
-use crate::params::host;
-use crate::vit::Vit;
+use crate::model::params::host;
+use crate::model::vit::Vit;
 
 /// A perceptual colour map (viridis, five anchors interpolated) for a value in [0, 1].
 fn viridis(t: f32) -> Rgb<u8> {

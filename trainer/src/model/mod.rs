@@ -1,12 +1,17 @@
 //! The network one side of the distillation owns: backbone, CLS head and reference head
 //! (official `MultiCropWrapper`, method-spec §2.3 and §3.5), and its forward over a batch's views.
 
+pub mod bicubic;
+pub mod head;
+pub mod params;
+pub mod vit;
+
 use burn::tensor::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 
-use crate::head::{DinoHead, HeadConfig};
-use crate::params::{ParamMut, Params};
-use crate::vit::{self, Precision, Vit, VitConfig};
+use crate::model::head::{DinoHead, HeadConfig};
+use crate::model::params::{ParamMut, Params};
+use crate::model::vit::{Precision, Vit, VitConfig};
 
 pub struct DenseDino {
     pub backbone: Vit,

@@ -9,16 +9,17 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
+use burn::tensor::Device;
 use common::config::ViewsConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::head::HeadConfig;
-use crate::loss::LossConfig;
-use crate::step::OptimConfig;
-use crate::vit::{Precision, VitConfig};
+use crate::model::head::HeadConfig;
+use crate::model::vit::{Precision, VitConfig};
+use crate::train::loss::LossConfig;
+use crate::train::step::OptimConfig;
 
 /// The embedded default: the CPU demo (`cargo run --release -p trainer` with no arguments).
-pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../../configs/default.toml");
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,7 +35,7 @@ pub struct RunConfig {
     /// Stop after this many steps (0: run all epochs); the schedules still span `epochs`.
     pub max_steps: usize,
     /// `cpu` (burn's flex backend), `tch-cpu`, or `cuda:N` (LibTorch; the `tch` feature).
-    pub device: String,
+    pub device: DeviceSpec,
     /// `f32`, or `bf16`: mixed precision as `torch.autocast` does it (matmuls, convolutions and attention
     /// in bf16; f32 master weights, optimiser state, LayerNorm, softmax, loss and centers). LibTorch
     /// devices only (`tch-cpu` is fast with AVX-512 BF16 or AMX; `cuda:N` with tensor cores).
@@ -50,9 +51,14 @@ pub struct RunConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// A shard directory (or its index.json) made by `shard`. Empty: a synthetic set at `synth_dir`, made
-    /// on first use with the `shard synth` generator.
-    pub shards: String,
+    /// A shard directory (or its index.json) made by `shard`. Absent (or `""`): a synthetic set at
+    /// `synth_dir`, made on first use with the `shard synth` generator.
+    #[serde(
+        default,
+        deserialize_with = "path_or_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub shards: Option<PathBuf>,
     pub synth_dir: PathBuf,
     /// shapes (scenes of shapes, the label the largest) or palettes (the label is the colour palette,
     /// under random brightness and contrast: the set where training visibly beats a random network).
@@ -87,6 +93,83 @@ pub struct TrainConfig {
 
 fn three() -> usize {
     3
+}
+
+/// `""` as no path: configs written before `data.shards` was optional say "synthetic" that way.
+fn path_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()).map(PathBuf::from))
+}
+
+/// The device a run computes on, as `run.device` and `--device` spell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    /// `cpu` (or `flex`): burn's pure-Rust backend, no native library.
+    Cpu,
+    /// `tch-cpu`: LibTorch on the CPU (the `tch` feature).
+    TchCpu,
+    /// `cuda:N` (or `cuda` for device 0): LibTorch on a CUDA device (the `tch` feature).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" | "flex" => Ok(DeviceSpec::Cpu),
+            "tch-cpu" => Ok(DeviceSpec::TchCpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
+                _ => bail!("unknown device {s:?} (cpu, tch-cpu or cuda:N)"),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::TchCpu => f.write_str("tch-cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The burn device; the LibTorch ones need the `tch` feature.
+    // burn 0.22 marks burn-tch deprecated in favour of CubeCL; LibTorch is the GPU path asked for, and
+    // CubeCL's CUDA backend cannot be built offline (it downloads LLVM at build time).
+    #[allow(deprecated)]
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "tch")]
+            DeviceSpec::TchCpu => Ok(Device::libtorch()),
+            #[cfg(feature = "tch")]
+            DeviceSpec::Cuda(i) => Ok(Device::libtorch_cuda(i)),
+            #[cfg(not(feature = "tch"))]
+            other => bail!(
+                "device {other} is not available in this build: `cpu` always; `tch-cpu` and `cuda:N` need the \
+                 `tch` feature (cargo build --release -p trainer --features tch, see README)"
+            ),
+        }
+    }
 }
 
 impl TrainConfig {
@@ -179,14 +262,14 @@ impl TrainConfig {
                 epochs: 100,
                 batch_size: 64,
                 max_steps: 0,
-                device: "cpu".into(),
+                device: DeviceSpec::Cpu,
                 precision: Precision::F32,
                 checkpoint_every: 0,
                 keep_checkpoints: 3,
                 log_every: 10,
             },
             data: DataConfig {
-                shards: String::new(),
+                shards: None,
                 synth_dir: "data/synth".into(),
                 synth_kind: Default::default(),
                 synth_count: 512,

@@ -14,7 +14,7 @@ use burn::tensor::{Gradients, Tensor};
 
 use crate::fused::host::Host;
 use crate::fused::multi_tensor::{self, AdamScalars, AdamSlot};
-use crate::params::{ParamMut, Params};
+use crate::model::params::{ParamMut, Params};
 
 /// The non-autodiff value of a tensor (parameters live on the autodiff device; updates do not).
 pub fn plain<const D: usize>(t: Tensor<D>) -> Tensor<D> {

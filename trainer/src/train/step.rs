@@ -1,18 +1,20 @@
 //! One DenseDINO training step, top to bottom (method-spec §2.6): schedules → teacher and student forward →
 //! loss → backward → per-tensor clip and frozen last layer → AdamW → EMA teacher → centers.
 
+use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor};
 use common::Batch;
 use common::seed::{self, Purpose};
 use serde::{Deserialize, Serialize};
 
-use crate::head::HeadConfig;
-use crate::loss::{DenseDinoLoss, Layout, LossConfig};
 use crate::model::DenseDino;
-use crate::optim::{self, AdamW, StepOptions};
-use crate::params::host;
-use crate::schedule::Cosine;
-use crate::vit::{self, VitConfig};
+use crate::model::head::HeadConfig;
+use crate::model::params::host;
+use crate::model::vit::{self, Precision, VitConfig};
+use crate::train::config::TrainConfig;
+use crate::train::loss::{DenseDinoLoss, Layout, LossConfig};
+use crate::train::optim::{self, AdamW, StepOptions};
+use crate::train::schedule::Cosine;
 
 /// The recipe of §2.5 and §2.6; every default is `main_dino.py`'s.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -171,6 +173,31 @@ impl Trainer {
             schedules,
             it: 0,
         }
+    }
+
+    /// The trainer `cfg` describes on the plain device `device` (student and teacher equal, fresh
+    /// optimiser and centers).
+    pub fn from_config(cfg: &TrainConfig, schedules: Schedules, device: &Device) -> Result<Self> {
+        if cfg.run.precision == Precision::Bf16
+            && matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
+        {
+            bail!(
+                "run.precision = \"bf16\" needs a LibTorch device (tch-cpu or cuda:N): the flex backend computes \
+                 bf16 through f32 and would be slower than f32"
+            );
+        }
+        let mut t = Self::new(
+            &cfg.model,
+            &cfg.head,
+            &cfg.loss,
+            &cfg.optim,
+            schedules,
+            cfg.run.seed,
+            device,
+        );
+        t.student.set_precision(cfg.run.precision);
+        t.teacher.set_precision(cfg.run.precision);
+        Ok(t)
     }
 
     /// One optimisation step on `batch`. Returns `Err` with the metrics when the loss is not finite; nothing

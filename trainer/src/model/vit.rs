@@ -20,9 +20,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::bicubic;
 use crate::fused;
-use crate::params::{self, ParamMut, Params};
+use crate::model::bicubic;
+use crate::model::params::{self, ParamMut, Params};
 
 /// LayerNorm epsilon of DINO's ViT (`partial(nn.LayerNorm, eps=1e-6)`).
 pub const LN_EPS: f64 = 1e-6;

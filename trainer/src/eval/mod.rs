@@ -5,6 +5,9 @@
 //! `crop`, normalise. Both steps are one crop box on the original image resized once (the same pixels up to
 //! the antialias filter's support), so each image is resized exactly once.
 
+pub mod attention;
+pub mod seg;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -13,10 +16,10 @@ use burn::tensor::{Device, Tensor, TensorData};
 use fast_image_resize as fr;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::checkpoint;
-use crate::config::TrainConfig;
-use crate::params::{self, host};
-use crate::vit::{self, Vit, VitConfig};
+use crate::model::params::{self, host};
+use crate::model::vit::{self, Vit, VitConfig};
+use crate::train::checkpoint;
+use crate::train::config::TrainConfig;
 
 /// DINO's eval transform sizes (224 after 256); smaller models scale both.
 #[derive(Clone, Copy, Debug)]
@@ -364,4 +367,23 @@ pub fn knn(
             }
         })
         .collect()
+}
+
+/// The demo's evaluation: weighted k-NN (k = 20) of the trained teacher and of a randomly initialised
+/// backbone on the config's held-out synthetic set (made on first use with another seed). Returns
+/// (trained, random).
+pub fn synthetic_knn(cfg: &TrainConfig, checkpoint: &Path) -> Result<(KnnResult, KnnResult)> {
+    let train = crate::train::data::shards(cfg, true)?;
+    let val = crate::train::data::synthetic_val(cfg)?;
+    let device = Device::flex();
+    let pre = Preprocess::for_crop(cfg.model.img_size);
+    let mut out = Vec::new();
+    for ckpt in [Some(checkpoint), None] {
+        let (vit, _) = backbone(ckpt, Some(cfg), &device)?;
+        let tr = extract_cls(&vit, &train, pre, 64, &device)?;
+        let va = extract_cls(&vit, &val, pre, 64, &device)?;
+        out.push(knn((&tr.0, &tr.1), (&va.0, &va.1), &[20], 0.07, &device).remove(0));
+    }
+    let random = out.pop().expect("two results");
+    Ok((out.pop().expect("two results"), random))
 }

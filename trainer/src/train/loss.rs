@@ -239,8 +239,8 @@ impl DenseDinoLoss {
     /// The centers as host vectors (checkpoints) and back.
     pub fn centers_to_host(&self) -> (Vec<f32>, Vec<f32>) {
         (
-            crate::params::host(self.center.clone()),
-            crate::params::host(self.ref_center.clone()),
+            crate::model::params::host(self.center.clone()),
+            crate::model::params::host(self.ref_center.clone()),
         )
     }
     pub fn set_centers(&mut self, center: Vec<f32>, ref_center: Vec<f32>, device: &Device) {

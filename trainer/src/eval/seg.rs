@@ -19,8 +19,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::seq::SliceRandom;
 
 use crate::eval::{self, Item};
-use crate::params::host;
-use crate::vit::Vit;
+use crate::model::params::host;
+use crate::model::vit::Vit;
 
 /// The probe's recipe; defaults are DenseDINO's `eval_segment.py` at batch 8.
 #[derive(Clone, Debug)]
@@ -172,7 +172,10 @@ pub fn probe(
     let mut rng = common::seed::rng(opts.seed, common::seed::Purpose::Model, &[77]);
     // PyTorch's Conv2d default init would do; DenseDINO initialises N(0, 0.01), bias 0.
     let mut w = Tensor::<2>::from_data(
-        TensorData::new(crate::params::trunc_normal(d * c, 0.01, &mut rng), [d, c]),
+        TensorData::new(
+            crate::model::params::trunc_normal(d * c, 0.01, &mut rng),
+            [d, c],
+        ),
         device,
     );
     let mut b = Tensor::<1>::zeros([c], device);
@@ -216,7 +219,7 @@ pub fn probe(
             }
             let onehot = Tensor::<3>::from_data(TensorData::new(onehot, [bsz, c, r * r]), &ad);
             let loss = (logp * onehot).sum().neg().div_scalar(valid as f64);
-            epoch_loss += host(crate::optim::plain(loss.clone()))[0] as f64;
+            epoch_loss += host(crate::train::optim::plain(loss.clone()))[0] as f64;
             let grads = loss.backward();
             let gw = wl
                 .grad(&grads)
@@ -283,12 +286,30 @@ fn evaluate(
     Ok((m, per, right as f64 / total.max(1) as f64))
 }
 
-/// A data set's classes: (count, the ignored label, names).
-pub fn classes(dataset: &str) -> Result<(usize, u8, Vec<String>)> {
-    match dataset {
-        "camvid" => Ok((11, 11, CAMVID_CLASSES.map(String::from).to_vec())),
-        "voc" => Ok((21, 255, VOC_CLASSES.map(String::from).to_vec())),
-        other => bail!("unknown dataset {other:?} (camvid or voc)"),
+/// The segmentation sets the probe reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SegDataset {
+    /// CamVid (SegNet's 11-class version): `train/`, `trainannot/`, `val/`, `valannot/`.
+    Camvid,
+    /// Pascal VOC 2012: `JPEGImages/`, `SegmentationClass/` (or `SegmentationClassAug/`), split lists in
+    /// `ImageSets/Segmentation/`.
+    Voc,
+}
+
+impl SegDataset {
+    pub fn name(self) -> &'static str {
+        match self {
+            SegDataset::Camvid => "camvid",
+            SegDataset::Voc => "voc",
+        }
+    }
+
+    /// (class count, the ignored label, class names).
+    pub fn classes(self) -> (usize, u8, Vec<String>) {
+        match self {
+            SegDataset::Camvid => (11, 11, CAMVID_CLASSES.map(String::from).to_vec()),
+            SegDataset::Voc => (21, 255, VOC_CLASSES.map(String::from).to_vec()),
+        }
     }
 }
 
@@ -334,14 +355,19 @@ pub const CAMVID_CLASSES: [&str; 11] = [
 
 /// Where a raw data set's splits are, packed on first use into shards under `cache` (images + masks), so
 /// the probe reads them with the same decoder and crop as the rest.
-pub fn packed_split(data: &Path, dataset: &str, split: &str, cache: &Path) -> Result<PathBuf> {
-    let out = cache.join(format!("{dataset}-{split}"));
+pub fn packed_split(
+    data: &Path,
+    dataset: SegDataset,
+    split: &str,
+    cache: &Path,
+) -> Result<PathBuf> {
+    let out = cache.join(format!("{}-{split}", dataset.name()));
     if out.join("index.json").exists() {
         return Ok(out);
     }
     let (images, masks, list) = match dataset {
-        "camvid" => (data.join(split), data.join(format!("{split}annot")), None),
-        "voc" => {
+        SegDataset::Camvid => (data.join(split), data.join(format!("{split}annot")), None),
+        SegDataset::Voc => {
             let masks = if data.join("SegmentationClassAug").is_dir() && split == "train" {
                 data.join("SegmentationClassAug")
             } else {
@@ -359,7 +385,6 @@ pub fn packed_split(data: &Path, dataset: &str, split: &str, cache: &Path) -> Re
                 Some(data.join(format!("ImageSets/Segmentation/{name}.txt"))),
             )
         }
-        other => bail!("unknown dataset {other:?} (camvid or voc)"),
     };
     if !images.is_dir() || !masks.is_dir() {
         bail!(
@@ -377,18 +402,9 @@ pub fn packed_split(data: &Path, dataset: &str, split: &str, cache: &Path) -> Re
             masks: Some(masks),
             ..Default::default()
         },
-        seed: 0,
         prefix: split.to_string(),
-        shard_bytes: 1 << 30,
-        per_shard: None,
-        quality: 95,
-        max_side: None,
-        zstd_level: None,
-        workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        strict: false,
-        resume: false,
-        force: false,
         quiet: true,
+        ..Default::default()
     };
     shard::pack::pack(&opts).with_context(|| format!("packing {}", images.display()))?;
     Ok(out)

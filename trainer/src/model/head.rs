@@ -6,8 +6,8 @@ use burn::tensor::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::params::{self, ParamMut, Params};
-use crate::vit::{self, Linear, Precision};
+use crate::model::params::{self, ParamMut, Params};
+use crate::model::vit::{self, Linear, Precision};
 
 /// `F.normalize`'s epsilon: the norm is clamped from below before dividing.
 const L2_EPS: f64 = 1e-12;

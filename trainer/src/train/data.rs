@@ -1,0 +1,115 @@
+//! The data side of a run: which shards it reads (a synthetic set is made on first use), how many batches
+//! an epoch holds, and the loader's options and runtime.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use common::Cursor;
+use loader::LoaderOptions;
+use shard::synth::{SynthOptions, SynthRecord};
+
+use crate::train::config::TrainConfig;
+
+/// The shard directory of a config; the synthetic set is made on first use.
+pub fn shards(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
+    if let Some(dir) = &cfg.data.shards {
+        return Ok(dir.clone());
+    }
+    let dir = cfg.data.synth_dir.clone();
+    make_synth(
+        &dir,
+        &synth_options(cfg, cfg.data.synth_count, cfg.run.seed, "train"),
+        !quiet,
+    )?;
+    Ok(dir)
+}
+
+/// The held-out synthetic set of a config (another seed, half the size, at least 64 images), made on
+/// first use: what the demo's k-NN is scored on.
+pub fn synthetic_val(cfg: &TrainConfig) -> Result<PathBuf> {
+    let dir = PathBuf::from(format!("{}-val", cfg.data.synth_dir.display()));
+    let count = (cfg.data.synth_count / 2).max(64);
+    make_synth(
+        &dir,
+        &synth_options(cfg, count, cfg.run.seed.wrapping_add(1_000_003), "val"),
+        false,
+    )?;
+    Ok(dir)
+}
+
+fn synth_options(cfg: &TrainConfig, count: usize, seed: u64, prefix: &str) -> SynthOptions {
+    SynthOptions {
+        kind: cfg.data.synth_kind,
+        count,
+        size: cfg.data.synth_size,
+        max_shapes: cfg.data.synth_shapes,
+        seed,
+        prefix: prefix.into(),
+        // The sets the trainer has always made: changing these would change every demo's data.
+        per_shard: 128,
+        quality: 90,
+        force: true,
+        quiet: true,
+        ..SynthOptions::default()
+    }
+}
+
+/// The synthetic set `opts` describes in `dir`, unless it is there already (a set made with other
+/// settings is remade rather than silently reused).
+fn make_synth(dir: &Path, opts: &SynthOptions, announce: bool) -> Result<()> {
+    if SynthRecord::load(dir) == Some((SynthRecord::of(opts), opts.seed)) {
+        return Ok(());
+    }
+    if announce {
+        eprintln!(
+            "making a synthetic data set: {} {} images of {} px in {}",
+            opts.count,
+            opts.kind.name(),
+            opts.size,
+            dir.display()
+        );
+    }
+    shard::synth::synth(dir, opts)
+        .with_context(|| format!("making the synthetic set in {}", dir.display()))?;
+    Ok(())
+}
+
+/// Batches per epoch for this data set (single process; the loader drops the tail).
+pub fn iters_per_epoch(cfg: &TrainConfig, shards: &Path) -> Result<usize> {
+    let (_, index) = loader::pipeline::open_index(shards)?;
+    let samples = loader::plan::epoch_plan(&index, cfg.run.seed, 0, 0, 1).len as usize;
+    let ipe = samples / cfg.run.batch_size;
+    if ipe == 0 {
+        bail!(
+            "{}: {samples} samples, fewer than one batch of {}",
+            shards.display(),
+            cfg.run.batch_size
+        );
+    }
+    Ok(ipe)
+}
+
+/// The loader's options for a run of `cfg` from `cursor`.
+pub fn loader_options(cfg: &TrainConfig, shards: &Path, cursor: Cursor) -> LoaderOptions {
+    let mut o = LoaderOptions::new(shards, cfg.views.clone(), cfg.run.batch_size);
+    o.seed = cfg.run.seed;
+    if cfg.data.workers > 0 {
+        o.workers = cfg.data.workers;
+    }
+    o.capacity = cfg.data.capacity.max(1);
+    o.shuffle_buffer = cfg.data.shuffle_buffer;
+    o.interleave = cfg.data.interleave.max(1);
+    o.start = cursor;
+    o.end_epoch = Some(cfg.run.epochs as u64);
+    o
+}
+
+/// The loader's runtime: two async threads (the reader and the collator); decoding runs on tokio's
+/// blocking pool.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("loader")
+        .enable_all()
+        .build()?)
+}
