@@ -1,6 +1,6 @@
 """The same DenseDINO training step in PyTorch eager, for `trainer bench` to be compared against.
 
-Built from ../shared/reference/method-spec.md as the official code runs it: ViT with the full
+Written as the official DenseDINO code (`vision_transformer.py`, `main_dino.py`) runs it: ViT with the full
 [CLS, REF, PATCH] sequence and the additive `all2pos_pos2cls_eye` mask, reference tokens by
 `F.grid_sample(bicubic)`, two DINO heads with weight-normalised last layers, DenseDINO's loss, AdamW,
 per-tensor clipping, the EMA teacher. fp32 by default; `--amp bf16` runs forward and loss under

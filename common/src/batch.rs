@@ -1,4 +1,4 @@
-//! `Batch`: the one contract between the loader and the trainer (DESIGN.md, "common::Batch").
+//! `Batch`: the one contract between the loader and the trainer: what one training step consumes.
 //!
 //! Pixels stay `u8` and planar (CHW): a quarter of the memory and bandwidth of f32; the trainer normalises on
 //! the device. Reference points are f32 in grid_sample convention (−1..1 edge to edge, x then y, x negated

@@ -1,24 +1,14 @@
 //! Config types shared by the loader and the trainer, read from TOML with unknown keys rejected.
 //!
-//! Every default is the official code's value (`../shared/reference/method-spec.md` §2.2, §3.2, §3.3); the
-//! doc comment of each field says where it comes from.
+//! Every default is the official code's value (DenseDINO's `main_dino.py` and its README command); the doc
+//! comment of each field says where it comes from.
 
-use std::path::Path;
-
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Reads a TOML file into `T`, naming the file and the offending key on error.
-pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    toml::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
-/// How reference points are placed in the overlap box of a view pair (§3.3).
+/// How reference points are placed in the overlap box of a view pair (`sampling_reference_point` in
+/// DenseDINO's `main_dino.py`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SamplingMode {
@@ -84,7 +74,7 @@ impl Default for ViewsConfig {
 }
 
 impl ViewsConfig {
-    /// The paper's main run: 4 views at 224, scale 0.4 to 1, M = 4 (§3.1).
+    /// The paper's main run: 4 views at 224, scale 0.4 to 1, M = 4 (the paper's §4.1).
     pub fn paper_main() -> Self {
         ViewsConfig {
             num_global: 2,
@@ -113,7 +103,7 @@ impl ViewsConfig {
         }
     }
 
-    /// The official README command: 6 views at 224, scale 0.25 to 1, M = 2 (§3.1).
+    /// The official README command: 6 views at 224, scale 0.25 to 1, M = 2.
     pub fn readme_ablation() -> Self {
         ViewsConfig {
             global_scale: [0.25, 1.0],
@@ -124,14 +114,9 @@ impl ViewsConfig {
         }
     }
 
-    /// Plain DINO: 2 × 224 global views plus 8 × 96 local views, scale 0.05 to 0.4 (§2.1).
+    /// Plain DINO: 2 × 224 global views plus 8 × 96 local views, scale 0.05 to 0.4 (DINO's `main_dino.py` defaults).
     pub fn dino() -> Self {
-        ViewsConfig {
-            num_local: 8,
-            local_size: 96,
-            local_scale: [0.05, 0.4],
-            ..Self::paper_main()
-        }
+        ViewsConfig { num_local: 8, local_size: 96, local_scale: [0.05, 0.4], ..Self::paper_main() }
     }
 
     /// A preset by name: `paper-main`, `readme-ablation` or `dino`.
@@ -140,9 +125,11 @@ impl ViewsConfig {
             "paper-main" => Ok(Self::paper_main()),
             "readme-ablation" => Ok(Self::readme_ablation()),
             "dino" => Ok(Self::dino()),
-            other => Err(Error::Invalid(format!(
-                "unknown views preset {other:?} (expected paper-main, readme-ablation or dino)"
-            ))),
+            other => Err(Error::invalid(
+                "views.preset",
+                other,
+                "no such preset (expected paper-main, readme-ablation or dino)",
+            )),
         }
     }
 
@@ -152,74 +139,75 @@ impl ViewsConfig {
 
     /// Output side of view `v`.
     pub fn view_size(&self, v: usize) -> usize {
-        if v < self.num_global {
-            self.global_size
-        } else {
-            self.local_size
-        }
+        if v < self.num_global { self.global_size } else { self.local_size }
     }
 
-    /// Checks the ranges a run depends on, so a bad value stops at start-up with one clear line.
+    /// Checks the ranges a run depends on, so a bad value stops at start-up with one clear line naming
+    /// its key.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
+        let bad = |key: &str, value: &dyn std::fmt::Debug, problem: &str| {
+            Err(Error::invalid(format!("views.{key}"), value, problem))
+        };
         if self.num_global != 2 {
-            return bad(format!(
-                "views.num_global = {}: the method is defined for 2 global views",
-                self.num_global
-            ));
+            return bad("num_global", &self.num_global, "the method is defined for 2 global views");
         }
-        for (name, [lo, hi]) in [
+        for (key, range) in [
             ("global_scale", self.global_scale),
             ("local_scale", self.local_scale),
+            ("ratio", self.ratio),
             ("blur_sigma", self.blur_sigma),
         ] {
+            let [lo, hi] = range;
             if !(lo > 0.0 && lo <= hi) {
-                return bad(format!("views.{name} = [{lo}, {hi}]: need 0 < low <= high"));
+                return bad(key, &range, "need 0 < low <= high");
             }
         }
-        if self.global_scale[1] > 1.0 || self.local_scale[1] > 1.0 {
-            return bad("views.*_scale: the upper bound is an area fraction, at most 1".into());
+        for (key, range) in [("global_scale", self.global_scale), ("local_scale", self.local_scale)] {
+            if range[1] > 1.0 {
+                return bad(key, &range, "the upper bound is an area fraction, at most 1");
+            }
         }
-        if !(self.ratio[0] > 0.0 && self.ratio[0] <= self.ratio[1]) {
-            return bad(format!(
-                "views.ratio = {:?}: need 0 < low <= high",
-                self.ratio
-            ));
-        }
-        if self.global_size == 0 || self.local_size == 0 {
-            return bad("views.*_size must be positive".into());
+        for (key, size) in [("global_size", self.global_size), ("local_size", self.local_size)] {
+            if size == 0 {
+                return bad(key, &size, "must be positive");
+            }
         }
         if self.num_points == 0 {
-            return bad("views.num_points must be at least 1".into());
+            return bad("num_points", &self.num_points, "must be at least 1");
         }
         if self.sampling_mode == SamplingMode::Grid {
             let k = (self.num_points as f64).sqrt().round() as usize;
             if k * k != self.num_points {
-                return bad(format!(
-                    "views.num_points = {} must be a square in grid mode",
-                    self.num_points
-                ));
+                return bad("num_points", &self.num_points, "must be a square in grid mode");
             }
         }
-        let probs = [self.flip_p, self.jitter_p, self.grayscale_p]
-            .into_iter()
-            .chain(self.blur_p)
-            .chain(self.solarize_p);
-        if probs.into_iter().any(|p| !(0.0..=1.0).contains(&p)) {
-            return bad("views: every probability must lie in [0, 1]".into());
+        for (key, probs) in [
+            ("flip_p", std::slice::from_ref(&self.flip_p)),
+            ("jitter_p", std::slice::from_ref(&self.jitter_p)),
+            ("grayscale_p", std::slice::from_ref(&self.grayscale_p)),
+            ("blur_p", &self.blur_p),
+            ("solarize_p", &self.solarize_p),
+        ] {
+            if probs.iter().any(|p| !(0.0..=1.0).contains(p)) {
+                return bad(key, &probs, "a probability must lie in [0, 1]");
+            }
         }
-        if !(0.0..1.0).contains(&self.min_overlap) || self.global_overlap_factor < 0.0 {
-            return bad(
-                "views.min_overlap must lie in [0, 1) and global_overlap_factor be >= 0".into(),
-            );
+        if !(0.0..1.0).contains(&self.min_overlap) {
+            return bad("min_overlap", &self.min_overlap, "must lie in [0, 1)");
         }
-        if self.hue < 0.0
-            || self.hue > 0.5
-            || self.brightness < 0.0
-            || self.contrast < 0.0
-            || self.saturation < 0.0
-        {
-            return bad("views: jitter strengths must be >= 0 and hue <= 0.5".into());
+        // A range test, so that NaN is refused too.
+        for (key, value) in [
+            ("global_overlap_factor", self.global_overlap_factor),
+            ("brightness", self.brightness),
+            ("contrast", self.contrast),
+            ("saturation", self.saturation),
+        ] {
+            if !(0.0..).contains(&value) {
+                return bad(key, &value, "must be >= 0");
+            }
+        }
+        if !(0.0..=0.5).contains(&self.hue) {
+            return bad("hue", &self.hue, "must lie in [0, 0.5]");
         }
         Ok(())
     }
@@ -232,15 +220,9 @@ mod tests {
     #[test]
     fn presets_match_the_spec() {
         let p = ViewsConfig::paper_main();
-        assert_eq!(
-            (p.num_views(), p.view_size(3), p.num_points, p.global_scale),
-            (4, 224, 4, [0.4, 1.0])
-        );
+        assert_eq!((p.num_views(), p.view_size(3), p.num_points, p.global_scale), (4, 224, 4, [0.4, 1.0]));
         let r = ViewsConfig::readme_ablation();
-        assert_eq!(
-            (r.num_views(), r.view_size(5), r.num_points, r.local_scale),
-            (6, 224, 2, [0.25, 1.0])
-        );
+        assert_eq!((r.num_views(), r.view_size(5), r.num_points, r.local_scale), (6, 224, 2, [0.25, 1.0]));
         let d = ViewsConfig::dino();
         assert_eq!(
             (d.num_views(), d.view_size(1), d.view_size(2), d.local_scale),
@@ -253,14 +235,15 @@ mod tests {
 
     #[test]
     fn toml_rejects_unknown_keys_and_keeps_defaults() {
-        let err = toml::from_str::<ViewsConfig>("num_pionts = 2")
-            .unwrap_err()
-            .to_string();
+        let err = toml::from_str::<ViewsConfig>("num_pionts = 2").unwrap_err().to_string();
         assert!(err.contains("num_pionts"), "{err}");
         let c: ViewsConfig = toml::from_str("num_points = 9\nsampling_mode = \"grid\"").unwrap();
         assert_eq!((c.num_points, c.global_size), (9, 224));
         c.validate().unwrap();
         let bad: ViewsConfig = toml::from_str("num_points = 8\nsampling_mode = \"grid\"").unwrap();
-        assert!(bad.validate().is_err());
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("views.num_points = 8") && err.contains("square"), "{err}");
+        let err = ViewsConfig::preset("dinov2").unwrap_err().to_string();
+        assert!(err.contains("views.preset = \"dinov2\""), "{err}");
     }
 }

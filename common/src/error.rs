@@ -1,38 +1,24 @@
-//! The error type shared by every crate: each variant names the file (or key) and the problem.
-
-use std::path::PathBuf;
+//! `common`'s error: what its config checks report. Each error names the config key, its value and the
+//! problem, so a bad value stops a run at start-up with one line that says what to change. The other
+//! crates have their own error types (`shard::Error`, `loader::Error`); the trainer reports all of them.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
+    /// A config value out of its range, or a preset name that does not exist.
+    #[error("invalid config: {key} = {value}: {problem}")]
+    Invalid {
+        /// The full key, table included (`views.num_points`).
+        key: String,
+        /// The value as it was given.
+        value: String,
+        problem: String,
     },
-    #[error("{path}: invalid config: {message}")]
-    Config { path: PathBuf, message: String },
-    #[error("invalid config: {0}")]
-    Invalid(String),
-    #[error("{path}: {message}")]
-    Data { path: PathBuf, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// Wraps an `io::Error` with the path it happened on, so the message names the file.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
-    }
-
-    pub fn data(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Data {
-            path: path.into(),
-            message: message.into(),
-        }
+    pub fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, problem: impl Into<String>) -> Self {
+        Error::Invalid { key: key.into(), value: format!("{value:?}"), problem: problem.into() }
     }
 }

@@ -1,5 +1,6 @@
 //! View geometry: RandomResizedCrop boxes with the DenseDINO overlap bound, and the reference points of
-//! each ordered view pair in both views' frames (`method-spec.md` §2.2, §3.2, §3.3).
+//! each ordered view pair in both views' frames (DenseDINO's `DataAugmentationDINO.__call__`,
+//! `calculate_bboxes` and `sampling_reference_point` in its `main_dino.py`; the paper's §3.2).
 //!
 //! Boxes are in original-image pixels (integers, as torchvision draws them). Points are in grid_sample
 //! convention: x_n = 2·(X − x1)/w − 1 for a box (x1, w), so −1 and +1 are the crop's outer edges
@@ -26,12 +27,8 @@ impl CropBox {
 
     /// Pixel area shared with `o`.
     pub fn overlap(&self, o: &CropBox) -> u64 {
-        let w = (self.x1 + self.w)
-            .min(o.x1 + o.w)
-            .saturating_sub(self.x1.max(o.x1));
-        let h = (self.y1 + self.h)
-            .min(o.y1 + o.h)
-            .saturating_sub(self.y1.max(o.y1));
+        let w = (self.x1 + self.w).min(o.x1 + o.w).saturating_sub(self.x1.max(o.x1));
+        let h = (self.y1 + self.h).min(o.y1 + o.h).saturating_sub(self.y1.max(o.y1));
         w as u64 * h as u64
     }
 }
@@ -60,24 +57,13 @@ pub fn random_resized_crop(
     }
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < ratio[0] {
-        (
-            width,
-            ((width as f64 / ratio[0]).round() as u32).clamp(1, height),
-        )
+        (width, ((width as f64 / ratio[0]).round() as u32).clamp(1, height))
     } else if in_ratio > ratio[1] {
-        (
-            ((height as f64 * ratio[1]).round() as u32).clamp(1, width),
-            height,
-        )
+        (((height as f64 * ratio[1]).round() as u32).clamp(1, width), height)
     } else {
         (width, height)
     };
-    CropBox {
-        x1: (width - w) / 2,
-        y1: (height - h) / 2,
-        w,
-        h,
-    }
+    CropBox { x1: (width - w) / 2, y1: (height - h) / 2, w, h }
 }
 
 /// The crop boxes of all views of one image, drawn in order [global 0, global 1, others…]. A view
@@ -86,12 +72,7 @@ pub fn random_resized_crop(
 /// redraws the candidate with the largest smallest-overlap is kept; if even that one misses a global
 /// view entirely, the view takes global view 0's box, so every pair still has a positive overlap.
 /// Returns the boxes and whether any view needed that fallback.
-pub fn sample_boxes(
-    rng: &mut impl Rng,
-    width: u32,
-    height: u32,
-    cfg: &ViewsConfig,
-) -> (Vec<CropBox>, bool) {
+pub fn sample_boxes(rng: &mut impl Rng, width: u32, height: u32, cfg: &ViewsConfig) -> (Vec<CropBox>, bool) {
     let bound = (cfg.min_overlap * width as f64 * height as f64).floor();
     let mut boxes: Vec<CropBox> = Vec::with_capacity(cfg.num_views());
     let mut fell_back = false;
@@ -102,13 +83,8 @@ pub fn sample_boxes(
             (cfg.local_scale, bound)
         };
         let globals = v.min(cfg.num_global);
-        let min_overlap = |b: &CropBox| {
-            boxes[..globals]
-                .iter()
-                .map(|g| b.overlap(g))
-                .min()
-                .unwrap_or(u64::MAX)
-        };
+        let min_overlap =
+            |b: &CropBox| boxes[..globals].iter().map(|g| b.overlap(g)).min().unwrap_or(u64::MAX);
         let mut best = random_resized_crop(rng, width, height, scale, cfg.ratio);
         let mut best_overlap = min_overlap(&best);
         let mut tries = 0;
@@ -136,15 +112,13 @@ pub fn sample_boxes(
 /// Relative positions (r_x, r_y) in [0, 1)² of the M points of one pair.
 pub fn point_fractions(rng: &mut impl Rng, cfg: &ViewsConfig) -> Vec<(f64, f64)> {
     match cfg.sampling_mode {
-        SamplingMode::Random => (0..cfg.num_points)
-            .map(|_| (rng.random::<f64>(), rng.random::<f64>()))
-            .collect(),
+        SamplingMode::Random => {
+            (0..cfg.num_points).map(|_| (rng.random::<f64>(), rng.random::<f64>())).collect()
+        }
         SamplingMode::Grid => {
             let k = (cfg.num_points as f64).sqrt().round() as usize;
             let c = |i: usize| (2 * i + 1) as f64 / (2 * k) as f64;
-            (0..k)
-                .flat_map(|y| (0..k).map(move |x| (c(x), c(y))))
-                .collect()
+            (0..k).flat_map(|y| (0..k).map(move |x| (c(x), c(y)))).collect()
         }
     }
 }
@@ -159,10 +133,7 @@ pub fn to_view(b: &CropBox, flipped: bool, x: f64, y: f64) -> [f32; 2] {
 /// The inverse of [`to_view`]: a view-frame point back in original-image pixels.
 pub fn to_image(b: &CropBox, flipped: bool, p: [f32; 2]) -> (f64, f64) {
     let xn = if flipped { -p[0] } else { p[0] } as f64;
-    (
-        b.x1 as f64 + (xn + 1.0) * 0.5 * b.w as f64,
-        b.y1 as f64 + (p[1] as f64 + 1.0) * 0.5 * b.h as f64,
-    )
+    (b.x1 as f64 + (xn + 1.0) * 0.5 * b.w as f64, b.y1 as f64 + (p[1] as f64 + 1.0) * 0.5 * b.h as f64)
 }
 
 /// Reference points of one image: `teacher[g]` is `[V, M, 2]` (pair (g, v) in g's frame) and
@@ -174,7 +145,7 @@ pub struct RefPoints {
 }
 
 /// Draws M points for every ordered pair (g, v), g global, v any view (g itself included), uniformly in
-/// the pair's overlap box, the same fractions placed in both frames (§3.3).
+/// the pair's overlap box, the same fractions placed in both frames (`sampling_reference_point`).
 pub fn reference_points(
     rng: &mut impl Rng,
     boxes: &[CropBox],
@@ -214,51 +185,21 @@ mod tests {
         // the ratio range. A 500x33 image (ratio 15.2 > 4/3) gives h = 33, w = round(33·4/3) = 44.
         let mut r = rng(0, Purpose::Views, &[]);
         let b = random_resized_crop(&mut r, 500, 33, [5.0, 5.0], [0.75, 4.0 / 3.0]);
-        assert_eq!(
-            b,
-            CropBox {
-                x1: (500 - 44) / 2,
-                y1: 0,
-                w: 44,
-                h: 33
-            }
-        );
+        assert_eq!(b, CropBox { x1: (500 - 44) / 2, y1: 0, w: 44, h: 33 });
         let b = random_resized_crop(&mut r, 30, 300, [5.0, 5.0], [0.75, 4.0 / 3.0]);
-        assert_eq!(
-            b,
-            CropBox {
-                x1: 0,
-                y1: (300 - 40) / 2,
-                w: 30,
-                h: 40
-            }
-        );
+        assert_eq!(b, CropBox { x1: 0, y1: (300 - 40) / 2, w: 30, h: 40 });
         let b = random_resized_crop(&mut r, 40, 40, [5.0, 5.0], [0.75, 4.0 / 3.0]);
-        assert_eq!(
-            b,
-            CropBox {
-                x1: 0,
-                y1: 0,
-                w: 40,
-                h: 40
-            }
-        );
+        assert_eq!(b, CropBox { x1: 0, y1: 0, w: 40, h: 40 });
     }
 
     #[test]
     fn points_of_a_pair_map_back_to_one_image_point_and_bounds_hold() {
         let cfg = ViewsConfig::readme_ablation();
-        for (i, (w, h)) in [
-            (500u32, 375u32),
-            (500, 33),
-            (20, 20),
-            (33, 500),
-            (4000, 3000),
-        ]
-        .into_iter()
-        .cycle()
-        .take(2000)
-        .enumerate()
+        for (i, (w, h)) in [(500u32, 375u32), (500, 33), (20, 20), (33, 500), (4000, 3000)]
+            .into_iter()
+            .cycle()
+            .take(2000)
+            .enumerate()
         {
             let mut r = rng(9, Purpose::Views, &[0, i as u64]);
             let (boxes, fell_back) = sample_boxes(&mut r, w, h, &cfg);
@@ -283,10 +224,7 @@ mod tests {
                         let s = &pts.student[v][(g * m + j) * 2..][..2];
                         let a = to_image(&boxes[g], flips[g], [t[0], t[1]]);
                         let b = to_image(&boxes[v], flips[v], [s[0], s[1]]);
-                        assert!(
-                            (a.0 - b.0).abs() < 0.5 && (a.1 - b.1).abs() < 0.5,
-                            "{a:?} vs {b:?}"
-                        );
+                        assert!((a.0 - b.0).abs() < 0.5 && (a.1 - b.1).abs() < 0.5, "{a:?} vs {b:?}");
                         assert!(t.iter().chain(s).all(|c| (-1.0..=1.0).contains(c)));
                     }
                 }
@@ -310,12 +248,7 @@ mod tests {
 
     #[test]
     fn flipped_x_is_negated_and_edges_are_plus_minus_one() {
-        let b = CropBox {
-            x1: 10,
-            y1: 20,
-            w: 100,
-            h: 50,
-        };
+        let b = CropBox { x1: 10, y1: 20, w: 100, h: 50 };
         assert_eq!(to_view(&b, false, 10.0, 20.0), [-1.0, -1.0]);
         assert_eq!(to_view(&b, false, 110.0, 70.0), [1.0, 1.0]);
         assert_eq!(to_view(&b, true, 35.0, 45.0), [0.5, 0.0]);
@@ -323,29 +256,8 @@ mod tests {
 
     #[test]
     fn overlap_of_boxes() {
-        let a = CropBox {
-            x1: 0,
-            y1: 0,
-            w: 10,
-            h: 10,
-        };
-        assert_eq!(
-            a.overlap(&CropBox {
-                x1: 5,
-                y1: 8,
-                w: 10,
-                h: 10
-            }),
-            5 * 2
-        );
-        assert_eq!(
-            a.overlap(&CropBox {
-                x1: 10,
-                y1: 0,
-                w: 3,
-                h: 3
-            }),
-            0
-        );
+        let a = CropBox { x1: 0, y1: 0, w: 10, h: 10 };
+        assert_eq!(a.overlap(&CropBox { x1: 5, y1: 8, w: 10, h: 10 }), 5 * 2);
+        assert_eq!(a.overlap(&CropBox { x1: 10, y1: 0, w: 3, h: 3 }), 0);
     }
 }

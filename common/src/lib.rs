@@ -1,5 +1,6 @@
 //! `common`: what the loader and the trainer share and nothing more: the config types (serde, TOML),
-//! [`Batch`], the seed derivation, and the error type. No burn, no JPEG, no tar in here.
+//! [`Batch`], the seed derivation, and the error the config checks report. No burn, no JPEG, no tar in
+//! here.
 
 pub mod batch;
 pub mod config;

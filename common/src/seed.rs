@@ -77,9 +77,6 @@ mod tests {
         assert_ne!(base, draw(7, Purpose::Synth, &[0, 41]));
         assert_ne!(base, draw(7, Purpose::Views, &[1, 41]));
         assert_ne!(base, draw(7, Purpose::Views, &[0, 42]));
-        assert_ne!(
-            draw(7, Purpose::Views, &[1, 0]),
-            draw(7, Purpose::Views, &[0, 1])
-        );
+        assert_ne!(draw(7, Purpose::Views, &[1, 0]), draw(7, Purpose::Views, &[0, 1]));
     }
 }

@@ -7,9 +7,7 @@ use loader::augment::*;
 use loader::decode::decode_rgb;
 
 fn main() {
-    let dir = std::env::args()
-        .nth(1)
-        .expect("usage: stage_times SHARD_DIR");
+    let dir = std::env::args().nth(1).expect("usage: stage_times SHARD_DIR");
     let (dir, index) = loader::pipeline::open_index(std::path::Path::new(&dir)).expect("shards");
     let mut imgs = vec![];
     loader::pipeline::for_each_sample(&dir, &index, |s| {
@@ -19,50 +17,18 @@ fn main() {
     .expect("read");
     let cfg = common::config::ViewsConfig::paper_main();
     let none = Photometric::IDENTITY;
-    let jitter = |op: usize, f: f32| Photometric {
-        jitter: Some(([op, 4, 4, 4], [f, f, f, f - 1.0])),
-        ..none.clone()
-    };
+    let jitter =
+        |op: usize, f: f32| Photometric { jitter: Some(([op, 4, 4, 4], [f, f, f, f - 1.0])), ..none.clone() };
     let stages: Vec<(&str, Photometric)> = vec![
-        (
-            "flip",
-            Photometric {
-                flip: true,
-                ..none.clone()
-            },
-        ),
+        ("flip", Photometric { flip: true, ..none.clone() }),
         ("brightness", jitter(0, 1.2)),
         ("contrast", jitter(1, 1.2)),
         ("saturation", jitter(2, 1.2)),
         ("hue", jitter(3, 1.05)),
-        (
-            "grayscale",
-            Photometric {
-                grayscale: true,
-                ..none.clone()
-            },
-        ),
-        (
-            "blur sigma 1",
-            Photometric {
-                blur_sigma: Some(1.0),
-                ..none.clone()
-            },
-        ),
-        (
-            "blur sigma 2",
-            Photometric {
-                blur_sigma: Some(2.0),
-                ..none.clone()
-            },
-        ),
-        (
-            "solarize",
-            Photometric {
-                solarize: true,
-                ..none.clone()
-            },
-        ),
+        ("grayscale", Photometric { grayscale: true, ..none.clone() }),
+        ("blur sigma 1", Photometric { blur_sigma: Some(1.0), ..none.clone() }),
+        ("blur sigma 2", Photometric { blur_sigma: Some(2.0), ..none.clone() }),
+        ("solarize", Photometric { solarize: true, ..none.clone() }),
     ];
     let (mut rgb, mut inter, mut view, mut scratch) = (vec![], vec![], vec![], vec![]);
     let mut resizer = fr::Resizer::new();

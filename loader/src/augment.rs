@@ -1,4 +1,5 @@
-//! Pixel operations of the DINO view pipeline (`method-spec.md` §2.2): crop + bicubic resize, flip,
+//! Pixel operations of the DINO view pipeline (`DataAugmentationDINO` in `main_dino.py`): crop + bicubic
+//! resize, flip,
 //! ColorJitter (the four operations in random order), grayscale, Gaussian blur, solarise. Each
 //! operation rounds back to `u8`, as PIL does between operations.
 //!
@@ -15,6 +16,8 @@
 use fast_image_resize as fr;
 use rand::Rng;
 use rand::seq::SliceRandom;
+
+use crate::error::{Error, Result};
 
 /// The three planes of a planar image.
 #[inline(always)]
@@ -38,9 +41,7 @@ fn blend(degenerate: f32, v: u8, factor: f32) -> u8 {
     // PIL's Image.blend: (int)(in1 + alpha·(in2 − in1)), clipped to 0..255.
     // f32::max returns the other operand when one is NaN, so x is a number in 0..=255 whatever the
     // inputs (NaN or infinite factors included).
-    let x = (degenerate + factor * (v as f32 - degenerate))
-        .max(0.0)
-        .min(255.0);
+    let x = (degenerate + factor * (v as f32 - degenerate)).max(0.0).min(255.0);
     // SAFETY: x is in 0..=255 (above), so it is representable as i32. The checked `as` cast carries
     // saturation fix-ups that stop these loops from vectorising.
     unsafe { x.to_int_unchecked::<i32>() as u8 }
@@ -57,12 +58,7 @@ pub fn brightness(px: &mut [u8], factor: f32) {
 pub fn contrast(px: &mut [u8], factor: f32) {
     let n = (px.len() / 3).max(1) as u64;
     let (r, g, b) = planes(px);
-    let sum: u64 = r
-        .iter()
-        .zip(g.iter())
-        .zip(b.iter())
-        .map(|((&r, &g), &b)| luma(r, g, b) as u64)
-        .sum();
+    let sum: u64 = r.iter().zip(g.iter()).zip(b.iter()).map(|((&r, &g), &b)| luma(r, g, b) as u64).sum();
     let mean = (sum as f64 / n as f64 + 0.5).floor() as f32;
     for v in px.iter_mut() {
         *v = blend(mean, *v, factor);
@@ -75,11 +71,7 @@ pub fn saturation(px: &mut [u8], factor: f32) {
     // The luma plane first, then one two-stream loop per channel: simple loops vectorise.
     let lumas: Vec<u8> = {
         let (r, g, b) = planes(px);
-        r.iter()
-            .zip(g.iter())
-            .zip(b.iter())
-            .map(|((&r, &g), &b)| luma(r, g, b))
-            .collect()
+        r.iter().zip(g.iter()).zip(b.iter()).map(|((&r, &g), &b)| luma(r, g, b)).collect()
     };
     for plane in px.chunks_exact_mut(lumas.len().max(1)) {
         for (v, &l) in plane.iter_mut().zip(&lumas) {
@@ -158,8 +150,7 @@ pub fn box_radius(sigma: f32, passes: u32) -> f32 {
     let sigma2 = sigma * sigma / passes as f32;
     let length = (12.0 * sigma2 as f64 + 1.0).sqrt() as f32;
     let l = ((length as f64 - 1.0) / 2.0).floor() as f32;
-    let a =
-        (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    let a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
     l + a
 }
 
@@ -179,9 +170,7 @@ fn box_taps<'a>(
     acc: &mut [u32],
 ) {
     let finish = |inner: u32, lo: u8, hi: u8| {
-        let bulk = inner
-            .wrapping_mul(whole)
-            .wrapping_add((lo as u32 + hi as u32).wrapping_mul(far));
+        let bulk = inner.wrapping_mul(whole).wrapping_add((lo as u32 + hi as u32).wrapping_mul(far));
         (bulk.wrapping_add(1 << 23) >> 24) as u8
     };
     match r {
@@ -193,9 +182,7 @@ fn box_taps<'a>(
         }
         1 => {
             let (t0, t1, t2, t3, t4) = (tap(0), tap(1), tap(2), tap(3), tap(4));
-            for (((((o, &a), &b), &c), &d), &e) in
-                out.iter_mut().zip(t0).zip(t1).zip(t2).zip(t3).zip(t4)
-            {
+            for (((((o, &a), &b), &c), &d), &e) in out.iter_mut().zip(t0).zip(t1).zip(t2).zip(t3).zip(t4) {
                 *o = finish(b as u32 + c as u32 + d as u32, a, e);
             }
         }
@@ -206,12 +193,7 @@ fn box_taps<'a>(
                     *a += v as u32;
                 }
             }
-            for (((o, &a), &lo), &hi) in out
-                .iter_mut()
-                .zip(acc.iter())
-                .zip(tap(0))
-                .zip(tap(2 * r + 2))
-            {
+            for (((o, &a), &lo), &hi) in out.iter_mut().zip(acc.iter()).zip(tap(0)).zip(tap(2 * r + 2)) {
                 *o = finish(a, lo, hi);
             }
         }
@@ -251,11 +233,8 @@ pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut Vec<u
         }
         // Columns: ping-pong between the channel and tmp, a whole row of outputs at a time.
         for pass in 0..PASSES {
-            let (src, dst): (&[u8], &mut [u8]) = if pass % 2 == 0 {
-                (&*channel, &mut *tmp)
-            } else {
-                (&*tmp, &mut *channel)
-            };
+            let (src, dst): (&[u8], &mut [u8]) =
+                if pass % 2 == 0 { (&*channel, &mut *tmp) } else { (&*tmp, &mut *channel) };
             for (y, out) in dst.chunks_exact_mut(size).enumerate() {
                 let rows = |k: usize| {
                     let sy = (y + k).saturating_sub(pad).min(last);
@@ -307,22 +286,16 @@ pub fn crop_resize(
     b: &crate::CropBox,
     size: usize,
     out: &mut Vec<u8>,
-) -> Result<(), String> {
+) -> Result<()> {
     // Reused between views: resizing a buffer of the right length writes nothing.
     out.resize(size * size * 3, 0);
-    let mut dst = fr::images::Image::from_slice_u8(
-        size as u32,
-        size as u32,
-        out.as_mut_slice(),
-        fr::PixelType::U8x3,
-    )
-    .map_err(|e| e.to_string())?;
+    let mut dst =
+        fr::images::Image::from_slice_u8(size as u32, size as u32, out.as_mut_slice(), fr::PixelType::U8x3)
+            .map_err(|e| Error::image(format!("resize: {e}")))?;
     let opts = fr::ResizeOptions::new()
         .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom))
         .crop(b.x1 as f64, b.y1 as f64, b.w as f64, b.h as f64);
-    resizer
-        .resize(src, &mut dst, &opts)
-        .map_err(|e| e.to_string())
+    resizer.resize(src, &mut dst, &opts).map_err(|e| Error::image(format!("resize: {e}")))
 }
 
 /// The random photometric choices of one view, drawn in a fixed order so a seed fixes them all.
@@ -338,38 +311,21 @@ pub struct Photometric {
 
 impl Photometric {
     /// No operation at all: the starting point for choosing single operations (tests, timings).
-    pub const IDENTITY: Photometric = Photometric {
-        flip: false,
-        jitter: None,
-        grayscale: false,
-        blur_sigma: None,
-        solarize: false,
-    };
+    pub const IDENTITY: Photometric =
+        Photometric { flip: false, jitter: None, grayscale: false, blur_sigma: None, solarize: false };
 }
 
 /// Draws the photometric choices of view `v` (`kind` 0/1 for the global views, 2 for the others).
-pub fn draw_photometric(
-    rng: &mut impl Rng,
-    cfg: &common::config::ViewsConfig,
-    kind: usize,
-) -> Photometric {
+pub fn draw_photometric(rng: &mut impl Rng, cfg: &common::config::ViewsConfig, kind: usize) -> Photometric {
     let flip = rng.random::<f64>() < cfg.flip_p;
     let jitter = (rng.random::<f64>() < cfg.jitter_p).then(|| {
         let mut order = [0, 1, 2, 3];
         order.shuffle(rng);
         let mut f = |s: f64| {
-            if s > 0.0 {
-                rng.random_range(1.0 - s..=1.0 + s) as f32
-            } else {
-                1.0
-            }
+            if s > 0.0 { rng.random_range(1.0 - s..=1.0 + s) as f32 } else { 1.0 }
         };
         let (b, c, s) = (f(cfg.brightness), f(cfg.contrast), f(cfg.saturation));
-        let h = if cfg.hue > 0.0 {
-            rng.random_range(-cfg.hue..=cfg.hue) as f32
-        } else {
-            0.0
-        };
+        let h = if cfg.hue > 0.0 { rng.random_range(-cfg.hue..=cfg.hue) as f32 } else { 0.0 };
         (order, [b, c, s, h])
     });
     let grayscale = rng.random::<f64>() < cfg.grayscale_p;
@@ -377,13 +333,7 @@ pub fn draw_photometric(
     let blur_sigma = (rng.random::<f64>() <= cfg.blur_p[kind] && cfg.blur_p[kind] > 0.0)
         .then(|| rng.random_range(cfg.blur_sigma[0]..=cfg.blur_sigma[1]) as f32);
     let solarize = rng.random::<f64>() < cfg.solarize_p[kind];
-    Photometric {
-        flip,
-        jitter,
-        grayscale,
-        blur_sigma,
-        solarize,
-    }
+    Photometric { flip, jitter, grayscale, blur_sigma, solarize }
 }
 
 /// Applies the photometric choices to a planar `[3, size, size]` view, in torchvision's order.
@@ -391,13 +341,7 @@ pub fn draw_photometric(
 /// On x86-64 CPUs with AVX2 the same code is compiled a second time with AVX2 enabled and chosen at
 /// run time: the loops are integer or plain float arithmetic without fused multiply-add, so both
 /// versions give identical bytes.
-pub fn apply_photometric(
-    px: &mut [u8],
-    size: usize,
-    p: &Photometric,
-    threshold: u8,
-    scratch: &mut Vec<u8>,
-) {
+pub fn apply_photometric(px: &mut [u8], size: usize, p: &Photometric, threshold: u8, scratch: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
@@ -409,24 +353,12 @@ pub fn apply_photometric(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn apply_photometric_avx2(
-    px: &mut [u8],
-    size: usize,
-    p: &Photometric,
-    threshold: u8,
-    scratch: &mut Vec<u8>,
-) {
+fn apply_photometric_avx2(px: &mut [u8], size: usize, p: &Photometric, threshold: u8, scratch: &mut Vec<u8>) {
     apply_photometric_body(px, size, p, threshold, scratch);
 }
 
 #[inline(always)]
-fn apply_photometric_body(
-    px: &mut [u8],
-    size: usize,
-    p: &Photometric,
-    threshold: u8,
-    scratch: &mut Vec<u8>,
-) {
+fn apply_photometric_body(px: &mut [u8], size: usize, p: &Photometric, threshold: u8, scratch: &mut Vec<u8>) {
     if p.flip {
         flip_horizontal(px, size);
     }
@@ -469,24 +401,14 @@ mod tests {
 
     #[test]
     fn grayscale_uses_601_weights() {
-        for (rgb, want) in [
-            ([255, 0, 0], 0.299),
-            ([0, 255, 0], 0.587),
-            ([0, 0, 255], 0.114),
-            ([100, 150, 200], 0.0),
-        ] {
+        for (rgb, want) in
+            [([255, 0, 0], 0.299), ([0, 255, 0], 0.587), ([0, 0, 255], 0.114), ([100, 150, 200], 0.0)]
+        {
             let mut px = rgb.to_vec();
             grayscale(&mut px);
-            let expect = if want > 0.0 {
-                want * 255.0
-            } else {
-                0.299 * 100.0 + 0.587 * 150.0 + 0.114 * 200.0
-            };
-            assert!(
-                (px[0] as f64 - expect).abs() <= 0.5,
-                "{rgb:?}: {} vs {expect}",
-                px[0]
-            );
+            let expect =
+                if want > 0.0 { want * 255.0 } else { 0.299 * 100.0 + 0.587 * 150.0 + 0.114 * 200.0 };
+            assert!((px[0] as f64 - expect).abs() <= 0.5, "{rgb:?}: {} vs {expect}", px[0]);
             assert!(px[0] == px[1] && px[1] == px[2]);
         }
     }
@@ -534,10 +456,7 @@ mod tests {
         let mut px = [200u8, 100, 50];
         let l = luma(200, 100, 50) as i32;
         saturation(&mut px, 2.0);
-        assert_eq!(
-            px.map(|v| v as i32),
-            [200, 100, 50].map(|v: i32| (l + 2 * (v - l)).clamp(0, 255))
-        );
+        assert_eq!(px.map(|v| v as i32), [200, 100, 50].map(|v: i32| (l + 2 * (v - l)).clamp(0, 255)));
     }
 
     #[test]

@@ -6,31 +6,29 @@ use zune_jpeg::JpegDecoder;
 use zune_jpeg::zune_core::colorspace::ColorSpace;
 use zune_jpeg::zune_core::options::DecoderOptions;
 
-/// Decodes into `out` (reused between calls); returns (width, height).
-pub fn decode_rgb(bytes: &[u8], out: &mut Vec<u8>) -> Result<(u32, u32), String> {
+use crate::error::{Error, Result};
+
+/// Decodes into `out` (reused between calls); returns (width, height). An error is an
+/// [`Error::Image`]: the caller knows which sample the bytes are.
+pub fn decode_rgb(bytes: &[u8], out: &mut Vec<u8>) -> Result<(u32, u32)> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
         let options = DecoderOptions::default()
             .set_max_width(65_535)
             .set_max_height(65_535)
             .jpeg_set_out_colorspace(ColorSpace::RGB);
         let mut d = JpegDecoder::new_with_options(std::io::Cursor::new(bytes), options);
-        d.decode_headers()
-            .map_err(|e| format!("JPEG header: {e}"))?;
-        let (w, h) = d.dimensions().ok_or("JPEG without dimensions")?;
-        let n = d.output_buffer_size().ok_or("JPEG output size unknown")?;
+        d.decode_headers().map_err(|e| Error::image(format!("JPEG header: {e}")))?;
+        let (w, h) = d.dimensions().ok_or_else(|| Error::image("JPEG without dimensions"))?;
+        let n = d.output_buffer_size().ok_or_else(|| Error::image("JPEG output size unknown"))?;
         if d.output_colorspace() != Some(ColorSpace::RGB) || n != w * h * 3 {
-            return Err(format!(
-                "JPEG decodes to {:?}, not RGB",
-                d.output_colorspace()
-            ));
+            return Err(Error::image(format!("JPEG decodes to {:?}, not RGB", d.output_colorspace())));
         }
         out.resize(n, 0);
-        d.decode_into(out)
-            .map_err(|e| format!("JPEG decode: {e}"))?;
+        d.decode_into(out).map_err(|e| Error::image(format!("JPEG decode: {e}")))?;
         Ok((w as u32, h as u32))
     } else {
         let img = image::load_from_memory(bytes)
-            .map_err(|e| format!("image decode: {e}"))?
+            .map_err(|e| Error::image(format!("image decode: {e}")))?
             .into_rgb8();
         let (w, h) = img.dimensions();
         out.clear();
@@ -45,8 +43,7 @@ mod tests {
 
     fn png(img: image::DynamicImage) -> Vec<u8> {
         let mut out = vec![];
-        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .unwrap();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
         out
     }
 
@@ -54,12 +51,8 @@ mod tests {
     fn content_decides_the_decoder_and_gray_becomes_rgb() {
         let mut out = vec![];
         // A PNG (whatever its name would be) decodes through the image crate.
-        let rgb =
-            image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
-        assert_eq!(
-            decode_rgb(&png(rgb.clone().into()), &mut out).unwrap(),
-            (5, 4)
-        );
+        let rgb = image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
+        assert_eq!(decode_rgb(&png(rgb.clone().into()), &mut out).unwrap(), (5, 4));
         assert_eq!(out, rgb.as_raw().as_slice());
         // Grayscale PNG: three equal channels.
         let gray = image::GrayImage::from_fn(3, 2, |x, y| image::Luma([(x * 60 + y * 9) as u8]));
@@ -74,10 +67,7 @@ mod tests {
             .unwrap();
         assert_eq!(decode_rgb(&jpeg, &mut out).unwrap(), (16, 16));
         for (p, &l) in out.chunks_exact(3).zip(&luma) {
-            assert!(
-                p[0] == p[1] && p[1] == p[2] && (p[0] as i32 - l as i32).abs() <= 8,
-                "{p:?} vs {l}"
-            );
+            assert!(p[0] == p[1] && p[1] == p[2] && (p[0] as i32 - l as i32).abs() <= 8, "{p:?} vs {l}");
         }
         assert!(decode_rgb(b"not an image", &mut out).is_err());
     }

@@ -4,9 +4,11 @@
 //! [`plan`] decides which shards a rank reads in an epoch; [`decode`] turns bytes into RGB; [`augment`]
 //! holds the pixel operations; [`views`] makes one sample's views and points; [`pipeline`] runs it all on
 //! tokio with exact replay from a seed and a cursor; [`preview`] draws a batch for a person to check; [`report`] is the stats line and progress bar.
+//! [`error`] is the one error type of the library; anyhow is for the binary only.
 
 pub mod augment;
 pub mod decode;
+pub mod error;
 pub mod pipeline;
 pub mod plan;
 pub mod preview;
@@ -14,4 +16,5 @@ pub mod report;
 pub mod views;
 
 pub use common::geometry::CropBox;
+pub use error::{Error, Result};
 pub use pipeline::{Loader, LoaderOptions, Stats, start};

@@ -17,11 +17,7 @@ use loader::views::{Scratch, decode_only, make_views};
 use loader::{LoaderOptions, start};
 
 #[derive(Parser)]
-#[command(
-    name = "loader",
-    version,
-    about = "The densedino streaming loader, standalone"
-)]
+#[command(name = "loader", version, about = "The densedino streaming loader, standalone")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,9 +42,8 @@ impl PipelineArgs {
     fn options(&self) -> Result<LoaderOptions> {
         let views = ViewsConfig::preset(&self.preset)?;
         let mut opts = LoaderOptions::new(self.shards.clone(), views, self.batch_size);
-        opts.workers = self
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        opts.workers =
+            self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(opts)
     }
 }
@@ -109,10 +104,7 @@ fn preview(
     seed: u64,
 ) -> Result<()> {
     let views = ViewsConfig::preset(preset)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let batch = rt.block_on(async {
         let mut opts = LoaderOptions::new(shards, views, count.max(1));
         opts.seed = seed;
@@ -120,8 +112,7 @@ fn preview(
         anyhow::Ok(loader.batches.recv().await?)
     })?;
     let img = loader::preview::render(&batch, cell);
-    img.save(out)
-        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
+    img.save(out).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
     println!(
         "wrote {} ({} images x {} views; keys: {})",
         out.display(),
@@ -209,10 +200,7 @@ fn bench(opts: LoaderOptions, preset: &str, seconds: f64, rounds: usize) -> Resu
     // channel (back-pressure), so it does not compete with the decode-only window.
     let images = Arc::new(images);
     let window = seconds / rounds as f64;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (decodes, pipes, stats_line) = rt.block_on(async {
         let loader = start(opts)?;
         // Warm up: the first batch fills the shuffle buffer.
@@ -262,26 +250,16 @@ fn bench(opts: LoaderOptions, preset: &str, seconds: f64, rounds: usize) -> Resu
         "decode only:   {decode:8.1} images/s  ({:.1} per worker; median of {rounds} windows)",
         decode / workers as f64
     );
-    println!(
-        "full pipeline: {pipe:8.1} images/s  ({:.1} per worker; {stats_line})",
-        pipe / workers as f64
-    );
+    println!("full pipeline: {pipe:8.1} images/s  ({:.1} per worker; {stats_line})", pipe / workers as f64);
     let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-    println!(
-        "ratio full/decode: {:.2} (median; rounds: {})",
-        median(&ratios),
-        each.join(" ")
-    );
+    println!("ratio full/decode: {:.2} (median; rounds: {})", median(&ratios), each.join(" "));
     Ok(())
 }
 
 /// Resident memory per epoch. The first epochs fill the allocator's pools (one per worker thread) and
 /// the channel; after that a pipeline that reuses its buffers stays flat.
 fn soak(opts: LoaderOptions, epochs: usize) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let loader = start(opts)?;
         let t0 = Instant::now();
@@ -319,30 +297,18 @@ fn soak(opts: LoaderOptions, epochs: usize) -> Result<()> {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Bench {
-            pipeline,
-            seconds,
-            rounds,
-            shuffle_buffer,
-            interleave,
-            seed,
-        } => pipeline.options().and_then(|mut opts| {
-            opts.seed = seed;
-            opts.shuffle_buffer = shuffle_buffer;
-            opts.interleave = interleave;
-            bench(opts, &pipeline.preset, seconds, rounds)
-        }),
-        Command::Soak { pipeline, epochs } => pipeline
-            .options()
-            .and_then(|opts| soak(opts, epochs.max(1))),
-        Command::Preview {
-            shards,
-            out,
-            preset,
-            count,
-            cell,
-            seed,
-        } => preview(shards, &out, &preset, count, cell, seed),
+        Command::Bench { pipeline, seconds, rounds, shuffle_buffer, interleave, seed } => {
+            pipeline.options().and_then(|mut opts| {
+                opts.seed = seed;
+                opts.shuffle_buffer = shuffle_buffer;
+                opts.interleave = interleave;
+                bench(opts, &pipeline.preset, seconds, rounds)
+            })
+        }
+        Command::Soak { pipeline, epochs } => pipeline.options().and_then(|opts| soak(opts, epochs.max(1))),
+        Command::Preview { shards, out, preset, count, cell, seed } => {
+            preview(shards, &out, &preset, count, cell, seed)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
 use rand::Rng;
 
 use common::config::ViewsConfig;
@@ -28,6 +27,7 @@ use common::seed::{Purpose, rng};
 use common::{Batch, Cursor, ViewPixels};
 use shard::{Index, Sample, open_shard, read_samples};
 
+use crate::error::{Error, Result};
 use crate::plan::epoch_plan;
 use crate::views::{SampleViews, Scratch, make_views};
 
@@ -147,13 +147,16 @@ struct Done {
     key: String,
     shard: Arc<str>,
     label: i64,
-    result: Result<SampleViews, String>,
+    result: Result<SampleViews>,
 }
 
 /// The shard directory and index from a directory or an `index.json` path; one clear error if absent.
 pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
     if !path.exists() {
-        bail!("{}: no such shard directory or index", path.display());
+        return Err(Error::ShardSet {
+            path: path.to_path_buf(),
+            problem: "no such shard directory or index".into(),
+        });
     }
     let dir = if path.is_dir() {
         path.to_path_buf()
@@ -162,7 +165,7 @@ pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
     };
     let index = Index::load(path)?;
     if index.total_samples == 0 || index.shards.is_empty() {
-        bail!("{}: the shard index lists no samples", dir.display());
+        return Err(Error::ShardSet { path: dir, problem: "the shard index lists no samples".into() });
     }
     Ok((dir, index))
 }
@@ -170,31 +173,26 @@ pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
 /// Starts the pipeline on the current tokio runtime.
 pub fn start(opts: LoaderOptions) -> Result<Loader> {
     opts.views.validate()?;
-    if opts.batch_size == 0 || opts.world_size == 0 || opts.rank >= opts.world_size {
-        bail!(
-            "loader: need batch_size >= 1 and rank < world_size (got {}, {}/{})",
-            opts.batch_size,
-            opts.rank,
-            opts.world_size
-        );
+    let invalid = |option, problem: String| Err(Error::InvalidOption { option, problem });
+    if opts.batch_size == 0 {
+        return invalid("batch_size", "must be at least 1, got 0".into());
+    }
+    if opts.world_size == 0 {
+        return invalid("world_size", "must be at least 1, got 0".into());
+    }
+    if opts.rank >= opts.world_size {
+        return invalid("rank", format!("{} is not below world_size {}", opts.rank, opts.world_size));
     }
     let (dir, index) = open_index(&opts.shards)?;
-    let first = epoch_plan(
-        &index,
-        opts.seed,
-        opts.start.epoch,
-        opts.rank,
-        opts.world_size,
-    );
+    let first = epoch_plan(&index, opts.seed, opts.start.epoch, opts.rank, opts.world_size);
     if first.len < opts.batch_size as u64 {
-        bail!(
-            "{}: rank {} of {} gets {} samples per epoch, fewer than one batch of {}",
-            dir.display(),
-            opts.rank,
-            opts.world_size,
-            first.len,
-            opts.batch_size
-        );
+        return Err(Error::ShardSet {
+            path: dir,
+            problem: format!(
+                "rank {} of {} gets {} samples per epoch, fewer than one batch of {}",
+                opts.rank, opts.world_size, first.len, opts.batch_size
+            ),
+        });
     }
     let index = Arc::new(index);
     let stats = Arc::new(Stats::default());
@@ -207,34 +205,15 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
     let mut tasks = vec![];
     {
         let (opts, index, dir, stats) = (opts.clone(), index.clone(), dir.clone(), stats.clone());
-        tasks.push(tokio::task::spawn_blocking(move || {
-            read_loop(&opts, &index, &dir, &stats, work_tx)
-        }));
+        tasks.push(tokio::task::spawn_blocking(move || read_loop(&opts, &index, &dir, &stats, work_tx)));
     }
     for _ in 0..workers {
-        let (opts, rx, tx, stats) = (
-            opts.clone(),
-            work_rx.clone(),
-            done_tx.clone(),
-            stats.clone(),
-        );
-        tasks.push(tokio::task::spawn_blocking(move || {
-            work_loop(&opts, rx, tx, &stats)
-        }));
+        let (opts, rx, tx, stats) = (opts.clone(), work_rx.clone(), done_tx.clone(), stats.clone());
+        tasks.push(tokio::task::spawn_blocking(move || work_loop(&opts, rx, tx, &stats)));
     }
     drop((work_rx, done_tx));
-    tasks.push(tokio::spawn(collate_loop(
-        opts.clone(),
-        done_rx,
-        batch_tx,
-        stats.clone(),
-    )));
-    Ok(Loader {
-        tasks,
-        batches: batch_rx,
-        stats,
-        index,
-    })
+    tasks.push(tokio::spawn(collate_loop(opts.clone(), done_rx, batch_tx, stats.clone())));
+    Ok(Loader { tasks, batches: batch_rx, stats, index })
 }
 
 /// Reads one shard on its own thread into a small channel, so the reader can pull samples from several
@@ -245,19 +224,13 @@ fn spawn_shard_reader(path: PathBuf, stats: Arc<Stats>) -> std::sync::mpsc::Rece
         let reader = match open_shard(&path) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!(
-                    "warning: {}: cannot open shard, skipping it: {e}",
-                    path.display()
-                );
+                eprintln!("warning: {e}; skipping this shard");
                 stats.truncated_shards.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
-        if let Err((n, e)) = read_samples(reader, |s| tx.send(s).is_ok()) {
-            eprintln!(
-                "warning: {}: shard ends early after {n} samples: {e}",
-                path.display()
-            );
+        if let Err(e) = read_samples(reader, |s| tx.send(s).is_ok()) {
+            eprintln!("warning: {}; the shard ends there", e.in_file(&path));
             stats.truncated_shards.fetch_add(1, Ordering::Relaxed);
         }
     });
@@ -274,17 +247,9 @@ fn read_loop(
     let mut epoch = opts.start.epoch;
     while opts.end_epoch.is_none_or(|end| epoch < end) {
         let plan = epoch_plan(index, opts.seed, epoch, opts.rank, opts.world_size);
-        let skip = if epoch == opts.start.epoch {
-            opts.start.samples
-        } else {
-            0
-        };
-        let mut pending = plan
-            .shards
-            .iter()
-            .map(|&i| index.shards[i].name.clone())
-            .collect::<Vec<_>>()
-            .into_iter();
+        let skip = if epoch == opts.start.epoch { opts.start.samples } else { 0 };
+        let mut pending =
+            plan.shards.iter().map(|&i| index.shards[i].name.clone()).collect::<Vec<_>>().into_iter();
         let mut open: Vec<(Arc<str>, std::sync::mpsc::Receiver<Sample>)> = vec![];
         let mut next_slot = 0usize;
         let mut shuffle_rng = rng(opts.seed, Purpose::ShuffleBuffer, &[epoch]);
@@ -300,14 +265,8 @@ fn read_loop(
             if s < skip {
                 return true;
             }
-            work.send_blocking(Work {
-                epoch,
-                seq: s,
-                epoch_len: plan.len,
-                shard: item.0,
-                sample: item.1,
-            })
-            .is_ok()
+            work.send_blocking(Work { epoch, seq: s, epoch_len: plan.len, shard: item.0, sample: item.1 })
+                .is_ok()
         };
         loop {
             while open.len() < opts.interleave.max(1) {
@@ -355,18 +314,12 @@ fn read_loop(
         if seq < plan.len {
             // Damaged shards delivered fewer samples than the index promised; the collator must still
             // see the epoch end, so the missing positions are sent as empty (skipped) samples.
-            eprintln!(
-                "warning: epoch {epoch}: {} samples missing from damaged shards",
-                plan.len - seq
-            );
+            eprintln!("warning: epoch {epoch}: {} samples missing from damaged shards", plan.len - seq);
             while seq < plan.len {
                 let s = seq;
                 seq += 1;
                 if s >= skip {
-                    let empty = Sample {
-                        key: format!("<missing {s}>"),
-                        members: vec![],
-                    };
+                    let empty = Sample { key: format!("<missing {s}>"), members: vec![] };
                     let w = Work {
                         epoch,
                         seq: s,
@@ -393,20 +346,13 @@ fn work_loop(
     let mut scratch = Scratch::default();
     while let Ok(w) = rx.recv_blocking() {
         let t0 = Instant::now();
-        let label = w
-            .sample
-            .get("cls")
-            .and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok())
-            .unwrap_or(-1);
-        let result = match w
-            .sample
-            .get("jpg")
-            .or_else(|| w.sample.get("png"))
-            .or_else(|| w.sample.get("jpeg"))
-        {
-            Some(bytes) => make_views(bytes, &opts.views, opts.seed, w.epoch, w.seq, &mut scratch),
-            None => Err("no image member".to_string()),
-        };
+        let label =
+            w.sample.get("cls").and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok()).unwrap_or(-1);
+        let result =
+            match w.sample.get("jpg").or_else(|| w.sample.get("png")).or_else(|| w.sample.get("jpeg")) {
+                Some(bytes) => make_views(bytes, &opts.views, opts.seed, w.epoch, w.seq, &mut scratch),
+                None => Err(Error::image("no image member (jpg, png or jpeg)")),
+            };
         if result.as_ref().is_ok_and(|v| v.overlap_fallback) {
             stats.overlap_fallbacks.fetch_add(1, Ordering::Relaxed);
         }
@@ -439,9 +385,7 @@ impl Pending {
     fn new(cfg: &ViewsConfig, b: usize) -> Self {
         let (g, v, m) = (cfg.num_global, cfg.num_views(), cfg.num_points);
         Pending {
-            views: (0..v)
-                .map(|i| Vec::with_capacity(b * 3 * cfg.view_size(i).pow(2)))
-                .collect(),
+            views: (0..v).map(|i| Vec::with_capacity(b * 3 * cfg.view_size(i).pow(2))).collect(),
             teacher: vec![Vec::with_capacity(b * v * m * 2); g],
             student: vec![Vec::with_capacity(b * g * m * 2); v],
             labels: Vec::with_capacity(b),
@@ -468,10 +412,7 @@ impl Pending {
     /// Drops the samples but keeps the buffers (the incomplete tail of an epoch).
     fn clear(&mut self) {
         self.views.iter_mut().for_each(Vec::clear);
-        self.teacher
-            .iter_mut()
-            .chain(self.student.iter_mut())
-            .for_each(Vec::clear);
+        self.teacher.iter_mut().chain(self.student.iter_mut()).for_each(Vec::clear);
         self.labels.clear();
         self.keys.clear();
         self.seq.clear();
@@ -492,15 +433,7 @@ async fn collate_loop(
     while let Ok(done) = rx.recv().await {
         reorder.insert((done.epoch, done.seq), done);
         while let Some(d) = reorder.remove(&next) {
-            let Done {
-                epoch,
-                seq,
-                epoch_len,
-                key,
-                shard,
-                label,
-                result,
-            } = d;
+            let Done { epoch, seq, epoch_len, key, shard, label, result } = d;
             match result {
                 Ok(views) => pending.push(label, key, seq, views),
                 Err(e) => {
@@ -520,10 +453,7 @@ async fn collate_loop(
                         .views
                         .into_iter()
                         .enumerate()
-                        .map(|(v, data)| ViewPixels {
-                            size: cfg.view_size(v),
-                            data,
-                        })
+                        .map(|(v, data)| ViewPixels { size: cfg.view_size(v), data })
                         .collect(),
                     teacher_points: full.teacher,
                     student_points: full.student,
@@ -534,15 +464,9 @@ async fn collate_loop(
                     // Fewer positions than a batch left: the epoch's tail can never fill a batch and is
                     // dropped, so the cursor already points at the next epoch.
                     cursor: if epoch_len - (seq + 1) < b as u64 {
-                        Cursor {
-                            epoch: epoch + 1,
-                            samples: 0,
-                        }
+                        Cursor { epoch: epoch + 1, samples: 0 }
                     } else {
-                        Cursor {
-                            epoch,
-                            samples: seq + 1,
-                        }
+                        Cursor { epoch, samples: seq + 1 }
                     },
                 };
                 stats.images.fetch_add(b as u64, Ordering::Relaxed);
@@ -565,21 +489,56 @@ async fn collate_loop(
 pub fn for_each_sample(dir: &Path, index: &Index, mut f: impl FnMut(Sample) -> bool) -> Result<()> {
     for s in &index.shards {
         let path = dir.join(&s.name);
-        let reader =
-            open_shard(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let reader = open_shard(&path)?;
         let mut go = true;
-        if let Err((n, e)) = read_samples(reader, |x| {
+        if let Err(e) = read_samples(reader, |x| {
             go = f(x);
             go
         }) {
-            eprintln!(
-                "warning: {}: shard ends early after {n} samples: {e}",
-                path.display()
-            );
+            eprintln!("warning: {}; the shard ends there", e.in_file(&path));
         }
         if !go {
             break;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_views() -> ViewsConfig {
+        ViewsConfig { global_size: 32, local_size: 16, ..ViewsConfig::paper_main() }
+    }
+
+    /// `start` refuses before spawning anything, with a message naming the path or the option.
+    fn refusal(opts: LoaderOptions) -> String {
+        start(opts).err().expect("start must refuse").to_string()
+    }
+
+    #[test]
+    fn refusals_name_the_path_or_the_option() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = refusal(LoaderOptions::new(empty.path(), small_views(), 8));
+        let index = empty.path().join(shard::index::INDEX_FILE);
+        assert!(err.contains(&format!("{}: cannot read the shard index", index.display())), "{err}");
+        let err = refusal(LoaderOptions::new("/no/such/dir", small_views(), 8));
+        assert!(err.contains("/no/such/dir: no such shard directory or index"), "{err}");
+        let err = refusal(LoaderOptions::new(empty.path(), small_views(), 0));
+        assert!(err.contains("batch_size: must be at least 1"), "{err}");
+        let mut opts = LoaderOptions::new(empty.path(), small_views(), 8);
+        (opts.rank, opts.world_size) = (2, 2);
+        assert!(refusal(opts).contains("rank: 2 is not below world_size 2"));
+        let views =
+            ViewsConfig { num_points: 3, sampling_mode: common::config::SamplingMode::Grid, ..small_views() };
+        let err = refusal(LoaderOptions::new(empty.path(), views, 8));
+        assert!(err.contains("views.num_points = 3"), "{err}");
+
+        let set = tempfile::tempdir().unwrap();
+        let synth = shard::synth::SynthOptions { count: 4, size: 16, quiet: true, ..Default::default() };
+        shard::synth::synth(set.path(), &synth).unwrap();
+        let err = refusal(LoaderOptions::new(set.path(), small_views(), 8));
+        assert!(err.contains(&format!("{}: rank 0 of 1 gets 4 samples", set.path().display())), "{err}");
+    }
 }

@@ -24,14 +24,10 @@ fn colour(i: usize) -> Rgb<u8> {
 /// Draws a filled disc with a dark outline (visible on any background).
 fn mark(img: &mut RgbImage, cx: f32, cy: f32, radius: f32, c: Rgb<u8>) {
     let r_out = radius + 1.5;
-    let (x0, x1) = (
-        (cx - r_out).floor().max(0.0) as u32,
-        (cx + r_out).ceil().min(img.width() as f32 - 1.0) as u32,
-    );
-    let (y0, y1) = (
-        (cy - r_out).floor().max(0.0) as u32,
-        (cy + r_out).ceil().min(img.height() as f32 - 1.0) as u32,
-    );
+    let (x0, x1) =
+        ((cx - r_out).floor().max(0.0) as u32, (cx + r_out).ceil().min(img.width() as f32 - 1.0) as u32);
+    let (y0, y1) =
+        ((cy - r_out).floor().max(0.0) as u32, (cy + r_out).ceil().min(img.height() as f32 - 1.0) as u32);
     for y in y0..=y1 {
         for x in x0..=x1 {
             let d = ((x as f32 + 0.5 - cx).powi(2) + (y as f32 + 0.5 - cy).powi(2)).sqrt();
@@ -53,8 +49,7 @@ pub fn render(batch: &Batch, cell: u32) -> RgbImage {
         b as u32 * (cell + gap) + gap,
         Rgb([40, 40, 40]),
     );
-    let origin =
-        |i: usize, v: usize| (gap + v as u32 * (cell + gap), gap + i as u32 * (cell + gap));
+    let origin = |i: usize, v: usize| (gap + v as u32 * (cell + gap), gap + i as u32 * (cell + gap));
     for i in 0..b {
         for (v, view) in batch.views.iter().enumerate() {
             let s = view.size;
@@ -63,26 +58,16 @@ pub fn render(batch: &Batch, cell: u32) -> RgbImage {
             let (ox, oy) = origin(i, v);
             for y in 0..cell {
                 for x in 0..cell {
-                    let (sx, sy) = (
-                        (x as usize * s) / cell as usize,
-                        (y as usize * s) / cell as usize,
-                    );
+                    let (sx, sy) = ((x as usize * s) / cell as usize, (y as usize * s) / cell as usize);
                     let k = sy * s + sx;
-                    img.put_pixel(
-                        ox + x,
-                        oy + y,
-                        Rgb([px[k], px[plane + k], px[2 * plane + k]]),
-                    );
+                    img.put_pixel(ox + x, oy + y, Rgb([px[k], px[plane + k], px[2 * plane + k]]));
                 }
             }
         }
         // Point j of pair (g, v): teacher frame in view g, student frame in view v.
         let to_px = |p: &[f32], v: usize| {
             let (ox, oy) = origin(i, v);
-            (
-                ox as f32 + (p[0] + 1.0) * 0.5 * cell as f32,
-                oy as f32 + (p[1] + 1.0) * 0.5 * cell as f32,
-            )
+            (ox as f32 + (p[0] + 1.0) * 0.5 * cell as f32, oy as f32 + (p[1] + 1.0) * 0.5 * cell as f32)
         };
         let g_n = batch.teacher_points.len();
         for g in 0..g_n {

@@ -60,23 +60,14 @@ pub async fn report(
         );
         bar
     });
-    let tick = if bar.is_some() {
-        Duration::from_millis(250)
-    } else {
-        every
-    };
+    let tick = if bar.is_some() { Duration::from_millis(250) } else { every };
     let mut stop = stop;
     loop {
         tokio::select! {
             _ = &mut stop => break,
             _ = tokio::time::sleep(tick) => {}
         }
-        let line = stats_line(
-            &stats,
-            start.elapsed(),
-            batches.len(),
-            batches.capacity().unwrap_or(0),
-        );
+        let line = stats_line(&stats, start.elapsed(), batches.len(), batches.capacity().unwrap_or(0));
         match &bar {
             Some(bar) => {
                 bar.set_position(stats.batches.load(Ordering::Relaxed));

@@ -11,6 +11,7 @@ use common::seed::{Purpose, rng};
 
 use crate::augment::{apply_photometric, crop_resize, draw_photometric, to_planar};
 use crate::decode::decode_rgb;
+use crate::error::{Error, Result};
 
 /// A sample ready for collation: planar views `[3, S_v, S_v]` and its reference points.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,12 +34,7 @@ pub struct Scratch {
 
 impl Default for Scratch {
     fn default() -> Self {
-        Scratch {
-            rgb: vec![],
-            view: vec![],
-            blur: vec![],
-            resizer: fr::Resizer::new(),
-        }
+        Scratch { rgb: vec![], view: vec![], blur: vec![], resizer: fr::Resizer::new() }
     }
 }
 
@@ -49,12 +45,12 @@ pub fn make_views(
     epoch: u64,
     seq: u64,
     s: &mut Scratch,
-) -> Result<SampleViews, String> {
+) -> Result<SampleViews> {
     let (w, h) = decode_rgb(bytes, &mut s.rgb)?;
     let mut r = rng(seed, Purpose::Views, &[epoch, seq]);
     let (boxes, overlap_fallback) = sample_boxes(&mut r, w, h, cfg);
-    let src =
-        fr::images::ImageRef::new(w, h, &s.rgb, fr::PixelType::U8x3).map_err(|e| e.to_string())?;
+    let src = fr::images::ImageRef::new(w, h, &s.rgb, fr::PixelType::U8x3)
+        .map_err(|e| Error::image(format!("decoded image: {e}")))?;
     let mut views = Vec::with_capacity(boxes.len());
     let mut flips = Vec::with_capacity(boxes.len());
     for (v, b) in boxes.iter().enumerate() {
@@ -64,28 +60,16 @@ pub fn make_views(
         let mut planar = Vec::new();
         to_planar(&s.view, &mut planar);
         let photo = draw_photometric(&mut r, cfg, v.min(2));
-        apply_photometric(
-            &mut planar,
-            size,
-            &photo,
-            cfg.solarize_threshold,
-            &mut s.blur,
-        );
+        apply_photometric(&mut planar, size, &photo, cfg.solarize_threshold, &mut s.blur);
         flips.push(photo.flip);
         views.push(planar);
     }
     let points = reference_points(&mut r, &boxes, &flips, cfg);
-    Ok(SampleViews {
-        views,
-        points,
-        boxes,
-        flips,
-        overlap_fallback,
-    })
+    Ok(SampleViews { views, points, boxes, flips, overlap_fallback })
 }
 
 /// Decode only (the benchmark's baseline): same decoder, same buffers.
-pub fn decode_only(bytes: &[u8], s: &mut Scratch) -> Result<(u32, u32), String> {
+pub fn decode_only(bytes: &[u8], s: &mut Scratch) -> Result<(u32, u32)> {
     decode_rgb(bytes, &mut s.rgb)
 }
 
@@ -99,8 +83,7 @@ mod tests {
             image::Rgb([(x * 2) as u8, (y * 2) as u8, ((x * y) % 251) as u8])
         });
         let mut out = vec![];
-        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-            .unwrap();
+        img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
         out
     }
 
@@ -117,15 +100,8 @@ mod tests {
 
     #[test]
     fn a_flipped_view_is_the_mirror_of_the_unflipped_one() {
-        let cfg = plain(ViewsConfig {
-            global_size: 32,
-            local_size: 16,
-            ..ViewsConfig::paper_main()
-        });
-        let flipped_cfg = ViewsConfig {
-            flip_p: 1.0,
-            ..cfg.clone()
-        };
+        let cfg = plain(ViewsConfig { global_size: 32, local_size: 16, ..ViewsConfig::paper_main() });
+        let flipped_cfg = ViewsConfig { flip_p: 1.0, ..cfg.clone() };
         let mut s = Scratch::default();
         let a = make_views(&photo(), &cfg, 1, 0, 7, &mut s).unwrap();
         let b = make_views(&photo(), &flipped_cfg, 1, 0, 7, &mut s).unwrap();
@@ -148,11 +124,7 @@ mod tests {
 
     #[test]
     fn views_are_planar_rgb_and_grayscale_makes_three_equal_planes() {
-        let cfg = plain(ViewsConfig {
-            global_size: 24,
-            local_size: 24,
-            ..ViewsConfig::paper_main()
-        });
+        let cfg = plain(ViewsConfig { global_size: 24, local_size: 24, ..ViewsConfig::paper_main() });
         let mut s = Scratch::default();
         let v = make_views(&photo(), &cfg, 2, 0, 3, &mut s).unwrap();
         // The source's red channel grows with x, green with y: in a planar view, plane 0 rises along
@@ -160,14 +132,8 @@ mod tests {
         let view = &v.views[0];
         let n = 24 * 24;
         let (red, green) = (&view[..n], &view[n..2 * n]);
-        assert!(
-            red[23] > red[0] && green[23 * 24] > green[0],
-            "planes are R then G"
-        );
-        let gray = ViewsConfig {
-            grayscale_p: 1.0,
-            ..cfg
-        };
+        assert!(red[23] > red[0] && green[23 * 24] > green[0], "planes are R then G");
+        let gray = ViewsConfig { grayscale_p: 1.0, ..cfg };
         let g = make_views(&photo(), &gray, 2, 0, 3, &mut s).unwrap();
         for view in &g.views {
             let n = view.len() / 3;

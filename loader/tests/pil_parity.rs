@@ -12,12 +12,7 @@ fn test_image(w: usize, h: usize) -> Vec<u8> {
     for y in 0..h {
         for x in 0..w {
             px.extend(
-                [
-                    (x * 37 + y * 11) % 256,
-                    (x * x + 3 * y * y) % 256,
-                    (x * y * 7 + 91) % 256,
-                ]
-                .map(|v| v as u8),
+                [(x * 37 + y * 11) % 256, (x * x + 3 * y * y) % 256, (x * y * 7 + 91) % 256].map(|v| v as u8),
             );
         }
     }
@@ -26,9 +21,7 @@ fn test_image(w: usize, h: usize) -> Vec<u8> {
 
 fn interleave(planar: &[u8]) -> Vec<u8> {
     let n = planar.len() / 3;
-    (0..n)
-        .flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]])
-        .collect()
+    (0..n).flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]]).collect()
 }
 
 #[test]
@@ -44,30 +37,18 @@ fn photometric_ops_match_pillow_byte_for_byte() {
     let jitter = |op: usize, f: f32| {
         let mut factors = [1.0, 1.0, 1.0, 0.0];
         factors[op] = f;
-        Photometric {
-            jitter: Some(([op, 4, 4, 4], factors)),
-            ..none.clone()
-        }
+        Photometric { jitter: Some(([op, 4, 4, 4], factors)), ..none.clone() }
     };
     for (name, want) in cases {
         let (op, arg) = name.rsplit_once('_').unwrap_or((name.as_str(), ""));
         let f: f32 = arg.parse().unwrap_or(0.0);
         let p = match op {
-            "blur" => Photometric {
-                blur_sigma: Some(f),
-                ..none.clone()
-            },
+            "blur" => Photometric { blur_sigma: Some(f), ..none.clone() },
             "brightness" => jitter(0, f),
             "contrast" => jitter(1, f),
             "saturation" => jitter(2, f),
-            "grayscale" => Photometric {
-                grayscale: true,
-                ..none.clone()
-            },
-            "solarize" => Photometric {
-                solarize: true,
-                ..none.clone()
-            },
+            "grayscale" => Photometric { grayscale: true, ..none.clone() },
+            "solarize" => Photometric { solarize: true, ..none.clone() },
             other => panic!("unknown case {other}"),
         };
         let mut px = planar_input.clone();
@@ -75,11 +56,6 @@ fn photometric_ops_match_pillow_byte_for_byte() {
         let ours = interleave(&px);
         let want = hex::decode(want.as_str().unwrap()).unwrap();
         let diff = ours.iter().zip(&want).filter(|(a, b)| a != b).count();
-        assert_eq!(
-            diff,
-            0,
-            "{name}: {diff} of {} bytes differ from Pillow",
-            want.len()
-        );
+        assert_eq!(diff, 0, "{name}: {diff} of {} bytes differ from Pillow", want.len());
     }
 }

@@ -10,11 +10,7 @@ use loader::{LoaderOptions, start};
 use shard::synth::{SynthOptions, synth};
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 fn make_set(dir: &Path, count: usize) {
@@ -37,12 +33,7 @@ fn make_set_with(dir: &Path, count: usize, zstd_level: Option<i32>) {
 }
 
 fn small_views() -> ViewsConfig {
-    ViewsConfig {
-        global_size: 32,
-        local_size: 16,
-        num_local: 2,
-        ..ViewsConfig::paper_main()
-    }
+    ViewsConfig { global_size: 32, local_size: 16, num_local: 2, ..ViewsConfig::paper_main() }
 }
 
 fn run(dir: &Path, workers: usize, capacity: usize, start_at: Cursor, n: usize) -> Vec<Batch> {
@@ -69,37 +60,18 @@ fn batches_are_identical_across_workers_channels_and_a_resume() {
     let tmp = tempfile::tempdir().unwrap();
     make_set(tmp.path(), 100);
     // 100 samples, batch 8: 12 batches per epoch; 20 batches cross an epoch boundary.
-    let one: Vec<String> = run(tmp.path(), 1, 1, Cursor::default(), 20)
-        .iter()
-        .map(batch_digest)
-        .collect();
-    let two: Vec<String> = run(tmp.path(), 2, 3, Cursor::default(), 20)
-        .iter()
-        .map(batch_digest)
-        .collect();
+    let one: Vec<String> = run(tmp.path(), 1, 1, Cursor::default(), 20).iter().map(batch_digest).collect();
+    let two: Vec<String> = run(tmp.path(), 2, 3, Cursor::default(), 20).iter().map(batch_digest).collect();
     let four = run(tmp.path(), 4, 8, Cursor::default(), 20);
     assert_eq!(one, two);
     assert_eq!(one, four.iter().map(batch_digest).collect::<Vec<_>>());
-    assert_eq!(
-        four[11].cursor,
-        Cursor {
-            epoch: 1,
-            samples: 0
-        },
-        "epoch 0 ends after 12 batches"
-    );
+    assert_eq!(four[11].cursor, Cursor { epoch: 1, samples: 0 }, "epoch 0 ends after 12 batches");
     assert_eq!(four[12].epoch, 1);
-    assert_ne!(
-        batch_digest(&four[0]),
-        batch_digest(&four[12]),
-        "epoch 1 is reshuffled"
-    );
+    assert_ne!(batch_digest(&four[0]), batch_digest(&four[12]), "epoch 1 is reshuffled");
     // Resume after batch 5 (mid-epoch) and after batch 11 (epoch end).
     for k in [5usize, 11] {
-        let resumed: Vec<String> = run(tmp.path(), 2, 2, four[k].cursor, 20 - k - 1)
-            .iter()
-            .map(batch_digest)
-            .collect();
+        let resumed: Vec<String> =
+            run(tmp.path(), 2, 2, four[k].cursor, 20 - k - 1).iter().map(batch_digest).collect();
         assert_eq!(resumed, one[k + 1..].to_vec(), "resume after batch {k}");
     }
     // Shapes of the contract.
@@ -125,41 +97,21 @@ fn a_corrupt_image_is_skipped_the_same_way_and_a_missing_set_is_one_error() {
         *b = 0x11;
     }
     std::fs::write(&shard, bytes).unwrap();
-    let a: Vec<String> = run(tmp.path(), 1, 1, Cursor::default(), 6)
-        .iter()
-        .map(batch_digest)
-        .collect();
-    let b: Vec<String> = run(tmp.path(), 4, 4, Cursor::default(), 6)
-        .iter()
-        .map(batch_digest)
-        .collect();
+    let a: Vec<String> = run(tmp.path(), 1, 1, Cursor::default(), 6).iter().map(batch_digest).collect();
+    let b: Vec<String> = run(tmp.path(), 4, 4, Cursor::default(), 6).iter().map(batch_digest).collect();
     assert_eq!(a, b);
-    let keys: Vec<String> = run(tmp.path(), 2, 2, Cursor::default(), 4)
-        .iter()
-        .flat_map(|b| b.keys.clone())
-        .collect();
-    assert!(
-        !keys.contains(&"synth_0000000".to_string()),
-        "the corrupt sample must be skipped"
-    );
+    let keys: Vec<String> =
+        run(tmp.path(), 2, 2, Cursor::default(), 4).iter().flat_map(|b| b.keys.clone()).collect();
+    assert!(!keys.contains(&"synth_0000000".to_string()), "the corrupt sample must be skipped");
 
     let empty = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let err = rt.block_on(async {
-        start(LoaderOptions::new(empty.path(), small_views(), 8))
-            .err()
-            .unwrap()
-            .to_string()
+        start(LoaderOptions::new(empty.path(), small_views(), 8)).err().unwrap().to_string()
     });
     assert!(err.contains(&empty.path().display().to_string()), "{err}");
     let err = rt.block_on(async {
-        start(LoaderOptions::new("/no/such/dir", small_views(), 8))
-            .err()
-            .unwrap()
-            .to_string()
+        start(LoaderOptions::new("/no/such/dir", small_views(), 8)).err().unwrap().to_string()
     });
     assert!(err.contains("/no/such/dir"), "{err}");
 }
@@ -176,11 +128,7 @@ fn a_truncated_shard_ends_with_a_warning_and_the_run_goes_on() {
     // (5 or 6 batches), and the run goes on into epoch 1.
     let batches = run(tmp.path(), 2, 2, Cursor::default(), 10);
     let epoch0: Vec<&Batch> = batches.iter().filter(|b| b.epoch == 0).collect();
-    assert!(
-        (5..7).contains(&epoch0.len()),
-        "{} batches in epoch 0",
-        epoch0.len()
-    );
+    assert!((5..7).contains(&epoch0.len()), "{} batches in epoch 0", epoch0.len());
     assert!(batches.iter().any(|b| b.epoch == 1));
     let keys: Vec<&String> = epoch0.iter().flat_map(|b| &b.keys).collect();
     let unique: std::collections::HashSet<&&String> = keys.iter().collect();
@@ -193,14 +141,9 @@ fn zstd_shards_give_the_same_batches_and_an_index_path_works_too() {
     make_set(plain.path(), 48);
     make_set_with(zst.path(), 48, Some(3));
     assert!(zst.path().join("train-000000.tar.zst").is_file());
-    let a: Vec<String> = run(plain.path(), 2, 2, Cursor::default(), 5)
-        .iter()
-        .map(batch_digest)
-        .collect();
-    let b: Vec<String> = run(&zst.path().join("index.json"), 2, 2, Cursor::default(), 5)
-        .iter()
-        .map(batch_digest)
-        .collect();
+    let a: Vec<String> = run(plain.path(), 2, 2, Cursor::default(), 5).iter().map(batch_digest).collect();
+    let b: Vec<String> =
+        run(&zst.path().join("index.json"), 2, 2, Cursor::default(), 5).iter().map(batch_digest).collect();
     assert_eq!(a, b);
 }
 
@@ -217,11 +160,7 @@ fn dropping_the_receiver_shuts_every_stage_down() {
         l.batches.recv().await.unwrap();
         // The pipeline is now stalled on a full channel (back-pressure) with work in flight.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert_eq!(
-            l.batches.len(),
-            1,
-            "the bounded channel holds exactly its capacity"
-        );
+        assert_eq!(l.batches.len(), 1, "the bounded channel holds exactly its capacity");
         let stats = l.stats.clone();
         tokio::time::timeout(std::time::Duration::from_secs(20), l.shutdown())
             .await

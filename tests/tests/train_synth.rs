@@ -45,36 +45,18 @@ fn a_short_cpu_run_lowers_the_loss_without_collapse() {
         learnable_ref_token: false,
         detach_pos_embed: false,
     };
-    let head = HeadConfig {
-        out_dim: 256,
-        hidden_dim: 256,
-        bottleneck_dim: 64,
-        ..Default::default()
-    };
+    let head = HeadConfig { out_dim: 256, hidden_dim: 256, bottleneck_dim: 64, ..Default::default() };
     // lr 0.016 at batch 256 scales to 1e-3 at batch 16.
-    let ocfg = OptimConfig {
-        lr: 0.016,
-        warmup_epochs: 1,
-        freeze_last_layer: 1,
-        ..Default::default()
-    };
-    // Teacher temperature 0.02: the maintainers' advice for small data (dino #43, method-spec §6.1). At 0.04
+    let ocfg = OptimConfig { lr: 0.016, warmup_epochs: 1, freeze_last_layer: 1, ..Default::default() };
+    // Teacher temperature 0.02: the maintainers' advice for small data (facebookresearch/dino issue #43). At 0.04
     // this 150-step run on 256 images spends its steps with the centering flattening the targets (the CLS
     // loss climbs from its teacher = student start while the reference loss falls); sharper targets learn.
-    let loss = LossConfig {
-        teacher_temp: 0.02,
-        warmup_teacher_temp: 0.02,
-        ..Default::default()
-    };
+    let loss = LossConfig { teacher_temp: 0.02, warmup_teacher_temp: 0.02, ..Default::default() };
     let ipe = 256 / batch;
     let sched = Schedules::new(&ocfg, 10, ipe, batch);
     let mut tr = Trainer::new(&vit, &head, &loss, &ocfg, sched, 1, &Device::flex());
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let metrics = rt.block_on(async {
         let mut o = LoaderOptions::new(tmp.path(), views, batch);
         o.seed = 3;
@@ -101,10 +83,7 @@ fn a_short_cpu_run_lowers_the_loss_without_collapse() {
     }
     let first = metrics[0].loss;
     let last: f64 = metrics[steps - 5..].iter().map(|m| m.loss).sum::<f64>() / 5.0;
-    assert!(
-        last < first - 0.05,
-        "loss did not fall: first {first:.4}, mean of the last five {last:.4}"
-    );
+    assert!(last < first - 0.05, "loss did not fall: first {first:.4}, mean of the last five {last:.4}");
     let end = &metrics[steps - 1];
     assert!(
         end.teacher_entropy < 0.95 * ln_k,

@@ -38,11 +38,7 @@ pub fn write_official(
         for (name, dims, values) in official {
             if name == "last_layer.weight_v" && !has_g {
                 let k = dims[0];
-                tensors.push((
-                    format!("{prefix}last_layer.weight_g"),
-                    vec![k, 1],
-                    vec![1.0; k],
-                ));
+                tensors.push((format!("{prefix}last_layer.weight_g"), vec![k, 1], vec![1.0; k]));
             }
             tensors.push((format!("{prefix}{name}"), dims, values));
         }
@@ -55,27 +51,18 @@ pub fn write_official(
 }
 
 /// `trainer export`: the teacher of a checkpoint (optionally with its heads) in the official layout.
-pub fn export(
-    ckpt: &Path,
-    out: &Path,
-    heads: bool,
-    device: &burn::tensor::Device,
-) -> Result<usize> {
+pub fn export(ckpt: &Path, out: &Path, heads: bool, device: &burn::tensor::Device) -> Result<usize> {
     let (_, bytes) = checkpoint::latest(ckpt)?;
     let meta = checkpoint::meta(&bytes)?;
     let cfg = meta.config;
     let with_ref = cfg.loss.use_ref_loss && !cfg.head.shared_ref_head;
     let mut rng = common::seed::rng(0, common::seed::Purpose::Model, &[0]);
-    let mut teacher =
-        crate::model::DenseDino::new(&cfg.model, &cfg.head, with_ref, &mut rng, device);
+    let mut teacher = crate::model::DenseDino::new(&cfg.model, &cfg.head, with_ref, &mut rng, device);
     let map = checkpoint::tensors(&bytes)?;
     let get = |n: &str| map.get(n).cloned();
-    params::load(&mut teacher, "teacher.", &get, device, false).map_err(|e| anyhow!(e))?;
+    params::load(&mut teacher, "teacher.", &get, device, false)?;
     let metadata = HashMap::from([
-        (
-            "format".to_string(),
-            "densedino-export/1 (official DINO ViT layout)".to_string(),
-        ),
+        ("format".to_string(), "densedino-export/1 (official DINO ViT layout)".to_string()),
         ("embed_dim".to_string(), cfg.model.embed_dim.to_string()),
         ("depth".to_string(), cfg.model.depth.to_string()),
         ("num_heads".to_string(), cfg.model.num_heads.to_string()),
@@ -84,11 +71,7 @@ pub fn export(
         ("step".to_string(), meta.it.to_string()),
     ]);
     if heads {
-        let crate::model::DenseDino {
-            backbone,
-            head,
-            ref_head,
-        } = &mut teacher;
+        let crate::model::DenseDino { backbone, head, ref_head } = &mut teacher;
         let mut models: Vec<(&str, &mut dyn Params)> = vec![("", backbone), ("head.", head)];
         if let Some(r) = ref_head {
             models.push(("ref_head.", r));
@@ -114,9 +97,7 @@ pub fn import(path: &Path) -> Result<Named> {
             .with_context(|| format!("{}: not a safetensors file of f32 tensors", path.display()))?
     };
     // A file with both sides holds a training state: the teacher is the model DINO evaluates.
-    let side = ["teacher.", "student."]
-        .into_iter()
-        .find(|side| raw.keys().any(|k| k.starts_with(side)));
+    let side = ["teacher.", "student."].into_iter().find(|side| raw.keys().any(|k| k.starts_with(side)));
     let mut out = Named::new();
     for (name, t) in raw {
         let mut n = name.as_str();
@@ -135,8 +116,7 @@ pub fn import(path: &Path) -> Result<Named> {
         bail!("{}: no floating-point tensors found", path.display());
     }
     if !out.contains_key("pos_embed")
-        && let (Some(cls), Some(patch)) =
-            (out.remove("cls_pos_embed"), out.remove("patch_pos_embed"))
+        && let (Some(cls), Some(patch)) = (out.remove("cls_pos_embed"), out.remove("patch_pos_embed"))
     {
         let d = cls.0[2];
         let n = patch.0[1];
@@ -154,27 +134,21 @@ fn read_pytorch(path: &Path) -> Result<Named> {
         .map_err(|e| anyhow!("{}: not a readable PyTorch checkpoint: {e}", path.display()))?;
     let mut out = Named::new();
     for (name, t) in reader.tensors() {
-        let read = || {
-            t.read()
-                .with_context(|| format!("{}: reading {name}", path.display()))
-        };
+        let read = || t.read().with_context(|| format!("{}: reading {name}", path.display()));
         let values: Vec<f32> = match t.dtype() {
             DType::F64 => read()?
                 .chunks_exact(8)
                 .map(|c| f64::from_ne_bytes(c.try_into().expect("8 bytes")) as f32)
                 .collect(),
-            DType::F32 => read()?
-                .chunks_exact(4)
-                .map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes")))
-                .collect(),
-            DType::F16 => read()?
-                .chunks_exact(2)
-                .map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => read()?
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            DType::F32 => {
+                read()?.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect()
+            }
+            DType::F16 => {
+                read()?.chunks_exact(2).map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            DType::BF16 => {
+                read()?.chunks_exact(2).map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32()).collect()
+            }
             // Integer tensors (optimizer step counts, index buffers) are not weights.
             _ => continue,
         };
@@ -201,35 +175,24 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path) -> Result<PathB
     let mut trainer = Trainer::from_config(cfg, schedules, &device)?;
     // `import` has stripped `backbone.`: backbone tensors sit at the top level, heads under their prefix.
     let get = |n: &str| named.get(n).cloned();
-    let load_side =
-        |model: &mut crate::model::DenseDino, dev: &burn::tensor::Device| -> Result<()> {
-            let mut parts: Vec<(&str, &mut dyn crate::model::params::Params)> =
-                vec![("", &mut model.backbone)];
-            if named.contains_key("head.last_layer.weight_v") {
-                parts.push(("head.", &mut model.head));
-                if let Some(r) = &mut model.ref_head {
-                    parts.push(("ref_head.", r));
-                }
+    let load_side = |model: &mut crate::model::DenseDino, dev: &burn::tensor::Device| -> Result<()> {
+        let mut parts: Vec<(&str, &mut dyn crate::model::params::Params)> = vec![("", &mut model.backbone)];
+        if named.contains_key("head.last_layer.weight_v") {
+            parts.push(("head.", &mut model.head));
+            if let Some(r) = &mut model.ref_head {
+                parts.push(("ref_head.", r));
             }
-            for (prefix, part) in parts {
-                crate::model::params::load_official(part, prefix, &get, dev)
-                    .map_err(|e| anyhow!("{}: {e}", weights.display()))?;
-            }
-            Ok(())
-        };
+        }
+        for (prefix, part) in parts {
+            crate::model::params::load_official(part, prefix, &get, dev)
+                .with_context(|| weights.display().to_string())?;
+        }
+        Ok(())
+    };
     load_side(&mut trainer.student, &device.clone().autodiff())?;
     load_side(&mut trainer.teacher, &device)?;
-    let meta = Meta {
-        it: 0,
-        cursor: Cursor::default(),
-        config: cfg.clone(),
-    };
+    let meta = Meta { it: 0, cursor: Cursor::default(), config: cfg.clone() };
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("config.toml"), cfg.to_toml())?;
-    checkpoint::save(
-        &out.join("checkpoints"),
-        &mut trainer,
-        &meta,
-        cfg.run.keep_checkpoints,
-    )
+    checkpoint::save(&out.join("checkpoints"), &mut trainer, &meta, cfg.run.keep_checkpoints)
 }

@@ -16,11 +16,7 @@ use trainer::train::run::{self, RunOptions, Start};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "trainer",
-    version,
-    about = "DenseDINO self-supervised pretraining (burn)"
-)]
+#[command(name = "trainer", version, about = "DenseDINO self-supervised pretraining (burn)")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -195,87 +191,26 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    let demo = Command::Train {
-        config: None,
-        sets: vec![],
-        resume: None,
-        device: None,
-        quiet: false,
-    };
+    let demo = Command::Train { config: None, sets: vec![], resume: None, device: None, quiet: false };
     let result = match cli.command.unwrap_or(demo) {
-        Command::Train {
-            config,
-            sets,
-            resume,
-            device,
-            quiet,
-        } => train(config, sets, resume, device, quiet),
-        Command::Bench {
-            config,
-            sets,
-            steps,
-            warmup,
-            synthetic_batches,
-            device,
-        } => {
+        Command::Train { config, sets, resume, device, quiet } => train(config, sets, resume, device, quiet),
+        Command::Bench { config, sets, steps, warmup, synthetic_batches, device } => {
             let cfg = TrainConfig::load(config.as_deref(), &sets);
-            cfg.and_then(|cfg| {
-                trainer::train::bench::bench(&cfg, steps, warmup, synthetic_batches, device)
-            })
-            .map(|_| ())
+            cfg.and_then(|cfg| trainer::train::bench::bench(&cfg, steps, warmup, synthetic_batches, device))
+                .map(|_| ())
         }
         Command::Plot { run_dir } => plot(&run_dir),
         Command::Eval {
-            what:
-                EvalCommand::Knn {
-                    model,
-                    train,
-                    val,
-                    k,
-                    temperature,
-                    crop,
-                    batch,
-                    cache,
-                },
-        } => knn(
-            &model,
-            &train,
-            &val,
-            &k,
-            temperature,
-            crop,
-            batch,
-            cache.as_deref(),
-        ),
-        Command::Eval {
-            what:
-                EvalCommand::Seg {
-                    model,
-                    data,
-                    dataset,
-                    size,
-                    epochs,
-                    cache,
-                },
-        } => seg(&model, &data, dataset, size, epochs, &cache),
-        Command::Attention {
-            model,
-            image,
-            out,
-            size,
-            threshold,
-        } => attention(&model, &image, &out, size, threshold),
-        Command::Export {
-            checkpoint,
-            out,
-            heads,
-        } => export(&checkpoint, &out, heads),
-        Command::Import {
-            weights,
-            config,
-            sets,
-            out,
-        } => import(&weights, config.as_deref(), &sets, &out),
+            what: EvalCommand::Knn { model, train, val, k, temperature, crop, batch, cache },
+        } => knn(&model, &train, &val, &k, temperature, crop, batch, cache.as_deref()),
+        Command::Eval { what: EvalCommand::Seg { model, data, dataset, size, epochs, cache } } => {
+            seg(&model, &data, dataset, size, epochs, &cache)
+        }
+        Command::Attention { model, image, out, size, threshold } => {
+            attention(&model, &image, &out, size, threshold)
+        }
+        Command::Export { checkpoint, out, heads } => export(&checkpoint, &out, heads),
+        Command::Import { weights, config, sets, out } => import(&weights, config.as_deref(), &sets, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -323,9 +258,8 @@ fn train(
         None => Start::Fresh(TrainConfig::load(config.as_deref(), &sets)?),
     };
     let summary = run::train(start, &RunOptions { device, quiet })?;
-    let loss = |m: Option<&trainer::train::step::StepMetrics>| {
-        m.map_or("-".into(), |m| format!("{:.4}", m.loss))
-    };
+    let loss =
+        |m: Option<&trainer::train::step::StepMetrics>| m.map_or("-".into(), |m| format!("{:.4}", m.loss));
     println!(
         "done: {} steps, loss {} -> {}, {:.1} images/s, data wait {:.0}%",
         summary.steps.len(),
@@ -377,24 +311,14 @@ fn knn(
         (Some(c), false) => c.display().to_string().replace('/', "_"),
     };
     let feats = |shards: &Path| {
-        let key = format!(
-            "{tag}-{}-{}",
-            shards.display().to_string().replace('/', "_"),
-            pre.crop
-        );
-        trainer::eval::cached(cache, &key, || {
-            trainer::eval::extract_cls(&vit, shards, pre, batch, &device)
-        })
+        let key = format!("{tag}-{}-{}", shards.display().to_string().replace('/', "_"), pre.crop);
+        trainer::eval::cached(cache, &key, || trainer::eval::extract_cls(&vit, shards, pre, batch, &device))
     };
     let (tf, tl) = feats(train)?;
     let (vf, vl) = feats(val)?;
     println!(
         "k-NN ({}; {} train, {} test images, T = {temperature}, crop {}):",
-        if model.random_init {
-            "random init"
-        } else {
-            "teacher"
-        },
+        if model.random_init { "random init" } else { "teacher" },
         tl.len(),
         vl.len(),
         pre.crop
@@ -427,10 +351,7 @@ fn seg(
     let val = seg::packed_split(data, dataset, "val", cache)?;
     let tr = seg::features(&vit, &train, size, &device)?;
     let va = seg::features(&vit, &val, size, &device)?;
-    let opts = seg::ProbeOptions {
-        epochs,
-        ..seg::ProbeOptions::new(classes, ignore)
-    };
+    let opts = seg::ProbeOptions { epochs, ..seg::ProbeOptions::new(classes, ignore) };
     let (miou, per, acc) = seg::probe(&tr, &va, &opts, size, &device, false)?;
     println!(
         "{} val ({} images, {size} px): mIoU {:.2}% (last epoch), pixel accuracy {:.2}%",
@@ -464,10 +385,7 @@ fn attention(
 /// `trainer export`: a checkpoint's teacher in the official DINO/timm layout.
 fn export(checkpoint: &Path, out: &Path, heads: bool) -> Result<()> {
     let n = trainer::export::export(checkpoint, out, heads, &Device::flex())?;
-    println!(
-        "wrote {} ({n} tensors, official DINO layout)",
-        out.display()
-    );
+    println!("wrote {} ({n} tensors, official DINO layout)", out.display());
     Ok(())
 }
 

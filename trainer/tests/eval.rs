@@ -22,53 +22,28 @@ fn brute_force(
         let mut sims: Vec<(f64, usize)> = train
             .iter()
             .enumerate()
-            .map(|(j, r)| {
-                (
-                    r.iter()
-                        .zip(x)
-                        .map(|(a, b)| (*a as f64) * (*b as f64))
-                        .sum(),
-                    j,
-                )
-            })
+            .map(|(j, r)| (r.iter().zip(x).map(|(a, b)| (*a as f64) * (*b as f64)).sum(), j))
             .collect();
         sims.sort_by(|a, b| b.0.total_cmp(&a.0));
         let mut votes = vec![0f64; classes];
         for &(s, j) in &sims[..k] {
             votes[tl[j] as usize] += (s / t).exp();
         }
-        let best = (0..classes)
-            .max_by(|&a, &b| votes[a].total_cmp(&votes[b]).then(b.cmp(&a)))
-            .unwrap();
+        let best = (0..classes).max_by(|&a, &b| votes[a].total_cmp(&votes[b]).then(b.cmp(&a))).unwrap();
         top1 += (best == y as usize) as usize;
         per[y as usize].1 += 1;
         per[y as usize].0 += (best == y as usize) as usize;
     }
-    let seen: Vec<f64> = per
-        .iter()
-        .filter(|c| c.1 > 0)
-        .map(|c| c.0 as f64 / c.1 as f64)
-        .collect();
-    (
-        top1 as f64 / vl.len() as f64,
-        seen.iter().sum::<f64>() / seen.len() as f64,
-    )
+    let seen: Vec<f64> = per.iter().filter(|c| c.1 > 0).map(|c| c.0 as f64 / c.1 as f64).collect();
+    (top1 as f64 / vl.len() as f64, seen.iter().sum::<f64>() / seen.len() as f64)
 }
 
-fn unit_rows(
-    n: usize,
-    rng: &mut impl Rng,
-    centres: &[Vec<f32>],
-    labels: &mut Vec<i64>,
-) -> Vec<Vec<f32>> {
+fn unit_rows(n: usize, rng: &mut impl Rng, centres: &[Vec<f32>], labels: &mut Vec<i64>) -> Vec<Vec<f32>> {
     (0..n)
         .map(|_| {
             let c = rng.random_range(0..centres.len());
             labels.push(c as i64);
-            let mut v: Vec<f32> = centres[c]
-                .iter()
-                .map(|x| x + rng.random::<f32>() * 1.6 - 0.8)
-                .collect();
+            let mut v: Vec<f32> = centres[c].iter().map(|x| x + rng.random::<f32>() * 1.6 - 0.8).collect();
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             v.iter_mut().for_each(|x| *x /= norm);
             v
@@ -80,9 +55,8 @@ fn unit_rows(
 fn knn_matches_a_brute_force_classifier() {
     let mut rng = seed::rng(1, Purpose::Synth, &[0]);
     let (d, classes) = (16, 5);
-    let centres: Vec<Vec<f32>> = (0..classes)
-        .map(|_| (0..d).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect())
-        .collect();
+    let centres: Vec<Vec<f32>> =
+        (0..classes).map(|_| (0..d).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()).collect();
     let (mut tl, mut vl) = (Vec::new(), Vec::new());
     let train = unit_rows(300, &mut rng, &centres, &mut tl);
     let test = unit_rows(120, &mut rng, &centres, &mut vl);
@@ -91,12 +65,7 @@ fn knn_matches_a_brute_force_classifier() {
     let results = knn((&tf, &tl), (&vf, &vl), &[1, 10, 20], 0.07, &Device::flex());
     for r in &results {
         let (top1, mean_class) = brute_force(&train, &tl, &test, &vl, r.k, 0.07);
-        assert!(
-            (r.top1 - top1).abs() < 1e-12,
-            "k={}: top-1 {} vs brute force {top1}",
-            r.k,
-            r.top1
-        );
+        assert!((r.top1 - top1).abs() < 1e-12, "k={}: top-1 {} vs brute force {top1}", r.k, r.top1);
         assert!(
             (r.mean_per_class - mean_class).abs() < 1e-12,
             "k={}: per-class {} vs {mean_class}",
@@ -105,11 +74,7 @@ fn knn_matches_a_brute_force_classifier() {
         );
         assert!(r.top5 >= r.top1);
     }
-    assert!(
-        results[1].top1 > 0.5,
-        "well-separated clusters are mostly right: {}",
-        results[1].top1
-    );
+    assert!(results[1].top1 > 0.5, "well-separated clusters are mostly right: {}", results[1].top1);
 }
 
 #[test]
@@ -133,33 +98,16 @@ fn blocks(n: usize, oracle: bool) -> SegSet {
     let (mut feats, mut masks) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let cls: Vec<u8> = (0..g * g)
-            .map(|_| {
-                if rng.random::<f32>() < 0.6 {
-                    0
-                } else {
-                    rng.random_range(1..c as u8)
-                }
-            })
+            .map(|_| if rng.random::<f32>() < 0.6 { 0 } else { rng.random_range(1..c as u8) })
             .collect();
         masks.push(image::GrayImage::from_fn(64, 64, |x, y| {
             image::Luma([cls[(y as usize / 16) * g + x as usize / 16]])
         }));
         for &k in &cls {
-            feats.extend((0..d).map(|j| {
-                if oracle {
-                    (j == k as usize) as u8 as f32 * 4.0
-                } else {
-                    1.0
-                }
-            }));
+            feats.extend((0..d).map(|j| if oracle { (j == k as usize) as u8 as f32 * 4.0 } else { 1.0 }));
         }
     }
-    SegSet {
-        feats,
-        grid: g,
-        dim: d,
-        masks,
-    }
+    SegSet { feats, grid: g, dim: d, masks }
 }
 
 #[test]
@@ -169,15 +117,10 @@ fn probe_reaches_near_one_on_oracle_features_and_the_majority_on_constant_ones()
     opts.epochs = 30;
     opts.lr = 0.5;
     opts.train_res = 64;
-    let (m, per, acc) =
-        seg::probe(&blocks(24, true), &blocks(8, true), &opts, 64, &dev, true).unwrap();
+    let (m, per, acc) = seg::probe(&blocks(24, true), &blocks(8, true), &opts, 64, &dev, true).unwrap();
     // Bilinear upsampling blurs the block borders by a few pixels; everything else is right.
-    assert!(
-        m > 0.85 && acc > 0.93,
-        "oracle features: mIoU {m}, accuracy {acc}, per class {per:?}"
-    );
-    let (m, per, acc) =
-        seg::probe(&blocks(24, false), &blocks(8, false), &opts, 64, &dev, true).unwrap();
+    assert!(m > 0.85 && acc > 0.93, "oracle features: mIoU {m}, accuracy {acc}, per class {per:?}");
+    let (m, per, acc) = seg::probe(&blocks(24, false), &blocks(8, false), &opts, 64, &dev, true).unwrap();
     // Constant features can only predict one class: the majority (class 0, about 60% of pixels).
     assert!(per[1] == 0.0 && per[2] == 0.0, "{per:?}");
     assert!(
@@ -201,23 +144,11 @@ fn export_then_import_is_the_identity() {
     let mut a = trainer::model::vit::Vit::new(&cfg, &mut seed::rng(4, Purpose::Model, &[0]), &dev);
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("model.safetensors");
-    trainer::export::write_official(
-        &mut [("", &mut a as &mut dyn Params)],
-        &path,
-        Default::default(),
-    )
-    .unwrap();
+    trainer::export::write_official(&mut [("", &mut a as &mut dyn Params)], &path, Default::default())
+        .unwrap();
     let named = trainer::export::import(&path).unwrap();
-    assert_eq!(
-        named["pos_embed"].0,
-        vec![1, 17, 32],
-        "pos_embed keeps the official [1, 1+N, D]"
-    );
-    assert_eq!(
-        named["blocks.0.attn.qkv.weight"].0,
-        vec![96, 32],
-        "Linear weights are [out, in]"
-    );
+    assert_eq!(named["pos_embed"].0, vec![1, 17, 32], "pos_embed keeps the official [1, 1+N, D]");
+    assert_eq!(named["blocks.0.attn.qkv.weight"].0, vec![96, 32], "Linear weights are [out, in]");
     let mut b = trainer::model::vit::Vit::new(&cfg, &mut seed::rng(5, Purpose::Model, &[0]), &dev);
     params::load_official(&mut b, "", &|n| named.get(n).cloned(), &dev).unwrap();
     assert_eq!(params::to_host(&mut a), params::to_host(&mut b));
@@ -227,10 +158,7 @@ fn export_then_import_is_the_identity() {
 fn attention_threshold_keeps_the_requested_mass() {
     let attn = [0.5f32, 0.05, 0.2, 0.15, 0.1];
     // Sorted: 0.5, 0.2 (0.7 ≥ 0.6): two patches hold 60% of the mass.
-    assert_eq!(
-        trainer::eval::attention::threshold_mask(&attn, 0.6),
-        vec![true, false, true, false, false]
-    );
+    assert_eq!(trainer::eval::attention::threshold_mask(&attn, 0.6), vec![true, false, true, false, false]);
 }
 
 /// A palette PNG as Pascal VOC stores its masks: the pixel values are palette indices (0 background,
@@ -243,10 +171,7 @@ fn voc_mask(w: u32, h: u32, f: impl Fn(u32, u32) -> u8) -> Vec<u8> {
     let palette: Vec<u8> = (0..=255u8).flat_map(|i| [i, 255 - i, i / 2]).collect();
     enc.set_palette(palette);
     let mut writer = enc.write_header().unwrap();
-    let data: Vec<u8> = (0..h)
-        .flat_map(|y| (0..w).map(move |x| (x, y)))
-        .map(|(x, y)| f(x, y))
-        .collect();
+    let data: Vec<u8> = (0..h).flat_map(|y| (0..w).map(move |x| (x, y))).map(|(x, y)| f(x, y)).collect();
     writer.write_image_data(&data).unwrap();
     writer.finish().unwrap();
     out
@@ -261,19 +186,12 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
     }
     // Five images; only four have masks (as in VOC, where most JPEGImages are detection-only), three in
     // train and one in val.
-    let stems = [
-        "2007_000032",
-        "2007_000039",
-        "2008_000123",
-        "2011_003276",
-        "2012_000001",
-    ];
+    let stems = ["2007_000032", "2007_000039", "2008_000123", "2011_003276", "2012_000001"];
     for (i, stem) in stems.iter().enumerate() {
         let img = image::RgbImage::from_fn(40 + 4 * i as u32, 30, |x, y| {
             image::Rgb([(x * 5) as u8, (y * 7) as u8, (i * 40) as u8])
         });
-        img.save(root.join(format!("JPEGImages/{stem}.jpg")))
-            .unwrap();
+        img.save(root.join(format!("JPEGImages/{stem}.jpg"))).unwrap();
         if i < 4 {
             let class = 1 + 5 * i as u8; // 1, 6, 11, 16
             let mask = voc_mask(40 + 4 * i as u32, 30, |x, _| match x {
@@ -284,22 +202,15 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
             std::fs::write(root.join(format!("SegmentationClass/{stem}.png")), mask).unwrap();
         }
     }
-    std::fs::write(
-        root.join("ImageSets/Segmentation/train.txt"),
-        "2007_000032\n2008_000123\n2011_003276\n",
-    )
-    .unwrap();
+    std::fs::write(root.join("ImageSets/Segmentation/train.txt"), "2007_000032\n2008_000123\n2011_003276\n")
+        .unwrap();
     std::fs::write(root.join("ImageSets/Segmentation/val.txt"), "2007_000039\n").unwrap();
 
     let cache = tmp.path().join("cache");
     let mut seen = Vec::new();
     for split in ["train", "val"] {
         let dir = seg::packed_split(&root, seg::SegDataset::Voc, split, &cache).unwrap();
-        let pre = trainer::eval::Preprocess {
-            resize: 32,
-            crop: 32,
-            squash: true,
-        };
+        let pre = trainer::eval::Preprocess { resize: 32, crop: 32, squash: true };
         trainer::eval::for_each_batch(&dir, pre, 8, true, |items| {
             for it in items {
                 let mask = it.mask.as_ref().expect("packed with its mask");
@@ -326,23 +237,10 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
     );
 
     // A listed stem without an image is one clear error naming the list and the line.
-    std::fs::write(
-        root.join("ImageSets/Segmentation/val.txt"),
-        "2007_000039\n2009_999999\n",
-    )
-    .unwrap();
-    let err = seg::packed_split(
-        &root,
-        seg::SegDataset::Voc,
-        "val",
-        &tmp.path().join("cache2"),
-    )
-    .unwrap_err();
+    std::fs::write(root.join("ImageSets/Segmentation/val.txt"), "2007_000039\n2009_999999\n").unwrap();
+    let err = seg::packed_split(&root, seg::SegDataset::Voc, "val", &tmp.path().join("cache2")).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("val.txt:2") && msg.contains("2009_999999"),
-        "{msg}"
-    );
+    assert!(msg.contains("val.txt: line 2") && msg.contains("2009_999999"), "{msg}");
 }
 
 /// `.pth` files as the official code writes them (made by `fixtures/make_pth.py` with PyTorch 2.9.0):
@@ -351,10 +249,9 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
 #[test]
 fn pth_import_reads_the_official_checkpoints() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth");
-    let expected = trainer::train::checkpoint::tensors(
-        &std::fs::read(dir.join("expected.safetensors")).unwrap(),
-    )
-    .unwrap();
+    let expected =
+        trainer::train::checkpoint::tensors(&std::fs::read(dir.join("expected.safetensors")).unwrap())
+            .unwrap();
     let ckpt = trainer::export::import(&dir.join("checkpoint.pth")).unwrap();
     let mut want: Vec<(String, &trainer::model::params::HostTensor)> = expected
         .iter()
@@ -366,10 +263,7 @@ fn pth_import_reads_the_official_checkpoints() {
         ckpt.iter().map(|(k, v)| (k.clone(), v)).collect();
     got.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(got, want, "the teacher's tensors, backbone prefix stripped");
-    assert!(
-        ckpt.contains_key("blocks.0.attn.qkv.weight")
-            && ckpt.contains_key("head.last_layer.weight_v")
-    );
+    assert!(ckpt.contains_key("blocks.0.attn.qkv.weight") && ckpt.contains_key("head.last_layer.weight_v"));
 
     let released = trainer::export::import(&dir.join("pretrain_fp16.pth")).unwrap();
     assert_eq!(released.len(), 18);

@@ -1,7 +1,8 @@
 //! The exported weights in PyTorch: official-layout weights (every tensor perturbed away from its init, so
 //! a swapped or transposed one shows) are imported into a run, that run's checkpoint is exported with its
-//! heads, and `fixtures/load_export.py` loads the export into the official ViT and DINO head (written from
-//! the spec) with strict key matching and must reproduce our features, attention and logits within 1e-4.
+//! heads, and `fixtures/load_export.py` loads the export into the official ViT and DINO head (as the
+//! official `vision_transformer.py` defines them) with strict key matching and must reproduce our
+//! features, attention and logits within 1e-4.
 //!
 //! Needs PyTorch, so it is ignored by default; `.ci/run` runs it with the venv of `scripts/torch-venv.sh`:
 //!
@@ -50,30 +51,18 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
     for (prefix, part) in parts {
         for (name, dims, values) in params::to_official(part) {
             let values: Vec<f32> = if name.contains("norm") && name.ends_with(".weight") {
-                values
-                    .iter()
-                    .map(|_| 1.0 + 0.3 * params::normal(&mut rng) as f32)
-                    .collect()
+                values.iter().map(|_| 1.0 + 0.3 * params::normal(&mut rng) as f32).collect()
             } else if name.ends_with(".bias") {
-                values
-                    .iter()
-                    .map(|_| 0.2 * params::normal(&mut rng) as f32)
-                    .collect()
+                values.iter().map(|_| 0.2 * params::normal(&mut rng) as f32).collect()
             } else {
-                values
-                    .iter()
-                    .map(|v| v + 0.05 * params::normal(&mut rng) as f32)
-                    .collect()
+                values.iter().map(|v| v + 0.05 * params::normal(&mut rng) as f32).collect()
             };
             tensors.push((format!("{prefix}{name}"), dims, values));
         }
     }
     let weights = tmp.path().join("weights.safetensors");
-    std::fs::write(
-        &weights,
-        trainer::train::checkpoint::serialize(&tensors, HashMap::new()).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&weights, trainer::train::checkpoint::serialize(&tensors, HashMap::new()).unwrap())
+        .unwrap();
 
     // Weights → run → checkpoint → export, the user's path.
     let ckpt = trainer::export::import_run(&cfg, &weights, &tmp.path().join("run")).unwrap();
@@ -92,9 +81,7 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
     // 32 px is the grid the positions were learned at; 48 px takes DINO's bicubic +0.1 resize.
     for size in [32usize, 48] {
         let b = 2;
-        let pixels: Vec<f32> = (0..b * 3 * size * size)
-            .map(|_| params::normal(&mut rng) as f32)
-            .collect();
+        let pixels: Vec<f32> = (0..b * 3 * size * size).map(|_| params::normal(&mut rng) as f32).collect();
         let x = Tensor::<4>::from_data(TensorData::new(pixels.clone(), [b, 3, size, size]), &dev);
         let out = vit.forward(x, None, &[], true);
         let n = (size / 8) * (size / 8);
@@ -109,11 +96,8 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
         expected.push((format!("ref_head{size}"), vec![b, 64], host(ref_logits)));
     }
     let expected_path = tmp.path().join("expected.safetensors");
-    std::fs::write(
-        &expected_path,
-        trainer::train::checkpoint::serialize(&expected, HashMap::new()).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&expected_path, trainer::train::checkpoint::serialize(&expected, HashMap::new()).unwrap())
+        .unwrap();
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/load_export.py");
     let out = std::process::Command::new(&python)
@@ -122,11 +106,7 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
         .arg(&expected_path)
         .output()
         .unwrap_or_else(|e| panic!("running {python}: {e}"));
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{report}");
     assert!(out.status.success(), "PyTorch disagrees:\n{report}");
     assert!(report.contains("strict load"), "{report}");

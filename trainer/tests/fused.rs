@@ -23,11 +23,7 @@ fn random(n: usize, std: f64, salt: u64) -> Vec<f32> {
 }
 
 fn leaf<const D: usize>(values: &[f32], shape: [usize; D], dev: &Device) -> Tensor<D> {
-    Tensor::<D>::from_data(
-        TensorData::new(values.to_vec(), shape),
-        &dev.clone().autodiff(),
-    )
-    .require_grad()
+    Tensor::<D>::from_data(TensorData::new(values.to_vec(), shape), &dev.clone().autodiff()).require_grad()
 }
 
 fn close(ours: &[f32], theirs: &[f32], what: &str) {
@@ -50,10 +46,7 @@ fn close(ours: &[f32], theirs: &[f32], what: &str) {
 /// `Σ out ⊙ R` for a fixed random R: its gradient with respect to `out` is R.
 fn weighted_sum<const D: usize>(out: Tensor<D>, salt: u64) -> Tensor<1> {
     let n = out.dims().iter().product();
-    let r = Tensor::<D>::from_data(
-        TensorData::new(random(n, 1.0, salt), out.dims()),
-        &out.device(),
-    );
+    let r = Tensor::<D>::from_data(TensorData::new(random(n, 1.0, salt), out.dims()), &out.device());
     (out * r).sum()
 }
 
@@ -69,18 +62,11 @@ fn layer_norm_matches_the_decomposed_formulation_forward_and_backward() {
     for dev in devices() {
         // 67 rows (a task holds 64) of width 33 (two 16-lane chunks and a tail); and a narrow one.
         for (b, t, d) in [(1, 67, 33), (3, 5, 7), (2, 3, 192)] {
-            let xv: Vec<f32> = random(b * t * d, 1.0, 1)
-                .iter()
-                .map(|v| v * 3.0 + 0.5)
-                .collect();
+            let xv: Vec<f32> = random(b * t * d, 1.0, 1).iter().map(|v| v * 3.0 + 0.5).collect();
             let gv: Vec<f32> = random(d, 1.0, 2).iter().map(|v| 1.0 + v).collect();
             let bv = random(d, 1.0, 3);
             let run = |fused_op: bool| {
-                let (x, g, be) = (
-                    leaf(&xv, [b, t, d], &dev),
-                    leaf(&gv, [d], &dev),
-                    leaf(&bv, [d], &dev),
-                );
+                let (x, g, be) = (leaf(&xv, [b, t, d], &dev), leaf(&gv, [d], &dev), leaf(&bv, [d], &dev));
                 let y = if fused_op {
                     fused::layer_norm(x.clone(), g.clone(), be.clone(), 1e-6)
                 } else {
@@ -88,12 +74,7 @@ fn layer_norm_matches_the_decomposed_formulation_forward_and_backward() {
                 };
                 let grads = weighted_sum(y.clone(), 4).backward();
                 let grad = |t: &Tensor<1>| host(t.grad(&grads).expect("gradient"));
-                (
-                    host(y),
-                    host(x.grad(&grads).expect("dx")),
-                    grad(&g),
-                    grad(&be),
-                )
+                (host(y), host(x.grad(&grads).expect("dx")), grad(&g), grad(&be))
             };
             let (ours, theirs) = (run(true), run(false));
             let what = format!("layer_norm [{b}, {t}, {d}] on {dev:?}");
@@ -110,36 +91,20 @@ fn attention_reference(qkv: Tensor<3>, heads: usize, main: usize) -> Tensor<3> {
     let [b, s, d3] = qkv.dims();
     let d = d3 / 3;
     let dh = d / heads;
-    let part = |i: usize| {
-        qkv.clone()
-            .narrow(2, i * d, d)
-            .reshape([b, s, heads, dh])
-            .swap_dims(1, 2)
-    };
+    let part = |i: usize| qkv.clone().narrow(2, i * d, d).reshape([b, s, heads, dh]).swap_dims(1, 2);
     let (q, k, v) = (part(0), part(1), part(2)); // [B, H, S, dh]
     let mut bias = vec![f32::NEG_INFINITY; s * s];
     for i in 0..s {
         for j in 0..s {
-            let allowed = if i < main {
-                j < main
-            } else {
-                (1..main).contains(&j) || j == i
-            };
+            let allowed = if i < main { j < main } else { (1..main).contains(&j) || j == i };
             if allowed {
                 bias[i * s + j] = 0.0;
             }
         }
     }
-    let bias =
-        Tensor::<2>::from_data(TensorData::new(bias, [s, s]), &qkv.device()).reshape([1, 1, s, s]);
-    let scores = q
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar((dh as f64).powf(-0.5))
-        + bias;
-    softmax(scores, 3)
-        .matmul(v)
-        .swap_dims(1, 2)
-        .reshape([b, s, d])
+    let bias = Tensor::<2>::from_data(TensorData::new(bias, [s, s]), &qkv.device()).reshape([1, 1, s, s]);
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((dh as f64).powf(-0.5)) + bias;
+    softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, s, d])
 }
 
 #[test]
@@ -147,12 +112,9 @@ fn attention_matches_the_masked_formulation_forward_and_backward() {
     for dev in devices() {
         // (batch, main tokens, reference rows, heads, head_dim): reference rows or none, odd sizes, and
         // the ViT-Tiny head width.
-        for (b, main, r, heads, dh) in [
-            (2, 5, 3, 3, 4),
-            (1, 17, 0, 2, 8),
-            (3, 10, 7, 1, 5),
-            (2, 50, 4, 3, 64),
-        ] {
+        for (b, main, r, heads, dh) in
+            [(2, 5, 3, 3, 4), (1, 17, 0, 2, 8), (3, 10, 7, 1, 5), (2, 50, 4, 3, 64)]
+        {
             let s = main + r;
             let values = random(b * s * 3 * heads * dh, 1.0, 5);
             let run = |fused_op: bool| {
@@ -183,10 +145,7 @@ fn dino_cross_entropy_matches_the_decomposed_formulation_forward_and_backward() 
         let tv = random(nt * k, 3.0, 8);
         let (inv_tau, weight) = (10.0, 0.37);
         let plain = dev.clone();
-        let targets = softmax(
-            Tensor::<2>::from_data(TensorData::new(tv, [nt, k]), &plain),
-            1,
-        );
+        let targets = softmax(Tensor::<2>::from_data(TensorData::new(tv, [nt, k]), &plain), 1);
         let run = |fused_op: bool| {
             let s = leaf(&sv, [ns, k], &dev);
             let p = Tensor::<2>::from_inner(targets.clone());
@@ -208,10 +167,7 @@ fn dino_cross_entropy_matches_the_decomposed_formulation_forward_and_backward() 
         close(&ours.0, &theirs.0, &format!("dino_ce on {dev:?}: loss"));
         close(&ours.1, &theirs.1, &format!("dino_ce on {dev:?}: ds"));
         // Row 3 has no partner: no gradient at all.
-        assert!(
-            ours.1[3 * k..4 * k].iter().all(|&g| g == 0.0),
-            "an unmatched row got a gradient"
-        );
+        assert!(ours.1[3 * k..4 * k].iter().all(|&g| g == 0.0), "an unmatched row got a gradient");
     }
 }
 
@@ -227,17 +183,10 @@ fn flat_libtorch_adamw_and_ema_match_the_host_kernels() {
 
     let sizes = [7usize, 40_000, 1, 33];
     let vals = |salt: u64, scale: f64| -> Vec<Vec<f32>> {
-        sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| random(n, scale, salt * 10 + i as u64))
-            .collect()
+        sizes.iter().enumerate().map(|(i, &n)| random(n, scale, salt * 10 + i as u64)).collect()
     };
     let (params, grads, m0) = (vals(1, 1.0), vals(2, 3.0), vals(3, 0.1));
-    let v0: Vec<Vec<f32>> = vals(4, 0.1)
-        .into_iter()
-        .map(|v| v.iter().map(|x| x * x).collect())
-        .collect();
+    let v0: Vec<Vec<f32>> = vals(4, 0.1).into_iter().map(|v| v.iter().map(|x| x * x).collect()).collect();
     let per: Vec<AdamConsts> = (0..sizes.len())
         .map(|i| AdamConsts {
             decay: 1.0 - 0.01 * i as f32,
@@ -245,12 +194,7 @@ fn flat_libtorch_adamw_and_ema_match_the_host_kernels() {
             bc2_sqrt: 0.05 + 0.1 * i as f32,
         })
         .collect();
-    let k = AdamScalars {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        clip: 3.0,
-    };
+    let k = AdamScalars { beta1: 0.9, beta2: 0.999, eps: 1e-8, clip: 3.0 };
 
     let (mut m, mut v) = (m0.clone(), v0.clone());
     let mut out: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
@@ -274,12 +218,9 @@ fn flat_libtorch_adamw_and_ema_match_the_host_kernels() {
     drop(slots);
 
     let t = |xs: &[Vec<f32>]| -> Vec<TchTensor> {
-        xs.iter()
-            .map(|x| TchTensor::new(tch::Tensor::from_slice(x)))
-            .collect()
+        xs.iter().map(|x| TchTensor::new(tch::Tensor::from_slice(x))).collect()
     };
-    let host_of =
-        |t: &TchTensor| -> Vec<f32> { Vec::<f32>::try_from(&t.tensor).expect("f32 values") };
+    let host_of = |t: &TchTensor| -> Vec<f32> { Vec::<f32>::try_from(&t.tensor).expect("f32 values") };
     let [x2, m2, v2] = ltch::adamw(&t(&params), &t(&grads), &t(&m0), &t(&v0), &per, k);
     for i in 0..sizes.len() {
         close(&host_of(&x2[i]), &out[i], &format!("flat AdamW param {i}"));
@@ -297,10 +238,7 @@ fn flat_libtorch_adamw_and_ema_match_the_host_kernels() {
         .collect();
     multi_tensor::ema(&mut pairs, momentum);
     drop(pairs);
-    for (i, e) in ltch::ema(&t(&params), &t(&grads), momentum)
-        .iter()
-        .enumerate()
-    {
+    for (i, e) in ltch::ema(&t(&params), &t(&grads), momentum).iter().enumerate() {
         close(&host_of(e), &ema_out[i], &format!("flat EMA {i}"));
     }
 }

@@ -22,25 +22,12 @@ fn a_trained_teacher_scores_far_above_a_random_network_on_the_palettes_set() {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/palettes-cpu.toml");
     let sets = [
         format!("run.out_dir=\"{}\"", tmp.path().join("runs").display()),
-        format!(
-            "data.synth_dir=\"{}\"",
-            tmp.path().join("palettes").display()
-        ),
+        format!("data.synth_dir=\"{}\"", tmp.path().join("palettes").display()),
     ];
     let cfg = TrainConfig::load(Some(&config), &sets).expect("the palettes config");
-    let summary = run::train(
-        Start::Fresh(cfg.clone()),
-        &RunOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .expect("the run");
-    assert_eq!(
-        summary.steps.len(),
-        2000,
-        "the run is 250 epochs of 8 steps"
-    );
+    let summary = run::train(Start::Fresh(cfg.clone()), &RunOptions { quiet: true, ..Default::default() })
+        .expect("the run");
+    assert_eq!(summary.steps.len(), 2000, "the run is 250 epochs of 8 steps");
     let checkpoint = summary.last_checkpoint.expect("a final checkpoint");
     let (trained, random) = trainer::eval::synthetic_knn(&cfg, &checkpoint).expect("k-NN");
     eprintln!(
@@ -48,11 +35,7 @@ fn a_trained_teacher_scores_far_above_a_random_network_on_the_palettes_set() {
         100.0 * trained.top1,
         100.0 * random.top1
     );
-    assert!(
-        random.top1 < 0.7,
-        "a random network should not solve the set: {:.1}%",
-        100.0 * random.top1
-    );
+    assert!(random.top1 < 0.7, "a random network should not solve the set: {:.1}%", 100.0 * random.top1);
     assert!(
         trained.top1 >= random.top1 + 0.12,
         "the trained teacher ({:.1}%) should score at least 12 points above a random network ({:.1}%)",

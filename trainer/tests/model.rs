@@ -62,19 +62,12 @@ fn bicubic_at_patch_centres_returns_the_grid_row_exactly() {
     let mut rows = Vec::new();
     for (r, c) in [(0, 0), (3, 7), (13, 13), (6, 0), (13, 2)] {
         // Patch (r, c)'s centre in grid_sample coordinates: (2c + 1)/g - 1.
-        points.extend([
-            (2 * c + 1) as f32 / g as f32 - 1.0,
-            (2 * r + 1) as f32 / g as f32 - 1.0,
-        ]);
+        points.extend([(2 * c + 1) as f32 / g as f32 - 1.0, (2 * r + 1) as f32 / g as f32 - 1.0]);
         rows.push(r * g + c);
     }
     let out = sample(&points, &grid, g, d);
     for (i, row) in rows.iter().enumerate() {
-        assert_eq!(
-            &out[i * d..(i + 1) * d],
-            &grid[row * d..(row + 1) * d],
-            "point {i}"
-        );
+        assert_eq!(&out[i * d..(i + 1) * d], &grid[row * d..(row + 1) * d], "point {i}");
     }
 }
 
@@ -82,18 +75,9 @@ fn bicubic_at_patch_centres_returns_the_grid_row_exactly() {
 fn bicubic_between_centres_and_at_the_border_matches_the_kernel() {
     let (g, d) = (14, 6);
     let grid = random_grid(g, d, 2);
-    let pts: Vec<(f64, f64)> = vec![
-        (0.013, -0.27),
-        (0.5, 0.5),
-        (-0.93, 0.41),
-        (-1.0, -1.0),
-        (0.999, -0.999),
-        (0.97, 0.2),
-    ];
-    let flat: Vec<f32> = pts
-        .iter()
-        .flat_map(|&(x, y)| [x as f32, y as f32])
-        .collect();
+    let pts: Vec<(f64, f64)> =
+        vec![(0.013, -0.27), (0.5, 0.5), (-0.93, 0.41), (-1.0, -1.0), (0.999, -0.999), (0.97, 0.2)];
+    let flat: Vec<f32> = pts.iter().flat_map(|&(x, y)| [x as f32, y as f32]).collect();
     let out = sample(&flat, &grid, g, d);
     for (i, &(x, y)) in pts.iter().enumerate() {
         let want = direct_sample(&grid, g, d, x as f32 as f64, y as f32 as f64);
@@ -113,11 +97,7 @@ fn bicubic_between_centres_and_at_the_border_matches_the_kernel() {
     let v = sample(&[0.1, -0.2, -1.0, -1.0], &ones, g, 1);
     assert!((v[0] - 1.0).abs() < 1e-6);
     let edge = (keys(0.5) + keys(1.5)).powi(2);
-    assert!(
-        (v[1] as f64 - edge).abs() < 1e-6 && edge < 1.0,
-        "corner {} vs {edge}",
-        v[1]
-    );
+    assert!((v[1] as f64 - edge).abs() < 1e-6 && edge < 1.0, "corner {} vs {edge}", v[1]);
 }
 
 #[test]
@@ -134,8 +114,7 @@ fn bicubic_gradient_into_the_grid_matches_finite_differences() {
             .chain(direct_sample(grid, g, d, 0.05f32 as f64, 0.0));
         out.zip(cot.iter()).map(|(o, c)| o * *c as f64).sum()
     };
-    let leaf =
-        Tensor::<2>::from_data(TensorData::new(grid.clone(), [g * g, d]), &dev).require_grad();
+    let leaf = Tensor::<2>::from_data(TensorData::new(grid.clone(), [g * g, d]), &dev).require_grad();
     let w = vit::ref_weights(&points, g, &dev);
     let c = Tensor::<2>::from_data(TensorData::new(cot.clone(), [3, d]), &dev);
     let loss = (w.matmul(leaf.clone()) * c).sum();
@@ -148,11 +127,7 @@ fn bicubic_gradient_into_the_grid_matches_finite_differences() {
         up[i] += h;
         down[i] -= h;
         let fd = (objective(&up) - objective(&down)) / (2.0 * h as f64);
-        assert!(
-            (analytic[i] as f64 - fd).abs() < 1e-3,
-            "grid element {i}: {} vs {fd}",
-            analytic[i]
-        );
+        assert!((analytic[i] as f64 - fd).abs() < 1e-3, "grid element {i}: {} vs {fd}", analytic[i]);
     }
 }
 
@@ -173,11 +148,7 @@ fn tiny(mask: MaskMode, drop: f64) -> VitConfig {
 
 fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(worst < tol, "{what}: max abs difference {worst}");
 }
 
@@ -185,10 +156,7 @@ fn inputs(batch: usize, size: usize, refs: usize, dev: &Device) -> (Tensor<4>, V
     let mut rng = seed::rng(3, Purpose::Model, &[9]);
     let x = trainer::model::params::trunc_normal(batch * 3 * size * size, 1.0, &mut rng);
     let pts: Vec<f32> = trainer::model::params::uniform(batch * refs * 2, 0.98, &mut rng);
-    (
-        Tensor::<4>::from_data(TensorData::new(x, [batch, 3, size, size]), dev),
-        pts,
-    )
+    (Tensor::<4>::from_data(TensorData::new(x, [batch, 3, size, size]), dev), pts)
 }
 
 #[test]
@@ -216,68 +184,27 @@ fn oracle_check(dev: Device) {
     let fast = vit.forward(x.clone(), w(), &drop, false);
     let masked = vit.forward_masked(x.clone(), w(), MaskMode::All2posPos2clsEye, &drop);
     let plain = vit.forward(x.clone(), None, &drop, false);
-    close(
-        &host(fast.cls.clone()),
-        &host(masked.cls.clone()),
-        1e-5,
-        "cls: efficient vs masked",
-    );
-    close(
-        &host(fast.patches.clone()),
-        &host(masked.patches),
-        1e-5,
-        "patches: efficient vs masked",
-    );
-    close(
-        &host(fast.refs.clone().unwrap()),
-        &host(masked.refs.unwrap()),
-        1e-5,
-        "refs: efficient vs masked",
-    );
-    close(
-        &host(fast.cls),
-        &host(plain.cls.clone()),
-        1e-6,
-        "cls: with vs without refs",
-    );
-    close(
-        &host(fast.patches),
-        &host(plain.patches),
-        1e-6,
-        "patches: with vs without refs",
-    );
+    close(&host(fast.cls.clone()), &host(masked.cls.clone()), 1e-5, "cls: efficient vs masked");
+    close(&host(fast.patches.clone()), &host(masked.patches), 1e-5, "patches: efficient vs masked");
+    close(&host(fast.refs.clone().unwrap()), &host(masked.refs.unwrap()), 1e-5, "refs: efficient vs masked");
+    close(&host(fast.cls), &host(plain.cls.clone()), 1e-6, "cls: with vs without refs");
+    close(&host(fast.patches), &host(plain.patches), 1e-6, "patches: with vs without refs");
 
     // The other `all2pos` modes leave the plain path alone too; `none` does not.
     for mode in [MaskMode::All2pos, MaskMode::All2posPos2cls] {
         let out = vit.forward_masked(x.clone(), w(), mode, &drop);
-        close(
-            &host(out.cls),
-            &host(plain.cls.clone()),
-            1e-5,
-            &format!("cls under {mode:?}"),
-        );
+        close(&host(out.cls), &host(plain.cls.clone()), 1e-5, &format!("cls under {mode:?}"));
     }
     let perturbed = vit.forward_masked(x, w(), MaskMode::None, &drop);
-    let diff = host(perturbed.cls)
-        .iter()
-        .zip(host(plain.cls))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        diff > 1e-4,
-        "with full attention the reference tokens must change CLS ({diff})"
-    );
+    let diff =
+        host(perturbed.cls).iter().zip(host(plain.cls)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff > 1e-4, "with full attention the reference tokens must change CLS ({diff})");
 }
 
 #[test]
 fn mask_rows_follow_the_official_modes() {
     // [CLS, R1, R2, P1]: row i, column j; true = -inf.
-    let m = |mode| {
-        vit::mask_bias(mode, 2, 1)
-            .iter()
-            .map(|v| v.is_infinite())
-            .collect::<Vec<_>>()
-    };
+    let m = |mode| vit::mask_bias(mode, 2, 1).iter().map(|v| v.is_infinite()).collect::<Vec<_>>();
     let eye = m(MaskMode::All2posPos2clsEye);
     #[rustfmt::skip]
     let want = [
@@ -288,10 +215,7 @@ fn mask_rows_follow_the_official_modes() {
     ];
     assert_eq!(eye, want);
     let all2pos = m(MaskMode::All2pos);
-    assert!(
-        all2pos[5] && !all2pos[4],
-        "all2pos: a reference token sees CLS, not itself"
-    );
+    assert!(all2pos[5] && !all2pos[4], "all2pos: a reference token sees CLS, not itself");
 }
 
 #[test]
@@ -316,30 +240,19 @@ fn positional_grid_resizes_for_other_input_sizes() {
 #[test]
 fn stochastic_depth_drops_whole_samples_at_the_linear_rate() {
     let dev = device();
-    let cfg = VitConfig {
-        depth: 5,
-        drop_path_rate: 0.4,
-        ..tiny(MaskMode::All2posPos2clsEye, 0.4)
-    };
+    let cfg = VitConfig { depth: 5, drop_path_rate: 0.4, ..tiny(MaskMode::All2posPos2clsEye, 0.4) };
     let n = 20_000;
     let scales = vit::drop_path_scales(&cfg, n, &mut seed::rng(2, Purpose::Model, &[1]), &dev);
-    assert!(
-        scales[0].is_none(),
-        "linspace(0, rate, depth)[0] = 0: block 0 never drops"
-    );
+    assert!(scales[0].is_none(), "linspace(0, rate, depth)[0] = 0: block 0 never drops");
     for (i, s) in scales.iter().enumerate().skip(1) {
         let rate = 0.4 * i as f64 / 4.0;
         let keep = 1.0 - rate;
         let v = host(s.clone().expect("a dropping block"));
         let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / n as f64;
         assert!(
-            v.iter()
-                .all(|&x| x == 0.0 || (x as f64 - 1.0 / keep).abs() < 1e-6),
+            v.iter().all(|&x| x == 0.0 || (x as f64 - 1.0 / keep).abs() < 1e-6),
             "kept samples scale by 1/keep"
         );
-        assert!(
-            (dropped - rate).abs() < 0.015,
-            "block {i}: dropped {dropped}, rate {rate}"
-        );
+        assert!((dropped - rate).abs() < 0.015, "block {i}: dropped {dropped}, rate {rate}");
     }
 }

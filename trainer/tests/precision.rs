@@ -22,39 +22,17 @@ fn losses(precision: Precision) -> Vec<f64> {
         learnable_ref_token: false,
         detach_pos_embed: false,
     };
-    let head = HeadConfig {
-        out_dim: 4096,
-        hidden_dim: 256,
-        bottleneck_dim: 64,
-        ..Default::default()
-    };
-    let optim = OptimConfig {
-        warmup_epochs: 0,
-        freeze_last_layer: 0,
-        ..Default::default()
-    };
+    let head = HeadConfig { out_dim: 4096, hidden_dim: 256, bottleneck_dim: 64, ..Default::default() };
+    let optim = OptimConfig { warmup_epochs: 0, freeze_last_layer: 0, ..Default::default() };
     let schedules = Schedules::new(&optim, 10, 10, 256);
-    let mut t = Trainer::new(
-        &vit,
-        &head,
-        &LossConfig::default(),
-        &optim,
-        schedules,
-        3,
-        &Device::libtorch(),
-    );
+    let mut t = Trainer::new(&vit, &head, &LossConfig::default(), &optim, schedules, 3, &Device::libtorch());
     t.student.set_precision(precision);
     t.teacher.set_precision(precision);
     (0..3)
         .map(|i| {
-            t.step(&trainer::train::bench::random_batch(
-                8,
-                &[32, 32, 16, 16],
-                3,
-                i,
-            ))
-            .expect("finite loss")
-            .loss
+            t.step(&trainer::train::bench::random_batch(8, &[32, 32, 16, 16], 3, i))
+                .expect("finite loss")
+                .loss
         })
         .collect()
 }
@@ -65,13 +43,7 @@ fn bf16_steps_give_losses_within_one_percent_of_f32() {
     for (step, (a, b)) in full.iter().zip(&half).enumerate() {
         let rel = (a - b).abs() / a.abs();
         println!("step {step}: f32 loss {a:.6}, bf16 {b:.6}, relative difference {rel:.2e}");
-        assert!(
-            rel < 0.01,
-            "step {step}: bf16 loss {b} is not within 1% of f32 {a}"
-        );
+        assert!(rel < 0.01, "step {step}: bf16 loss {b} is not within 1% of f32 {a}");
     }
-    assert!(
-        full.iter().zip(&half).any(|(a, b)| a != b),
-        "bf16 gave the f32 losses bit for bit: did it run?"
-    );
+    assert!(full.iter().zip(&half).any(|(a, b)| a != b), "bf16 gave the f32 losses bit for bit: did it run?");
 }

@@ -1,5 +1,5 @@
 //! Cross-check against PyTorch: `fixtures/make_reference.py` builds a tiny DenseDINO (student, teacher,
-//! both heads, the loss) from the spec in its official formulation and saves weights, inputs, outputs and
+//! both heads, the loss) in the official code's formulation and saves weights, inputs, outputs and
 //! gradients. Here the same weights go into our model and everything must match within 1e-4 (f32).
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -18,43 +18,28 @@ struct Fixture(trainer::model::params::Named);
 
 impl Fixture {
     fn load() -> Self {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/reference.safetensors"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/reference.safetensors");
         let bytes = std::fs::read(path).expect("fixture (regenerate with make_reference.py)");
         let map = trainer::train::checkpoint::tensors(&bytes).expect("fixture tensors");
         Self(map)
     }
     fn get(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture lacks {name}"))
+        self.0.get(name).unwrap_or_else(|| panic!("fixture lacks {name}"))
     }
     fn values(&self, name: &str) -> Vec<f32> {
         self.get(name).1.clone()
     }
     fn tensor4(&self, name: &str, device: &Device) -> Tensor<4> {
         let (shape, values) = self.get(name);
-        Tensor::from_data(
-            TensorData::new(values.clone(), [shape[0], shape[1], shape[2], shape[3]]),
-            device,
-        )
+        Tensor::from_data(TensorData::new(values.clone(), [shape[0], shape[1], shape[2], shape[3]]), device)
     }
 }
 
 fn assert_close(ours: &[f32], theirs: &[f32], what: &str) {
     assert_eq!(ours.len(), theirs.len(), "{what}: length");
     let scale = theirs.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    let worst = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        worst <= 1e-4 * scale,
-        "{what}: max abs difference {worst} (scale {scale})"
-    );
+    let worst = ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4 * scale, "{what}: max abs difference {worst} (scale {scale})");
 }
 
 fn configs() -> (VitConfig, HeadConfig) {
@@ -109,34 +94,20 @@ fn check(plain: Device) {
     let teacher = side(&fx, "teacher.", &plain);
     let mut student = side(&fx, "student.", &auto);
 
-    let views: Vec<Tensor<4>> = (0..V)
-        .map(|i| fx.tensor4(&format!("input.view{i}"), &plain))
-        .collect();
-    let t_points: Vec<Vec<f32>> = (0..2)
-        .map(|g| fx.values(&format!("input.teacher_points{g}")))
-        .collect();
-    let s_points: Vec<Vec<f32>> = (0..V)
-        .map(|v| fx.values(&format!("input.student_points{v}")))
-        .collect();
+    let views: Vec<Tensor<4>> = (0..V).map(|i| fx.tensor4(&format!("input.view{i}"), &plain)).collect();
+    let t_points: Vec<Vec<f32>> = (0..2).map(|g| fx.values(&format!("input.teacher_points{g}"))).collect();
+    let s_points: Vec<Vec<f32>> = (0..V).map(|v| fx.values(&format!("input.student_points{v}"))).collect();
 
     let t = teacher.forward(&views[..2], Some(&t_points), None);
     let s_views: Vec<Tensor<4>> = views.iter().cloned().map(Tensor::from_inner).collect();
     let s = student.forward(&s_views, Some(&s_points), None);
-    assert_close(
-        &host(t.cls.clone()),
-        &fx.values("output.teacher_cls_logits"),
-        "teacher CLS logits",
-    );
+    assert_close(&host(t.cls.clone()), &fx.values("output.teacher_cls_logits"), "teacher CLS logits");
     assert_close(
         &host(t.refs.clone().unwrap()),
         &fx.values("output.teacher_ref_logits"),
         "teacher ref logits",
     );
-    assert_close(
-        &host(s.cls.clone()),
-        &fx.values("output.student_cls_logits"),
-        "student CLS logits",
-    );
+    assert_close(&host(s.cls.clone()), &fx.values("output.student_cls_logits"), "student CLS logits");
     assert_close(
         &host(s.refs.clone().unwrap()),
         &fx.values("output.student_ref_logits"),
@@ -150,71 +121,27 @@ fn check(plain: Device) {
         &[],
         false,
     );
-    assert_close(
-        &host(out.cls),
-        &fx.values("output.student_view2_cls"),
-        "backbone CLS (16 px)",
-    );
-    assert_close(
-        &host(out.refs.unwrap()),
-        &fx.values("output.student_view2_refs"),
-        "backbone refs (16 px)",
-    );
-    assert_close(
-        &host(out.patches),
-        &fx.values("output.student_view2_patches"),
-        "backbone patches (16 px)",
-    );
+    assert_close(&host(out.cls), &fx.values("output.student_view2_cls"), "backbone CLS (16 px)");
+    assert_close(&host(out.refs.unwrap()), &fx.values("output.student_view2_refs"), "backbone refs (16 px)");
+    assert_close(&host(out.patches), &fx.values("output.student_view2_patches"), "backbone patches (16 px)");
 
     let mut loss = DenseDinoLoss::new(&LossConfig::default(), K, &plain);
-    loss.set_centers(
-        fx.values("input.center"),
-        fx.values("input.ref_center"),
-        &plain,
-    );
+    loss.set_centers(fx.values("input.center"), fx.values("input.ref_center"), &plain);
     let l = loss.forward(
         t.cls.clone(),
         s.cls,
         t.refs.clone(),
         s.refs,
-        Layout {
-            batch: B,
-            views: V,
-            points: M,
-        },
+        Layout { batch: B, views: V, points: M },
         0.04,
     );
-    assert_close(
-        &host(l.total.clone()),
-        &fx.values("output.loss"),
-        "total loss",
-    );
-    assert_close(
-        &host(l.cls.unwrap()),
-        &fx.values("output.cls_loss"),
-        "CLS loss",
-    );
-    assert_close(
-        &host(l.refs.unwrap()),
-        &fx.values("output.ref_loss"),
-        "reference loss",
-    );
-    loss.update_centers(
-        t.cls,
-        t.refs,
-        Layout {
-            batch: B,
-            views: V,
-            points: M,
-        },
-    );
+    assert_close(&host(l.total.clone()), &fx.values("output.loss"), "total loss");
+    assert_close(&host(l.cls.unwrap()), &fx.values("output.cls_loss"), "CLS loss");
+    assert_close(&host(l.refs.unwrap()), &fx.values("output.ref_loss"), "reference loss");
+    loss.update_centers(t.cls, t.refs, Layout { batch: B, views: V, points: M });
     let (c, rc) = loss.centers_to_host();
     assert_close(&c, &fx.values("output.center"), "center after update");
-    assert_close(
-        &rc,
-        &fx.values("output.ref_center"),
-        "ref_center after update",
-    );
+    assert_close(&rc, &fx.values("output.ref_center"), "ref_center after update");
 
     let grads = l.total.backward();
     let mut checked = 0;
@@ -222,11 +149,7 @@ fn check(plain: Device) {
         let key = format!("grad.{name}");
         if let Some((shape, theirs)) = fx.0.get(&key) {
             let ours = host(p.grad_flat(&grads).expect("gradient"));
-            let ours = if shape.len() == 2 {
-                params::transpose(&ours, shape[1], shape[0])
-            } else {
-                ours
-            };
+            let ours = if shape.len() == 2 { params::transpose(&ours, shape[1], shape[0]) } else { ours };
             assert_close(&ours, theirs, &key);
             checked += 1;
         }

@@ -33,47 +33,20 @@ fn loss_at_initialisation_is_about_ln_k() {
     // outputs give a cross-entropy of about ln K = 11.09 (dino #246 shows 11.0903 for a stuck run).
     let dev = Device::flex();
     let head = HeadConfig::default();
-    let model = DenseDino::new(
-        &tiny_vit(),
-        &head,
-        true,
-        &mut seed::rng(3, Purpose::Model, &[0]),
-        &dev,
-    );
+    let model = DenseDino::new(&tiny_vit(), &head, true, &mut seed::rng(3, Purpose::Model, &[0]), &dev);
     let batch = trainer::train::bench::random_batch(4, &[32, 32, 32, 32], 2, 1);
-    let views: Vec<Tensor<4>> = batch
-        .views
-        .iter()
-        .map(|v| trainer::model::vit::normalize_pixels(&v.data, 4, v.size, &dev))
-        .collect();
+    let views: Vec<Tensor<4>> =
+        batch.views.iter().map(|v| trainer::model::vit::normalize_pixels(&v.data, 4, v.size, &dev)).collect();
     let t = model.forward(&views[..2], Some(&batch.teacher_points), None);
     let s = model.forward(&views, Some(&batch.student_points), None);
     let loss = DenseDinoLoss::new(&LossConfig::default(), head.out_dim, &dev);
-    let out = loss.forward(
-        t.cls,
-        s.cls,
-        t.refs,
-        s.refs,
-        Layout {
-            batch: 4,
-            views: 4,
-            points: 2,
-        },
-        0.04,
-    );
+    let out = loss.forward(t.cls, s.cls, t.refs, s.refs, Layout { batch: 4, views: 4, points: 2 }, 0.04);
     let ln_k = (head.out_dim as f64).ln();
-    for (what, v) in [
-        ("total", out.total),
-        ("cls", out.cls.unwrap()),
-        ("ref", out.refs.unwrap()),
-    ] {
+    for (what, v) in [("total", out.total), ("cls", out.cls.unwrap()), ("ref", out.refs.unwrap())] {
         let v = host(v)[0] as f64;
         // Teacher and student are the same network at the start, so the views' outputs correlate and the
         // cross-entropy sits a little below ln K; far from it means a wrong temperature, normalisation or K.
-        assert!(
-            v > 0.9 * ln_k && v < 1.05 * ln_k,
-            "{what} loss {v} is not about ln K = {ln_k}"
-        );
+        assert!(v > 0.9 * ln_k && v < 1.05 * ln_k, "{what} loss {v} is not about ln K = {ln_k}");
     }
 }
 
@@ -87,16 +60,9 @@ fn teacher_temperature_warms_up_linearly_inclusive() {
     };
     assert_eq!(cfg.teacher_temp_at(0), 0.04);
     assert!((cfg.teacher_temp_at(15) - (0.04 + 0.03 * 15.0 / 29.0)).abs() < 1e-15);
-    assert!(
-        (cfg.teacher_temp_at(29) - 0.07).abs() < 1e-15,
-        "linspace is inclusive: epoch E_w - 1 reaches τ"
-    );
+    assert!((cfg.teacher_temp_at(29) - 0.07).abs() < 1e-15, "linspace is inclusive: epoch E_w - 1 reaches τ");
     assert_eq!(cfg.teacher_temp_at(30), 0.07);
-    assert_eq!(
-        LossConfig::default().teacher_temp_at(0),
-        0.04,
-        "the code default is a constant 0.04"
-    );
+    assert_eq!(LossConfig::default().teacher_temp_at(0), 0.04, "the code default is a constant 0.04");
 }
 
 #[test]
@@ -129,26 +95,12 @@ fn clipping_is_per_tensor_not_global() {
             bc2_sqrt: 0.1,
         },
     ];
-    multi_tensor::adamw(
-        &mut slots,
-        AdamScalars {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            clip: 3.0,
-        },
-    );
+    multi_tensor::adamw(&mut slots, AdamScalars { beta1: 0.9, beta2: 0.999, eps: 1e-8, clip: 3.0 });
     let k = 3.0 / (5.0 + 1e-6);
     let c = 1.0 - 0.9f64;
-    assert!(
-        (m1[0] as f64 - c * 3.0 * k).abs() < 1e-6 && (m1[1] as f64 - c * 4.0 * k).abs() < 1e-6,
-        "{m1:?}"
-    );
+    assert!((m1[0] as f64 - c * 3.0 * k).abs() < 1e-6 && (m1[1] as f64 - c * 4.0 * k).abs() < 1e-6, "{m1:?}");
     // A global-norm clip (‖(g1, g2)‖ = √26) would have scaled the small tensor too.
-    assert!(
-        (m2[0] as f64 - c).abs() < 1e-7 && m2[1..] == [0.0; 3],
-        "{m2:?}"
-    );
+    assert!((m2[0] as f64 - c).abs() < 1e-7 && m2[1..] == [0.0; 3], "{m2:?}");
 }
 
 /// One weight matrix and one bias: enough to see both parameter groups.
@@ -168,86 +120,41 @@ fn adamw_first_step_matches_its_closed_form_and_decays_only_group_0() {
     let dev = Device::flex().autodiff();
     let w0 = vec![0.5f32, -1.0, 2.0, 0.25];
     let b0 = vec![1.0f32, -2.0];
-    let mut p = Pair {
-        w: params::param(w0.clone(), [2, 2], &dev),
-        b: params::param(b0.clone(), [2], &dev),
-    };
+    let mut p = Pair { w: params::param(w0.clone(), [2, 2], &dev), b: params::param(b0.clone(), [2], &dev) };
     // loss = Σ c ⊙ w + Σ d ⊙ b: gradients c and d.
     let c = [0.3f32, -0.7, 0.01, 2.0];
     let d = [-0.5f32, 0.2];
-    let loss = (p.w.clone() * Tensor::<2>::from_data(TensorData::new(c.to_vec(), [2, 2]), &dev))
-        .sum()
+    let loss = (p.w.clone() * Tensor::<2>::from_data(TensorData::new(c.to_vec(), [2, 2]), &dev)).sum()
         + (p.b.clone() * Tensor::<1>::from_data(TensorData::new(d.to_vec(), [2]), &dev)).sum();
     let grads = loss.backward();
     let (lr, wd) = (0.01, 0.1);
     let mut opt = AdamW::default();
-    opt.step(
-        &mut p,
-        &grads,
-        StepOptions {
-            lr,
-            weight_decay: wd,
-            clip_grad: 0.0,
-            freeze_last_layer: false,
-        },
-    );
+    opt.step(&mut p, &grads, StepOptions { lr, weight_decay: wd, clip_grad: 0.0, freeze_last_layer: false });
     // Step 1: m̂ = g, v̂ = g², so θ ← θ(1 − lr·wd) − lr·g/(|g| + ε).
-    let first = |t: f32, g: f32, wd: f64| {
-        t as f64 * (1.0 - lr * wd) - lr * g as f64 / (g.abs() as f64 + 1e-8)
-    };
+    let first =
+        |t: f32, g: f32, wd: f64| t as f64 * (1.0 - lr * wd) - lr * g as f64 / (g.abs() as f64 + 1e-8);
     let w1 = host(p.w.clone());
     let b1 = host(p.b.clone());
     for i in 0..4 {
-        assert!(
-            (w1[i] as f64 - first(w0[i], c[i], wd)).abs() < 1e-6,
-            "weight {i}: {}",
-            w1[i]
-        );
+        assert!((w1[i] as f64 - first(w0[i], c[i], wd)).abs() < 1e-6, "weight {i}: {}", w1[i]);
     }
     for i in 0..2 {
-        assert!(
-            (b1[i] as f64 - first(b0[i], d[i], 0.0)).abs() < 1e-6,
-            "bias {i} must not decay: {}",
-            b1[i]
-        );
+        assert!((b1[i] as f64 - first(b0[i], d[i], 0.0)).abs() < 1e-6, "bias {i} must not decay: {}", b1[i]);
     }
-    assert!(
-        p.w.is_require_grad() && p.b.is_require_grad(),
-        "updated parameters are trainable leaves again"
-    );
+    assert!(p.w.is_require_grad() && p.b.is_require_grad(), "updated parameters are trainable leaves again");
 }
 
 fn named(model: &mut dyn Params, name: &str) -> Vec<f32> {
-    params::to_host(model)
-        .into_iter()
-        .find(|(n, _, _)| n == name)
-        .unwrap_or_else(|| panic!("no {name}"))
-        .2
+    params::to_host(model).into_iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("no {name}")).2
 }
 
 #[test]
 fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
     let dev = Device::flex();
-    let head = HeadConfig {
-        out_dim: 128,
-        hidden_dim: 64,
-        bottleneck_dim: 16,
-        ..Default::default()
-    };
-    let ocfg = OptimConfig {
-        warmup_epochs: 0,
-        ..Default::default()
-    };
+    let head = HeadConfig { out_dim: 128, hidden_dim: 64, bottleneck_dim: 16, ..Default::default() };
+    let ocfg = OptimConfig { warmup_epochs: 0, ..Default::default() };
     let sched = Schedules::new(&ocfg, 3, 2, 256); // 2 iterations per epoch
-    let mut tr = Trainer::new(
-        &tiny_vit(),
-        &head,
-        &LossConfig::default(),
-        &ocfg,
-        sched,
-        5,
-        &dev,
-    );
+    let mut tr = Trainer::new(&tiny_vit(), &head, &LossConfig::default(), &ocfg, sched, 5, &dev);
     let names = [
         "head.last_layer.weight_v",
         "ref_head.last_layer.weight_v",
@@ -256,35 +163,18 @@ fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
     ];
     let before: Vec<Vec<f32>> = names.iter().map(|n| named(&mut tr.student, n)).collect();
     for i in 0..2 {
-        tr.step(&trainer::train::bench::random_batch(4, &[32, 32, 32], 2, i))
-            .expect("finite loss");
+        tr.step(&trainer::train::bench::random_batch(4, &[32, 32, 32], 2, i)).expect("finite loss");
     }
     let after0: Vec<Vec<f32>> = names.iter().map(|n| named(&mut tr.student, n)).collect();
-    assert_eq!(
-        after0[0], before[0],
-        "CLS last layer moved in epoch 0 (no update, no weight decay)"
-    );
-    assert_eq!(
-        after0[1], before[1],
-        "reference last layer moved in epoch 0"
-    );
+    assert_eq!(after0[0], before[0], "CLS last layer moved in epoch 0 (no update, no weight decay)");
+    assert_eq!(after0[1], before[1], "reference last layer moved in epoch 0");
     assert_ne!(after0[2], before[2], "the MLP trains in epoch 0");
-    assert_ne!(
-        after0[3], before[3],
-        "the positional embedding trains in epoch 0"
-    );
-    assert!(
-        !tr.optim.state.contains_key("head.last_layer.weight_v"),
-        "a frozen tensor has no AdamW state"
-    );
+    assert_ne!(after0[3], before[3], "the positional embedding trains in epoch 0");
+    assert!(!tr.optim.state.contains_key("head.last_layer.weight_v"), "a frozen tensor has no AdamW state");
     let mut next = trainer::train::bench::random_batch(4, &[32, 32, 32], 2, 9);
     next.epoch = 1; // the loader's epoch drives the freeze, as the official loop variable does
     tr.step(&next).expect("finite loss");
-    assert_ne!(
-        named(&mut tr.student, names[0]),
-        before[0],
-        "the last layer moves from epoch 1"
-    );
+    assert_ne!(named(&mut tr.student, names[0]), before[0], "the last layer moves from epoch 1");
     assert_eq!(tr.optim.state["head.last_layer.weight_v"].step, 1);
     assert_eq!(tr.optim.state["head.mlp.0.weight"].step, 3);
 }
@@ -292,19 +182,8 @@ fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
 #[test]
 fn ema_update_is_exact() {
     let dev = Device::flex();
-    let head = HeadConfig {
-        out_dim: 32,
-        hidden_dim: 16,
-        bottleneck_dim: 8,
-        ..Default::default()
-    };
-    let mut teacher = DenseDino::new(
-        &tiny_vit(),
-        &head,
-        true,
-        &mut seed::rng(1, Purpose::Model, &[0]),
-        &dev,
-    );
+    let head = HeadConfig { out_dim: 32, hidden_dim: 16, bottleneck_dim: 8, ..Default::default() };
+    let mut teacher = DenseDino::new(&tiny_vit(), &head, true, &mut seed::rng(1, Purpose::Model, &[0]), &dev);
     let mut student = DenseDino::new(
         &tiny_vit(),
         &head,
@@ -344,9 +223,8 @@ fn centers_move_only_after_the_loss_and_by_the_momentum_rule() {
     let mut rand = |n: usize| params::trunc_normal(n, 1.0, &mut rng);
     let t_cls_v = rand(2 * b * k);
     let t_ref_v = rand(2 * b * v * m * k);
-    let t = |vals: &Vec<f32>, rows: usize| {
-        Tensor::<2>::from_data(TensorData::new(vals.clone(), [rows, k]), &dev)
-    };
+    let t =
+        |vals: &Vec<f32>, rows: usize| Tensor::<2>::from_data(TensorData::new(vals.clone(), [rows, k]), &dev);
     let mut loss = DenseDinoLoss::new(&LossConfig::default(), k, &dev);
     let c0 = rand(k);
     let r0 = rand(k);
@@ -358,11 +236,7 @@ fn centers_move_only_after_the_loss_and_by_the_momentum_rule() {
         s_cls,
         Some(t(&t_ref_v, 2 * b * v * m)),
         Some(s_ref),
-        Layout {
-            batch: b,
-            views: v,
-            points: m,
-        },
+        Layout { batch: b, views: v, points: m },
         0.04,
     );
     assert_eq!(
@@ -373,11 +247,7 @@ fn centers_move_only_after_the_loss_and_by_the_momentum_rule() {
     loss.update_centers(
         t(&t_cls_v, 2 * b),
         Some(t(&t_ref_v, 2 * b * v * m)),
-        Layout {
-            batch: b,
-            views: v,
-            points: m,
-        },
+        Layout { batch: b, views: v, points: m },
     );
     let (c1, r1) = loss.centers_to_host();
     for j in 0..k {

@@ -49,10 +49,7 @@ fn losses(run_dir: &Path) -> Vec<(usize, f64, Option<f64>, Option<f64>)> {
 }
 
 fn quiet() -> RunOptions {
-    RunOptions {
-        quiet: true,
-        ..Default::default()
-    }
+    RunOptions { quiet: true, ..Default::default() }
 }
 
 fn fresh(cfg: TrainConfig) -> Result<run::RunSummary, anyhow::Error> {
@@ -66,20 +63,15 @@ fn resume_matches_an_uninterrupted_run_exactly_and_survives_a_crash_mid_checkpoi
     let full = fresh(demo(tmp.path(), "full", 8)).expect("uninterrupted run");
     let want = losses(&full.run_dir);
     assert_eq!(want.len(), 8);
-    assert!(
-        full.run_dir.join("loss.png").exists(),
-        "the run draws its plots"
-    );
+    assert!(full.run_dir.join("loss.png").exists(), "the run draws its plots");
 
     // Stop after 3 steps (checkpoints at 2 and 3, the run end), resume to 6 (checkpoints at 4 and 5, the epoch
     // end) with the one at 6
     // failing half way, then resume again from the last good one to 8.
     let part = fresh(demo(tmp.path(), "split", 3)).expect("first part");
     let dir = part.run_dir.clone();
-    let resume = |steps: usize| Start::Resume {
-        from: dir.clone(),
-        sets: vec![format!("run.max_steps={steps}")],
-    };
+    let resume =
+        |steps: usize| Start::Resume { from: dir.clone(), sets: vec![format!("run.max_steps={steps}")] };
     checkpoint::inject_failure(&dir.join("checkpoints"), 6);
     let err = run::train(resume(6), &quiet()).expect_err("injected failure");
     assert!(format!("{err:#}").contains("half way"), "{err:#}");
@@ -90,26 +82,15 @@ fn resume_matches_an_uninterrupted_run_exactly_and_survives_a_crash_mid_checkpoi
         "the last complete checkpoint is the epoch end at 5: {ckpts:?}"
     );
     assert!(
-        dir.join("checkpoints")
-            .join("ckpt-00000006.safetensors.partial")
-            .exists(),
+        dir.join("checkpoints").join("ckpt-00000006.safetensors.partial").exists(),
         "the torn write stays a .partial"
     );
     let (path, bytes) = checkpoint::latest(&dir).expect("the previous checkpoint loads");
-    assert_eq!(
-        checkpoint::meta(&bytes).unwrap().it,
-        5,
-        "{}",
-        path.display()
-    );
+    assert_eq!(checkpoint::meta(&bytes).unwrap().it, 5, "{}", path.display());
 
     run::train(resume(8), &quiet()).expect("resumed run");
     let got = losses(&dir);
-    assert_eq!(
-        got.len(),
-        8,
-        "one record per step after the resumes: {got:?}"
-    );
+    assert_eq!(got.len(), 8, "one record per step after the resumes: {got:?}");
     for (a, b) in want.iter().zip(&got) {
         assert_eq!(a, b, "step {}: uninterrupted {a:?} vs resumed {b:?}", a.0);
     }
@@ -118,17 +99,9 @@ fn resume_matches_an_uninterrupted_run_exactly_and_survives_a_crash_mid_checkpoi
 #[test]
 fn resume_may_not_change_the_method() {
     let cfg = demo(Path::new("/tmp"), "x", 1);
-    let err = cfg
-        .with_run_overrides(&["loss.alpha=0.1".into()])
-        .expect_err("only run.* may change");
+    let err = cfg.with_run_overrides(&["loss.alpha=0.1".into()]).expect_err("only run.* may change");
     assert!(format!("{err:#}").contains("loss.alpha"));
-    assert_eq!(
-        cfg.with_run_overrides(&["run.max_steps=9".into()])
-            .unwrap()
-            .run
-            .max_steps,
-        9
-    );
+    assert_eq!(cfg.with_run_overrides(&["run.max_steps=9".into()]).unwrap().run.max_steps, 9);
 }
 
 #[test]
@@ -145,31 +118,18 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let msg = format!("{err:#}");
     let dir = cfg.run_dir();
     let last_good = dir.join("checkpoints").join(checkpoint::file_name(5));
-    assert!(
-        msg.contains("non-finite loss") && msg.contains("step 5"),
-        "{msg}"
-    );
+    assert!(msg.contains("non-finite loss") && msg.contains("step 5"), "{msg}");
     assert!(
         msg.contains(&last_good.display().to_string()),
         "the message names the last good checkpoint: {msg}"
     );
     let ckpts = checkpoint::list(&dir.join("checkpoints"));
-    assert_eq!(
-        ckpts.last().map(|c| c.0),
-        Some(5),
-        "nothing was saved after the NaN: {ckpts:?}"
-    );
+    assert_eq!(ckpts.last().map(|c| c.0), Some(5), "nothing was saved after the NaN: {ckpts:?}");
     let (path, bytes) = checkpoint::latest(&dir).expect("the last good checkpoint loads");
     assert_eq!((path, checkpoint::meta(&bytes).unwrap().it), (last_good, 5));
     // And the run continues from it once the cause is fixed in a new run started from the same weights:
     // resuming the same broken config would meet the same NaN at the same step.
-    let again = run::train(
-        Start::Resume {
-            from: dir.clone(),
-            sets: vec![],
-        },
-        &quiet(),
-    )
-    .expect_err("same config");
+    let again =
+        run::train(Start::Resume { from: dir.clone(), sets: vec![] }, &quiet()).expect_err("same config");
     assert!(format!("{again:#}").contains("step 5"), "{again:#}");
 }

@@ -7,12 +7,15 @@
 //!   Photoshop convention that libjpeg, PIL and browsers follow); without one they are plain ink amounts.
 //!   RGB = (255 − C)(255 − K)/255 per channel on the plain amounts.
 //! - Any other format the `image` crate reads (PNG named `.JPEG`, GIF, BMP, WebP, TIFF) is re-encoded as JPEG.
-//! - Empty, truncated and unreadable files are refused with a reason; the packer records and skips them.
+//! - Empty, truncated and unreadable files are refused with a reason (an [`Error::Image`] without a path:
+//!   these functions see bytes, not files); the packer names the file, then records and skips it.
 
 use image::{DynamicImage, ImageFormat};
 use zune_jpeg::JpegDecoder;
 use zune_jpeg::zune_core::colorspace::ColorSpace;
 use zune_jpeg::zune_core::options::DecoderOptions;
+
+use crate::error::{Error, Result};
 
 /// The largest side we accept (JPEG's own limit is 65535); larger inputs are refused, not truncated.
 const MAX_SIDE: usize = 65_535;
@@ -50,9 +53,9 @@ pub struct JpegHeader {
 }
 
 /// Walks the marker segments of a JPEG up to its first scan.
-pub fn parse_jpeg_header(b: &[u8]) -> Result<JpegHeader, String> {
+pub fn parse_jpeg_header(b: &[u8]) -> Result<JpegHeader> {
     if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
-        return Err("not a JPEG (no SOI marker)".into());
+        return Err(Error::image("not a JPEG (no SOI marker)"));
     }
     let (mut sof, mut adobe) = (None, None);
     let mut pos = 2;
@@ -62,31 +65,31 @@ pub fn parse_jpeg_header(b: &[u8]) -> Result<JpegHeader, String> {
             pos += 1;
         }
         let Some(&marker) = b.get(pos) else {
-            return Err("truncated before the first scan".into());
+            return Err(Error::image("truncated before the first scan"));
         };
         if b[pos - 1] != 0xFF {
-            return Err(format!("corrupt marker structure at byte {pos}"));
+            return Err(Error::image(format!("corrupt marker structure at byte {pos}")));
         }
         pos += 1;
         if marker == 0x01 || (0xD0..=0xD7).contains(&marker) {
             continue; // standalone markers carry no length
         }
         if marker == 0xD9 {
-            return Err("EOI before any scan".into());
+            return Err(Error::image("EOI before any scan"));
         }
         let len = match b.get(pos..pos + 2) {
             Some(l) => u16::from_be_bytes([l[0], l[1]]) as usize,
-            None => return Err("truncated inside a marker segment".into()),
+            None => return Err(Error::image("truncated inside a marker segment")),
         };
         if len < 2 || pos + len > b.len() {
-            return Err("truncated inside a marker segment".into());
+            return Err(Error::image("truncated inside a marker segment"));
         }
         let seg = &b[pos + 2..pos + len];
         match marker {
             // SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
             0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
                 if seg.len() < 6 {
-                    return Err("short SOF segment".into());
+                    return Err(Error::image("short SOF segment"));
                 }
                 let height = u16::from_be_bytes([seg[1], seg[2]]) as u32;
                 let width = u16::from_be_bytes([seg[3], seg[4]]) as u32;
@@ -94,21 +97,16 @@ pub fn parse_jpeg_header(b: &[u8]) -> Result<JpegHeader, String> {
             }
             0xEE if seg.len() >= 12 && &seg[..5] == b"Adobe" => adobe = Some(seg[11]),
             0xDA => {
-                let (width, height, components) = sof.ok_or("scan before any frame header")?;
+                let (width, height, components) =
+                    sof.ok_or_else(|| Error::image("scan before any frame header"))?;
                 if width == 0 || height == 0 {
-                    return Err(format!("zero-sized frame {width}x{height}"));
+                    return Err(Error::image(format!("zero-sized frame {width}x{height}")));
                 }
                 // In entropy-coded data 0xFF is always stuffed (FF 00) or a restart marker, so the first
                 // FF D9 after the scan header is the real end of image (a thumbnail's EOI sits in APP1,
                 // before this point).
                 let complete = b[pos + len..].windows(2).any(|w| w == [0xFF, 0xD9]);
-                return Ok(JpegHeader {
-                    width,
-                    height,
-                    components,
-                    adobe_transform: adobe,
-                    complete,
-                });
+                return Ok(JpegHeader { width, height, components, adobe_transform: adobe, complete });
             }
             _ => {}
         }
@@ -116,18 +114,16 @@ pub fn parse_jpeg_header(b: &[u8]) -> Result<JpegHeader, String> {
     }
 }
 
-fn zune_decode(bytes: &[u8], out: ColorSpace) -> Result<Vec<u8>, String> {
+fn zune_decode(bytes: &[u8], out: ColorSpace) -> Result<Vec<u8>> {
     let options = DecoderOptions::default()
         .set_max_width(MAX_SIDE)
         .set_max_height(MAX_SIDE)
         .jpeg_set_out_colorspace(out);
     let mut decoder = JpegDecoder::new_with_options(std::io::Cursor::new(bytes), options);
-    let pixels = decoder
-        .decode()
-        .map_err(|e| format!("JPEG decode failed: {e}"))?;
+    let pixels = decoder.decode().map_err(|e| Error::image(format!("JPEG decode failed: {e}")))?;
     match decoder.output_colorspace() {
         Some(cs) if cs == out => Ok(pixels),
-        got => Err(format!("JPEG decoder produced {got:?}, expected {out:?}")),
+        got => Err(Error::image(format!("JPEG decoder produced {got:?}, expected {out:?}"))),
     }
 }
 
@@ -143,77 +139,48 @@ pub fn cmyk_to_rgb(cmyk: &[u8], inverted: bool) -> Vec<u8> {
 }
 
 /// Encodes 8-bit gray (channels 1) or RGB (channels 3) pixels as a JPEG.
-pub fn encode_jpeg(
-    pixels: &[u8],
-    width: u32,
-    height: u32,
-    channels: u8,
-    quality: u8,
-) -> Result<Vec<u8>, String> {
-    let color = if channels == 1 {
-        jpeg_encoder::ColorType::Luma
-    } else {
-        jpeg_encoder::ColorType::Rgb
-    };
+pub fn encode_jpeg(pixels: &[u8], width: u32, height: u32, channels: u8, quality: u8) -> Result<Vec<u8>> {
+    let color = if channels == 1 { jpeg_encoder::ColorType::Luma } else { jpeg_encoder::ColorType::Rgb };
     let (w, h) = (u16::try_from(width), u16::try_from(height));
     let (Ok(w), Ok(h)) = (w, h) else {
-        return Err(format!("{width}x{height} is too large for JPEG"));
+        return Err(Error::image(format!("{width}x{height} is too large for JPEG")));
     };
     let mut out = Vec::with_capacity(pixels.len() / 8);
     jpeg_encoder::Encoder::new(&mut out, quality)
         .encode(pixels, w, h, color)
-        .map_err(|e| format!("JPEG encode failed: {e}"))?;
+        .map_err(|e| Error::image(format!("JPEG encode failed: {e}")))?;
     Ok(out)
 }
 
 /// Resizes so the long side is `max_side` (bicubic with antialiasing, as PIL's `resize` does).
-fn cap_side(
-    pixels: Vec<u8>,
-    w: u32,
-    h: u32,
-    channels: u8,
-    max_side: u32,
-) -> Result<(Vec<u8>, u32, u32), String> {
+fn cap_side(pixels: Vec<u8>, w: u32, h: u32, channels: u8, max_side: u32) -> Result<(Vec<u8>, u32, u32)> {
     use fast_image_resize as fr;
     let scale = max_side as f64 / w.max(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * scale).round() as u32).max(1),
-        ((h as f64 * scale).round() as u32).max(1),
-    );
-    let pt = if channels == 1 {
-        fr::PixelType::U8
-    } else {
-        fr::PixelType::U8x3
-    };
-    let src = fr::images::Image::from_vec_u8(w, h, pixels, pt).map_err(|e| e.to_string())?;
+    let (nw, nh) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
+    let pt = if channels == 1 { fr::PixelType::U8 } else { fr::PixelType::U8x3 };
+    let resize_failed = |e: &dyn std::fmt::Display| Error::image(format!("resize failed: {e}"));
+    let src = fr::images::Image::from_vec_u8(w, h, pixels, pt).map_err(|e| resize_failed(&e))?;
     let mut dst = fr::images::Image::new(nw, nh, pt);
-    let opts =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
-    fr::Resizer::new()
-        .resize(&src, &mut dst, &opts)
-        .map_err(|e| e.to_string())?;
+    let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
+    fr::Resizer::new().resize(&src, &mut dst, &opts).map_err(|e| resize_failed(&e))?;
     Ok((dst.into_vec(), nw, nh))
 }
 
 /// Cleans one input file's bytes. `Err` is the reason it is skipped.
-pub fn clean(bytes: &[u8], opts: &CleanOptions) -> Result<Cleaned, String> {
+pub fn clean(bytes: &[u8], opts: &CleanOptions) -> Result<Cleaned> {
     if bytes.is_empty() {
-        return Err("empty file".into());
+        return Err(Error::image("empty file"));
     }
     let mut cleaning = Vec::new();
     let (pixels, width, height, channels) = match image::guess_format(bytes) {
         Ok(ImageFormat::Jpeg) => {
             let hdr = parse_jpeg_header(bytes)?;
             if !hdr.complete {
-                return Err("truncated JPEG (no EOI marker after the scan)".into());
+                return Err(Error::image("truncated JPEG (no EOI marker after the scan)"));
             }
             match hdr.components {
                 1 | 3 => {
-                    let out = if hdr.components == 1 {
-                        ColorSpace::Luma
-                    } else {
-                        ColorSpace::RGB
-                    };
+                    let out = if hdr.components == 1 { ColorSpace::Luma } else { ColorSpace::RGB };
                     let pixels = zune_decode(bytes, out)?;
                     let fits = opts.max_side.is_none_or(|m| hdr.width.max(hdr.height) <= m);
                     if fits {
@@ -229,36 +196,23 @@ pub fn clean(bytes: &[u8], opts: &CleanOptions) -> Result<Cleaned, String> {
                 }
                 4 if hdr.adobe_transform == Some(2) => {
                     cleaning.push("ycck_to_rgb".to_string());
-                    (
-                        zune_decode(bytes, ColorSpace::RGB)?,
-                        hdr.width,
-                        hdr.height,
-                        3,
-                    )
+                    (zune_decode(bytes, ColorSpace::RGB)?, hdr.width, hdr.height, 3)
                 }
                 4 => {
                     let inverted = hdr.adobe_transform.is_some();
                     cleaning.push(
-                        if inverted {
-                            "adobe_inverted_cmyk_to_rgb"
-                        } else {
-                            "cmyk_to_rgb"
-                        }
-                        .to_string(),
+                        if inverted { "adobe_inverted_cmyk_to_rgb" } else { "cmyk_to_rgb" }.to_string(),
                     );
                     let cmyk = zune_decode(bytes, ColorSpace::CMYK)?;
                     (cmyk_to_rgb(&cmyk, inverted), hdr.width, hdr.height, 3)
                 }
-                n => return Err(format!("JPEG with {n} components")),
+                n => return Err(Error::image(format!("JPEG with {n} components"))),
             }
         }
         Ok(format) => {
             let img = image::load_from_memory_with_format(bytes, format)
-                .map_err(|e| format!("unreadable {format:?}: {e}"))?;
-            cleaning.push(format!(
-                "reencoded_from_{}",
-                format!("{format:?}").to_lowercase()
-            ));
+                .map_err(|e| Error::image(format!("unreadable {format:?}: {e}")))?;
+            cleaning.push(format!("reencoded_from_{}", format!("{format:?}").to_lowercase()));
             let (w, h) = (img.width(), img.height());
             match img {
                 DynamicImage::ImageLuma8(_) | DynamicImage::ImageLuma16(_) => {
@@ -268,7 +222,7 @@ pub fn clean(bytes: &[u8], opts: &CleanOptions) -> Result<Cleaned, String> {
                 img => (img.into_rgb8().into_raw(), w, h, 3),
             }
         }
-        Err(_) => return Err("not an image (unknown format)".into()),
+        Err(_) => return Err(Error::image("not an image (unknown format)")),
     };
     let (pixels, width, height) = match opts.max_side {
         Some(m) if width.max(height) > m => {
@@ -279,13 +233,7 @@ pub fn clean(bytes: &[u8], opts: &CleanOptions) -> Result<Cleaned, String> {
         _ => (pixels, width, height),
     };
     let jpeg = encode_jpeg(&pixels, width, height, channels, opts.quality)?;
-    Ok(Cleaned {
-        jpeg,
-        width,
-        height,
-        channels,
-        cleaning,
-    })
+    Ok(Cleaned { jpeg, width, height, channels, cleaning })
 }
 
 #[cfg(test)]
@@ -309,10 +257,7 @@ mod tests {
         let rgb: Vec<u8> = (0..16 * 8 * 3).map(|i| (i % 251) as u8).collect();
         let jpeg = encode_jpeg(&rgb, 16, 8, 3, 90).unwrap();
         let hdr = parse_jpeg_header(&jpeg).unwrap();
-        assert_eq!(
-            (hdr.width, hdr.height, hdr.components, hdr.complete),
-            (16, 8, 3, true)
-        );
+        assert_eq!((hdr.width, hdr.height, hdr.components, hdr.complete), (16, 8, 3, true));
         assert!(!parse_jpeg_header(&jpeg[..jpeg.len() - 2]).unwrap().complete);
         assert!(parse_jpeg_header(b"GIF89a....").is_err());
         assert!(parse_jpeg_header(&jpeg[..20]).is_err());

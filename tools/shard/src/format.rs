@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::error::{Error, Result};
+
 /// Suffix of a shard (or index) while it is being written; renamed away only when complete.
 pub const PARTIAL_SUFFIX: &str = ".partial";
 
@@ -88,27 +90,20 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
-    pub fn create(dir: &Path, name: &str, zstd_level: Option<i32>) -> io::Result<Self> {
-        let file = File::create(dir.join(format!("{name}{PARTIAL_SUFFIX}")))?;
-        let hw = HashWriter {
-            inner: BufWriter::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
-            bytes: 0,
-        };
+    pub fn create(dir: &Path, name: &str, zstd_level: Option<i32>) -> Result<Self> {
+        let partial = dir.join(format!("{name}{PARTIAL_SUFFIX}"));
+        let cannot_create = |e| Error::io(&partial, "cannot create", e);
+        let file = File::create(&partial).map_err(cannot_create)?;
+        let hw =
+            HashWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), bytes: 0 };
         let sink = match zstd_level {
             // Single-threaded zstd: its output is a pure function of input and level.
-            Some(level) => Sink::Zstd(zstd::Encoder::new(hw, level)?),
+            Some(level) => Sink::Zstd(zstd::Encoder::new(hw, level).map_err(cannot_create)?),
             None => Sink::Plain(hw),
         };
         let mut builder = tar::Builder::new(sink);
         builder.mode(tar::HeaderMode::Deterministic);
-        Ok(ShardWriter {
-            builder,
-            dir: dir.to_path_buf(),
-            name: name.to_string(),
-            samples: 0,
-            tar_bytes: 0,
-        })
+        Ok(ShardWriter { builder, dir: dir.to_path_buf(), name: name.to_string(), samples: 0, tar_bytes: 0 })
     }
 
     /// The tar size a sample with these member sizes adds (512-byte header per member, data padded to 512;
@@ -118,17 +113,18 @@ impl ShardWriter {
             .iter()
             .map(|(ext, data)| {
                 let name_len = key.len() + 1 + ext.len();
-                let long = if name_len > 100 {
-                    512 + (name_len as u64 + 1).div_ceil(512) * 512
-                } else {
-                    0
-                };
+                let long = if name_len > 100 { 512 + (name_len as u64 + 1).div_ceil(512) * 512 } else { 0 };
                 512 + long + (data.len() as u64).div_ceil(512) * 512
             })
             .sum()
     }
 
-    pub fn append(&mut self, key: &str, members: &[(&str, &[u8])]) -> io::Result<()> {
+    /// The file being written.
+    fn partial(&self) -> PathBuf {
+        self.dir.join(format!("{}{PARTIAL_SUFFIX}", self.name))
+    }
+
+    pub fn append(&mut self, key: &str, members: &[(&str, &[u8])]) -> Result<()> {
         for (ext, data) in members {
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);
@@ -138,7 +134,8 @@ impl ShardWriter {
             header.set_gid(0);
             header.set_entry_type(tar::EntryType::Regular);
             self.builder
-                .append_data(&mut header, format!("{key}.{ext}"), *data)?;
+                .append_data(&mut header, format!("{key}.{ext}"), *data)
+                .map_err(|e| Error::io(self.partial(), "cannot write", e))?;
         }
         self.tar_bytes += Self::sample_tar_bytes(key, members);
         self.samples += 1;
@@ -149,22 +146,29 @@ impl ShardWriter {
         self.samples
     }
 
+    /// The shard's final name (it is written as `{name}.partial` until [`ShardWriter::finish`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn tar_bytes(&self) -> u64 {
         self.tar_bytes
     }
 
     /// Ends the archive, syncs it to disk, and renames it to its final name.
-    pub fn finish(self) -> io::Result<ShardInfo> {
-        let sink = self.builder.into_inner()?;
+    pub fn finish(self) -> Result<ShardInfo> {
+        let partial = self.partial();
+        let cannot_write = |e| Error::io(&partial, "cannot write", e);
+        let sink = self.builder.into_inner().map_err(cannot_write)?;
         let mut hw = match sink {
             Sink::Plain(hw) => hw,
-            Sink::Zstd(enc) => enc.finish()?,
+            Sink::Zstd(enc) => enc.finish().map_err(cannot_write)?,
         };
-        hw.flush()?;
-        let file = hw.inner.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        let partial = self.dir.join(format!("{}{PARTIAL_SUFFIX}", self.name));
-        std::fs::rename(&partial, self.dir.join(&self.name))?;
+        hw.flush().map_err(cannot_write)?;
+        let file = hw.inner.into_inner().map_err(|e| cannot_write(e.into_error()))?;
+        file.sync_all().map_err(cannot_write)?;
+        std::fs::rename(&partial, self.dir.join(&self.name))
+            .map_err(|e| Error::io(&partial, "cannot rename to its final name", e))?;
         Ok(ShardInfo {
             name: self.name,
             samples: self.samples,
@@ -176,14 +180,15 @@ impl ShardWriter {
 
 /// Writes `bytes` to `path` through a temporary name and a rename, so `path` is either absent, the old
 /// file, or the whole new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(PARTIAL_SUFFIX);
     let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let cannot_write = |e| Error::io(&tmp, "cannot write", e);
+    let mut f = File::create(&tmp).map_err(cannot_write)?;
+    f.write_all(bytes).map_err(cannot_write)?;
+    f.sync_all().map_err(cannot_write)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(&tmp, "cannot rename to its final name", e))
 }
 
 /// One sample of a shard: its key and its members (extension, bytes) in archive order.
@@ -195,52 +200,43 @@ pub struct Sample {
 
 impl Sample {
     pub fn get(&self, ext: &str) -> Option<&[u8]> {
-        self.members
-            .iter()
-            .find(|(e, _)| e == ext)
-            .map(|(_, d)| d.as_slice())
+        self.members.iter().find(|(e, _)| e == ext).map(|(_, d)| d.as_slice())
     }
 }
 
 /// Opens a shard for reading, decompressing `.zst` by name.
-pub fn open_shard(path: &Path) -> io::Result<Box<dyn Read + Send>> {
-    let file = io::BufReader::with_capacity(1 << 20, File::open(path)?);
-    tar_stream(path, file)
+pub fn open_shard(path: &Path) -> Result<Box<dyn Read + Send>> {
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+    tar_stream(path, io::BufReader::with_capacity(1 << 20, file))
 }
 
 /// The tar stream of a shard's raw bytes: `raw` itself, or `raw` decompressed for a `.zst` name. The
 /// one place that decides compression (the reader and `verify`, which hashes the raw bytes, share it).
-pub fn tar_stream<'a, R: io::BufRead + Send + 'a>(
-    path: &Path,
-    raw: R,
-) -> io::Result<Box<dyn Read + Send + 'a>> {
+pub fn tar_stream<'a, R: io::BufRead + Send + 'a>(path: &Path, raw: R) -> Result<Box<dyn Read + Send + 'a>> {
     if path.extension().is_some_and(|e| e == "zst") {
-        Ok(Box::new(zstd::Decoder::with_buffer(raw)?))
+        let decoder = zstd::Decoder::with_buffer(raw).map_err(|e| Error::io(path, "cannot open", e))?;
+        Ok(Box::new(decoder))
     } else {
         Ok(Box::new(raw))
     }
 }
 
 /// Streams the samples of a shard to `f` in archive order. Members sharing a key are consecutive
-/// (WebDataset's rule). Returns the number of samples delivered; an `Err` means the shard is damaged
-/// after that many complete samples (a truncated last sample is never delivered). `f` returning `false`
-/// stops early.
-pub fn read_samples(
-    reader: impl Read,
-    mut f: impl FnMut(Sample) -> bool,
-) -> Result<u64, (u64, String)> {
+/// (WebDataset's rule). Returns the number of samples delivered; an [`Error::Shard`] says the shard is
+/// damaged after its `samples` complete samples (a truncated last sample is never delivered); it names
+/// no file, the caller adds it with [`Error::in_file`]. `f` returning `false` stops early.
+pub fn read_samples(reader: impl Read, mut f: impl FnMut(Sample) -> bool) -> Result<u64> {
     let mut archive = tar::Archive::new(reader);
     let mut delivered = 0u64;
     let mut pending: Option<Sample> = None;
-    let entries = archive.entries().map_err(|e| (0, e.to_string()))?;
+    let damaged = |samples: u64, problem: String| Error::Shard { path: None, samples, problem };
+    let entries = archive.entries().map_err(|e| damaged(0, e.to_string()))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| (delivered, format!("damaged tar: {e}")))?;
+        let mut entry = entry.map_err(|e| damaged(delivered, format!("damaged tar: {e}")))?;
         if entry.header().entry_type() != tar::EntryType::Regular {
             continue;
         }
-        let path = entry
-            .path()
-            .map_err(|e| (delivered, format!("bad member name: {e}")))?;
+        let path = entry.path().map_err(|e| damaged(delivered, format!("bad member name: {e}")))?;
         let name = path.to_string_lossy().into_owned();
         let Some((key, ext)) = split_member(&name) else {
             continue;
@@ -249,14 +245,11 @@ pub fn read_samples(
         let mut data = Vec::with_capacity(entry.size() as usize);
         entry
             .read_to_end(&mut data)
-            .map_err(|e| (delivered, format!("truncated member {name}: {e}")))?;
+            .map_err(|e| damaged(delivered, format!("truncated member {name}: {e}")))?;
         match &mut pending {
             Some(s) if s.key == key => s.members.push((ext, data)),
             _ => {
-                if let Some(done) = pending.replace(Sample {
-                    key,
-                    members: vec![(ext, data)],
-                }) {
+                if let Some(done) = pending.replace(Sample { key, members: vec![(ext, data)] }) {
                     delivered += 1;
                     if !f(done) {
                         return Ok(delivered);
@@ -278,10 +271,7 @@ mod tests {
 
     #[test]
     fn member_names_split_at_the_first_dot_of_the_basename() {
-        assert_eq!(
-            split_member("a/b.c/key.seg.png"),
-            Some(("a/b.c/key", "seg.png"))
-        );
+        assert_eq!(split_member("a/b.c/key.seg.png"), Some(("a/b.c/key", "seg.png")));
         assert_eq!(split_member("key.jpg"), Some(("key", "jpg")));
         assert_eq!(split_member("nodot"), None);
     }
@@ -291,8 +281,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = ShardWriter::create(dir.path(), "s.tar", None).unwrap();
         let long_key = "k".repeat(120);
-        w.append("a", &[("jpg", &[1u8; 1000][..]), ("cls", b"7")])
-            .unwrap();
+        w.append("a", &[("jpg", &[1u8; 1000][..]), ("cls", b"7")]).unwrap();
         w.append(&long_key, &[("json", &[2u8; 512][..])]).unwrap();
         let predicted = w.tar_bytes();
         let info = w.finish().unwrap();

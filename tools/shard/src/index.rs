@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::format::ShardInfo;
 use crate::input::ClassInfo;
 
@@ -81,21 +81,18 @@ impl Index {
 
     /// Loads an index from its path, or from the directory that holds it.
     pub fn load(path: &Path) -> Result<Index> {
-        let file = if path.is_dir() {
-            path.join(INDEX_FILE)
-        } else {
-            path.to_path_buf()
-        };
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("{}: cannot read the shard index", file.display()))?;
-        let index: Index = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a valid shard index", file.display()))?;
+        let file = if path.is_dir() { path.join(INDEX_FILE) } else { path.to_path_buf() };
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| Error::io(&file, "cannot read the shard index", e))?;
+        let index: Index = serde_json::from_str(&text).map_err(|e| Error::Index {
+            path: file.clone(),
+            problem: format!("not a valid shard index: {e}"),
+        })?;
         if index.format != FORMAT {
-            bail!(
-                "{}: format {:?}, expected {FORMAT:?}",
-                file.display(),
-                index.format
-            );
+            return Err(Error::Index {
+                path: file,
+                problem: format!("format {:?}, expected {FORMAT:?}", index.format),
+            });
         }
         Ok(index)
     }

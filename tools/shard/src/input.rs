@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use crate::error::{Error, Result};
 
 /// One class: its index, its folder name or WordNet id, and a human name when one is known.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -61,10 +61,9 @@ fn is_hidden(name: &str) -> bool {
 /// Sorted names of the regular files (or directories) directly in `dir`, hidden ones left out.
 fn list_dir(dir: &Path, want_dirs: bool) -> Result<Vec<String>> {
     let mut out = vec![];
-    for entry in
-        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
-    {
-        let entry = entry.with_context(|| format!("{}: cannot list", dir.display()))?;
+    let cannot_list = |e| Error::io(dir, "cannot list", e);
+    for entry in std::fs::read_dir(dir).map_err(cannot_list)? {
+        let entry = entry.map_err(cannot_list)?;
         let name = entry.file_name().to_string_lossy().into_owned();
         // Follow symlinks, as ImageFolder does.
         let meta = std::fs::metadata(entry.path());
@@ -118,8 +117,7 @@ fn dedupe_keys(items: &mut [Item]) {
 
 /// Reads `id name…` lines (e.g. `n01440764 tench, Tinca tinca`); the name is optional.
 fn read_names_file(path: &Path) -> Result<Vec<(String, Option<String>)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read", e))?;
     Ok(text
         .lines()
         .map(str::trim)
@@ -139,9 +137,7 @@ fn find_names_file(input: &Path, given: Option<&Path>) -> Option<PathBuf> {
     [Some(input.to_path_buf()), parent]
         .into_iter()
         .flatten()
-        .flat_map(|d| {
-            ["classes.txt", "LOC_synset_mapping.txt", "synset_words.txt"].map(|f| d.join(f))
-        })
+        .flat_map(|d| ["classes.txt", "LOC_synset_mapping.txt", "synset_words.txt"].map(|f| d.join(f)))
         .find(|p| p.is_file())
 }
 
@@ -161,24 +157,17 @@ fn read_class_list(path: &Path) -> Result<Vec<ClassInfo>> {
 fn classes_from_ids(ids: Vec<String>, names: &HashMap<String, String>) -> Vec<ClassInfo> {
     ids.into_iter()
         .enumerate()
-        .map(|(index, id)| ClassInfo {
-            index,
-            name: names.get(&id).cloned(),
-            id,
-        })
+        .map(|(index, id)| ClassInfo { index, name: names.get(&id).cloned(), id })
         .collect()
 }
 
 pub fn plan(input: &Path, args: &LayoutArgs) -> Result<Plan> {
     if !input.is_dir() {
-        bail!("{}: input is not a directory", input.display());
+        return Err(Error::layout(input, "input is not a directory"));
     }
     let names_file = find_names_file(input, args.class_names.as_deref());
     let names: HashMap<String, String> = match &names_file {
-        Some(p) => read_names_file(p)?
-            .into_iter()
-            .filter_map(|(id, n)| n.map(|n| (id, n)))
-            .collect(),
+        Some(p) => read_names_file(p)?.into_iter().filter_map(|(id, n)| n.map(|n| (id, n))).collect(),
         None => HashMap::new(),
     };
     let mut plan = if let Some(masks) = &args.masks {
@@ -186,19 +175,10 @@ pub fn plan(input: &Path, args: &LayoutArgs) -> Result<Plan> {
     } else if let Some(labels) = &args.val_labels {
         plan_val(input, labels, args.classes_from.as_deref(), &names)?
     } else {
-        plan_folders(
-            input,
-            args.list.as_deref(),
-            args.classes_from.as_deref(),
-            &names,
-        )?
+        plan_folders(input, args.list.as_deref(), args.classes_from.as_deref(), &names)?
     };
     if plan.items.is_empty() {
-        bail!(
-            "{}: no input files found ({} layout)",
-            input.display(),
-            plan.layout
-        );
+        return Err(Error::layout(input, format!("no input files found ({} layout)", plan.layout)));
     }
     dedupe_keys(&mut plan.items);
     plan.names_file = names_file;
@@ -213,10 +193,10 @@ fn plan_folders(
 ) -> Result<Plan> {
     let folders = list_dir(input, true)?;
     if folders.is_empty() {
-        bail!(
-            "{}: no class folders; for a flat folder give --val-labels (ImageNet val) or --masks (segmentation)",
-            input.display()
-        );
+        return Err(Error::layout(
+            input,
+            "no class folders; for a flat folder give --val-labels (ImageNet val) or --masks (segmentation)",
+        ));
     }
     let classes = match classes_from {
         Some(p) => read_class_list(p)?,
@@ -225,8 +205,7 @@ fn plan_folders(
     let index_of: HashMap<&str, usize> = classes.iter().map(|c| (c.id.as_str(), c.index)).collect();
     let rels: Vec<String> = match list {
         Some(list) => {
-            let text = std::fs::read_to_string(list)
-                .with_context(|| format!("{}: cannot read", list.display()))?;
+            let text = std::fs::read_to_string(list).map_err(|e| Error::io(list, "cannot read", e))?;
             let mut rels = vec![];
             for (n, line) in text.lines().enumerate() {
                 let rel = line.trim();
@@ -234,11 +213,10 @@ fn plan_folders(
                     continue;
                 }
                 if !rel.contains('/') {
-                    bail!(
-                        "{}:{}: expected `class/file`, got {rel:?}",
-                        list.display(),
-                        n + 1
-                    );
+                    return Err(Error::layout(
+                        list,
+                        format!("line {}: expected `class/file`, got {rel:?}", n + 1),
+                    ));
                 }
                 rels.push(rel.to_string());
             }
@@ -256,33 +234,21 @@ fn plan_folders(
     for rel in rels {
         let class_id = rel.split('/').next().unwrap_or_default();
         let Some(&class) = index_of.get(class_id) else {
-            bail!("{rel}: class folder {class_id:?} is not in the class list");
+            return Err(Error::layout(
+                input.join(&rel),
+                format!("class folder {class_id:?} is not in the class list"),
+            ));
         };
-        items.push(Item {
-            key: key_of(&rel),
-            rel,
-            class: Some(class),
-            mask: None,
-        });
+        items.push(Item { key: key_of(&rel), rel, class: Some(class), mask: None });
     }
-    let layout = if list.is_some() {
-        "split-list"
-    } else {
-        "class-folders"
-    };
-    Ok(Plan {
-        layout,
-        items,
-        classes,
-        names_file: None,
-    })
+    let layout = if list.is_some() { "split-list" } else { "class-folders" };
+    Ok(Plan { layout, items, classes, names_file: None })
 }
 
 /// Parses an ImageNet val labels file: Kaggle's `ImageId,PredictionString` CSV (the first word of the
 /// prediction is the WordNet id) or `file class` lines.
 fn read_val_labels(path: &Path) -> Result<BTreeMap<String, String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read", e))?;
     let mut out = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -290,21 +256,17 @@ fn read_val_labels(path: &Path) -> Result<BTreeMap<String, String>> {
             continue;
         }
         let (file, class) = match line.split_once(',') {
-            Some((id, pred)) => (
-                id.trim(),
-                pred.split_whitespace().next().unwrap_or_default(),
-            ),
+            Some((id, pred)) => (id.trim(), pred.split_whitespace().next().unwrap_or_default()),
             None => {
                 let mut it = line.split_whitespace();
                 (it.next().unwrap_or_default(), it.next().unwrap_or_default())
             }
         };
         if file.is_empty() || class.is_empty() {
-            bail!(
-                "{}:{}: expected `file class` or `ImageId,PredictionString`, got {line:?}",
-                path.display(),
-                n + 1
-            );
+            return Err(Error::layout(
+                path,
+                format!("line {}: expected `file class` or `ImageId,PredictionString`, got {line:?}", n + 1),
+            ));
         }
         // Kaggle ids have no extension; plain lists usually do. Match on the stem.
         out.insert(key_of(file), class.to_string());
@@ -325,18 +287,8 @@ fn plan_val(
             let ids: BTreeSet<&String> = labels_by_stem.values().collect();
             if ids.iter().all(|id| id.parse::<usize>().is_ok()) {
                 // Integer labels with no class list: the integers are the indices.
-                let max = ids
-                    .iter()
-                    .filter_map(|i| i.parse::<usize>().ok())
-                    .max()
-                    .unwrap_or(0);
-                (0..=max)
-                    .map(|i| ClassInfo {
-                        index: i,
-                        id: i.to_string(),
-                        name: None,
-                    })
-                    .collect()
+                let max = ids.iter().filter_map(|i| i.parse::<usize>().ok()).max().unwrap_or(0);
+                (0..=max).map(|i| ClassInfo { index: i, id: i.to_string(), name: None }).collect()
             } else {
                 classes_from_ids(ids.into_iter().cloned().collect(), names)
             }
@@ -350,47 +302,32 @@ fn plan_val(
             if rel.ends_with(".txt") || rel.ends_with(".csv") {
                 continue;
             }
-            bail!(
-                "{}: {rel} has no label in {}",
-                input.display(),
-                labels.display()
-            );
+            return Err(Error::layout(input.join(&rel), format!("no label in {}", labels.display())));
         };
-        let class = match index_of.get(class_id.as_str()) {
-            Some(&c) => c,
-            None => bail!("{rel}: label {class_id:?} is not in the class list"),
+        let Some(&class) = index_of.get(class_id.as_str()) else {
+            return Err(Error::layout(
+                input.join(&rel),
+                format!("label {class_id:?} is not in the class list"),
+            ));
         };
-        items.push(Item {
-            rel,
-            key,
-            class: Some(class),
-            mask: None,
-        });
+        items.push(Item { rel, key, class: Some(class), mask: None });
     }
-    Ok(Plan {
-        layout: "imagenet-val",
-        items,
-        classes,
-        names_file: None,
-    })
+    Ok(Plan { layout: "imagenet-val", items, classes, names_file: None })
 }
 
 /// Image/mask pairs by stem. With a `list` (Pascal VOC's `ImageSets/Segmentation/train.txt`: one stem
 /// per line), only the listed images, which must each have an image and a mask; without one, every image
 /// in `input`, which must each have a mask.
 fn plan_segmentation(input: &Path, masks: &Path, list: Option<&Path>) -> Result<Plan> {
-    let mask_by_stem: HashMap<String, String> = list_dir(masks, false)?
-        .into_iter()
-        .map(|m| (key_of(&m), m))
-        .collect();
+    let mask_by_stem: HashMap<String, String> =
+        list_dir(masks, false)?.into_iter().map(|m| (key_of(&m), m)).collect();
     let images = list_dir(input, false)?;
     let rels: Vec<String> = match list {
         None => images,
         Some(list_path) => {
-            let image_by_stem: HashMap<String, &String> =
-                images.iter().map(|r| (key_of(r), r)).collect();
-            let text = std::fs::read_to_string(list_path)
-                .with_context(|| format!("{}: cannot read", list_path.display()))?;
+            let image_by_stem: HashMap<String, &String> = images.iter().map(|r| (key_of(r), r)).collect();
+            let text =
+                std::fs::read_to_string(list_path).map_err(|e| Error::io(list_path, "cannot read", e))?;
             let mut rels = vec![];
             for (n, line) in text.lines().enumerate() {
                 // VOC lists hold bare stems; a `stem.jpg` or a trailing column is accepted too.
@@ -398,12 +335,10 @@ fn plan_segmentation(input: &Path, masks: &Path, list: Option<&Path>) -> Result<
                     continue;
                 };
                 let Some(rel) = image_by_stem.get(&key_of(first)) else {
-                    bail!(
-                        "{}:{}: no image with the stem {first:?} in {}",
-                        list_path.display(),
-                        n + 1,
-                        input.display()
-                    );
+                    return Err(Error::layout(
+                        list_path,
+                        format!("line {}: no image with the stem {first:?} in {}", n + 1, input.display()),
+                    ));
                 };
                 rels.push((*rel).clone());
             }
@@ -414,25 +349,14 @@ fn plan_segmentation(input: &Path, masks: &Path, list: Option<&Path>) -> Result<
     for rel in rels {
         let key = key_of(&rel);
         let Some(mask) = mask_by_stem.get(&key) else {
-            bail!(
-                "{}: no mask with the stem of {rel} in {}",
-                input.display(),
-                masks.display()
-            );
+            return Err(Error::layout(
+                input.join(&rel),
+                format!("no mask with its stem in {}", masks.display()),
+            ));
         };
-        items.push(Item {
-            rel,
-            key,
-            class: None,
-            mask: Some(mask.clone()),
-        });
+        items.push(Item { rel, key, class: None, mask: Some(mask.clone()) });
     }
-    Ok(Plan {
-        layout: "segmentation",
-        items,
-        classes: vec![],
-        names_file: None,
-    })
+    Ok(Plan { layout: "segmentation", items, classes: vec![], names_file: None })
 }
 
 #[cfg(test)]
@@ -441,20 +365,12 @@ mod tests {
 
     #[test]
     fn keys_drop_the_extension_and_dots() {
-        assert_eq!(
-            key_of("n01440764/n01440764_10026.JPEG"),
-            "n01440764/n01440764_10026"
-        );
+        assert_eq!(key_of("n01440764/n01440764_10026.JPEG"), "n01440764/n01440764_10026");
         assert_eq!(key_of("Faces.easy/a.b.jpg"), "Faces_easy/a_b");
         assert_eq!(key_of("noext"), "noext");
         let mut items: Vec<Item> = ["c/a.jpg", "c/a.png", "c/a_1.jpg"]
             .iter()
-            .map(|r| Item {
-                rel: r.to_string(),
-                key: key_of(r),
-                class: None,
-                mask: None,
-            })
+            .map(|r| Item { rel: r.to_string(), key: key_of(r), class: None, mask: None })
             .collect();
         dedupe_keys(&mut items);
         let keys: Vec<_> = items.iter().map(|i| i.key.as_str()).collect();

@@ -12,11 +12,7 @@ use shard::pack::{PackOptions, pack};
 use shard::synth::{SynthKind, SynthOptions, synth};
 
 #[derive(Parser)]
-#[command(
-    name = "shard",
-    version,
-    about = "Pack image sets into WebDataset tar shards for densedino"
-)]
+#[command(name = "shard", version, about = "Pack image sets into WebDataset tar shards for densedino")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -130,7 +126,8 @@ enum Command {
     },
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
+/// A size such as `512M` (`--shard-bytes`); clap names the option when this refuses a value.
+fn parse_bytes(s: &str) -> Result<u64> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -139,18 +136,17 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+                _ => bail!("unknown size suffix in {s:?} (use K, M, G or T)"),
             };
             (&s[..i], mult)
         }
         _ => (s, 1),
     };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a size: {s:?}"))?;
+    let Ok(n) = num.trim().parse::<f64>() else {
+        bail!("not a size: {s:?}");
+    };
     if n <= 0.0 {
-        return Err(format!("size must be positive: {s:?}"));
+        bail!("size must be positive: {s:?}");
     }
     Ok((n * mult as f64) as u64)
 }
@@ -185,13 +181,7 @@ fn run() -> Result<ExitCode> {
             let opts = PackOptions {
                 input,
                 out,
-                layout: LayoutArgs {
-                    list,
-                    val_labels,
-                    masks,
-                    classes_from,
-                    class_names,
-                },
+                layout: LayoutArgs { list, val_labels, masks, classes_from, class_names },
                 seed,
                 prefix,
                 shard_bytes,
@@ -220,16 +210,9 @@ fn run() -> Result<ExitCode> {
             for p in &report.problems {
                 eprintln!("error: {p}");
             }
-            let decoded = if decode {
-                format!(", {} images decoded", report.decoded)
-            } else {
-                String::new()
-            };
+            let decoded = if decode { format!(", {} images decoded", report.decoded) } else { String::new() };
             if report.problems.is_empty() {
-                println!(
-                    "ok: {} shards, {} samples{decoded}",
-                    report.shards, report.samples
-                );
+                println!("ok: {} shards, {} samples{decoded}", report.shards, report.samples);
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!(

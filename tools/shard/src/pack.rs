@@ -12,12 +12,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::clean::{CleanOptions, clean};
+use crate::error::{Error, Result};
 use crate::format::{PARTIAL_SUFFIX, ShardInfo, ShardWriter, shard_name, write_atomic};
 use crate::index::{INDEX_FILE, Index, PackRecord, Skipped};
 use crate::input::{ClassInfo, Item, LayoutArgs, plan};
@@ -128,8 +128,7 @@ impl ShardSet {
         resume: bool,
         force: bool,
     ) -> Result<(Self, usize)> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create", e))?;
         let journal_path = dir.join(JOURNAL_FILE);
         let existing = existing_files(dir, &record.prefix)?;
         let mut set = ShardSet {
@@ -145,51 +144,47 @@ impl ShardSet {
         let mut start = 0;
         if resume && journal_path.is_file() {
             let text = std::fs::read_to_string(&journal_path)
-                .with_context(|| format!("{}: cannot read", journal_path.display()))?;
-            let journal: Journal = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{}: damaged journal; pack again with --force",
-                    journal_path.display()
-                )
+                .map_err(|e| Error::io(&journal_path, "cannot read", e))?;
+            let journal: Journal = serde_json::from_str(&text).map_err(|e| {
+                Error::output(&journal_path, format!("damaged journal ({e}); pack again with --force"))
             })?;
             if journal.options != set.record || journal.plan_len != plan_len {
-                bail!(
-                    "{}: the interrupted run used other options or inputs; pack again with --force",
-                    journal_path.display()
-                );
+                return Err(Error::output(
+                    &journal_path,
+                    "the interrupted run used other options or inputs; pack again with --force",
+                ));
             }
             for s in &journal.shards {
-                let len = std::fs::metadata(dir.join(&s.name)).map(|m| m.len()).ok();
+                let path = dir.join(&s.name);
+                let len = std::fs::metadata(&path).map(|m| m.len()).ok();
                 if len != Some(s.bytes) {
-                    bail!(
-                        "{}: finished shard {} is missing or changed; pack again with --force",
-                        dir.display(),
-                        s.name
-                    );
+                    return Err(Error::output(
+                        path,
+                        "finished shard is missing or changed; pack again with --force",
+                    ));
                 }
             }
             let keep: Vec<&str> = journal.shards.iter().map(|s| s.name.as_str()).collect();
-            for f in existing
-                .iter()
-                .filter(|f| !keep.contains(&f.as_str()) && *f != JOURNAL_FILE)
-            {
+            for f in existing.iter().filter(|f| !keep.contains(&f.as_str()) && *f != JOURNAL_FILE) {
                 remove(&dir.join(f))?;
             }
             start = journal.next;
             set.shards = journal.shards;
             set.skipped = journal.skipped;
         } else if resume && dir.join(INDEX_FILE).is_file() {
-            bail!(
-                "{}: the set is already complete (index.json exists); nothing to resume",
-                dir.display()
-            );
+            return Err(Error::output(
+                dir,
+                "the set is already complete (index.json exists); nothing to resume",
+            ));
         } else if !existing.is_empty() {
             if !force {
-                bail!(
-                    "{}: already holds shards, an index or a journal ({}); use --resume to finish an interrupted run or --force to replace them",
-                    dir.display(),
-                    existing.join(", ")
-                );
+                return Err(Error::output(
+                    dir,
+                    format!(
+                        "already holds shards, an index or a journal ({}); use --resume to finish an interrupted run or --force to replace them",
+                        existing.join(", ")
+                    ),
+                ));
             }
             for f in &existing {
                 remove(&dir.join(f))?;
@@ -201,36 +196,24 @@ impl ShardSet {
     /// Appends a sample at plan position `pos`; starts a new shard first if this one is full.
     pub fn append(&mut self, pos: usize, key: &str, members: &[(&str, &[u8])]) -> Result<()> {
         let size = ShardWriter::sample_tar_bytes(key, members);
-        let full = self
-            .current
-            .as_ref()
-            .is_some_and(|w| match self.record.per_shard {
-                Some(n) => w.samples() >= n,
-                None => w.tar_bytes() + size > self.record.shard_bytes,
-            });
+        let full = self.current.as_ref().is_some_and(|w| match self.record.per_shard {
+            Some(n) => w.samples() >= n,
+            None => w.tar_bytes() + size > self.record.shard_bytes,
+        });
         if full {
             self.finish_shard(pos)?;
         }
         if self.current.is_none() {
-            let name = shard_name(
-                &self.record.prefix,
-                self.shards.len(),
-                self.record.zstd_level.is_some(),
-            );
-            let writer = ShardWriter::create(&self.dir, &name, self.record.zstd_level)
-                .with_context(|| format!("{}: cannot create shard {name}", self.dir.display()))?;
+            let name = shard_name(&self.record.prefix, self.shards.len(), self.record.zstd_level.is_some());
+            let writer = ShardWriter::create(&self.dir, &name, self.record.zstd_level)?;
             self.current = Some(writer);
         }
         if let Some(w) = self.current.as_mut() {
-            w.append(key, members)
-                .with_context(|| format!("{}: writing {key}", self.dir.display()))?;
+            w.append(key, members)?;
         }
         self.appended += 1;
         if self.crash_after == Some(self.appended) {
-            eprintln!(
-                "{CRASH_ENV}: aborting after {} samples, as asked",
-                self.appended
-            );
+            eprintln!("{CRASH_ENV}: aborting after {} samples, as asked", self.appended);
             std::process::abort();
         }
         Ok(())
@@ -238,9 +221,7 @@ impl ShardSet {
 
     fn finish_shard(&mut self, next: usize) -> Result<()> {
         if let Some(w) = self.current.take() {
-            let info = w
-                .finish()
-                .with_context(|| format!("{}: cannot finish a shard", self.dir.display()))?;
+            let info = w.finish()?;
             self.shards.push(info);
             let journal = Journal {
                 options: self.record.clone(),
@@ -249,9 +230,10 @@ impl ShardSet {
                 shards: self.shards.clone(),
                 skipped: self.skipped.clone(),
             };
-            let bytes = serde_json::to_vec_pretty(&journal)?;
-            write_atomic(&self.dir.join(JOURNAL_FILE), &bytes)
-                .with_context(|| format!("{}: cannot write the journal", self.dir.display()))?;
+            let path = self.dir.join(JOURNAL_FILE);
+            let bytes = serde_json::to_vec_pretty(&journal)
+                .map_err(|e| Error::io(&path, "cannot write", e.into()))?;
+            write_atomic(&path, &bytes)?;
         }
         Ok(())
     }
@@ -260,8 +242,7 @@ impl ShardSet {
     pub fn finish(mut self, classes: Vec<ClassInfo>, members: Vec<String>) -> Result<Index> {
         self.finish_shard(self.plan_len)?;
         let index = Index::new(self.shards, classes, members, self.record, self.skipped);
-        write_atomic(&self.dir.join(INDEX_FILE), &index.to_json())
-            .with_context(|| format!("{}: cannot write {INDEX_FILE}", self.dir.display()))?;
+        write_atomic(&self.dir.join(INDEX_FILE), &index.to_json())?;
         let journal = self.dir.join(JOURNAL_FILE);
         if journal.exists() {
             remove(&journal)?;
@@ -271,16 +252,15 @@ impl ShardSet {
 }
 
 fn remove(path: &Path) -> Result<()> {
-    std::fs::remove_file(path).with_context(|| format!("{}: cannot remove", path.display()))
+    std::fs::remove_file(path).map_err(|e| Error::io(path, "cannot remove", e))
 }
 
 /// Files of a set in `dir`: its shards (finished or partial), index and journal.
 fn existing_files(dir: &Path, prefix: &str) -> Result<Vec<String>> {
     let mut out = vec![];
-    for entry in
-        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
-    {
-        let name = entry?.file_name().to_string_lossy().into_owned();
+    let cannot_list = |e| Error::io(dir, "cannot list", e);
+    for entry in std::fs::read_dir(dir).map_err(cannot_list)? {
+        let name = entry.map_err(cannot_list)?.file_name().to_string_lossy().into_owned();
         let ours = (name.starts_with(&format!("{prefix}-")) && name.contains(".tar"))
             || name == JOURNAL_FILE
             || name == INDEX_FILE
@@ -311,8 +291,8 @@ struct SampleMeta<'a> {
     cleaning: &'a [String],
 }
 
-/// A cleaned sample's members, or the reason it is skipped.
-type Processed = Result<Vec<(&'static str, Vec<u8>)>, String>;
+/// A cleaned sample's members, or why it is skipped: an [`Error::Image`] that names the input.
+type Processed = Result<Vec<(&'static str, Vec<u8>)>>;
 
 fn process(
     item: &Item,
@@ -322,8 +302,10 @@ fn process(
     opts: &CleanOptions,
 ) -> Processed {
     let path = input.join(&item.rel);
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read: {e}"))?;
-    let cleaned = clean(&bytes, opts)?;
+    // Every problem here is this input's: unreadable, unusable, or its mask is.
+    let unusable = |e: Error| e.in_file(&path);
+    let bytes = std::fs::read(&path).map_err(|e| unusable(Error::image(format!("cannot read: {e}"))))?;
+    let cleaned = clean(&bytes, opts).map_err(unusable)?;
     let mut members: Vec<(&'static str, Vec<u8>)> = vec![];
     let class = item.class.and_then(|c| classes.get(c));
     let meta = SampleMeta {
@@ -337,9 +319,12 @@ fn process(
         channels: cleaned.channels,
         cleaning: &cleaned.cleaning,
     };
-    let json = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
+    let json =
+        serde_json::to_vec(&meta).map_err(|e| unusable(Error::image(format!("cannot describe: {e}"))))?;
     let mask = match (&item.mask, masks) {
-        (Some(m), Some(dir)) => Some(clean_mask(&dir.join(m), cleaned.width, cleaned.height)?),
+        (Some(m), Some(dir)) => {
+            Some(clean_mask(&dir.join(m), cleaned.width, cleaned.height).map_err(unusable)?)
+        }
         _ => None,
     };
     members.push(("jpg", cleaned.jpeg));
@@ -355,72 +340,62 @@ fn process(
 
 /// A label mask's values: 8-bit grayscale, or for palette PNGs (Pascal VOC) the palette indices
 /// themselves, which a generic decoder would expand to colours. Other formats must be single-channel.
-pub fn decode_mask(bytes: &[u8]) -> Result<image::GrayImage, String> {
+/// An error is an [`Error::Image`] without a path (the bytes may come from a file or a shard).
+pub fn decode_mask(bytes: &[u8]) -> Result<image::GrayImage> {
+    let unreadable = |e: &dyn std::fmt::Display| Error::image(format!("unreadable: {e}"));
     if image::guess_format(bytes).ok() != Some(image::ImageFormat::Png) {
-        let img = image::load_from_memory(bytes).map_err(|e| format!("unreadable: {e}"))?;
+        let img = image::load_from_memory(bytes).map_err(|e| unreadable(&e))?;
         if img.color().channel_count() != 1 {
-            return Err(format!(
-                "has {} channels, expected 1",
-                img.color().channel_count()
-            ));
+            return Err(Error::image(format!("has {} channels, expected 1", img.color().channel_count())));
         }
         return Ok(img.into_luma8());
     }
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(png::Transformations::IDENTITY);
-    let mut reader = dec.read_info().map_err(|e| format!("unreadable: {e}"))?;
-    let size = reader.output_buffer_size().ok_or("too large")?;
+    let mut reader = dec.read_info().map_err(|e| unreadable(&e))?;
+    let size = reader.output_buffer_size().ok_or_else(|| Error::image("too large"))?;
     let mut buf = vec![0; size];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| format!("unreadable: {e}"))?;
+    let info = reader.next_frame(&mut buf).map_err(|e| unreadable(&e))?;
     if info.bit_depth != png::BitDepth::Eight
-        || !matches!(
-            info.color_type,
-            png::ColorType::Grayscale | png::ColorType::Indexed
-        )
+        || !matches!(info.color_type, png::ColorType::Grayscale | png::ColorType::Indexed)
     {
-        return Err(format!(
+        return Err(Error::image(format!(
             "is a {:?} {:?} PNG, expected 8-bit grayscale or palette indices",
             info.color_type, info.bit_depth
-        ));
+        )));
     }
     buf.truncate(info.buffer_size());
-    image::GrayImage::from_raw(info.width, info.height, buf).ok_or_else(|| "bad size".to_string())
+    image::GrayImage::from_raw(info.width, info.height, buf).ok_or_else(|| Error::image("bad size"))
 }
 
 /// A segmentation mask as an 8-bit gray PNG of the image's size (labels resized by nearest neighbour if
 /// the image was capped); a valid gray PNG of the right size is kept byte for byte, a palette PNG is
-/// rewritten as gray so that any reader sees the label values.
-fn clean_mask(path: &Path, width: u32, height: u32) -> Result<Vec<u8>, String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("mask {}: cannot read: {e}", path.display()))?;
-    let mut gray = decode_mask(&bytes).map_err(|e| format!("mask {}: {e}", path.display()))?;
+/// rewritten as gray so that any reader sees the label values. Errors are the image's (the packer skips
+/// the pair), so they name the mask in their text and leave the image's path to the caller.
+fn clean_mask(path: &Path, width: u32, height: u32) -> Result<Vec<u8>> {
+    let bad_mask =
+        |problem: &dyn std::fmt::Display| Error::image(format!("mask {}: {problem}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad_mask(&format!("cannot read: {e}")))?;
+    let mut gray = decode_mask(&bytes).map_err(|e| bad_mask(&e))?;
     // The PNG header alone says whether the file is already what we store.
-    let is_png_l8 = png::Decoder::new(std::io::Cursor::new(&bytes))
-        .read_info()
-        .is_ok_and(|r| {
-            let info = r.info();
-            info.color_type == png::ColorType::Grayscale && info.bit_depth == png::BitDepth::Eight
-        });
+    let is_png_l8 = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().is_ok_and(|r| {
+        let info = r.info();
+        info.color_type == png::ColorType::Grayscale && info.bit_depth == png::BitDepth::Eight
+    });
     if is_png_l8 && gray.dimensions() == (width, height) {
         return Ok(bytes);
     }
     if gray.dimensions() != (width, height) {
         let (w0, h0) = gray.dimensions();
         // Only a capped image may change size; a mask of another shape is an input error.
-        if (w0 as u64 * height as u64).abs_diff(h0 as u64 * width as u64) > (w0.max(h0) as u64) * 2
-        {
-            return Err(format!(
-                "mask {}: is {w0}x{h0}, the image {width}x{height}",
-                path.display()
-            ));
+        if (w0 as u64 * height as u64).abs_diff(h0 as u64 * width as u64) > (w0.max(h0) as u64) * 2 {
+            return Err(bad_mask(&format!("is {w0}x{h0}, the image {width}x{height}")));
         }
         gray = image::imageops::resize(&gray, width, height, image::imageops::FilterType::Nearest);
     }
     let mut out = vec![];
     gray.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| bad_mask(&format!("cannot encode as PNG: {e}")))?;
     Ok(out)
 }
 
@@ -444,26 +419,18 @@ pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
         extra: serde_json::Value::Null,
     };
     let mut items = plan.items;
-    items.shuffle(&mut common::seed::rng(
-        opts.seed,
-        common::seed::Purpose::ShardShuffle,
-        &[],
-    ));
+    items.shuffle(&mut common::seed::rng(opts.seed, common::seed::Purpose::ShardShuffle, &[]));
     let (mut set, start) = ShardSet::open(&opts.out, record, items.len(), opts.resume, opts.force)?;
     if start > 0 {
-        eprintln!(
-            "resuming at image {start} of {} after {} finished shards",
-            items.len(),
-            set.shards.len()
-        );
+        eprintln!("resuming at image {start} of {} after {} finished shards", items.len(), set.shards.len());
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.workers.max(1))
-        .build()?;
-    let clean_opts = CleanOptions {
-        quality: opts.quality,
-        max_side: opts.max_side,
-    };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.workers.max(1)).build().map_err(|e| {
+        Error::InvalidOption {
+            option: "--workers",
+            problem: format!("cannot start {} threads: {e}", opts.workers.max(1)),
+        }
+    })?;
+    let clean_opts = CleanOptions { quality: opts.quality, max_side: opts.max_side };
     let masks = opts.layout.masks.as_deref();
     let mut progress = Progress::new("pack", (items.len() - start) as u64, opts.quiet);
     let chunk = 64 * opts.workers.max(1);
@@ -471,32 +438,26 @@ pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
     let mut written = 0u64;
     for batch in items[start..].chunks(chunk) {
         let results: Vec<Processed> = pool.install(|| {
-            batch
-                .par_iter()
-                .map(|it| process(it, &opts.input, masks, &plan.classes, &clean_opts))
-                .collect()
+            batch.par_iter().map(|it| process(it, &opts.input, masks, &plan.classes, &clean_opts)).collect()
         });
         let mut bytes = 0;
         for (item, result) in batch.iter().zip(results) {
             match result {
                 Ok(members) => {
-                    let refs: Vec<(&str, &[u8])> =
-                        members.iter().map(|(e, d)| (*e, d.as_slice())).collect();
+                    let refs: Vec<(&str, &[u8])> = members.iter().map(|(e, d)| (*e, d.as_slice())).collect();
                     bytes += refs.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
                     set.append(pos, &item.key, &refs)?;
                     written += 1;
                 }
-                Err(reason) if opts.strict => bail!(
-                    "{}: {reason} (--strict)",
-                    opts.input.join(&item.rel).display()
-                ),
-                Err(reason) => {
-                    eprintln!("skipped {}: {reason}", opts.input.join(&item.rel).display());
-                    set.skipped.push(Skipped {
-                        path: item.rel.clone(),
-                        reason,
-                    });
+                Err(Error::Image { path, problem }) if opts.strict => {
+                    return Err(Error::Image { path, problem: format!("{problem} (--strict)") });
                 }
+                // The record holds the input's path already: its reason is the problem alone.
+                Err(Error::Image { problem, .. }) => {
+                    eprintln!("skipped {}: {problem}", opts.input.join(&item.rel).display());
+                    set.skipped.push(Skipped { path: item.rel.clone(), reason: problem });
+                }
+                Err(e) => return Err(e),
             }
             pos += 1;
         }

@@ -32,16 +32,7 @@ impl Progress {
             bar
         });
         let now = Instant::now();
-        Progress {
-            bar,
-            label,
-            total,
-            done: 0,
-            bytes: 0,
-            start: now,
-            last_line: now,
-            quiet,
-        }
+        Progress { bar, label, total, done: 0, bytes: 0, start: now, last_line: now, quiet }
     }
 
     /// Records `n` more images and `bytes` more output bytes.

@@ -16,36 +16,23 @@
 
 use std::path::Path;
 
-use anyhow::Result;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::clean::encode_jpeg;
+use crate::error::{Error, Result};
 use crate::index::{Index, PackRecord};
 use crate::input::ClassInfo;
 use crate::pack::{ShardSet, Summary};
 use crate::progress::Progress;
 
 pub const CLASSES: [&str; 4] = ["circle", "square", "triangle", "ring"];
-pub const PALETTE_CLASSES: [&str; 4] = [
-    "red-cyan",
-    "green-violet",
-    "red-green-blue",
-    "yellow-cyan-magenta",
-];
+pub const PALETTE_CLASSES: [&str; 4] = ["red-cyan", "green-violet", "red-green-blue", "yellow-cyan-magenta"];
 
 /// Which synthetic set to make (see the module docs).
 #[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum SynthKind {
@@ -56,12 +43,7 @@ pub enum SynthKind {
 
 /// The hues (degrees) of each `palettes` class: two complementary pairs and two triads, so that every
 /// class averages to about gray, and no two classes are within the loader's hue jitter (±36°).
-const PALETTES: [&[f32]; 4] = [
-    &[0.0, 180.0],
-    &[90.0, 270.0],
-    &[0.0, 120.0, 240.0],
-    &[60.0, 180.0, 300.0],
-];
+const PALETTES: [&[f32]; 4] = [&[0.0, 180.0], &[90.0, 270.0], &[0.0, 120.0, 240.0], &[60.0, 180.0, 300.0]];
 
 impl SynthKind {
     pub fn name(self) -> &'static str {
@@ -134,12 +116,7 @@ fn three() -> usize {
 
 impl SynthRecord {
     pub fn of(opts: &SynthOptions) -> Self {
-        Self {
-            kind: opts.kind,
-            count: opts.count,
-            size: opts.size,
-            max_shapes: opts.max_shapes,
-        }
+        Self { kind: opts.kind, count: opts.count, size: opts.size, max_shapes: opts.max_shapes }
     }
 
     /// The record and seed of the synthetic set in `dir`, or `None` when `dir` holds no synthetic set.
@@ -211,11 +188,8 @@ fn scene(
 ) -> (Vec<u8>, Vec<u8>, usize) {
     let s = size as f32;
     let (bg1, bg2) = (color(rng), color(rng));
-    let (fx, fy, phase) = (
-        rng.random_range(0.0..0.15f32),
-        rng.random_range(0.0..0.15f32),
-        rng.random_range(0.0..6.3f32),
-    );
+    let (fx, fy, phase) =
+        (rng.random_range(0.0..0.15f32), rng.random_range(0.0..0.15f32), rng.random_range(0.0..6.3f32));
     let shapes: Vec<Shape> = (0..rng.random_range(1..=max_shapes.max(1)))
         .map(|_| Shape {
             class: rng.random_range(0..CLASSES.len()),
@@ -254,9 +228,7 @@ fn scene(
     let label = if area.iter().all(|&a| a == 0) {
         shapes[0].class
     } else {
-        (0..CLASSES.len())
-            .max_by_key(|&c| (area[c], std::cmp::Reverse(c)))
-            .unwrap_or(0)
+        (0..CLASSES.len()).max_by_key(|&c| (area[c], std::cmp::Reverse(c))).unwrap_or(0)
     };
     (rgb, mask, label)
 }
@@ -267,12 +239,7 @@ fn scene(
 /// between two of them), then one colour change for the whole image: brightness, contrast and
 /// saturation, each by a factor in 0.6 to 1.4 (the loader's jitter ranges). The mask is the label
 /// everywhere.
-pub fn render_palette(
-    seed: u64,
-    i: u64,
-    size: u32,
-    max_shapes: usize,
-) -> (Vec<u8>, Vec<u8>, usize) {
+pub fn render_palette(seed: u64, i: u64, size: u32, max_shapes: usize) -> (Vec<u8>, Vec<u8>, usize) {
     let mut rng = common::seed::rng(seed, common::seed::Purpose::Synth, &[i]);
     let label = rng.random_range(0..PALETTES.len());
     let hues = PALETTES[label];
@@ -321,14 +288,17 @@ fn encode_sample(seed: u64, i: u64, opts: &SynthOptions) -> Result<Vec<(&'static
         SynthKind::Shapes => render(seed, i, opts.size, opts.max_shapes),
         SynthKind::Palettes => render_palette(seed, i, opts.size, opts.max_shapes),
     };
-    let jpeg =
-        encode_jpeg(&rgb, opts.size, opts.size, 3, opts.quality).map_err(anyhow::Error::msg)?;
+    // A generated sample has no file: its errors name it by the source its JSON records.
+    let source = format!("synth:{seed}:{i}");
+    let failed = |e: Error| e.in_file(Path::new(&source));
+    let jpeg = encode_jpeg(&rgb, opts.size, opts.size, 3, opts.quality).map_err(failed)?;
     let mut png = vec![];
     image::GrayImage::from_raw(opts.size, opts.size, mask)
-        .ok_or_else(|| anyhow::anyhow!("mask buffer size"))?
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        .ok_or_else(|| failed(Error::image("mask buffer of the wrong size")))?
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| failed(Error::image(format!("cannot encode the mask: {e}"))))?;
     let json = serde_json::json!({
-        "source": format!("synth:{seed}:{i}"),
+        "source": source,
         "class": label,
         "class_id": opts.kind.classes()[label],
         "width": opts.size,
@@ -339,16 +309,27 @@ fn encode_sample(seed: u64, i: u64, opts: &SynthOptions) -> Result<Vec<(&'static
     Ok(vec![
         ("jpg", jpeg),
         ("cls", label.to_string().into_bytes()),
-        ("json", serde_json::to_vec(&json)?),
+        (
+            "json",
+            serde_json::to_vec(&json).map_err(|e| failed(Error::image(format!("cannot describe: {e}"))))?,
+        ),
         ("seg.png", png),
     ])
 }
 
 pub fn synth(out: &Path, opts: &SynthOptions) -> Result<(Index, Summary)> {
-    anyhow::ensure!(
-        opts.count > 0 && opts.size >= 16,
-        "synth needs --count >= 1 and --size >= 16"
-    );
+    if opts.count == 0 {
+        return Err(Error::InvalidOption {
+            option: "--count",
+            problem: "synth needs at least 1 image".into(),
+        });
+    }
+    if !(16..=65_535).contains(&opts.size) {
+        return Err(Error::InvalidOption {
+            option: "--size",
+            problem: format!("{} px: synth needs 16 to 65535 (the JPEG limit)", opts.size),
+        });
+    }
     let record = PackRecord {
         tool: format!("shard {}", env!("CARGO_PKG_VERSION")),
         layout: "synth".into(),
@@ -363,16 +344,14 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<(Index, Summary)> {
         quality: opts.quality,
         max_side: None,
         zstd_level: opts.zstd_level,
-        extra: serde_json::to_value(SynthRecord::of(opts))?,
+        extra: serde_json::to_value(SynthRecord::of(opts))
+            .map_err(|e| Error::output(out, format!("cannot record the generator settings: {e}")))?,
     };
     let (mut set, start) = ShardSet::open(out, record, opts.count, false, opts.force)?;
     let mut progress = Progress::new("synth", opts.count as u64, opts.quiet);
     let ids: Vec<u64> = (start as u64..opts.count as u64).collect();
     for chunk in ids.chunks(256) {
-        let samples: Vec<_> = chunk
-            .par_iter()
-            .map(|&i| encode_sample(opts.seed, i, opts))
-            .collect();
+        let samples: Vec<_> = chunk.par_iter().map(|&i| encode_sample(opts.seed, i, opts)).collect();
         let mut bytes = 0;
         for (&i, sample) in chunk.iter().zip(samples) {
             let sample = sample?;
@@ -387,11 +366,7 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<(Index, Summary)> {
         .classes()
         .iter()
         .enumerate()
-        .map(|(index, id)| ClassInfo {
-            index,
-            id: id.to_string(),
-            name: None,
-        })
+        .map(|(index, id)| ClassInfo { index, id: id.to_string(), name: None })
         .collect();
     let members = ["jpg", "cls", "json", "seg.png"].map(String::from).to_vec();
     let index = set.finish(classes, members)?;
@@ -429,19 +404,13 @@ mod tests {
     #[test]
     fn palette_images_are_deterministic_labelled_everywhere_and_cover_the_classes() {
         let (a, mask, label) = render_palette(3, 17, 48, 3);
-        assert_eq!(
-            render_palette(3, 17, 48, 3),
-            (a.clone(), mask.clone(), label)
-        );
+        assert_eq!(render_palette(3, 17, 48, 3), (a.clone(), mask.clone(), label));
         assert_ne!(render_palette(3, 18, 48, 3).0, a);
         assert!(mask.iter().all(|&m| m as usize == label + 1));
         let mut seen = [0usize; 4];
         for i in 0..64 {
             seen[render_palette(9, i, 32, 3).2] += 1;
         }
-        assert!(
-            seen.iter().all(|&n| n >= 8),
-            "64 images spread over the classes: {seen:?}"
-        );
+        assert!(seen.iter().all(|&n| n >= 8), "64 images spread over the classes: {seen:?}");
     }
 }

@@ -4,10 +4,10 @@
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use anyhow::Result;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::error::{Error, Result};
 use crate::format::{ShardInfo, read_samples, tar_stream};
 use crate::index::Index;
 
@@ -36,33 +36,20 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-fn check_shard(
-    dir: &Path,
-    shard: &ShardInfo,
-    index: &Index,
-    decode: bool,
-) -> (u64, u64, Vec<String>) {
+fn check_shard(dir: &Path, shard: &ShardInfo, index: &Index, decode: bool) -> (u64, u64, Vec<String>) {
     let path = dir.join(&shard.name);
     let mut problems = vec![];
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) => {
-            return (
-                0,
-                0,
-                vec![format!("{}: missing or unreadable: {e}", path.display())],
-            );
+            return (0, 0, vec![format!("{}: missing or unreadable: {e}", path.display())]);
         }
     };
-    let mut raw = HashingReader {
-        inner: file,
-        hasher: Sha256::new(),
-        bytes: 0,
-    };
+    let mut raw = HashingReader { inner: file, hasher: Sha256::new(), bytes: 0 };
     let (mut decoded, mut keys) = (0u64, std::collections::HashSet::new());
     let reader = match tar_stream(&path, BufReader::with_capacity(1 << 20, &mut raw)) {
         Ok(r) => r,
-        Err(e) => return (0, 0, vec![format!("{}: cannot open: {e}", path.display())]),
+        Err(e) => return (0, 0, vec![e.to_string()]),
     };
     let result = read_samples(reader, |s| {
         if !keys.insert(s.key.clone()) {
@@ -91,22 +78,21 @@ fn check_shard(
         if decode && let Some(jpg) = s.get("jpg") {
             match image::load_from_memory(jpg) {
                 Ok(_) => decoded += 1,
-                Err(e) => problems.push(format!(
-                    "{}: sample {}: image does not decode: {e}",
-                    path.display(),
-                    s.key
-                )),
+                Err(e) => {
+                    problems.push(format!("{}: sample {}: image does not decode: {e}", path.display(), s.key))
+                }
             }
         }
         true
     });
     let samples = match result {
         Ok(n) => n,
-        Err((n, e)) => {
-            problems.push(format!(
-                "{}: damaged after {n} samples: {e}",
-                path.display()
-            ));
+        Err(e) => {
+            let n = match &e {
+                Error::Shard { samples, .. } => *samples,
+                _ => 0,
+            };
+            problems.push(e.in_file(&path).to_string());
             n
         }
     };
@@ -116,56 +102,32 @@ fn check_shard(
     }
     let sha = hex::encode(raw.hasher.finalize());
     if raw.bytes != shard.bytes {
-        problems.push(format!(
-            "{}: {} bytes, the index says {}",
-            path.display(),
-            raw.bytes,
-            shard.bytes
-        ));
+        problems.push(format!("{}: {} bytes, the index says {}", path.display(), raw.bytes, shard.bytes));
     }
     if sha != shard.sha256 {
-        problems.push(format!(
-            "{}: SHA-256 {sha}, the index says {}",
-            path.display(),
-            shard.sha256
-        ));
+        problems.push(format!("{}: SHA-256 {sha}, the index says {}", path.display(), shard.sha256));
     }
     if samples != shard.samples {
-        problems.push(format!(
-            "{}: {samples} samples, the index says {}",
-            path.display(),
-            shard.samples
-        ));
+        problems.push(format!("{}: {samples} samples, the index says {}", path.display(), shard.samples));
     }
     (samples, decoded, problems)
 }
 
 pub fn verify(dir: &Path, decode: bool) -> Result<Report> {
     let index = Index::load(dir)?;
-    let dir = if dir.is_dir() {
-        dir.to_path_buf()
-    } else {
-        dir.parent().unwrap_or(Path::new(".")).to_path_buf()
-    };
-    let results: Vec<_> = index
-        .shards
-        .par_iter()
-        .map(|s| check_shard(&dir, s, &index, decode))
-        .collect();
-    let mut report = Report {
-        shards: index.shards.len(),
-        ..Default::default()
-    };
+    let dir =
+        if dir.is_dir() { dir.to_path_buf() } else { dir.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let results: Vec<_> = index.shards.par_iter().map(|s| check_shard(&dir, s, &index, decode)).collect();
+    let mut report = Report { shards: index.shards.len(), ..Default::default() };
     for (samples, decoded, problems) in results {
         report.samples += samples;
         report.decoded += decoded;
         report.problems.extend(problems);
     }
     if report.samples != index.total_samples && report.problems.is_empty() {
-        report.problems.push(format!(
-            "{} samples in total, the index says {}",
-            report.samples, index.total_samples
-        ));
+        report
+            .problems
+            .push(format!("{} samples in total, the index says {}", report.samples, index.total_samples));
     }
     Ok(report)
 }

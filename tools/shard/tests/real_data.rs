@@ -23,16 +23,9 @@ fn read_packed(dir: &Path) -> Packed {
     let mut samples = vec![];
     for s in &index.shards {
         read_samples(open_shard(&dir.join(&s.name)).unwrap(), |x| {
-            let cls = x
-                .get("cls")
-                .map(|c| std::str::from_utf8(c).unwrap().parse().unwrap());
+            let cls = x.get("cls").map(|c| std::str::from_utf8(c).unwrap().parse().unwrap());
             let json = serde_json::from_slice(x.get("json").unwrap()).unwrap();
-            samples.push((
-                x.key.clone(),
-                cls,
-                json,
-                x.get("seg.png").map(<[u8]>::to_vec),
-            ));
+            samples.push((x.key.clone(), cls, json, x.get("seg.png").map(<[u8]>::to_vec)));
             true
         })
         .unwrap();
@@ -52,14 +45,24 @@ fn sorted_folders(dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn imagenet_layout_counts_labels_keys_index_and_determinism() {
-    let data = shared_data().join("imagenet-sample");
-    let tmp = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        tmp.path().join("a"),
-        tmp.path().join("b"),
-        tmp.path().join("c"),
+fn a_missing_data_set_fails_naming_the_path_it_expected() {
+    let panic = std::panic::catch_unwind(|| shared_data("no-such-set")).unwrap_err();
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    let data = std::env::var("DENSEDINO_SHARED_DATA").unwrap_or_else(|_| "shared/data".into());
+    let expected = Path::new(&data).join("no-such-set");
+    assert!(message.contains(&format!("{} not found", expected.display())), "{message}");
+    assert!(
+        (message.contains("exists but holds no no-such-set") || message.contains("does not exist either"))
+            && message.contains("DENSEDINO_SHARED_DATA"),
+        "{message}"
     );
+}
+
+#[test]
+fn imagenet_layout_counts_labels_keys_index_and_determinism() {
+    let data = shared_data("imagenet-sample");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
     let input = data.join("train");
     let args = |out: &Path, seed: &str| {
         run_shard(
@@ -85,23 +88,14 @@ fn imagenet_layout_counts_labels_keys_index_and_determinism() {
     let folders = sorted_folders(&input);
     assert_eq!(folders.len(), 500);
     let p = read_packed(&a);
-    assert_eq!(
-        (p.index.total_samples, p.samples.len(), p.index.shards.len()),
-        (500, 500, 4)
-    );
+    assert_eq!((p.index.total_samples, p.samples.len(), p.index.shards.len()), (500, 500, 4));
     assert!(p.index.skipped.is_empty(), "{:?}", p.index.skipped);
-    assert_eq!(
-        p.index.shards.iter().map(|s| s.samples).collect::<Vec<_>>(),
-        [128, 128, 128, 116]
-    );
+    assert_eq!(p.index.shards.iter().map(|s| s.samples).collect::<Vec<_>>(), [128, 128, 128, 116]);
     // Class list: sorted folders, human names from classes.txt.
     let names: BTreeMap<String, String> = std::fs::read_to_string(data.join("classes.txt"))
         .unwrap()
         .lines()
-        .filter_map(|l| {
-            l.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-        })
+        .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
         .collect();
     for (i, c) in p.index.classes.iter().enumerate() {
         assert_eq!((c.index, &c.id), (i, &folders[i]));
@@ -126,10 +120,7 @@ fn imagenet_layout_counts_labels_keys_index_and_determinism() {
             "{src}"
         );
     }
-    assert!(
-        gray > 0,
-        "the sample holds grayscale JPEGs; they must stay grayscale"
-    );
+    assert!(gray > 0, "the sample holds grayscale JPEGs; they must stay grayscale");
     // Every shard mixes classes.
     for chunk in p.samples.chunks(128) {
         let classes: HashSet<_> = chunk.iter().map(|s| s.1).collect();
@@ -138,11 +129,7 @@ fn imagenet_layout_counts_labels_keys_index_and_determinism() {
     // GNU tar reads every shard and lists three members per sample.
     let mut members = 0;
     for s in &p.index.shards {
-        let out = std::process::Command::new("tar")
-            .arg("-tf")
-            .arg(a.join(&s.name))
-            .output()
-            .unwrap();
+        let out = std::process::Command::new("tar").arg("-tf").arg(a.join(&s.name)).output().unwrap();
         assert!(out.status.success(), "tar -tf {}", s.name);
         members += String::from_utf8_lossy(&out.stdout).lines().count();
     }
@@ -156,18 +143,12 @@ fn imagenet_layout_counts_labels_keys_index_and_determinism() {
     x.sort();
     y.sort();
     assert_eq!(x, y);
-    assert!(
-        ok(&run_shard(
-            &["verify", a.to_str().unwrap(), "--decode"],
-            &[]
-        ))
-        .contains("500 images decoded")
-    );
+    assert!(ok(&run_shard(&["verify", a.to_str().unwrap(), "--decode"], &[])).contains("500 images decoded"));
 }
 
 #[test]
 fn caltech101_split_lists_agree_on_classes_and_cover_the_set() {
-    let data = shared_data().join("caltech101");
+    let data = shared_data("caltech101");
     let tmp = tempfile::tempdir().unwrap();
     let mut seen = vec![];
     for split in ["train", "test"] {
@@ -198,24 +179,13 @@ fn caltech101_split_lists_agree_on_classes_and_cover_the_set() {
             .map(String::from)
             .collect();
         let p = read_packed(&out);
-        assert_eq!(
-            p.samples.len() + p.index.skipped.len(),
-            lines.len(),
-            "{split}"
-        );
+        assert_eq!(p.samples.len() + p.index.skipped.len(), lines.len(), "{split}");
         assert_eq!(p.index.total_samples as usize, p.samples.len());
         assert!(p.index.skipped.is_empty(), "{split}: {:?}", p.index.skipped);
         let folders = sorted_folders(&data);
         // Caltech-101 here: 102 categories less BACKGROUND_Google and Faces_easy.
         assert_eq!(folders.len(), 100);
-        assert_eq!(
-            p.index
-                .classes
-                .iter()
-                .map(|c| c.id.clone())
-                .collect::<Vec<_>>(),
-            folders
-        );
+        assert_eq!(p.index.classes.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), folders);
         let listed: HashSet<&str> = lines.iter().map(String::as_str).collect();
         for (key, cls, json, _) in &p.samples {
             let src = json["source"].as_str().unwrap();
@@ -223,9 +193,7 @@ fn caltech101_split_lists_agree_on_classes_and_cover_the_set() {
             let folder = src.split('/').next().unwrap();
             assert_eq!(*cls, folders.iter().position(|f| f == folder), "{key}");
         }
-        assert!(
-            p.index.shards.len() > 1 && p.index.shards.iter().all(|s| s.bytes <= (32 << 20) + 1024)
-        );
+        assert!(p.index.shards.len() > 1 && p.index.shards.iter().all(|s| s.bytes <= (32 << 20) + 1024));
         seen.push(p.samples.into_iter().map(|s| s.0).collect::<HashSet<_>>());
     }
     assert!(seen[0].is_disjoint(&seen[1]));
@@ -234,7 +202,7 @@ fn caltech101_split_lists_agree_on_classes_and_cover_the_set() {
 
 #[test]
 fn camvid_segmentation_pairs_keep_their_masks() {
-    let data = shared_data().join("camvid");
+    let data = shared_data("camvid");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("seg");
     ok(&run_shard(
@@ -258,18 +226,11 @@ fn camvid_segmentation_pairs_keep_their_masks() {
     for (key, cls, json, mask) in &p.samples {
         assert_eq!(*cls, None);
         let mask = mask.as_ref().expect("mask member");
-        assert_eq!(
-            mask,
-            &std::fs::read(data.join("valannot").join(format!("{key}.png"))).unwrap(),
-            "{key}"
-        );
+        assert_eq!(mask, &std::fs::read(data.join("valannot").join(format!("{key}.png"))).unwrap(), "{key}");
         let m = image::load_from_memory(mask).unwrap().to_luma8();
         assert_eq!(
             (m.width() as u64, m.height() as u64),
-            (
-                json["width"].as_u64().unwrap(),
-                json["height"].as_u64().unwrap()
-            )
+            (json["width"].as_u64().unwrap(), json["height"].as_u64().unwrap())
         );
         assert!(m.as_raw().iter().all(|&v| v <= 11));
     }

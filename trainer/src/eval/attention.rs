@@ -14,26 +14,17 @@ use crate::model::vit::Vit;
 
 /// A perceptual colour map (viridis, five anchors interpolated) for a value in [0, 1].
 fn viridis(t: f32) -> Rgb<u8> {
-    const A: [[f32; 3]; 5] = [
-        [68., 1., 84.],
-        [59., 82., 139.],
-        [33., 145., 140.],
-        [94., 201., 98.],
-        [253., 231., 37.],
-    ];
+    const A: [[f32; 3]; 5] =
+        [[68., 1., 84.], [59., 82., 139.], [33., 145., 140.], [94., 201., 98.], [253., 231., 37.]];
     let t = t.clamp(0.0, 1.0) * 4.0;
     let i = (t.floor() as usize).min(3);
     let f = t - i as f32;
-    Rgb(std::array::from_fn(|c| {
-        (A[i][c] + (A[i + 1][c] - A[i][c]) * f) as u8
-    }))
+    Rgb(std::array::from_fn(|c| (A[i][c] + (A[i + 1][c] - A[i][c]) * f) as u8))
 }
 
 /// A `g x g` map scaled to [0, 1] and drawn `cell` pixels per patch (nearest, as DINO upsamples).
 fn heat(map: &[f32], g: usize, cell: usize) -> RgbImage {
-    let (lo, hi) = map
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let (lo, hi) = map.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
     RgbImage::from_fn((g * cell) as u32, (g * cell) as u32, |x, y| {
         let v = map[(y as usize / cell) * g + x as usize / cell];
         viridis(if hi > lo { (v - lo) / (hi - lo) } else { 0.0 })
@@ -60,9 +51,8 @@ pub fn threshold_mask(attn: &[f32], mass: f32) -> Vec<bool> {
 /// The top `k` principal directions of the rows of `x` ([n, d]) by power iteration with deflation on
 /// the covariance; returns the projections `[n, k]`.
 pub fn pca_project(x: &[f32], n: usize, d: usize, k: usize) -> Vec<f32> {
-    let mean: Vec<f64> = (0..d)
-        .map(|j| (0..n).map(|i| x[i * d + j] as f64).sum::<f64>() / n as f64)
-        .collect();
+    let mean: Vec<f64> =
+        (0..d).map(|j| (0..n).map(|i| x[i * d + j] as f64).sum::<f64>() / n as f64).collect();
     let xc: Vec<f64> = (0..n * d).map(|i| x[i] as f64 - mean[i % d]).collect();
     let mut cov = vec![0f64; d * d];
     for i in 0..n {
@@ -77,15 +67,11 @@ pub fn pca_project(x: &[f32], n: usize, d: usize, k: usize) -> Vec<f32> {
     for c in 0..k {
         let mut v: Vec<f64> = (0..d).map(|j| 1.0 + (j as f64 * 0.37).sin()).collect();
         for _ in 0..200 {
-            let w: Vec<f64> = (0..d)
-                .map(|a| (0..d).map(|b| cov[a * d + b] * v[b]).sum())
-                .collect();
+            let w: Vec<f64> = (0..d).map(|a| (0..d).map(|b| cov[a * d + b] * v[b]).sum()).collect();
             let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-30);
             v = w.into_iter().map(|x| x / norm).collect();
         }
-        let lambda: f64 = (0..d)
-            .map(|a| v[a] * (0..d).map(|b| cov[a * d + b] * v[b]).sum::<f64>())
-            .sum();
+        let lambda: f64 = (0..d).map(|a| v[a] * (0..d).map(|b| cov[a * d + b] * v[b]).sum::<f64>()).sum();
         for a in 0..d {
             for b in 0..d {
                 cov[a * d + b] -= lambda * v[a] * v[b];
@@ -109,21 +95,11 @@ pub fn draw(
 ) -> Result<Vec<PathBuf>> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     // The largest centred square, resized to `size`.
-    let pre = eval::Preprocess {
-        resize: size,
-        crop: size,
-        squash: false,
-    };
+    let pre = eval::Preprocess { resize: size, crop: size, squash: false };
     let mut prep = eval::Prep::default();
-    let pixels =
-        eval::prepare(&bytes, pre, &mut prep).map_err(|e| anyhow!("{}: {e}", image.display()))?;
+    let pixels = eval::prepare(&bytes, pre, &mut prep).map_err(|e| anyhow!("{}: {e}", image.display()))?;
     let crop = std::mem::take(&mut prep.crop);
-    let item = eval::Item {
-        pixels,
-        label: -1,
-        key: String::new(),
-        mask: None,
-    };
+    let item = eval::Item { pixels, label: -1, key: String::new(), mask: None };
     let out = vit.forward(eval::to_tensor(&[item], size, device), None, &[], true);
     let attn = host(out.attn.ok_or_else(|| anyhow!("no attention returned"))?); // [H * N]
     let patches = host(out.patches); // [N * D]
@@ -133,8 +109,8 @@ pub fn draw(
     let cell = vit.cfg.patch_size;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut written = Vec::new();
-    let picture = RgbImage::from_raw(size as u32, size as u32, crop)
-        .ok_or_else(|| anyhow!("image buffer"))?;
+    let picture =
+        RgbImage::from_raw(size as u32, size as u32, crop).ok_or_else(|| anyhow!("image buffer"))?;
     let p = out_dir.join("image.png");
     picture.save(&p)?;
     written.push(p);
@@ -166,21 +142,14 @@ pub fn draw(
     let proj = pca_project(&patches, n, d, 3);
     let ranges: Vec<(f32, f32)> = (0..3)
         .map(|c| {
-            (0..n).fold((f32::MAX, f32::MIN), |(a, b), i| {
-                (a.min(proj[i * 3 + c]), b.max(proj[i * 3 + c]))
-            })
+            (0..n).fold((f32::MAX, f32::MIN), |(a, b), i| (a.min(proj[i * 3 + c]), b.max(proj[i * 3 + c])))
         })
         .collect();
     let pca = RgbImage::from_fn(size as u32, size as u32, |x, y| {
         let i = (y as usize / cell) * g + x as usize / cell;
         Rgb(std::array::from_fn(|c| {
             let (lo, hi) = ranges[c];
-            (255.0
-                * if hi > lo {
-                    (proj[i * 3 + c] - lo) / (hi - lo)
-                } else {
-                    0.5
-                }) as u8
+            (255.0 * if hi > lo { (proj[i * 3 + c] - lo) / (hi - lo) } else { 0.5 }) as u8
         }))
     });
     let p = out_dir.join("pca.png");

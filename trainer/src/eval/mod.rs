@@ -1,4 +1,4 @@
-//! Evaluation of a pretrained backbone (method-spec §2.7, §3.8): features of shard images through the
+//! Evaluation of a pretrained backbone (DINO's `eval_knn.py`): features of shard images through the
 //! teacher, and DINO's weighted k-NN classifier on them.
 //!
 //! Preprocessing is DINO's eval transform: resize the shorter side to `resize` (bicubic), centre crop
@@ -33,11 +33,7 @@ pub struct Preprocess {
 impl Preprocess {
     /// `crop` with DINO's 256/224 resize ratio.
     pub fn for_crop(crop: usize) -> Self {
-        Self {
-            resize: (crop * 256).div_ceil(224),
-            crop,
-            squash: false,
-        }
+        Self { resize: (crop * 256).div_ceil(224), crop, squash: false }
     }
 }
 
@@ -50,22 +46,17 @@ pub fn backbone(
     let loaded = checkpoint.map(checkpoint::latest).transpose()?;
     let cfg = match &loaded {
         Some((_, bytes)) => checkpoint::meta(bytes)?.config,
-        None => cfg
-            .ok_or_else(|| anyhow!("a random backbone needs a config"))?
-            .clone(),
+        None => cfg.ok_or_else(|| anyhow!("a random backbone needs a config"))?.clone(),
     };
     // The teacher never drops paths; a random backbone is the run's own initialisation.
-    let model_cfg = VitConfig {
-        drop_path_rate: 0.0,
-        ..cfg.model.clone()
-    };
+    let model_cfg = VitConfig { drop_path_rate: 0.0, ..cfg.model.clone() };
     let mut rng = common::seed::rng(cfg.run.seed, common::seed::Purpose::Model, &[0]);
     let mut vit = Vit::new(&model_cfg, &mut rng, device);
     if let Some((file, bytes)) = loaded {
         let map = checkpoint::tensors(&bytes)?;
         let get = |name: &str| map.get(name).cloned();
         params::load(&mut vit, "teacher.backbone.", &get, device, false)
-            .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+            .with_context(|| file.display().to_string())?;
     }
     Ok((vit, cfg))
 }
@@ -90,17 +81,10 @@ pub struct Prep {
 
 /// Decodes an image and applies `pre` (one crop box on the original, resized once): planar
 /// `[3, crop, crop]` u8 pixels; the interleaved crop stays in `s.crop`.
-pub fn prepare(bytes: &[u8], pre: Preprocess, s: &mut Prep) -> Result<Vec<u8>, String> {
+pub fn prepare(bytes: &[u8], pre: Preprocess, s: &mut Prep) -> Result<Vec<u8>> {
     let (w, h) = loader::decode::decode_rgb(bytes, &mut s.rgb)?;
-    let src =
-        fr::images::ImageRef::new(w, h, &s.rgb, fr::PixelType::U8x3).map_err(|e| e.to_string())?;
-    loader::augment::crop_resize(
-        &mut s.resizer,
-        &src,
-        &centre_box(w, h, pre),
-        pre.crop,
-        &mut s.crop,
-    )?;
+    let src = fr::images::ImageRef::new(w, h, &s.rgb, fr::PixelType::U8x3)?;
+    loader::augment::crop_resize(&mut s.resizer, &src, &centre_box(w, h, pre), pre.crop, &mut s.crop)?;
     let mut planar = Vec::new();
     loader::augment::to_planar(&s.crop, &mut planar);
     Ok(planar)
@@ -119,10 +103,8 @@ pub fn for_each_batch(
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new(index.total_samples);
         b.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} images {elapsed_precise} (eta {eta})",
-            )
-            .expect("template"),
+            ProgressStyle::with_template("{bar:30} {pos}/{len} images {elapsed_precise} (eta {eta})")
+                .expect("template"),
         );
         b
     });
@@ -159,12 +141,7 @@ pub fn for_each_batch(
             .and_then(|c| std::str::from_utf8(c).ok())
             .and_then(|c| c.trim().parse().ok())
             .unwrap_or(-1);
-        items.push(Item {
-            pixels,
-            label,
-            key: s.key.clone(),
-            mask,
-        });
+        items.push(Item { pixels, label, key: s.key.clone(), mask });
         used += 1;
         if items.len() == batch {
             if let Err(e) = f(&items) {
@@ -200,20 +177,12 @@ pub fn centre_box(w: u32, h: u32, pre: Preprocess) -> loader::CropBox {
     }
     let scale = pre.resize as f64 / w.min(h) as f64;
     let side = ((pre.crop as f64 / scale).round() as u32).clamp(1, w.min(h));
-    loader::CropBox {
-        x1: (w - side) / 2,
-        y1: (h - side) / 2,
-        w: side,
-        h: side,
-    }
+    loader::CropBox { x1: (w - side) / 2, y1: (h - side) / 2, w: side, h: side }
 }
 
 /// A batch of items as normalised pixels on the device.
 pub fn to_tensor(items: &[Item], size: usize, device: &Device) -> Tensor<4> {
-    let data: Vec<u8> = items
-        .iter()
-        .flat_map(|i| i.pixels.iter().copied())
-        .collect();
+    let data: Vec<u8> = items.iter().flat_map(|i| i.pixels.iter().copied()).collect();
     vit::normalize_pixels(&data, items.len(), size, device)
 }
 
@@ -263,11 +232,7 @@ pub fn cached(
     let d = feats.len() / labels.len();
     let tensors = [
         ("features".to_string(), vec![labels.len(), d], feats.clone()),
-        (
-            "labels".to_string(),
-            vec![labels.len()],
-            labels.iter().map(|&x| x as f32).collect(),
-        ),
+        ("labels".to_string(), vec![labels.len()], labels.iter().map(|&x| x as f32).collect()),
     ];
     let tmp = path.with_extension("safetensors.partial");
     std::fs::write(&tmp, checkpoint::serialize(&tensors, Default::default())?)
@@ -300,27 +265,17 @@ pub fn knn(
     let (test_f, test_l) = test;
     let n_train = train_l.len();
     let d = train_f.len() / n_train;
-    let classes = train_l
-        .iter()
-        .chain(test_l)
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(0) as usize
-        + 1;
+    let classes = train_l.iter().chain(test_l).copied().max().unwrap_or(0).max(0) as usize + 1;
     let kmax = ks.iter().copied().max().unwrap_or(1).min(n_train);
-    let bank =
-        Tensor::<2>::from_data(TensorData::new(train_f.to_vec(), [n_train, d]), device).transpose(); // [D, n]
+    let bank = Tensor::<2>::from_data(TensorData::new(train_f.to_vec(), [n_train, d]), device).transpose(); // [D, n]
     let mut hits = vec![(0usize, 0usize); ks.len()]; // (top1, top5)
     let mut per_class = vec![vec![(0usize, 0usize); classes]; ks.len()]; // (correct, total)
     let chunk = 256;
     let mut idx: Vec<usize> = Vec::with_capacity(n_train);
     for (ci, rows) in test_f.chunks(chunk * d).enumerate() {
         let n = rows.len() / d;
-        let sims = host(
-            Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [n, d]), device)
-                .matmul(bank.clone()),
-        ); // [n, n_train]
+        let sims =
+            host(Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [n, d]), device).matmul(bank.clone())); // [n, n_train]
         for r in 0..n {
             let label = test_l[ci * chunk + r];
             let row = &sims[r * n_train..(r + 1) * n_train];
@@ -354,11 +309,8 @@ pub fn knn(
     ks.iter()
         .enumerate()
         .map(|(ki, &k)| {
-            let seen: Vec<f64> = per_class[ki]
-                .iter()
-                .filter(|c| c.1 > 0)
-                .map(|c| c.0 as f64 / c.1 as f64)
-                .collect();
+            let seen: Vec<f64> =
+                per_class[ki].iter().filter(|c| c.1 > 0).map(|c| c.0 as f64 / c.1 as f64).collect();
             KnnResult {
                 k,
                 top1: hits[ki].0 as f64 / n_test,

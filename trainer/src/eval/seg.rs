@@ -1,4 +1,4 @@
-//! The linear segmentation probe (method-spec §3.8, DenseDINO's VOC protocol): frozen final-norm patch
+//! The linear segmentation probe (DenseDINO's VOC protocol, the paper's §4.1): frozen final-norm patch
 //! tokens, a 1x1 convolution trained with SGD on features bilinearly upsampled to 100x100 against the mask
 //! nearest-resized to 100x100 (void ignored), evaluated by upsampling to the input size and arg-maxing
 //! against the nearest-resized ground truth; mIoU over all classes from one confusion matrix, reported for
@@ -115,20 +115,13 @@ pub fn miou(conf: &[u64], classes: usize) -> (f64, Vec<f64>) {
 
 /// Bilinear upsampling of `[n, g, g]` maps to `[n, s, s]`: `Wy · L · Wyᵀ` with `wy` = [`bilinear_1d`]`(g, s)`.
 fn upsample(wy: &Tensor<2>, maps: Tensor<3>) -> Tensor<3> {
-    wy.clone()
-        .unsqueeze::<3>()
-        .matmul(maps)
-        .matmul(wy.clone().transpose().unsqueeze::<3>())
+    wy.clone().unsqueeze::<3>().matmul(maps).matmul(wy.clone().transpose().unsqueeze::<3>())
 }
 
 /// Patch features of every image (frozen backbone, the whole image resized to `size`² as the protocol does,
 /// DINO normalisation) with its mask.
 pub fn features(vit: &Vit, shards: &Path, size: usize, device: &Device) -> Result<SegSet> {
-    let pre = eval::Preprocess {
-        resize: size,
-        crop: size,
-        squash: true,
-    };
+    let pre = eval::Preprocess { resize: size, crop: size, squash: true };
     let (mut feats, mut masks) = (Vec::new(), Vec::new());
     let (mut grid, mut dim) = (0, 0);
     eval::for_each_batch(shards, pre, 8, true, |items: &[Item]| {
@@ -136,22 +129,13 @@ pub fn features(vit: &Vit, shards: &Path, size: usize, device: &Device) -> Resul
         let [_, n, d] = out.patches.dims();
         (grid, dim) = ((n as f64).sqrt() as usize, d);
         feats.extend(host(out.patches));
-        masks.extend(
-            items
-                .iter()
-                .map(|i| i.mask.clone().expect("masks requested")),
-        );
+        masks.extend(items.iter().map(|i| i.mask.clone().expect("masks requested")));
         Ok(())
     })?;
     if masks.is_empty() {
         bail!("{}: no images with masks", shards.display());
     }
-    Ok(SegSet {
-        feats,
-        grid,
-        dim,
-        masks,
-    })
+    Ok(SegSet { feats, grid, dim, masks })
 }
 
 /// Trains the 1x1 convolution on `train` and returns (mIoU, per-class IoU, pixel accuracy) on `val` at the
@@ -172,10 +156,7 @@ pub fn probe(
     let mut rng = common::seed::rng(opts.seed, common::seed::Purpose::Model, &[77]);
     // PyTorch's Conv2d default init would do; DenseDINO initialises N(0, 0.01), bias 0.
     let mut w = Tensor::<2>::from_data(
-        TensorData::new(
-            crate::model::params::trunc_normal(d * c, 0.01, &mut rng),
-            [d, c],
-        ),
+        TensorData::new(crate::model::params::trunc_normal(d * c, 0.01, &mut rng), [d, c]),
         device,
     );
     let mut b = Tensor::<1>::zeros([c], device);
@@ -191,11 +172,7 @@ pub fn probe(
             let bsz = idx.len();
             let x: Vec<f32> = idx
                 .iter()
-                .flat_map(|&i| {
-                    train.feats[i * g * g * d..(i + 1) * g * g * d]
-                        .iter()
-                        .copied()
-                })
+                .flat_map(|&i| train.feats[i * g * g * d..(i + 1) * g * g * d].iter().copied())
                 .collect();
             let x = Tensor::<3>::from_data(TensorData::new(x, [bsz, g * g, d]), &ad);
             let wl = Tensor::from_inner(w.clone()).require_grad();
@@ -221,12 +198,8 @@ pub fn probe(
             let loss = (logp * onehot).sum().neg().div_scalar(valid as f64);
             epoch_loss += host(crate::train::optim::plain(loss.clone()))[0] as f64;
             let grads = loss.backward();
-            let gw = wl
-                .grad(&grads)
-                .ok_or_else(|| anyhow!("no gradient for the probe weight"))?;
-            let gb = bl
-                .grad(&grads)
-                .ok_or_else(|| anyhow!("no gradient for the probe bias"))?;
+            let gw = wl.grad(&grads).ok_or_else(|| anyhow!("no gradient for the probe weight"))?;
+            let gb = bl.grad(&grads).ok_or_else(|| anyhow!("no gradient for the probe bias"))?;
             // PyTorch SGD: g += wd·w; buf = m·buf + g; w -= lr·buf.
             let gw = gw + w.clone().mul_scalar(opts.weight_decay);
             let gb = gb + b.clone().mul_scalar(opts.weight_decay);
@@ -260,15 +233,10 @@ fn evaluate(
     let (mut right, mut total) = (0u64, 0u64);
     for (i, mask) in val.masks.iter().enumerate() {
         let x = Tensor::<2>::from_data(
-            TensorData::new(
-                val.feats[i * g * g * d..(i + 1) * g * g * d].to_vec(),
-                [g * g, d],
-            ),
+            TensorData::new(val.feats[i * g * g * d..(i + 1) * g * g * d].to_vec(), [g * g, d]),
             device,
         );
-        let logits = (x.matmul(w.clone()) + b.clone().unsqueeze::<2>())
-            .transpose()
-            .reshape([c, g, g]); // [C, g, g]
+        let logits = (x.matmul(w.clone()) + b.clone().unsqueeze::<2>()).transpose().reshape([c, g, g]); // [C, g, g]
         let up = upsample(&wy, logits); // [C, S, S]
         let pred = host(up.argmax(0).float()); // [S*S]
         let truth = resize_nearest(mask, size);
@@ -355,12 +323,7 @@ pub const CAMVID_CLASSES: [&str; 11] = [
 
 /// Where a raw data set's splits are, packed on first use into shards under `cache` (images + masks), so
 /// the probe reads them with the same decoder and crop as the rest.
-pub fn packed_split(
-    data: &Path,
-    dataset: SegDataset,
-    split: &str,
-    cache: &Path,
-) -> Result<PathBuf> {
+pub fn packed_split(data: &Path, dataset: SegDataset, split: &str, cache: &Path) -> Result<PathBuf> {
     let out = cache.join(format!("{}-{split}", dataset.name()));
     if out.join("index.json").exists() {
         return Ok(out);
@@ -373,35 +336,21 @@ pub fn packed_split(
             } else {
                 data.join("SegmentationClass")
             };
-            let name =
-                if split == "train" && data.join("ImageSets/Segmentation/trainaug.txt").exists() {
-                    "trainaug"
-                } else {
-                    split
-                };
-            (
-                data.join("JPEGImages"),
-                masks,
-                Some(data.join(format!("ImageSets/Segmentation/{name}.txt"))),
-            )
+            let name = if split == "train" && data.join("ImageSets/Segmentation/trainaug.txt").exists() {
+                "trainaug"
+            } else {
+                split
+            };
+            (data.join("JPEGImages"), masks, Some(data.join(format!("ImageSets/Segmentation/{name}.txt"))))
         }
     };
     if !images.is_dir() || !masks.is_dir() {
-        bail!(
-            "{}: expected {} and {}",
-            data.display(),
-            images.display(),
-            masks.display()
-        );
+        bail!("{}: expected {} and {}", data.display(), images.display(), masks.display());
     }
     let opts = shard::pack::PackOptions {
         input: images.clone(),
         out: out.clone(),
-        layout: shard::input::LayoutArgs {
-            list,
-            masks: Some(masks),
-            ..Default::default()
-        },
+        layout: shard::input::LayoutArgs { list, masks: Some(masks), ..Default::default() },
         prefix: split.to_string(),
         quiet: true,
         ..Default::default()

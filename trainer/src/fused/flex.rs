@@ -17,16 +17,8 @@ const LANES: usize = 16;
 
 /// A contiguous f32 copy (or the tensor itself when it already is one).
 pub fn contiguous(t: FlexTensor) -> FlexTensor {
-    assert_eq!(
-        t.dtype(),
-        DType::F32,
-        "the fused flex kernels take f32 tensors"
-    );
-    if t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
+    assert_eq!(t.dtype(), DType::F32, "the fused flex kernels take f32 tensors");
+    if t.as_slice::<f32>().is_some() { t } else { t.to_contiguous() }
 }
 
 pub fn slice(t: &FlexTensor) -> &[f32] {
@@ -35,11 +27,7 @@ pub fn slice(t: &FlexTensor) -> &[f32] {
 
 pub fn tensor(data: Vec<f32>, dims: &[usize]) -> FlexTensor {
     debug_assert_eq!(data.len(), dims.iter().product::<usize>());
-    FlexTensor::new(
-        Bytes::from_elems(data),
-        Layout::contiguous(Shape::from(dims.to_vec())),
-        DType::F32,
-    )
+    FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(dims.to_vec())), DType::F32)
 }
 
 pub fn dims(t: &FlexTensor) -> Vec<usize> {
@@ -170,10 +158,7 @@ pub fn layer_norm(
     let mut rstd = vec![0f32; rows];
     y.par_chunks_mut(LN_ROWS * d)
         .zip(x.par_chunks(LN_ROWS * d))
-        .zip(
-            mean.par_chunks_mut(LN_ROWS)
-                .zip(rstd.par_chunks_mut(LN_ROWS)),
-        )
+        .zip(mean.par_chunks_mut(LN_ROWS).zip(rstd.par_chunks_mut(LN_ROWS)))
         .for_each(|((y, x), (mean, rstd))| layer_norm_rows(x, gamma, beta, d, eps, y, mean, rstd));
     (y, mean, rstd)
 }
@@ -248,11 +233,8 @@ fn layer_norm_backward_rows(
     dg: &mut [f32],
     db: &mut [f32],
 ) {
-    for (r, ((x, dy), dx)) in x
-        .chunks_exact(d)
-        .zip(dy.chunks_exact(d))
-        .zip(dx.chunks_exact_mut(d))
-        .enumerate()
+    for (r, ((x, dy), dx)) in
+        x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).enumerate()
     {
         let (mu, rs) = (mean[r], rstd[r]);
         // With x̂ = (x − μ)·rstd and g = dy·γ: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)).
@@ -377,13 +359,7 @@ unsafe fn matmul(
 /// `qkv` `[B, S, 3D]` (PyTorch's `reshape(B, S, 3, H, dh)` order) → the attention output `[B, S, D]` with
 /// heads merged, and the log-sum-exp `[B, H, S]` of every score row.
 pub fn attention(qkv: &[f32], s: AttnShape, scale: f32) -> (Vec<f32>, Vec<f32>) {
-    let AttnShape {
-        batch,
-        seq,
-        main,
-        heads,
-        dim,
-    } = s;
+    let AttnShape { batch, seq, main, heads, dim } = s;
     let dh = s.head_dim();
     assert_eq!(qkv.len(), batch * seq * 3 * dim, "qkv is not [B, S, 3D]");
     let mut out = vec![0f32; batch * seq * dim];
@@ -402,18 +378,7 @@ pub fn attention(qkv: &[f32], s: AttnShape, scale: f32) -> (Vec<f32>, Vec<f32>) 
                     // p is [S, S]; the output is S rows of dh at row stride D inside this item's [S, D].
                     unsafe {
                         // [S, dh] @ [dh, S] → [S, S]
-                        matmul(
-                            seq,
-                            seq,
-                            dh,
-                            p.as_mut_ptr(),
-                            seq,
-                            q,
-                            (3 * dim, 1),
-                            k,
-                            (1, 3 * dim),
-                            scale,
-                        );
+                        matmul(seq, seq, dh, p.as_mut_ptr(), seq, q, (3 * dim, 1), k, (1, 3 * dim), scale);
                     }
                     for (i, row) in p.chunks_exact_mut(seq).enumerate() {
                         lse[h * seq + i] = masked_softmax_row(row, i, main);
@@ -450,13 +415,7 @@ pub fn attention_backward(
     s: AttnShape,
     scale: f32,
 ) -> Vec<f32> {
-    let AttnShape {
-        batch,
-        seq,
-        main,
-        heads,
-        dim,
-    } = s;
+    let AttnShape { batch, seq, main, heads, dim } = s;
     let dh = s.head_dim();
     let mut dqkv = vec![0f32; batch * seq * 3 * dim];
     dqkv.par_chunks_mut(seq * 3 * dim)
@@ -475,18 +434,7 @@ pub fn attention_backward(
                     // [S, D] blocks at their row strides, or the [S, S] scratch buffers; the three
                     // destinations are disjoint column bands of this item's [S, 3D] gradient block.
                     unsafe {
-                        matmul(
-                            seq,
-                            seq,
-                            dh,
-                            p.as_mut_ptr(),
-                            seq,
-                            q,
-                            (3 * dim, 1),
-                            k,
-                            (1, 3 * dim),
-                            scale,
-                        );
+                        matmul(seq, seq, dh, p.as_mut_ptr(), seq, q, (3 * dim, 1), k, (1, 3 * dim), scale);
                     }
                     for (i, row) in p.chunks_exact_mut(seq).enumerate() {
                         recompute_probs(row, i, main, lse[h * seq + i]);
@@ -506,26 +454,14 @@ pub fn attention_backward(
                             1.0,
                         );
                         // dP = dO Vᵀ: [S, dh] @ [dh, S]
-                        matmul(
-                            seq,
-                            seq,
-                            dh,
-                            dp.as_mut_ptr(),
-                            seq,
-                            d_o,
-                            (dim, 1),
-                            v,
-                            (1, 3 * dim),
-                            1.0,
-                        );
+                        matmul(seq, seq, dh, dp.as_mut_ptr(), seq, d_o, (dim, 1), v, (1, 3 * dim), 1.0);
                     }
                     for i in 0..seq {
                         // dS = P ⊙ (dP − Σ_c dO·O): zero wherever P is (the masked entries).
                         let o = &out[i * dim + h * dh..i * dim + (h + 1) * dh];
                         let g = &dout[i * dim + h * dh..i * dim + (h + 1) * dh];
                         let di = sum_rows2(o, g, |a, b| a * b);
-                        let (pr, dr) =
-                            (&p[i * seq..(i + 1) * seq], &mut dp[i * seq..(i + 1) * seq]);
+                        let (pr, dr) = (&p[i * seq..(i + 1) * seq], &mut dp[i * seq..(i + 1) * seq]);
                         for j in 0..seq {
                             dr[j] = pr[j] * (dr[j] - di);
                         }
@@ -587,23 +523,15 @@ pub type Partners = Vec<Vec<u32>>;
 /// `Σ_{(i, j) matched} Σ_k p_jk · log_softmax(s_i / τ)_k` over the student rows `s` `[n_s, K]` and the
 /// targets `p` `[n_t, K]` (the caller negates and scales). Returns that sum and, per student row, its
 /// log-sum-exp (0 for a row without partners, which is never read).
-pub fn dino_ce(
-    s: &[f32],
-    p: &[f32],
-    k: usize,
-    partners: &Partners,
-    inv_tau: f32,
-) -> (f64, Vec<f32>) {
+pub fn dino_ce(s: &[f32], p: &[f32], k: usize, partners: &Partners, inv_tau: f32) -> (f64, Vec<f32>) {
     let per_row: Vec<(f32, f64)> = s
         .par_chunks(k)
         .zip(partners.par_iter())
-        .map(|(s, partners)| {
-            if partners.is_empty() {
-                (0.0, 0.0)
-            } else {
-                dino_ce_row(s, p, k, partners, inv_tau)
-            }
-        })
+        .map(
+            |(s, partners)| {
+                if partners.is_empty() { (0.0, 0.0) } else { dino_ce_row(s, p, k, partners, inv_tau) }
+            },
+        )
         .collect();
     let total = per_row.iter().map(|&(_, t)| t).sum();
     (total, per_row.into_iter().map(|(l, _)| l).collect())
@@ -636,14 +564,13 @@ pub fn dino_ce_backward(
     coef: f32,
 ) -> Vec<f32> {
     let mut ds = vec![0f32; s.len()];
-    ds.par_chunks_mut(k)
-        .zip(s.par_chunks(k))
-        .zip(lse.par_iter().zip(partners.par_iter()))
-        .for_each(|((ds, s), (&lse, partners))| {
+    ds.par_chunks_mut(k).zip(s.par_chunks(k)).zip(lse.par_iter().zip(partners.par_iter())).for_each(
+        |((ds, s), (&lse, partners))| {
             if !partners.is_empty() {
                 dino_ce_backward_row(ds, s, p, lse, k, partners, inv_tau, coef);
             }
-        });
+        },
+    );
     ds
 }
 

@@ -24,9 +24,9 @@ impl Host {
             return None;
         }
         match t.device().as_dispatch() {
-            DispatchDevice::Flex(_) => Some(Host::Flex(flex::contiguous(
-                t.try_into_primitive::<Flex>().ok()?,
-            ))),
+            DispatchDevice::Flex(_) => {
+                Some(Host::Flex(flex::contiguous(t.try_into_primitive::<Flex>().ok()?)))
+            }
             #[cfg(feature = "tch")]
             DispatchDevice::LibTorch(burn::backend::libtorch::LibTorchDevice::Cpu) => {
                 let t = t.try_into_primitive::<burn::backend::LibTorch>().ok()?;
@@ -88,12 +88,7 @@ impl Host {
                 }
                 // SAFETY: as in `slice`, and nothing else holds this storage (`can_mut`), so the only
                 // access while the borrow lives is through it.
-                unsafe {
-                    std::slice::from_raw_parts_mut(
-                        t.tensor.data_ptr() as *mut f32,
-                        t.tensor.numel(),
-                    )
-                }
+                unsafe { std::slice::from_raw_parts_mut(t.tensor.data_ptr() as *mut f32, t.tensor.numel()) }
             }
         }
     }

@@ -143,11 +143,7 @@ macro_rules! forward_only {
             ) -> FloatTensor<Self> {
                 <Self as Kernels>::layer_norm_fwd(x, gamma, beta, eps, false).0
             }
-            fn fused_attention(
-                qkv: FloatTensor<Self>,
-                heads: usize,
-                main: usize,
-            ) -> FloatTensor<Self> {
+            fn fused_attention(qkv: FloatTensor<Self>, heads: usize, main: usize) -> FloatTensor<Self> {
                 <Self as Kernels>::attention_fwd(qkv, heads, main, false).0
             }
             fn fused_dino_ce(
@@ -226,34 +222,20 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         eps: f64,
     ) -> FloatTensor<Self> {
         let nodes = [x.node(), gamma.node(), beta.node()];
-        let (x, gamma, beta) = (
-            x.into_primitive(),
-            gamma.into_primitive(),
-            beta.into_primitive(),
-        );
-        match LayerNormBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
+        let (x, gamma, beta) = (x.into_primitive(), gamma.into_primitive(), beta.into_primitive());
+        match LayerNormBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (y, saved) = B::layer_norm_fwd(x, gamma, beta, eps, true);
                 prep.finish((saved, eps), y)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::layer_norm_fwd(x, gamma, beta, eps, false).0)
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::layer_norm_fwd(x, gamma, beta, eps, false).0),
         }
     }
 
     fn fused_attention(qkv: FloatTensor<Self>, heads: usize, main: usize) -> FloatTensor<Self> {
         let nodes = [qkv.node()];
         let qkv = qkv.into_primitive();
-        match AttentionBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
+        match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (out, saved) = B::attention_fwd(qkv, heads, main, true);
                 prep.finish((saved, heads, main), out)
@@ -269,35 +251,21 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         inv_tau: f64,
         weight: f64,
     ) -> FloatTensor<Self> {
-        assert!(
-            !p.is_tracked(),
-            "dino_ce: the teacher targets must be constants (no gradient)"
-        );
+        assert!(!p.is_tracked(), "dino_ce: the teacher targets must be constants (no gradient)");
         let nodes = [s.node(), p.node()];
         let (s, p) = (s.into_primitive(), p.into_primitive());
-        match DinoCeBackward
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
+        match DinoCeBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (loss, saved) = B::dino_ce_fwd(s, p, &pairs, inv_tau, weight, true);
                 prep.finish((saved, pairs, inv_tau, weight), loss)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::dino_ce_fwd(s, p, &pairs, inv_tau, weight, false).0)
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::dino_ce_fwd(s, p, &pairs, inv_tau, weight, false).0),
         }
     }
 }
 
 /// LayerNorm over the last dimension: `(x − mean)/sqrt(var + eps)·γ + β` (biased variance, as PyTorch).
-pub fn layer_norm<const D: usize>(
-    x: Tensor<D>,
-    gamma: Tensor<1>,
-    beta: Tensor<1>,
-    eps: f64,
-) -> Tensor<D> {
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(
         x.into_dispatch(),
         gamma.into_dispatch(),
@@ -315,19 +283,9 @@ pub fn layer_norm<const D: usize>(
 /// With `main == S` it is plain attention.
 pub fn attention(qkv: Tensor<3>, heads: usize, main: usize) -> Tensor<3> {
     let [_, s, d3] = qkv.dims();
-    assert!(
-        main >= 2 && main <= s,
-        "attention: {main} main tokens in a sequence of {s}"
-    );
-    assert!(
-        d3 % (3 * heads) == 0,
-        "attention: qkv width {d3} is not 3 x heads x head_dim"
-    );
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
-        qkv.into_dispatch(),
-        heads,
-        main,
-    ))
+    assert!(main >= 2 && main <= s, "attention: {main} main tokens in a sequence of {s}");
+    assert!(d3 % (3 * heads) == 0, "attention: qkv width {d3} is not 3 x heads x head_dim");
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(qkv.into_dispatch(), heads, main))
 }
 
 /// DINO's cross-entropy: `−weight · Σ_{(i, j) ∈ pairs} Σ_k p_jk · log_softmax(s_i · inv_tau)_k` as `[1]`,
@@ -335,12 +293,7 @@ pub fn attention(qkv: Tensor<3>, heads: usize, main: usize) -> Tensor<3> {
 /// into them). DINO's loss is this with `weight = 1 / (rows per term · number of terms)`.
 pub fn dino_ce(s: Tensor<2>, p: Tensor<2>, pairs: &Pairs, inv_tau: f64, weight: f64) -> Tensor<1> {
     let [n, k] = s.dims();
-    assert_eq!(
-        pairs.0.len(),
-        n,
-        "dino_ce: pairs are for {} student rows, s has {n}",
-        pairs.0.len()
-    );
+    assert_eq!(pairs.0.len(), n, "dino_ce: pairs are for {} student rows, s has {n}", pairs.0.len());
     assert_eq!(p.dims()[1], k, "dino_ce: targets and logits differ in K");
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dino_ce(
         s.into_dispatch(),
@@ -361,26 +314,12 @@ impl Kernels for Flex {
     ) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>) {
         let dims = flex::dims(&x);
         let d = *dims.last().expect("layer_norm of a scalar");
-        let (x, gamma, beta) = (
-            flex::contiguous(x),
-            flex::contiguous(gamma),
-            flex::contiguous(beta),
-        );
-        let (y, mean, rstd) = flex::layer_norm(
-            flex::slice(&x),
-            flex::slice(&gamma),
-            flex::slice(&beta),
-            d,
-            eps as f32,
-        );
+        let (x, gamma, beta) = (flex::contiguous(x), flex::contiguous(gamma), flex::contiguous(beta));
+        let (y, mean, rstd) =
+            flex::layer_norm(flex::slice(&x), flex::slice(&gamma), flex::slice(&beta), d, eps as f32);
         let rows = mean.len();
         let saved = if track {
-            vec![
-                x,
-                gamma,
-                flex::tensor(mean, &[rows]),
-                flex::tensor(rstd, &[rows]),
-            ]
+            vec![x, gamma, flex::tensor(mean, &[rows]), flex::tensor(rstd, &[rows])]
         } else {
             Vec::new()
         };
@@ -404,11 +343,7 @@ impl Kernels for Flex {
             flex::slice(&dy),
             d,
         );
-        [
-            flex::tensor(dx, &dims),
-            flex::tensor(dg, &[d]),
-            flex::tensor(db, &[d]),
-        ]
+        [flex::tensor(dx, &dims), flex::tensor(dg, &[d]), flex::tensor(db, &[d])]
     }
 
     fn attention_fwd(
@@ -422,11 +357,7 @@ impl Kernels for Flex {
         let (out, lse) = flex::attention(flex::slice(&qkv), shape, attn_scale(&shape));
         let out = flex::tensor(out, &[shape.batch, shape.seq, shape.dim]);
         let saved = if track {
-            vec![
-                qkv,
-                out.clone(),
-                flex::tensor(lse, &[shape.batch, heads, shape.seq]),
-            ]
+            vec![qkv, out.clone(), flex::tensor(lse, &[shape.batch, heads, shape.seq])]
         } else {
             Vec::new()
         };
@@ -464,13 +395,7 @@ impl Kernels for Flex {
     ) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>) {
         let k = flex::dims(&s)[1];
         let (s, p) = (flex::contiguous(s), flex::contiguous(p));
-        let (total, lse) = flex::dino_ce(
-            flex::slice(&s),
-            flex::slice(&p),
-            k,
-            &pairs.0,
-            inv_tau as f32,
-        );
+        let (total, lse) = flex::dino_ce(flex::slice(&s), flex::slice(&p), k, &pairs.0, inv_tau as f32);
         let loss = flex::tensor(vec![(-weight * total) as f32], &[1]);
         let saved = if track {
             let n = lse.len();
@@ -506,16 +431,8 @@ impl Kernels for Flex {
 
 /// The attention call's geometry from qkv's dims `[B, S, 3D]`.
 fn attn_shape(dims: &[usize], heads: usize, main: usize) -> flex::AttnShape {
-    let &[batch, seq, d3] = dims else {
-        panic!("attention: qkv must be [B, S, 3D], got {dims:?}")
-    };
-    flex::AttnShape {
-        batch,
-        seq,
-        main,
-        heads,
-        dim: d3 / 3,
-    }
+    let &[batch, seq, d3] = dims else { panic!("attention: qkv must be [B, S, 3D], got {dims:?}") };
+    flex::AttnShape { batch, seq, main, heads, dim: d3 / 3 }
 }
 
 /// `dh^-½`, as DINO's `Attention` (`qk_scale=None`).

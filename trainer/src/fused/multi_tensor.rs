@@ -47,19 +47,14 @@ struct Consts([f32; 5]);
 /// `(slot, start, end)` for every chunk of every slot.
 fn chunks(lens: impl Iterator<Item = usize>) -> Vec<(usize, usize, usize)> {
     lens.enumerate()
-        .flat_map(|(i, n)| {
-            (0..n.div_ceil(CHUNK)).map(move |c| (i, c * CHUNK, ((c + 1) * CHUNK).min(n)))
-        })
+        .flat_map(|(i, n)| (0..n.div_ceil(CHUNK)).map(move |c| (i, c * CHUNK, ((c + 1) * CHUNK).min(n))))
         .collect()
 }
 
 /// The L2 norm of each slice, from partial sums of squares added in chunk order.
 pub fn norms(slices: &[&[f32]]) -> Vec<f32> {
     let work = chunks(slices.iter().map(|s| s.len()));
-    let partial: Vec<f32> = work
-        .par_iter()
-        .map(|&(i, a, b)| sum_squares(&slices[i][a..b]))
-        .collect();
+    let partial: Vec<f32> = work.par_iter().map(|&(i, a, b)| sum_squares(&slices[i][a..b])).collect();
     let mut sums = vec![0f32; slices.len()];
     for (&(i, _, _), p) in work.iter().zip(partial) {
         sums[i] += p;
@@ -91,10 +86,7 @@ pub fn adamw(slots: &mut [AdamSlot<'_>], k: AdamScalars) {
     let coefs: Vec<f32> = if k.clip > 0.0 {
         let grads: Vec<&[f32]> = slots.iter().map(|s| s.grad).collect();
         let clip = k.clip as f32;
-        norms(&grads)
-            .into_iter()
-            .map(|n| (clip * (1.0 / (n + 1e-6))).min(1.0))
-            .collect()
+        norms(&grads).into_iter().map(|n| (clip * (1.0 / (n + 1e-6))).min(1.0)).collect()
     } else {
         vec![1.0; slots.len()]
     };
@@ -115,17 +107,7 @@ pub fn adamw(slots: &mut [AdamSlot<'_>], k: AdamScalars) {
             let (v_c, v_rest) = std::mem::take(&mut v).split_at_mut(n);
             let (o_c, o_rest) = std::mem::take(&mut out).split_at_mut(n);
             (m, v, out) = (m_rest, v_rest, o_rest);
-            pieces.push((
-                param,
-                grad,
-                m_c,
-                v_c,
-                o_c,
-                coef,
-                slot.decay,
-                slot.step_size,
-                slot.bc2_sqrt,
-            ));
+            pieces.push((param, grad, m_c, v_c, o_c, coef, slot.decay, slot.step_size, slot.bc2_sqrt));
         }
     }
     let consts = Consts([
@@ -135,11 +117,9 @@ pub fn adamw(slots: &mut [AdamSlot<'_>], k: AdamScalars) {
         (1.0 - k.beta2) as f32,
         k.eps as f32,
     ]);
-    pieces
-        .into_par_iter()
-        .for_each(|(param, grad, m, v, out, coef, decay, step, bc2)| {
-            adamw_chunk(param, grad, m, v, out, coef, decay, step, bc2, consts)
-        });
+    pieces.into_par_iter().for_each(|(param, grad, m, v, out, coef, decay, step, bc2)| {
+        adamw_chunk(param, grad, m, v, out, coef, decay, step, bc2, consts)
+    });
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
@@ -184,9 +164,7 @@ pub fn ema(pairs: &mut [(&[f32], &[f32], &mut [f32])], momentum: f64) {
         }
     }
     let (keep, rest) = (momentum as f32, (1.0 - momentum) as f32);
-    pieces
-        .into_par_iter()
-        .for_each(|(t, s, out)| ema_chunk(t, s, out, keep, rest));
+    pieces.into_par_iter().for_each(|(t, s, out)| ema_chunk(t, s, out, keep, rest));
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]

@@ -29,16 +29,10 @@ fn forward(
         let xs: Vec<Tensor> = leaves.iter().map(|t| t.tensor.shallow_clone()).collect();
         return (TchTensor::new(tch::no_grad(|| f(&xs, &consts))), Vec::new());
     }
-    let xs: Vec<Tensor> = leaves
-        .iter()
-        .map(|t| t.tensor.detach().set_requires_grad(true))
-        .collect();
+    let xs: Vec<Tensor> = leaves.iter().map(|t| t.tensor.detach().set_requires_grad(true)).collect();
     let out = tch::with_grad(|| f(&xs, &consts));
-    let mut saved: Vec<TchTensor> = leaves
-        .iter()
-        .zip(xs)
-        .map(|(t, leaf)| TchTensor::from_existing(leaf, t.storage.clone()))
-        .collect();
+    let mut saved: Vec<TchTensor> =
+        leaves.iter().zip(xs).map(|(t, leaf)| TchTensor::from_existing(leaf, t.storage.clone())).collect();
     let out = TchTensor::new(out);
     let for_burn = TchTensor::from_existing(out.tensor.detach(), out.storage.clone());
     saved.push(out);
@@ -51,17 +45,17 @@ fn backward(saved: Vec<TchTensor>, dout: TchTensor) -> Vec<TchTensor> {
     // d(Σ out ⊙ dout)/d out = dout exactly: autograd's entry point without a grad_outputs argument.
     let root = tch::with_grad(|| (&out.tensor * &dout.tensor).sum(out.tensor.kind()));
     let leaves: Vec<&Tensor> = leaves.iter().map(|t| &t.tensor).collect();
-    Tensor::run_backward(&[root], &leaves, false, false)
-        .into_iter()
-        .map(TchTensor::new)
-        .collect()
+    Tensor::run_backward(&[root], &leaves, false, false).into_iter().map(TchTensor::new).collect()
 }
+
+/// (sequence length, main tokens, device).
+type MaskKey = (usize, usize, tch::Device);
 
 /// `[S, S]` boolean mask (true: may attend) of the reference rows for `main` main tokens. Kept per shape
 /// and device: on CUDA each host-to-device copy would stall the stream, and every block asks for it.
 fn reference_mask(seq: usize, main: usize, device: tch::Device) -> Tensor {
     thread_local! {
-        static MASKS: std::cell::RefCell<Vec<((usize, usize, tch::Device), Tensor)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static MASKS: std::cell::RefCell<Vec<(MaskKey, Tensor)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     MASKS.with_borrow_mut(|masks| {
         if let Some((_, m)) = masks.iter().find(|(key, _)| *key == (seq, main, device)) {
@@ -76,9 +70,7 @@ fn reference_mask(seq: usize, main: usize, device: tch::Device) -> Tensor {
                 m[i * seq + i] = true;
             }
         }
-        let m = Tensor::from_slice(&m)
-            .view([seq as i64, seq as i64])
-            .to_device(device);
+        let m = Tensor::from_slice(&m).view([seq as i64, seq as i64]).to_device(device);
         masks.push(((seq, main, device), m.shallow_clone()));
         m
     })
@@ -115,21 +107,11 @@ impl Kernels for LibTorch {
         let size = qkv.tensor.size();
         let (b, s, d) = (size[0], size[1], size[2] / 3);
         let h = heads as i64;
-        let mask =
-            (main < s as usize).then(|| reference_mask(s as usize, main, qkv.tensor.device()));
+        let mask = (main < s as usize).then(|| reference_mask(s as usize, main, qkv.tensor.device()));
         forward(&[&qkv], &[], track, |t, _| {
             let qkv = t[0].reshape([b, s, 3, h, d / h]).permute([2, 0, 3, 1, 4]); // [3, B, H, S, dh]
             let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-            let o = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                mask.as_ref(),
-                0.0,
-                false,
-                None,
-                false,
-            );
+            let o = Tensor::scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, false, None, false);
             o.transpose(1, 2).reshape([b, s, d]) // [B, S, D]
         })
     }
@@ -159,8 +141,7 @@ impl Kernels for LibTorch {
             let s = &s[0];
             // Each student row's summed targets, then one log-softmax per row (LibTorch's fused kernel
             // and, in the backward, its fused `_log_softmax_backward_data`).
-            let targets =
-                tch::no_grad(|| s.zeros_like().index_add(0, &si, &p[0].index_select(0, &ti)));
+            let targets = tch::no_grad(|| s.zeros_like().index_add(0, &si, &p[0].index_select(0, &ti)));
             let log_q = (s * inv_tau).log_softmax(-1, s.kind());
             ((log_q * targets).sum(s.kind()) * -weight).reshape([1])
         })
@@ -187,9 +168,7 @@ pub struct AdamConsts {
 
 /// `per` (one value per tensor) repeated over each tensor's `lengths` values: `[N]`.
 fn per_value(per: &[f32], lengths: &Tensor, n: i64, device: tch::Device) -> Tensor {
-    Tensor::from_slice(per)
-        .to_device(device)
-        .repeat_interleave_self_tensor(lengths, 0, n)
+    Tensor::from_slice(per).to_device(device).repeat_interleave_self_tensor(lengths, 0, n)
 }
 
 /// Views of `flat` with the given sizes, each sharing the buffer's storage handle (so burn never writes
@@ -215,8 +194,7 @@ pub fn adamw(
     per: &[AdamConsts],
     k: super::multi_tensor::AdamScalars,
 ) -> [Vec<TchTensor>; 3] {
-    let t =
-        |xs: &[TchTensor]| -> Vec<Tensor> { xs.iter().map(|x| x.tensor.shallow_clone()).collect() };
+    let t = |xs: &[TchTensor]| -> Vec<Tensor> { xs.iter().map(|x| x.tensor.shallow_clone()).collect() };
     let device = params[0].tensor.device();
     let sizes: Vec<i64> = params.iter().map(|p| p.tensor.numel() as i64).collect();
     let n: i64 = sizes.iter().sum();
@@ -225,17 +203,8 @@ pub fn adamw(
         let mut g = Tensor::cat(&t(grads), 0);
         if k.clip > 0.0 {
             // DINO's per-tensor clip: the per-tensor norms by one segmented reduction.
-            let norms = Tensor::segment_reduce(
-                &g.square(),
-                "sum",
-                Some(&lengths),
-                None,
-                None,
-                0,
-                false,
-                0.0,
-            )
-            .sqrt();
+            let norms =
+                Tensor::segment_reduce(&g.square(), "sum", Some(&lengths), None, None, 0, false, 0.0).sqrt();
             let coef = ((norms + 1e-6).reciprocal() * (k.clip as f32) as f64).clamp_max(1.0);
             g *= coef.repeat_interleave_self_tensor(&lengths, 0, n);
         }
@@ -254,15 +223,11 @@ pub fn adamw(
 
 /// `momentum·teacher + (1 − momentum)·student` over all pairs at once (1-D tensors); views into one buffer.
 pub fn ema(teacher: &[TchTensor], student: &[TchTensor], momentum: f64) -> Vec<TchTensor> {
-    let t =
-        |xs: &[TchTensor]| -> Vec<Tensor> { xs.iter().map(|x| x.tensor.shallow_clone()).collect() };
+    let t = |xs: &[TchTensor]| -> Vec<Tensor> { xs.iter().map(|x| x.tensor.shallow_clone()).collect() };
     let sizes: Vec<i64> = teacher.iter().map(|p| p.tensor.numel() as i64).collect();
     tch::no_grad(|| {
         let keep = momentum as f32 as f64;
         let rest = (1.0 - momentum) as f32 as f64;
-        split(
-            Tensor::cat(&t(teacher), 0) * keep + Tensor::cat(&t(student), 0) * rest,
-            &sizes,
-        )
+        split(Tensor::cat(&t(teacher), 0) * keep + Tensor::cat(&t(student), 0) * rest, &sizes)
     })
 }

@@ -1,7 +1,7 @@
 //! Bicubic sampling of the positional grid as weight matrices, built on the host.
 //!
 //! burn 0.22's `grid_sample_2d` has no bicubic mode under autodiff, and `interpolate` maps coordinates by the
-//! output size rather than by the `scale_factor` that DINO passes (method-spec §1.3). Both operations are
+//! output size rather than by the `scale_factor` that DINO passes (`interpolate_pos_encoding` in `vision_transformer.py`). Both operations are
 //! linear in the grid and the coordinates never need a gradient, so each one becomes a row-sparse matrix
 //! `W` (16 taps per output row) that multiplies the `[N, D]` grid: exact, differentiable in the grid, one
 //! matmul on the device.
@@ -29,11 +29,7 @@ pub fn grid_sample_row(x: f32, y: f32, grid_h: usize, grid_w: usize, row: &mut [
     // A patch centre given in f32 lands within ~1e-7 of an integer; snap it so that it returns the grid row
     // exactly (PyTorch would blend in neighbours at the 1e-7 level: below f32 noise either way).
     let snap = |v: f64| {
-        if (v - v.round()).abs() < 1e-5 {
-            v.round()
-        } else {
-            v
-        }
+        if (v - v.round()).abs() < 1e-5 { v.round() } else { v }
     };
     let (ix, iy) = (snap(ix), snap(iy));
     let (x0, y0) = (ix.floor(), iy.floor());

@@ -1,4 +1,4 @@
-//! DINO's projection head (method-spec §1.4): a 3-layer MLP, L2 normalisation, and a weight-normalised
+//! DINO's projection head (`DINOHead` in `vision_transformer.py`): a 3-layer MLP, L2 normalisation, and a weight-normalised
 //! last layer without bias whose gain is fixed at 1 when `norm_last_layer`.
 
 use burn::tensor::activation::gelu;
@@ -27,7 +27,7 @@ pub struct HeadConfig {
     /// "boost" runs.
     pub norm_last_layer: bool,
     /// The paper's "shared projection head": one head for CLS and reference tokens. Off by default: the
-    /// official code builds a separate `ref_head` (method-spec §3.5).
+    /// official code builds a separate `ref_head` (in its `main_dino.py`).
     pub shared_ref_head: bool,
 }
 
@@ -58,19 +58,12 @@ pub struct DinoHead {
 impl DinoHead {
     pub fn new(in_dim: usize, cfg: &HeadConfig, rng: &mut ChaCha8Rng, device: &Device) -> Self {
         let mut dims = vec![in_dim];
-        dims.extend(std::iter::repeat_n(
-            cfg.hidden_dim,
-            cfg.nlayers.saturating_sub(1),
-        ));
+        dims.extend(std::iter::repeat_n(cfg.hidden_dim, cfg.nlayers.saturating_sub(1)));
         dims.push(cfg.bottleneck_dim);
         let mlp = dims
             .windows(2)
             .map(|w| Linear {
-                weight: params::param(
-                    params::trunc_normal(w[0] * w[1], 0.02, rng),
-                    [w[0], w[1]],
-                    device,
-                ),
+                weight: params::param(params::trunc_normal(w[0] * w[1], 0.02, rng), [w[0], w[1]], device),
                 bias: params::param(vec![0.0; w[1]], [w[1]], device),
             })
             .collect();
@@ -81,14 +74,9 @@ impl DinoHead {
             [cfg.bottleneck_dim, cfg.out_dim],
             device,
         );
-        let last_g = (!cfg.norm_last_layer)
-            .then(|| params::param(vec![1.0; cfg.out_dim], [1, cfg.out_dim], device));
-        Self {
-            mlp,
-            last_v,
-            last_g,
-            precision: Precision::F32,
-        }
+        let last_g =
+            (!cfg.norm_last_layer).then(|| params::param(vec![1.0; cfg.out_dim], [1, cfg.out_dim], device));
+        Self { mlp, last_v, last_g, precision: Precision::F32 }
     }
 
     /// `[n, D]` → logits `[n, K]`.
@@ -119,19 +107,10 @@ impl Params for DinoHead {
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
         // `mlp.0`, `mlp.2`, `mlp.4`: the indices of the official nn.Sequential (GELUs in between).
         for (i, layer) in self.mlp.iter_mut().enumerate() {
-            f(
-                &format!("{prefix}mlp.{}.weight", 2 * i),
-                ParamMut::R2(&mut layer.weight),
-            );
-            f(
-                &format!("{prefix}mlp.{}.bias", 2 * i),
-                ParamMut::R1(&mut layer.bias),
-            );
+            f(&format!("{prefix}mlp.{}.weight", 2 * i), ParamMut::R2(&mut layer.weight));
+            f(&format!("{prefix}mlp.{}.bias", 2 * i), ParamMut::R1(&mut layer.bias));
         }
-        f(
-            &format!("{prefix}last_layer.weight_v"),
-            ParamMut::R2(&mut self.last_v),
-        );
+        f(&format!("{prefix}last_layer.weight_v"), ParamMut::R2(&mut self.last_v));
         if let Some(g) = &mut self.last_g {
             f(&format!("{prefix}last_layer.weight_g"), ParamMut::R2(g));
         }

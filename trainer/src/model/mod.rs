@@ -1,5 +1,5 @@
 //! The network one side of the distillation owns: backbone, CLS head and reference head
-//! (official `MultiCropWrapper`, method-spec §2.3 and §3.5), and its forward over a batch's views.
+//! (the official `utils.MultiCropWrapper`, with DenseDINO's separate `ref_head`), and its forward over a batch's views.
 
 pub mod bicubic;
 pub mod head;
@@ -39,13 +39,8 @@ impl DenseDino {
     ) -> Self {
         let backbone = Vit::new(vit_cfg, rng, device);
         let head = DinoHead::new(vit_cfg.embed_dim, head_cfg, rng, device);
-        let ref_head =
-            with_ref_head.then(|| DinoHead::new(vit_cfg.embed_dim, head_cfg, rng, device));
-        Self {
-            backbone,
-            head,
-            ref_head,
-        }
+        let ref_head = with_ref_head.then(|| DinoHead::new(vit_cfg.embed_dim, head_cfg, rng, device));
+        Self { backbone, head, ref_head }
     }
 
     /// Sets the compute dtype of the backbone and the heads (`run.precision`).
@@ -77,18 +72,14 @@ impl DenseDino {
         let mut start = 0;
         while start < views.len() {
             let size = views[start].dims()[2];
-            let end = (start..views.len())
-                .find(|&i| views[i].dims()[2] != size)
-                .unwrap_or(views.len());
+            let end = (start..views.len()).find(|&i| views[i].dims()[2] != size).unwrap_or(views.len());
             let x = Tensor::cat(views[start..end].to_vec(), 0); // [(end-start) * B, 3, S, S]
             let weights = points.map(|p| {
                 let pts: Vec<f32> = p[start..end].concat();
                 vit::ref_weights(&pts, grid, &x.device())
             });
             let drop = match drop_rng.as_deref_mut() {
-                Some(rng) => {
-                    vit::drop_path_scales(&self.backbone.cfg, x.dims()[0], rng, &x.device())
-                }
+                Some(rng) => vit::drop_path_scales(&self.backbone.cfg, x.dims()[0], rng, &x.device()),
                 None => Vec::new(),
             };
             let out = self.backbone.forward(x, weights, &drop, false);

@@ -58,11 +58,7 @@ impl ParamMut<'_> {
     /// gradient would never be retained.
     pub fn set_leaf(&mut self, v: Tensor<1>, trainable: bool) {
         fn leaf<const D: usize>(t: Tensor<D>, trainable: bool) -> Tensor<D> {
-            if trainable {
-                Tensor::from_inner(t).require_grad()
-            } else {
-                t
-            }
+            if trainable { Tensor::from_inner(t).require_grad() } else { t }
         }
         match self {
             ParamMut::R1(t) => **t = leaf(v, trainable),
@@ -99,22 +95,7 @@ pub fn to_host(model: &mut dyn Params) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 
 /// A tensor's values on the host as f32.
 pub fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 tensor data")
-}
-
-/// Moves every parameter to `device` (an autodiff device makes them trainable leaves).
-pub fn to_device(model: &mut dyn Params, device: &Device) {
-    let plain_device = device.clone().without_autodiff();
-    model.visit("", &mut |_, mut p| {
-        let values = p.flat().into_data();
-        p.set_leaf(
-            Tensor::<1>::from_data(values, &plain_device),
-            device.is_autodiff(),
-        );
-    });
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 tensor data")
 }
 
 /// The number of scalar parameters.
@@ -127,11 +108,7 @@ pub fn count(model: &mut dyn Params) -> usize {
 /// A host tensor made on `device`; a leaf that requires a gradient when the device does autodiff.
 pub fn param<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
     let t = Tensor::<D>::from_data(TensorData::new(values, shape), device);
-    if device.is_autodiff() {
-        t.require_grad()
-    } else {
-        t
-    }
+    if device.is_autodiff() { t.require_grad() } else { t }
 }
 
 /// A standard normal draw (Box–Muller); the initialisations only need a few million, so simplicity wins.
@@ -159,9 +136,7 @@ pub fn trunc_normal(n: usize, std: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
 /// `U(-bound, bound)`: PyTorch's default Linear/Conv init (kaiming-uniform with a=√5 gives
 /// `bound = 1/sqrt(fan_in)` for the weight, and the bias uses the same bound).
 pub fn uniform(n: usize, bound: f64, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    (0..n)
-        .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
-        .collect()
+    (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
 }
 
 /// A tensor on the host: its shape and f32 values.
@@ -180,7 +155,7 @@ pub fn load_official(
     prefix: &str,
     get: Lookup<'_>,
     device: &Device,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     load(model, prefix, get, device, true)
 }
 
@@ -191,7 +166,7 @@ pub fn load(
     get: Lookup<'_>,
     device: &Device,
     official: bool,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     model.visit("", &mut |name, mut p| {
         let key = format!("{prefix}{name}");
@@ -201,32 +176,17 @@ pub fn load(
             return;
         };
         let transposed = official && dims.len() == 2;
-        let want: Vec<usize> = if transposed {
-            vec![dims[1], dims[0]]
-        } else {
-            dims.clone()
-        };
+        let want: Vec<usize> = if transposed { vec![dims[1], dims[0]] } else { dims.clone() };
         if shape != want {
             errors.push(format!("{key}: shape {shape:?}, expected {want:?}"));
             return;
         }
-        let values = if transposed {
-            transpose(&values, want[0], want[1])
-        } else {
-            values
-        };
+        let values = if transposed { transpose(&values, want[0], want[1]) } else { values };
         let n = values.len();
         let plain_device = device.clone().without_autodiff();
-        p.set_leaf(
-            Tensor::<1>::from_data(TensorData::new(values, [n]), &plain_device),
-            device.is_autodiff(),
-        );
+        p.set_leaf(Tensor::<1>::from_data(TensorData::new(values, [n]), &plain_device), device.is_autodiff());
     });
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
+    if errors.is_empty() { Ok(()) } else { Err(anyhow::anyhow!(errors.join("; "))) }
 }
 
 /// Every parameter in the official PyTorch layout (rank-2 tensors transposed to `[out, in]`).
@@ -235,11 +195,7 @@ pub fn to_official(model: &mut dyn Params) -> Vec<(String, Vec<usize>, Vec<f32>)
         .into_iter()
         .map(|(name, dims, values)| {
             if dims.len() == 2 {
-                (
-                    name,
-                    vec![dims[1], dims[0]],
-                    transpose(&values, dims[0], dims[1]),
-                )
+                (name, vec![dims[1], dims[0]], transpose(&values, dims[0], dims[1]))
             } else {
                 (name, dims, values)
             }

@@ -1,4 +1,4 @@
-//! The Vision Transformer of DINO with DenseDINO's reference tokens (method-spec §1 and §3.4).
+//! The Vision Transformer of DINO with DenseDINO's reference tokens (the official `vision_transformer.py` of DINO and DenseDINO; the paper's §3.2).
 //!
 //! Token layout of the official code: `[CLS, REF_1..REF_R, PATCH_1..PATCH_N]` with an additive mask in every
 //! block. With the default mask `all2pos_pos2cls_eye` nothing attends to a reference token and a reference
@@ -26,11 +26,11 @@ use crate::model::params::{self, ParamMut, Params};
 
 /// LayerNorm epsilon of DINO's ViT (`partial(nn.LayerNorm, eps=1e-6)`).
 pub const LN_EPS: f64 = 1e-6;
-/// ImageNet normalisation (method-spec §2.2 step 6).
+/// ImageNet normalisation (the last step of `DataAugmentationDINO` in `main_dino.py`).
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// Which tokens may attend to which (method-spec §3.4, `--mask_mode`).
+/// Which tokens may attend to which (DenseDINO's `--mask_mode`, in its `vision_transformer.py`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MaskMode {
@@ -46,7 +46,7 @@ pub enum MaskMode {
     AllQuery,
 }
 
-/// The backbone's hyperparameters. `vit_tiny`/`vit_small`/`vit_base` give the spec's table (§1.1).
+/// The backbone's hyperparameters. `vit_tiny`/`vit_small`/`vit_base` give DINO's sizes (`vision_transformer.py`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VitConfig {
@@ -109,24 +109,15 @@ impl VitConfig {
     pub fn grid(&self) -> usize {
         self.img_size / self.patch_size
     }
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
-            return Err(format!(
-                "embed_dim {} is not a multiple of num_heads {}",
-                self.embed_dim, self.num_heads
-            ));
+            anyhow::bail!("embed_dim {} is not a multiple of num_heads {}", self.embed_dim, self.num_heads);
         }
         if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
-            return Err(format!(
-                "img_size {} is not a multiple of patch_size {}",
-                self.img_size, self.patch_size
-            ));
+            anyhow::bail!("img_size {} is not a multiple of patch_size {}", self.img_size, self.patch_size);
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
-            return Err(format!(
-                "drop_path_rate {} is outside [0, 1)",
-                self.drop_path_rate
-            ));
+            anyhow::bail!("drop_path_rate {} is outside [0, 1)", self.drop_path_rate);
         }
         Ok(())
     }
@@ -179,21 +170,13 @@ impl Linear {
     /// DINO's `_init_weights`: weight trunc_normal(std 0.02), bias 0.
     fn init_trunc(d_in: usize, d_out: usize, rng: &mut ChaCha8Rng, device: &Device) -> Self {
         Self {
-            weight: params::param(
-                params::trunc_normal(d_in * d_out, 0.02, rng),
-                [d_in, d_out],
-                device,
-            ),
+            weight: params::param(params::trunc_normal(d_in * d_out, 0.02, rng), [d_in, d_out], device),
             bias: params::param(vec![0.0; d_out], [d_out], device),
         }
     }
     /// In the compute dtype `p` (the output stays in it).
     pub fn forward<const D: usize>(&self, x: Tensor<D>, p: Precision) -> Tensor<D> {
-        linear(
-            p.compute(x),
-            p.compute(self.weight.clone()),
-            Some(p.compute(self.bias.clone())),
-        )
+        linear(p.compute(x), p.compute(self.weight.clone()), Some(p.compute(self.bias.clone())))
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
         f(&format!("{prefix}.weight"), ParamMut::R2(&mut self.weight));
@@ -236,12 +219,7 @@ pub struct Block {
 fn split_heads(qkv: Tensor<3>, heads: usize) -> [Tensor<4>; 3] {
     let [b, s, d3] = qkv.dims();
     let d = d3 / 3;
-    let part = |i: usize| {
-        qkv.clone()
-            .narrow(2, i * d, d)
-            .reshape([b, s, heads, d / heads])
-            .swap_dims(1, 2)
-    };
+    let part = |i: usize| qkv.clone().narrow(2, i * d, d).reshape([b, s, heads, d / heads]).swap_dims(1, 2);
     [part(0), part(1), part(2)]
 }
 
@@ -252,13 +230,8 @@ fn cls_attention(qkv: Tensor<3>, heads: usize, main: usize) -> Tensor<3> {
     let scale = ((d3 / 3 / heads) as f64).powf(-0.5);
     let [q, k, _] = split_heads(qkv.narrow(1, 0, main), heads); // [B, H, T, dh]
     // [B,H,1,dh] @ [B,H,dh,T] → [B,H,1,T]
-    let logits = q
-        .narrow(2, 0, 1)
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(scale);
-    softmax(logits, 3)
-        .narrow(3, 1, main - 1)
-        .reshape([b, heads, main - 1])
+    let logits = q.narrow(2, 0, 1).matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    softmax(logits, 3).narrow(3, 1, main - 1).reshape([b, heads, main - 1])
 }
 
 /// `[B, H, S, dh]` → `[B, S, D]`.
@@ -378,11 +351,7 @@ impl Vit {
         let n0 = cfg.grid() * cfg.grid();
         let fan_in = 3 * cfg.patch_size * cfg.patch_size;
         let bound = 1.0 / (fan_in as f64).sqrt(); // PyTorch's Conv2d default init (kaiming-uniform, a=√5)
-        let pos_embed = params::param(
-            params::trunc_normal((1 + n0) * d, 0.02, rng),
-            [1, 1 + n0, d],
-            device,
-        );
+        let pos_embed = params::param(params::trunc_normal((1 + n0) * d, 0.02, rng), [1, 1 + n0, d], device);
         let cls_token = params::param(params::trunc_normal(d, 0.02, rng), [1, 1, d], device);
         let patch_weight = params::param(
             params::uniform(d * fan_in, bound, rng),
@@ -390,13 +359,9 @@ impl Vit {
             device,
         );
         let patch_bias = params::param(params::uniform(d, bound, rng), [d], device);
-        let blocks = (0..cfg.depth)
-            .map(|_| Block::init(cfg, rng, device))
-            .collect();
+        let blocks = (0..cfg.depth).map(|_| Block::init(cfg, rng, device)).collect();
         // The official learnable token is zero-initialised (it starts as the paper's zero content vector).
-        let ref_token = cfg
-            .learnable_ref_token
-            .then(|| params::param(vec![0.0; d], [1, 1, d], device));
+        let ref_token = cfg.learnable_ref_token.then(|| params::param(vec![0.0; d], [1, 1, d], device));
         Self {
             cfg: cfg.clone(),
             cls_token,
@@ -413,10 +378,7 @@ impl Vit {
     /// `[N0, D]`: the learned patch positions (no CLS).
     fn patch_pos(&self) -> Tensor<2> {
         let [_, t0, d] = self.pos_embed.dims();
-        self.pos_embed
-            .clone()
-            .narrow(1, 1, t0 - 1)
-            .reshape([t0 - 1, d])
+        self.pos_embed.clone().narrow(1, 1, t0 - 1).reshape([t0 - 1, d])
     }
 
     /// `[h*w, D]`: the patch positions for an `h x w` patch grid; bicubically resized when it differs from
@@ -440,10 +402,7 @@ impl Vit {
         let (h, w) = (hh / p, ww / p);
         let opts = ConvOptions::new([p, p], [0, 0], [1, 1], 1);
         let pr = self.precision;
-        let (weight, bias) = (
-            pr.compute(self.patch_weight.clone()),
-            pr.compute(self.patch_bias.clone()),
-        );
+        let (weight, bias) = (pr.compute(self.patch_weight.clone()), pr.compute(self.patch_bias.clone()));
         let patches = f32(conv2d(pr.compute(x), weight, Some(bias), opts)); // [B,D,h,w]
         let patches = patches.reshape([b, d, h * w]).swap_dims(1, 2); // [B, N, D]
         let patches = patches + self.patch_pos_for(h, w).unsqueeze::<3>(); // [B, N, D]
@@ -455,11 +414,7 @@ impl Vit {
     /// Reference-token inputs `[B, R, D]` from bicubic weights `[B*R, N0]` (see [`ref_weights`]).
     fn ref_tokens(&self, weights: Tensor<2>, batch: usize) -> Tensor<3> {
         let d = self.cfg.embed_dim;
-        let pos = if self.cfg.detach_pos_embed {
-            self.patch_pos().detach()
-        } else {
-            self.patch_pos()
-        };
+        let pos = if self.cfg.detach_pos_embed { self.patch_pos().detach() } else { self.patch_pos() };
         let r = weights.dims()[0] / batch;
         let tokens = weights.matmul(pos).reshape([batch, r, d]); // [B, R, D]
         match &self.ref_token {
@@ -520,22 +475,12 @@ impl Vit {
         let r = refs.map(|w| self.ref_tokens(w, b));
         let nr = r.as_ref().map_or(0, |r| r.dims()[1]);
         let seq = match r {
-            Some(r) => Tensor::cat(
-                vec![
-                    tokens.clone().narrow(1, 0, 1),
-                    r,
-                    tokens.narrow(1, 1, t - 1),
-                ],
-                1,
-            ),
+            Some(r) => Tensor::cat(vec![tokens.clone().narrow(1, 0, 1), r, tokens.narrow(1, 1, t - 1)], 1),
             None => tokens,
         }; // [B, 1+R+N, D]
         let s = t + nr;
-        let bias = Tensor::<2>::from_data(
-            TensorData::new(mask_bias(mode, nr, t - 1), [s, s]),
-            &seq.device(),
-        )
-        .reshape([1, 1, s, s]);
+        let bias = Tensor::<2>::from_data(TensorData::new(mask_bias(mode, nr, t - 1), [s, s]), &seq.device())
+            .reshape([1, 1, s, s]);
         let mut h = seq;
         for (i, block) in self.blocks.iter().enumerate() {
             let drop = drop.get(i).and_then(|d| d.as_ref());
@@ -553,22 +498,10 @@ impl Vit {
 
 impl Params for Vit {
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
-        f(
-            &format!("{prefix}cls_token"),
-            ParamMut::R3(&mut self.cls_token),
-        );
-        f(
-            &format!("{prefix}pos_embed"),
-            ParamMut::R3(&mut self.pos_embed),
-        );
-        f(
-            &format!("{prefix}patch_embed.proj.weight"),
-            ParamMut::R4(&mut self.patch_weight),
-        );
-        f(
-            &format!("{prefix}patch_embed.proj.bias"),
-            ParamMut::R1(&mut self.patch_bias),
-        );
+        f(&format!("{prefix}cls_token"), ParamMut::R3(&mut self.cls_token));
+        f(&format!("{prefix}pos_embed"), ParamMut::R3(&mut self.pos_embed));
+        f(&format!("{prefix}patch_embed.proj.weight"), ParamMut::R4(&mut self.patch_weight));
+        f(&format!("{prefix}patch_embed.proj.bias"), ParamMut::R1(&mut self.patch_bias));
         for (i, block) in self.blocks.iter_mut().enumerate() {
             block.visit(&format!("{prefix}blocks.{i}"), f);
         }
@@ -590,13 +523,10 @@ pub fn mask_bias(mode: MaskMode, r: usize, n: usize) -> Vec<f32> {
             let masked = match mode {
                 MaskMode::None => false,
                 MaskMode::All2pos => is_ref(j),
-                MaskMode::All2posPos2cls | MaskMode::All2posPos2clsEye => {
-                    is_ref(j) || (is_ref(i) && j == 0)
-                }
+                MaskMode::All2posPos2cls | MaskMode::All2posPos2clsEye => is_ref(j) || (is_ref(i) && j == 0),
                 MaskMode::AllQuery => is_ref(j) || j == 0,
             };
-            let diagonal_reset =
-                matches!(mode, MaskMode::All2posPos2clsEye | MaskMode::AllQuery) && i == j;
+            let diagonal_reset = matches!(mode, MaskMode::All2posPos2clsEye | MaskMode::AllQuery) && i == j;
             if masked && !diagonal_reset {
                 m[i * s + j] = f32::NEG_INFINITY;
             }
@@ -622,21 +552,12 @@ pub fn drop_path_scales(
 ) -> Vec<Option<Tensor<3>>> {
     (0..cfg.depth)
         .map(|i| {
-            let rate = if cfg.depth > 1 {
-                cfg.drop_path_rate * i as f64 / (cfg.depth - 1) as f64
-            } else {
-                0.0
-            };
+            let rate =
+                if cfg.depth > 1 { cfg.drop_path_rate * i as f64 / (cfg.depth - 1) as f64 } else { 0.0 };
             (rate > 0.0).then(|| {
                 let keep = 1.0 - rate;
                 let s: Vec<f32> = (0..batch)
-                    .map(|_| {
-                        if rng.random::<f64>() < keep {
-                            (1.0 / keep) as f32
-                        } else {
-                            0.0
-                        }
-                    })
+                    .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
                     .collect();
                 Tensor::<3>::from_data(TensorData::new(s, [batch, 1, 1]), device)
             })
@@ -647,23 +568,14 @@ pub fn drop_path_scales(
 /// `u8` planar pixels `[B, 3, S, S]` → normalised f32 on the device (the loader hands over bytes: a quarter
 /// of the bandwidth of f32).
 pub fn normalize_pixels(data: &[u8], batch: usize, size: usize, device: &Device) -> Tensor<4> {
-    let x = Tensor::<4, Int>::from_data(
-        TensorData::new(data.to_vec(), [batch, 3, size, size]),
-        device,
-    )
-    .float();
+    let x =
+        Tensor::<4, Int>::from_data(TensorData::new(data.to_vec(), [batch, 3, size, size]), device).float();
     let mean = Tensor::<4>::from_data(
-        TensorData::new(
-            MEAN.iter().map(|m| m * 255.0).collect::<Vec<_>>(),
-            [1, 3, 1, 1],
-        ),
+        TensorData::new(MEAN.iter().map(|m| m * 255.0).collect::<Vec<_>>(), [1, 3, 1, 1]),
         device,
     );
     let inv_std = Tensor::<4>::from_data(
-        TensorData::new(
-            STD.iter().map(|s| 1.0 / (s * 255.0)).collect::<Vec<_>>(),
-            [1, 3, 1, 1],
-        ),
+        TensorData::new(STD.iter().map(|s| 1.0 / (s * 255.0)).collect::<Vec<_>>(), [1, 3, 1, 1]),
         device,
     );
     (x - mean) * inv_std

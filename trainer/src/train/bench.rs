@@ -32,26 +32,18 @@ pub fn bench(
     let mut trainer = Trainer::from_config(cfg, schedules, &spec.device()?)?;
     let b = cfg.run.batch_size;
     let mut next: Box<dyn FnMut() -> Result<Batch>> = if synthetic {
-        let sizes: Vec<usize> = (0..cfg.views.num_views())
-            .map(|i| cfg.views.view_size(i))
-            .collect();
+        let sizes: Vec<usize> = (0..cfg.views.num_views()).map(|i| cfg.views.view_size(i)).collect();
         let batch = random_batch(b, &sizes, cfg.views.num_points, cfg.run.seed);
         Box::new(move || Ok(batch.clone()))
     } else {
         let shards = data::shards(cfg, false)?;
         let rt = data::runtime()?;
-        let loader = rt.block_on(async {
-            loader::start(data::loader_options(cfg, &shards, Cursor::default()))
-        })?;
-        Box::new(move || {
-            rt.block_on(loader.batches.recv())
-                .map_err(|_| anyhow!("the loader ended"))
-        })
+        let loader =
+            rt.block_on(async { loader::start(data::loader_options(cfg, &shards, Cursor::default())) })?;
+        Box::new(move || rt.block_on(loader.batches.recv()).map_err(|_| anyhow!("the loader ended")))
     };
     for _ in 0..warmup {
-        trainer
-            .step(&next()?)
-            .map_err(|m| anyhow!("non-finite loss {} in warmup", m.loss))?;
+        trainer.step(&next()?).map_err(|m| anyhow!("non-finite loss {} in warmup", m.loss))?;
     }
     let mut wait = Duration::ZERO;
     let t0 = Instant::now();
@@ -59,35 +51,22 @@ pub fn bench(
         let w = Instant::now();
         let batch = next()?;
         wait += w.elapsed();
-        trainer
-            .step(&batch)
-            .map_err(|m| anyhow!("non-finite loss {}", m.loss))?;
+        trainer.step(&batch).map_err(|m| anyhow!("non-finite loss {}", m.loss))?;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let result = BenchResult {
-        step_time: secs / steps as f64,
-        images_per_s: (steps * b) as f64 / secs,
-    };
+    let result = BenchResult { step_time: secs / steps as f64, images_per_s: (steps * b) as f64 / secs };
     let m = &cfg.model;
     println!(
         "bench: {} on {spec} in {}, {} views, batch {b}, D={} depth={} heads={} patch={} ({}): {:.4} s/step, \
          {:.1} images/s, data wait {:.0}%",
-        if cfg.loss.use_ref_loss {
-            "DenseDINO"
-        } else {
-            "DINO"
-        },
+        if cfg.loss.use_ref_loss { "DenseDINO" } else { "DINO" },
         cfg.run.precision,
         cfg.views.num_views(),
         m.embed_dim,
         m.depth,
         m.num_heads,
         m.patch_size,
-        if synthetic {
-            "generated batches"
-        } else {
-            "real loader"
-        },
+        if synthetic { "generated batches" } else { "real loader" },
         result.step_time,
         result.images_per_s,
         100.0 * wait.as_secs_f64() / secs
@@ -100,19 +79,12 @@ pub fn bench(
 pub fn random_batch(b: usize, sizes: &[usize], m: usize, seed: u64) -> Batch {
     let mut rng = common::seed::rng(seed, common::seed::Purpose::Synth, &[u64::MAX]);
     let v = sizes.len();
-    let mut pts = |n: usize| {
-        (0..n)
-            .map(|_| rng.random::<f32>() * 1.8 - 0.9)
-            .collect::<Vec<f32>>()
-    };
+    let mut pts = |n: usize| (0..n).map(|_| rng.random::<f32>() * 1.8 - 0.9).collect::<Vec<f32>>();
     let teacher_points = (0..2).map(|_| pts(b * v * m * 2)).collect();
     let student_points = (0..v).map(|_| pts(b * 2 * m * 2)).collect();
     let views = sizes
         .iter()
-        .map(|&s| common::ViewPixels {
-            size: s,
-            data: (0..b * 3 * s * s).map(|_| rng.random()).collect(),
-        })
+        .map(|&s| common::ViewPixels { size: s, data: (0..b * 3 * s * s).map(|_| rng.random()).collect() })
         .collect();
     Batch {
         batch_size: b,

@@ -42,10 +42,7 @@ pub fn file_name(it: usize) -> String {
 /// parallel never see another's failure; each injected failure fires once.
 #[doc(hidden)]
 pub fn inject_failure(dir: &Path, it: usize) {
-    INJECTED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push((dir.to_path_buf(), it));
+    INJECTED.lock().unwrap_or_else(|e| e.into_inner()).push((dir.to_path_buf(), it));
 }
 
 static INJECTED: std::sync::Mutex<Vec<(PathBuf, usize)>> = std::sync::Mutex::new(Vec::new());
@@ -61,15 +58,8 @@ fn injected(dir: &Path, it: usize) -> bool {
 pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for (prefix, model) in [
-        ("student.", &mut trainer.student),
-        ("teacher.", &mut trainer.teacher),
-    ] {
-        tensors.extend(
-            params::to_host(model)
-                .into_iter()
-                .map(|(n, d, v)| (format!("{prefix}{n}"), d, v)),
-        );
+    for (prefix, model) in [("student.", &mut trainer.student), ("teacher.", &mut trainer.teacher)] {
+        tensors.extend(params::to_host(model).into_iter().map(|(n, d, v)| (format!("{prefix}{n}"), d, v)));
     }
     let mut steps = BTreeMap::new();
     for (name, st) in &trainer.optim.state {
@@ -93,21 +83,15 @@ pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Resu
 
     let path = dir.join(file_name(meta.it));
     let partial = path.with_extension("safetensors.partial");
-    let mut f = std::fs::File::create(&partial)
-        .with_context(|| format!("creating {}", partial.display()))?;
+    let mut f = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
     if injected(dir, meta.it) {
         f.write_all(&data[..data.len() / 2])?;
-        bail!(
-            "injected failure: stopped half way through writing {}",
-            partial.display()
-        );
+        bail!("injected failure: stopped half way through writing {}", partial.display());
     }
-    f.write_all(&data)
-        .with_context(|| format!("writing {}", partial.display()))?;
+    f.write_all(&data).with_context(|| format!("writing {}", partial.display()))?;
     f.sync_all()?;
     drop(f);
-    std::fs::rename(&partial, &path)
-        .with_context(|| format!("renaming {} into place", partial.display()))?;
+    std::fs::rename(&partial, &path).with_context(|| format!("renaming {} into place", partial.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all(); // the rename itself durable where the platform allows
     }
@@ -129,12 +113,7 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(dir: PathBuf, run: &RunConfig) -> Self {
-        Self {
-            dir,
-            every: run.checkpoint_every,
-            keep: run.keep_checkpoints,
-            last: None,
-        }
+        Self { dir, every: run.checkpoint_every, keep: run.keep_checkpoints, last: None }
     }
 
     /// Whether the state after step `it` (of `total`) is saved.
@@ -150,9 +129,7 @@ impl Policy {
 
     /// The last checkpoint written by this run, for messages.
     pub fn describe_last(&self) -> String {
-        self.last
-            .as_ref()
-            .map_or("none yet".into(), |(_, p)| p.display().to_string())
+        self.last.as_ref().map_or("none yet".into(), |(_, p)| p.display().to_string())
     }
 }
 
@@ -161,16 +138,12 @@ pub fn serialize(
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, dims, _), b)| {
-            Ok((name.clone(), TensorView::new(Dtype::F32, dims.clone(), b)?))
-        })
+        .map(|((name, dims, _), b)| Ok((name.clone(), TensorView::new(Dtype::F32, dims.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     Ok(safetensors::serialize(views, Some(metadata))?)
 }
@@ -183,11 +156,7 @@ pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let it = name
-                .strip_prefix("ckpt-")?
-                .strip_suffix(".safetensors")?
-                .parse()
-                .ok()?;
+            let it = name.strip_prefix("ckpt-")?.strip_suffix(".safetensors")?.parse().ok()?;
             Some((it, e.path()))
         })
         .collect();
@@ -199,22 +168,14 @@ pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
 pub fn latest(path: &Path) -> Result<(PathBuf, Vec<u8>)> {
     if path.is_file() {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("{}: not a checkpoint: {e}", path.display()))?;
+        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a checkpoint: {e}", path.display()))?;
         return Ok((path.to_path_buf(), bytes));
     }
-    let dir = if path.join("checkpoints").is_dir() {
-        path.join("checkpoints")
-    } else {
-        path.to_path_buf()
-    };
+    let dir = if path.join("checkpoints").is_dir() { path.join("checkpoints") } else { path.to_path_buf() };
     for (_, p) in list(&dir).into_iter().rev() {
         match std::fs::read(&p) {
             Ok(bytes) if SafeTensors::deserialize(&bytes).is_ok() => return Ok((p, bytes)),
-            _ => eprintln!(
-                "warning: {}: unreadable checkpoint, trying an older one",
-                p.display()
-            ),
+            _ => eprintln!("warning: {}: unreadable checkpoint, trying an older one", p.display()),
         }
     }
     bail!("{}: no checkpoint found", dir.display())
@@ -223,20 +184,10 @@ pub fn latest(path: &Path) -> Result<(PathBuf, Vec<u8>)> {
 /// Reads the metadata of checkpoint bytes.
 pub fn meta(bytes: &[u8]) -> Result<Meta> {
     let (_, header) = SafeTensors::read_metadata(bytes)?;
-    let info = header
-        .metadata()
-        .clone()
-        .ok_or_else(|| anyhow!("checkpoint has no metadata"))?;
-    let get = |k: &str| {
-        info.get(k)
-            .cloned()
-            .ok_or_else(|| anyhow!("checkpoint metadata lacks {k}"))
-    };
+    let info = header.metadata().clone().ok_or_else(|| anyhow!("checkpoint has no metadata"))?;
+    let get = |k: &str| info.get(k).cloned().ok_or_else(|| anyhow!("checkpoint metadata lacks {k}"));
     if get("format")? != FORMAT {
-        bail!(
-            "unknown checkpoint format {:?} (expected {FORMAT})",
-            get("format")?
-        );
+        bail!("unknown checkpoint format {:?} (expected {FORMAT})", get("format")?);
     }
     Ok(Meta {
         it: get("it")?.parse()?,
@@ -253,11 +204,8 @@ pub fn tensors(bytes: &[u8]) -> Result<params::Named> {
         if view.dtype() != Dtype::F32 {
             bail!("{name}: dtype {:?}, expected F32", view.dtype());
         }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let values =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         map.insert(name, (view.shape().to_vec(), values));
     }
     Ok(map)
@@ -269,51 +217,25 @@ pub fn restore(trainer: &mut Trainer, bytes: &[u8]) -> Result<Meta> {
     let map = tensors(bytes)?;
     let get = |name: &str| map.get(name).cloned();
     let device = trainer.device.clone();
-    params::load(
-        &mut trainer.student,
-        "student.",
-        &get,
-        &device.clone().autodiff(),
-        false,
-    )
-    .map_err(|e| anyhow!(e))?;
-    params::load(&mut trainer.teacher, "teacher.", &get, &device, false).map_err(|e| anyhow!(e))?;
+    params::load(&mut trainer.student, "student.", &get, &device.clone().autodiff(), false)?;
+    params::load(&mut trainer.teacher, "teacher.", &get, &device, false)?;
     let (_, header) = SafeTensors::read_metadata(bytes)?;
     let steps: BTreeMap<String, u64> = serde_json::from_str(
-        header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("optim_steps"))
-            .map_or("{}", |s| s.as_str()),
+        header.metadata().as_ref().and_then(|m| m.get("optim_steps")).map_or("{}", |s| s.as_str()),
     )?;
     trainer.optim.state.clear();
     let vec1 = |name: &str| -> Result<Tensor<1>> {
-        let (_, v) = map
-            .get(name)
-            .ok_or_else(|| anyhow!("checkpoint lacks {name}"))?;
-        Ok(Tensor::from_data(
-            TensorData::new(v.clone(), [v.len()]),
-            &device,
-        ))
+        let (_, v) = map.get(name).ok_or_else(|| anyhow!("checkpoint lacks {name}"))?;
+        Ok(Tensor::from_data(TensorData::new(v.clone(), [v.len()]), &device))
     };
     for (name, step) in steps {
-        let st = AdamState {
-            m: vec1(&format!("optim.m.{name}"))?,
-            v: vec1(&format!("optim.v.{name}"))?,
-            step,
-        };
+        let st =
+            AdamState { m: vec1(&format!("optim.m.{name}"))?, v: vec1(&format!("optim.v.{name}"))?, step };
         trainer.optim.state.insert(name, st);
     }
-    let center = map
-        .get("loss.center")
-        .ok_or_else(|| anyhow!("checkpoint lacks loss.center"))?
-        .1
-        .clone();
-    let ref_center = map
-        .get("loss.ref_center")
-        .ok_or_else(|| anyhow!("checkpoint lacks loss.ref_center"))?
-        .1
-        .clone();
+    let center = map.get("loss.center").ok_or_else(|| anyhow!("checkpoint lacks loss.center"))?.1.clone();
+    let ref_center =
+        map.get("loss.ref_center").ok_or_else(|| anyhow!("checkpoint lacks loss.ref_center"))?.1.clone();
     trainer.loss.set_centers(center, ref_center, &device);
     trainer.it = meta.it;
     Ok(meta)

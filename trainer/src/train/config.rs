@@ -53,11 +53,7 @@ pub struct RunConfig {
 pub struct DataConfig {
     /// A shard directory (or its index.json) made by `shard`. Absent (or `""`): a synthetic set at
     /// `synth_dir`, made on first use with the `shard synth` generator.
-    #[serde(
-        default,
-        deserialize_with = "path_or_empty",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "path_or_empty", skip_serializing_if = "Option::is_none")]
     pub shards: Option<PathBuf>,
     pub synth_dir: PathBuf,
     /// shapes (scenes of shapes, the label the largest) or palettes (the label is the colour palette,
@@ -180,13 +176,9 @@ impl TrainConfig {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
                 p.display().to_string(),
             ),
-            None => (
-                DEFAULT_TOML.to_string(),
-                "the embedded default config".to_string(),
-            ),
+            None => (DEFAULT_TOML.to_string(), "the embedded default config".to_string()),
         };
-        let user: toml::Table =
-            toml::from_str(&text).with_context(|| format!("parsing {origin}"))?;
+        let user: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {origin}"))?;
         Self::resolve(user, sets).with_context(|| format!("in {origin}"))
     }
 
@@ -201,18 +193,15 @@ impl TrainConfig {
     /// differently or move to another device; anything else would change the run it continues).
     pub fn with_run_overrides(&self, sets: &[String]) -> Result<Self> {
         if let Some(bad) = sets.iter().find(|s| !s.trim_start().starts_with("run.")) {
-            bail!(
-                "--set {bad}: only run.* settings may change on resume (the rest is the stored run's)"
-            );
+            bail!("--set {bad}: only run.* settings may change on resume (the rest is the stored run's)");
         }
         let table = toml::Table::try_from(self)?;
         let mut over = toml::Table::new();
         apply_sets(&mut over, sets)?;
         let mut merged = table;
         merge(&mut merged, over);
-        let cfg: Self = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
+        let cfg: Self =
+            toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -228,27 +217,21 @@ impl TrainConfig {
         if let Some(views) = user.get_mut("views").and_then(|v| v.as_table_mut())
             && let Some(preset) = views.remove("preset")
         {
-            let name = preset
-                .as_str()
-                .ok_or_else(|| anyhow!("views.preset must be a string"))?;
-            let preset = ViewsConfig::preset(name).map_err(|e| anyhow!("views.preset: {e}"))?;
+            let name = preset.as_str().ok_or_else(|| anyhow!("views.preset must be a string"))?;
+            let preset = ViewsConfig::preset(name)?;
             base.insert("views".into(), toml::Value::try_from(preset)?);
         }
         if let Some(model) = user.get_mut("model").and_then(|v| v.as_table_mut())
             && let Some(arch) = model.remove("arch")
         {
-            let name = arch
-                .as_str()
-                .ok_or_else(|| anyhow!("model.arch must be a string"))?;
-            let vit = VitConfig::arch(name).ok_or_else(|| {
-                anyhow!("model.arch: unknown {name:?} (vit_tiny, vit_small, vit_base)")
-            })?;
+            let name = arch.as_str().ok_or_else(|| anyhow!("model.arch must be a string"))?;
+            let vit = VitConfig::arch(name)
+                .ok_or_else(|| anyhow!("model.arch: unknown {name:?} (vit_tiny, vit_small, vit_base)"))?;
             base.insert("model".into(), toml::Value::try_from(vit)?);
         }
         merge(&mut base, user);
-        let cfg: Self = toml::Value::Table(base)
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
+        let cfg: Self =
+            toml::Value::Table(base).try_into().map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -289,15 +272,13 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.views.validate().map_err(|e| anyhow!("views: {e}"))?;
-        self.model.validate().map_err(|e| anyhow!("model: {e}"))?;
+        self.views.validate()?;
+        self.model.validate().context("model")?;
         if self.run.batch_size == 0 || self.run.epochs == 0 {
             bail!("run: batch_size and epochs must be at least 1");
         }
         if self.views.num_global != 2 {
-            bail!(
-                "views.num_global must be 2: the teacher and the loss are defined for two global views"
-            );
+            bail!("views.num_global must be 2: the teacher and the loss are defined for two global views");
         }
         if !self.views.global_size.is_multiple_of(self.model.patch_size)
             || !self.views.local_size.is_multiple_of(self.model.patch_size)
@@ -337,9 +318,7 @@ impl TrainConfig {
 /// Applies `key.path=value` settings (values parsed as TOML, else taken as a string) to a table.
 fn apply_sets(user: &mut toml::Table, sets: &[String]) -> Result<()> {
     for set in sets {
-        let (key, value) = set
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--set {set}: expected key=value"))?;
+        let (key, value) = set.split_once('=').ok_or_else(|| anyhow!("--set {set}: expected key=value"))?;
         // TOML reads bare `nan` and `inf` as floats; no setting wants those, and `run.name=nan` means a name.
         let bare_float = matches!(value.trim().trim_start_matches(['+', '-']), "nan" | "inf");
         let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
@@ -384,50 +363,30 @@ mod tests {
         for entry in std::fs::read_dir(&dir).expect("configs/") {
             let path = entry.expect("entry").path();
             if path.extension().is_some_and(|e| e == "toml") {
-                TrainConfig::load(Some(&path), &[])
-                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                TrainConfig::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
                 n += 1;
             }
         }
-        assert_eq!(
-            n, 6,
-            "default, the paper's two runs, the DINO baseline, Caltech-101, palettes"
-        );
+        assert_eq!(n, 6, "default, the paper's two runs, the DINO baseline, Caltech-101, palettes");
     }
 
     #[test]
     fn presets_overrides_and_unknown_keys() {
         let cfg = TrainConfig::load(None, &[]).expect("the embedded default resolves");
         assert_eq!(cfg.run.name, "default");
-        let user: toml::Table = toml::from_str(
-            "[model]\narch = \"vit_base\"\n[views]\npreset = \"dino\"\nnum_points = 3",
-        )
-        .unwrap();
+        let user: toml::Table =
+            toml::from_str("[model]\narch = \"vit_base\"\n[views]\npreset = \"dino\"\nnum_points = 3")
+                .unwrap();
         let cfg = TrainConfig::resolve(user, &[]).unwrap();
-        assert_eq!(
-            (
-                cfg.views.num_local,
-                cfg.views.local_size,
-                cfg.views.num_points
-            ),
-            (8, 96, 3)
-        );
+        assert_eq!((cfg.views.num_local, cfg.views.local_size, cfg.views.num_points), (8, 96, 3));
         let user: toml::Table = toml::from_str("[views]\nglobal_size = 96").unwrap();
-        let err =
-            TrainConfig::resolve(user, &[]).expect_err("global views must match the learned grid");
+        let err = TrainConfig::resolve(user, &[]).expect_err("global views must match the learned grid");
         assert!(format!("{err:#}").contains("img_size"), "{err:#}");
         let user: toml::Table =
-            toml::from_str("[model]\narch = \"vit_base\"\n[views]\npreset = \"readme-ablation\"")
-                .unwrap();
-        let cfg =
-            TrainConfig::resolve(user, &["run.seed=7".into(), "loss.alpha=0.25".into()]).unwrap();
+            toml::from_str("[model]\narch = \"vit_base\"\n[views]\npreset = \"readme-ablation\"").unwrap();
+        let cfg = TrainConfig::resolve(user, &["run.seed=7".into(), "loss.alpha=0.25".into()]).unwrap();
         assert_eq!(
-            (
-                cfg.model.embed_dim,
-                cfg.views.num_local,
-                cfg.run.seed,
-                cfg.loss.alpha
-            ),
+            (cfg.model.embed_dim, cfg.views.num_local, cfg.run.seed, cfg.loss.alpha),
             (768, 4, 7, 0.25)
         );
         let bad: toml::Table = toml::from_str("[loss]\nalpah = 0.3").unwrap();

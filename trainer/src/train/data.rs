@@ -16,11 +16,7 @@ pub fn shards(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
         return Ok(dir.clone());
     }
     let dir = cfg.data.synth_dir.clone();
-    make_synth(
-        &dir,
-        &synth_options(cfg, cfg.data.synth_count, cfg.run.seed, "train"),
-        !quiet,
-    )?;
+    make_synth(&dir, &synth_options(cfg, cfg.data.synth_count, cfg.run.seed, "train"), !quiet)?;
     Ok(dir)
 }
 
@@ -29,11 +25,7 @@ pub fn shards(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
 pub fn synthetic_val(cfg: &TrainConfig) -> Result<PathBuf> {
     let dir = PathBuf::from(format!("{}-val", cfg.data.synth_dir.display()));
     let count = (cfg.data.synth_count / 2).max(64);
-    make_synth(
-        &dir,
-        &synth_options(cfg, count, cfg.run.seed.wrapping_add(1_000_003), "val"),
-        false,
-    )?;
+    make_synth(&dir, &synth_options(cfg, count, cfg.run.seed.wrapping_add(1_000_003), "val"), false)?;
     Ok(dir)
 }
 
@@ -80,11 +72,7 @@ pub fn iters_per_epoch(cfg: &TrainConfig, shards: &Path) -> Result<usize> {
     let samples = loader::plan::epoch_plan(&index, cfg.run.seed, 0, 0, 1).len as usize;
     let ipe = samples / cfg.run.batch_size;
     if ipe == 0 {
-        bail!(
-            "{}: {samples} samples, fewer than one batch of {}",
-            shards.display(),
-            cfg.run.batch_size
-        );
+        bail!("{}: {samples} samples, fewer than one batch of {}", shards.display(), cfg.run.batch_size);
     }
     Ok(ipe)
 }

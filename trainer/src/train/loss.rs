@@ -1,4 +1,4 @@
-//! The DenseDINO objective (method-spec §2.4 and §3.6): DINO's centred, sharpened cross-entropy on the CLS
+//! The DenseDINO objective (`DINOLoss` in DenseDINO's `main_dino.py`; the paper's §3.1 and §3.2): DINO's centred, sharpened cross-entropy on the CLS
 //! token plus the same on reference tokens, matched point for point across views, with separate centers.
 
 use burn::tensor::activation::softmax;
@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused::{self, Pairs};
 
-/// Which teacher reference groups feed `ref_center` (method-spec §3.6 ⚠).
+/// Which teacher reference groups feed `ref_center` (the paper and the code differ here; the code's choice is the default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefCenterGroups {
@@ -107,11 +107,7 @@ pub struct LossOutput {
 impl DenseDinoLoss {
     pub fn new(cfg: &LossConfig, out_dim: usize, device: &Device) -> Self {
         let zeros = || Tensor::<2>::zeros([1, out_dim], device);
-        Self {
-            cfg: cfg.clone(),
-            center: zeros(),
-            ref_center: zeros(),
-        }
+        Self { cfg: cfg.clone(), center: zeros(), ref_center: zeros() }
     }
 
     /// `t_cls`: teacher CLS logits `[2B, K]` (views 0, 1), `s_cls`: student CLS logits `[V*B, K]`;
@@ -135,11 +131,7 @@ impl DenseDinoLoss {
         // Teacher targets are computed without autodiff, then enter the student's graph as constants.
         let autodiff = device.is_autodiff();
         let as_const = |t: Tensor<2>| {
-            if autodiff {
-                Tensor::<2>::from_inner(t)
-            } else {
-                t
-            }
+            if autodiff { Tensor::<2>::from_inner(t) } else { t }
         };
 
         // Computed even without the CLS loss: the step's collapse metrics read them.
@@ -153,9 +145,7 @@ impl DenseDinoLoss {
                 .collect();
             let pairs = Pairs::new(
                 v * b,
-                terms
-                    .iter()
-                    .flat_map(|&(g, sv)| (0..b).map(move |i| (sv * b + i, g * b + i))),
+                terms.iter().flat_map(|&(g, sv)| (0..b).map(move |i| (sv * b + i, g * b + i))),
             );
             // Each term is a mean over B rows; the terms are averaged as the official `n_loss_terms`.
             let weight = 1.0 / (b as f64 * (terms.len() as f64 + 1e-5));
@@ -175,10 +165,7 @@ impl DenseDinoLoss {
                     terms.iter().flat_map(|&(g, sv)| {
                         (0..b * m).map(move |bj| {
                             let (i, j) = (bj / m, bj % m);
-                            (
-                                ((sv * b + i) * 2 + g) * m + j,
-                                ((g * b + i) * v + sv) * m + j,
-                            )
+                            (((sv * b + i) * 2 + g) * m + j, ((g * b + i) * v + sv) * m + j)
                         })
                     }),
                 );
@@ -189,21 +176,14 @@ impl DenseDinoLoss {
         };
 
         let total = match (&cls, &refs) {
-            (Some(c), Some(r)) => {
-                c.clone().mul_scalar(cfg.alpha) + r.clone().mul_scalar(1.0 - cfg.alpha)
-            }
+            (Some(c), Some(r)) => c.clone().mul_scalar(cfg.alpha) + r.clone().mul_scalar(1.0 - cfg.alpha),
             (Some(c), None) => c.clone(),
             (None, Some(r)) => r.clone(),
             (None, None) => {
                 panic!("the loss config enables neither the CLS nor the reference loss")
             }
         };
-        LossOutput {
-            total,
-            cls,
-            refs,
-            cls_targets,
-        }
+        LossOutput { total, cls, refs, cls_targets }
     }
 
     /// `c ← m·c + (1−m)·mean(teacher logits)`, after the loss (each step uses the previous centers).
@@ -220,13 +200,8 @@ impl DenseDinoLoss {
                 RefCenterGroups::Global => t.narrow(2, 0, 2).reshape([2 * batch * 2 * points, k]),
                 RefCenterGroups::GlobalCross => Tensor::cat(
                     vec![
-                        t.clone()
-                            .narrow(0, 0, 1)
-                            .narrow(2, 1, 1)
-                            .reshape([batch * points, k]),
-                        t.narrow(0, 1, 1)
-                            .narrow(2, 0, 1)
-                            .reshape([batch * points, k]),
+                        t.clone().narrow(0, 0, 1).narrow(2, 1, 1).reshape([batch * points, k]),
+                        t.narrow(0, 1, 1).narrow(2, 0, 1).reshape([batch * points, k]),
                     ],
                     0,
                 ),
@@ -238,10 +213,7 @@ impl DenseDinoLoss {
 
     /// The centers as host vectors (checkpoints) and back.
     pub fn centers_to_host(&self) -> (Vec<f32>, Vec<f32>) {
-        (
-            crate::model::params::host(self.center.clone()),
-            crate::model::params::host(self.ref_center.clone()),
-        )
+        (crate::model::params::host(self.center.clone()), crate::model::params::host(self.ref_center.clone()))
     }
     pub fn set_centers(&mut self, center: Vec<f32>, ref_center: Vec<f32>, device: &Device) {
         let k = center.len();

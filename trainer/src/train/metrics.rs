@@ -55,8 +55,7 @@ impl MetricsLog {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let mut file =
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         for l in kept {
             writeln!(file, "{l}")?;
         }
@@ -120,32 +119,23 @@ fn chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<(
     let mut b = ChartBuilder::on(&root);
     b.margin(12);
     if text {
-        b.caption(title, ("sans-serif", 22))
-            .x_label_area_size(40)
-            .y_label_area_size(60);
+        b.caption(title, ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(60);
     }
     let mut c = b.build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
     if text {
         c.configure_mesh().x_desc("step").y_desc(y_label).draw()?;
     } else {
-        c.configure_mesh()
-            .disable_x_mesh()
-            .disable_y_mesh()
-            .draw()?;
+        c.configure_mesh().disable_x_mesh().disable_y_mesh().draw()?;
     }
     for (name, color, data) in series {
         let s = c.draw_series(LineSeries::new(data.iter().copied(), color))?;
         if text {
             let color = *color;
-            s.label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            s.label(*name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
     }
     if text {
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
     }
     root.present()?;
     Ok(())
@@ -155,21 +145,10 @@ fn chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<(
 /// teacher temperature, each over its own range) and `entropy.png` (collapse watch) into `run_dir`.
 pub fn plot(run_dir: &Path) -> Result<Vec<PathBuf>> {
     let records = read(&run_dir.join("metrics.jsonl"))?;
-    let steps: Vec<&StepMetrics> = records
-        .iter()
-        .filter_map(|r| {
-            if let Record::Step { m, .. } = r {
-                Some(m)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let steps: Vec<&StepMetrics> =
+        records.iter().filter_map(|r| if let Record::Step { m, .. } = r { Some(m) } else { None }).collect();
     let xy = |f: &dyn Fn(&StepMetrics) -> Option<f64>| -> Vec<(f64, f64)> {
-        steps
-            .iter()
-            .filter_map(|m| f(m).map(|y| (m.it as f64, y)))
-            .collect()
+        steps.iter().filter_map(|m| f(m).map(|y| (m.it as f64, y))).collect()
     };
     let mut out = Vec::new();
     let p = run_dir.join("loss.png");
@@ -185,12 +164,8 @@ pub fn plot(run_dir: &Path) -> Result<Vec<PathBuf>> {
     )?;
     out.push(p);
     let norm = |v: Vec<(f64, f64)>| -> Vec<(f64, f64)> {
-        let (lo, hi) = v
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-        v.into_iter()
-            .map(|(x, y)| (x, if hi > lo { (y - lo) / (hi - lo) } else { 0.5 }))
-            .collect()
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        v.into_iter().map(|(x, y)| (x, if hi > lo { (y - lo) / (hi - lo) } else { 0.5 })).collect()
     };
     let p = run_dir.join("schedules.png");
     chart(
@@ -212,11 +187,7 @@ pub fn plot(run_dir: &Path) -> Result<Vec<PathBuf>> {
         "entropy",
         &[
             ("per sample", BLUE, xy(&|m| Some(m.teacher_entropy))),
-            (
-                "of the batch mean",
-                RED,
-                xy(&|m| Some(m.teacher_batch_entropy)),
-            ),
+            ("of the batch mean", RED, xy(&|m| Some(m.teacher_batch_entropy))),
         ],
     )?;
     out.push(p);

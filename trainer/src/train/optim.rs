@@ -1,4 +1,5 @@
-//! The optimisation step of DINO (method-spec §2.5, §2.6): AdamW with two parameter groups, gradient
+//! The optimisation step of DINO (`train_one_epoch` in `main_dino.py`; `get_params_groups`, `clip_gradients` and
+//! `cancel_gradients_last_layer` in `utils.py`): AdamW with two parameter groups, gradient
 //! clipping per parameter tensor, the frozen last layer in the first epoch, and the EMA teacher.
 //!
 //! burn's `AdamW` decays every parameter at one rate and clips by one global rule; DINO needs the decay
@@ -60,12 +61,7 @@ pub struct AdamW {
 
 impl Default for AdamW {
     fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            state: BTreeMap::new(),
-        }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, state: BTreeMap::new() }
     }
 }
 
@@ -92,35 +88,21 @@ impl AdamW {
             let Some(grad) = p.grad_flat(grads) else {
                 return;
             };
-            let weight_decay = if is_decayed(name, p.rank()) {
-                o.weight_decay
-            } else {
-                0.0
-            };
-            updates.push(Update {
-                name: name.to_string(),
-                param: plain(p.flat()),
-                grad,
-                weight_decay,
-            });
+            let weight_decay = if is_decayed(name, p.rank()) { o.weight_decay } else { 0.0 };
+            updates.push(Update { name: name.to_string(), param: plain(p.flat()), grad, weight_decay });
         });
         for u in &updates {
-            let st = self
-                .state
-                .entry(u.name.clone())
-                .or_insert_with(|| AdamState {
-                    m: u.param.zeros_like(),
-                    v: u.param.zeros_like(),
-                    step: 0,
-                });
+            let st = self.state.entry(u.name.clone()).or_insert_with(|| AdamState {
+                m: u.param.zeros_like(),
+                v: u.param.zeros_like(),
+                step: 0,
+            });
             st.step += 1;
         }
         let new = match self.step_host(&updates, o) {
             Some(new) => new,
             #[cfg(feature = "tch")]
-            None if libtorch::all(updates.iter().map(|u| &u.param)) => {
-                self.step_libtorch(&updates, o)
-            }
+            None if libtorch::all(updates.iter().map(|u| &u.param)) => self.step_libtorch(&updates, o),
             None => panic!("AdamW: parameters on a device other than flex or LibTorch"),
         };
         // The same walk again: each updated parameter, in the order they were gathered.
@@ -130,10 +112,7 @@ impl AdamW {
                 p.set_leaf(value, true);
             }
         });
-        assert!(
-            pending.next().is_none(),
-            "AdamW: the model's parameters changed during the step"
-        );
+        assert!(pending.next().is_none(), "AdamW: the model's parameters changed during the step");
     }
 
     /// The multi-tensor step over host memory; `None` (nothing changed) when some tensor is elsewhere.
@@ -179,12 +158,7 @@ impl AdamW {
             .collect();
         multi_tensor::adamw(
             &mut slots,
-            AdamScalars {
-                beta1: b1,
-                beta2: b2,
-                eps: self.eps,
-                clip: o.clip_grad,
-            },
+            AdamScalars { beta1: b1, beta2: b2, eps: self.eps, clip: o.clip_grad },
         );
         drop(slots);
         for (u, (m, v)) in updates.iter().zip(moments) {
@@ -213,12 +187,7 @@ impl AdamW {
             ms.push(libtorch::primitive(st.m.clone()));
             vs.push(libtorch::primitive(st.v.clone()));
         }
-        let k = AdamScalars {
-            beta1: b1,
-            beta2: b2,
-            eps: self.eps,
-            clip: o.clip_grad,
-        };
+        let k = AdamScalars { beta1: b1, beta2: b2, eps: self.eps, clip: o.clip_grad };
         let [x, m, v] = crate::fused::tch::adamw(&params, &grads, &ms, &vs, &per, k);
         for ((u, m), v) in updates.iter().zip(m).zip(v) {
             let st = self.state.get_mut(&u.name).expect("state made by step");
@@ -232,19 +201,13 @@ impl AdamW {
 /// kernel ([`multi_tensor::ema`] in host memory, [`crate::fused::tch::ema`] on CUDA).
 pub fn ema_update(teacher: &mut dyn Params, student: &mut dyn Params, momentum: f64) {
     let mut source = Vec::new();
-    student.visit("", &mut |name, p| {
-        source.push((name.to_string(), plain(p.flat())))
-    });
+    student.visit("", &mut |name, p| source.push((name.to_string(), plain(p.flat()))));
     let mut targets = Vec::with_capacity(source.len());
     let mut it = source.iter();
     teacher.visit("", &mut |name, p| {
-        let (s_name, _) = it
-            .next()
-            .unwrap_or_else(|| panic!("teacher has a parameter {name} the student lacks"));
-        assert_eq!(
-            s_name, name,
-            "student and teacher parameters must match one to one"
-        );
+        let (s_name, _) =
+            it.next().unwrap_or_else(|| panic!("teacher has a parameter {name} the student lacks"));
+        assert_eq!(s_name, name, "student and teacher parameters must match one to one");
         targets.push(plain(p.flat()));
     });
     let hosts: Option<Vec<(Host, Host)>> = targets
@@ -256,20 +219,11 @@ pub fn ema_update(teacher: &mut dyn Params, student: &mut dyn Params, momentum: 
         #[cfg(feature = "tch")]
         None if libtorch::all(targets.iter()) => {
             let t: Vec<_> = targets.into_iter().map(libtorch::primitive).collect();
-            let s: Vec<_> = source
-                .into_iter()
-                .map(|(_, s)| libtorch::primitive(s))
-                .collect();
-            crate::fused::tch::ema(&t, &s, momentum)
-                .into_iter()
-                .map(libtorch::tensor)
-                .collect()
+            let s: Vec<_> = source.into_iter().map(|(_, s)| libtorch::primitive(s)).collect();
+            crate::fused::tch::ema(&t, &s, momentum).into_iter().map(libtorch::tensor).collect()
         }
         Some(hosts) => {
-            let mut outs: Vec<Host> = hosts
-                .iter()
-                .map(|(t, _)| t.output(t.slice().len()))
-                .collect();
+            let mut outs: Vec<Host> = hosts.iter().map(|(t, _)| t.output(t.slice().len())).collect();
             let mut pairs: Vec<(&[f32], &[f32], &mut [f32])> = hosts
                 .iter()
                 .zip(outs.iter_mut())
@@ -282,9 +236,7 @@ pub fn ema_update(teacher: &mut dyn Params, student: &mut dyn Params, momentum: 
         None => panic!("EMA: parameters on a device other than flex or LibTorch"),
     };
     new.reverse();
-    teacher.visit("", &mut |_, mut p| {
-        p.set_flat(new.pop().expect("one value per parameter"))
-    });
+    teacher.visit("", &mut |_, mut p| p.set_flat(new.pop().expect("one value per parameter")));
 }
 
 /// Plain tensors as burn-tch primitives and back.
@@ -299,16 +251,9 @@ mod libtorch {
         ts.all(|t| matches!(t.device().as_dispatch(), DispatchDevice::LibTorch(_)))
     }
     pub fn primitive(t: Tensor<1>) -> TchTensor {
-        t.try_into_primitive::<LibTorch>()
-            .expect("a plain LibTorch tensor")
+        t.try_into_primitive::<LibTorch>().expect("a plain LibTorch tensor")
     }
     pub fn tensor(t: TchTensor) -> Tensor<1> {
         Tensor::from_primitive::<LibTorch>(t)
     }
-}
-
-/// Makes the teacher an exact copy of the student (at start, as `teacher.load_state_dict(student)`), on
-/// the student's plain device.
-pub fn copy_into(teacher: &mut dyn Params, student: &mut dyn Params) {
-    ema_update(teacher, student, 0.0);
 }

@@ -87,9 +87,7 @@ impl Reporter {
                 bar.set_position(done as u64);
                 bar.set_message(line);
             }
-            None if !self.quiet
-                && (m.it.is_multiple_of(self.log_every) || done == self.total_steps) =>
-            {
+            None if !self.quiet && (m.it.is_multiple_of(self.log_every) || done == self.total_steps) => {
                 eprintln!("{line}")
             }
             None => {}

@@ -18,6 +18,7 @@ use crate::train::step::{Schedules, StepMetrics, Trainer};
 
 /// Where a run starts.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // made once per run: a box would only add noise where it is built
 pub enum Start {
     /// A new run of this config, in `run.out_dir/run.name` (`-2`, `-3`, … when that folder holds a run).
     Fresh(TrainConfig),
@@ -79,11 +80,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
         eprintln!(
             "run {}: {} on {}, {:.1}M student parameters, {total} steps ({} epochs x {ipe}), batch {}",
             run_dir.display(),
-            if cfg.loss.use_ref_loss {
-                "DenseDINO"
-            } else {
-                "DINO"
-            },
+            if cfg.loss.use_ref_loss { "DenseDINO" } else { "DINO" },
             cfg.run.device,
             params::count(&mut trainer.student) as f64 / 1e6,
             cfg.run.epochs,
@@ -93,8 +90,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
 
     let first = trainer.it;
     let rt = data::runtime()?;
-    let loader =
-        rt.block_on(async { loader::start(data::loader_options(&cfg, &shards, cursor)) })?;
+    let loader = rt.block_on(async { loader::start(data::loader_options(&cfg, &shards, cursor)) })?;
     let mut report = Reporter::new(&run_dir, &cfg.run, first, total, opts.quiet)?;
     let mut ckpt = checkpoint::Policy::new(run_dir.join("checkpoints"), &cfg.run);
     // A resumed run's last good checkpoint is the one it resumed from, until it writes another.
@@ -144,14 +140,7 @@ fn train_steps(
             report.epoch_end(batch.epoch as usize, trainer.it)?;
         }
         if ckpt.due(trainer.it, epoch_end, total) {
-            ckpt.save(
-                trainer,
-                &Meta {
-                    it: trainer.it,
-                    cursor: batch.cursor,
-                    config: cfg.clone(),
-                },
-            )?;
+            ckpt.save(trainer, &Meta { it: trainer.it, cursor: batch.cursor, config: cfg.clone() })?;
         }
         steps.push(m);
     }
@@ -161,10 +150,7 @@ fn train_steps(
 /// The run's config, its folder, and the checkpoint it continues from (file and bytes). Writes the
 /// resolved config into the folder.
 #[allow(clippy::type_complexity)]
-fn open(
-    start: Start,
-    opts: &RunOptions,
-) -> Result<(TrainConfig, PathBuf, Option<(PathBuf, Vec<u8>)>)> {
+fn open(start: Start, opts: &RunOptions) -> Result<(TrainConfig, PathBuf, Option<(PathBuf, Vec<u8>)>)> {
     let (mut cfg, run_dir, resume) = match start {
         Start::Fresh(cfg) => {
             let dir = fresh_dir(cfg.run_dir());
@@ -174,10 +160,7 @@ fn open(
             let (file, bytes) = checkpoint::latest(&from)?;
             let cfg = checkpoint::meta(&bytes)?.config.with_run_overrides(&sets)?;
             // RUN/checkpoints/ckpt-N.safetensors → RUN
-            let dir = file
-                .parent()
-                .and_then(Path::parent)
-                .map_or_else(|| from.clone(), Path::to_path_buf);
+            let dir = file.parent().and_then(Path::parent).map_or_else(|| from.clone(), Path::to_path_buf);
             (cfg, dir, Some((file, bytes)))
         }
     };

@@ -1,4 +1,4 @@
-//! DINO's per-iteration schedules (`utils.cosine_scheduler`, method-spec §2.5), as closed forms indexed by
+//! DINO's per-iteration schedules (`utils.cosine_scheduler`), as closed forms indexed by
 //! the global iteration `it = epoch * iters_per_epoch + i` instead of materialised arrays.
 
 use serde::{Deserialize, Serialize};
@@ -42,8 +42,7 @@ impl Cosine {
             if w == 1 || it == w - 1 {
                 return self.base;
             }
-            return self.start_warmup
-                + it as f64 * (self.base - self.start_warmup) / (w - 1) as f64;
+            return self.start_warmup + it as f64 * (self.base - self.start_warmup) / (w - 1) as f64;
         }
         let span = self.total_iters.saturating_sub(w).max(1);
         let j = (it - w).min(span - 1);
@@ -66,11 +65,7 @@ mod tests {
         let (w, t) = (10 * ipe, 100 * ipe);
         assert_eq!(lr.at(0), 0.0);
         assert!((lr.at(1) - 1e-3 / (w - 1) as f64).abs() < 1e-18);
-        assert_eq!(
-            lr.at(w - 1),
-            1e-3,
-            "inclusive linspace reaches the base at the last warmup step"
-        );
+        assert_eq!(lr.at(w - 1), 1e-3, "inclusive linspace reaches the base at the last warmup step");
         assert_eq!(lr.at(w), 1e-3, "cosine starts at base with j = 0");
         let last = 1e-6
             + 0.5

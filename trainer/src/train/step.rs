@@ -1,4 +1,4 @@
-//! One DenseDINO training step, top to bottom (method-spec §2.6): schedules → teacher and student forward →
+//! One DenseDINO training step, top to bottom (`train_one_epoch` in `main_dino.py`): schedules → teacher and student forward →
 //! loss → backward → per-tensor clip and frozen last layer → AdamW → EMA teacher → centers.
 
 use anyhow::{Result, bail};
@@ -16,7 +16,7 @@ use crate::train::loss::{DenseDinoLoss, Layout, LossConfig};
 use crate::train::optim::{self, AdamW, StepOptions};
 use crate::train::schedule::Cosine;
 
-/// The recipe of §2.5 and §2.6; every default is `main_dino.py`'s.
+/// The optimisation recipe of DINO; every default is `main_dino.py`'s.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimConfig {
@@ -67,31 +67,12 @@ pub struct Schedules {
 }
 
 impl Schedules {
-    pub fn new(
-        cfg: &OptimConfig,
-        epochs: usize,
-        iters_per_epoch: usize,
-        total_batch: usize,
-    ) -> Self {
+    pub fn new(cfg: &OptimConfig, epochs: usize, iters_per_epoch: usize, total_batch: usize) -> Self {
         let base_lr = cfg.lr * total_batch as f64 / 256.0;
         Self {
             iters_per_epoch,
-            lr: Cosine::new(
-                base_lr,
-                cfg.min_lr,
-                epochs,
-                iters_per_epoch,
-                cfg.warmup_epochs,
-                0.0,
-            ),
-            wd: Cosine::new(
-                cfg.weight_decay,
-                cfg.weight_decay_end,
-                epochs,
-                iters_per_epoch,
-                0,
-                0.0,
-            ),
+            lr: Cosine::new(base_lr, cfg.min_lr, epochs, iters_per_epoch, cfg.warmup_epochs, 0.0),
+            wd: Cosine::new(cfg.weight_decay, cfg.weight_decay_end, epochs, iters_per_epoch, 0, 0.0),
             momentum: Cosine::new(cfg.momentum_teacher, 1.0, epochs, iters_per_epoch, 0, 0.0),
         }
     }
@@ -144,13 +125,8 @@ impl Trainer {
     ) -> Self {
         let with_ref_head = loss_cfg.use_ref_loss && !head_cfg.shared_ref_head;
         let init = || seed::rng(seed, Purpose::Model, &[0]);
-        let student = DenseDino::new(
-            vit_cfg,
-            head_cfg,
-            with_ref_head,
-            &mut init(),
-            &device.clone().autodiff(),
-        );
+        let student =
+            DenseDino::new(vit_cfg, head_cfg, with_ref_head, &mut init(), &device.clone().autodiff());
         // The same draws on the plain device: an exact copy, as `teacher.load_state_dict(student)`.
         let mut teacher_cfg = vit_cfg.clone();
         teacher_cfg.drop_path_rate = 0.0;
@@ -186,15 +162,7 @@ impl Trainer {
                  bf16 through f32 and would be slower than f32"
             );
         }
-        let mut t = Self::new(
-            &cfg.model,
-            &cfg.head,
-            &cfg.loss,
-            &cfg.optim,
-            schedules,
-            cfg.run.seed,
-            device,
-        );
+        let mut t = Self::new(&cfg.model, &cfg.head, &cfg.loss, &cfg.optim, schedules, cfg.run.seed, device);
         t.student.set_precision(cfg.run.precision);
         t.teacher.set_precision(cfg.run.precision);
         Ok(t)
@@ -213,11 +181,7 @@ impl Trainer {
         let momentum = self.schedules.momentum.at(it);
         let temp = self.loss.cfg.teacher_temp_at(epoch);
         let refs_on = self.loss.cfg.use_ref_loss;
-        let layout = Layout {
-            batch: b,
-            views: v,
-            points: m,
-        };
+        let layout = Layout { batch: b, views: v, points: m };
 
         // u8 → normalised f32 once on the device; the student reads the same tensors as autodiff constants.
         let views: Vec<Tensor<4>> = batch
@@ -225,11 +189,8 @@ impl Trainer {
             .iter()
             .map(|view| vit::normalize_pixels(&view.data, b, view.size, &self.device))
             .collect();
-        let teacher_out = self.teacher.forward(
-            &views[..2],
-            refs_on.then_some(&batch.teacher_points[..]),
-            None,
-        );
+        let teacher_out =
+            self.teacher.forward(&views[..2], refs_on.then_some(&batch.teacher_points[..]), None);
         let student_views: Vec<Tensor<4>> = views.into_iter().map(Tensor::from_inner).collect();
         let mut drop_rng = seed::rng(self.seed, Purpose::Model, &[1, it as u64]);
         let student_out = self.student.forward(
@@ -251,10 +212,7 @@ impl Trainer {
         scalars.extend(out.cls.clone().map(optim::plain));
         scalars.extend(out.refs.clone().map(optim::plain));
         scalars.extend(target_entropies(out.cls_targets.clone()));
-        let v: Vec<f64> = host(Tensor::cat(scalars, 0))
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        let v: Vec<f64> = host(Tensor::cat(scalars, 0)).into_iter().map(f64::from).collect();
         let (has_cls, has_ref) = (out.cls.is_some(), out.refs.is_some());
         let n = v.len();
         let metrics = StepMetrics {
@@ -283,8 +241,7 @@ impl Trainer {
         };
         self.optim.step(&mut self.student, &grads, opts);
         optim::ema_update(&mut self.teacher, &mut self.student, momentum);
-        self.loss
-            .update_centers(teacher_out.cls, teacher_out.refs, layout);
+        self.loss.update_centers(teacher_out.cls, teacher_out.refs, layout);
         self.it += 1;
         Ok(metrics)
     }

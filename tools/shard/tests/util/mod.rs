@@ -6,17 +6,31 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-/// `../shared/data` beside the checkout (or `$DENSEDINO_SHARED_DATA`). Real-data tests fail, saying so,
-/// when it is missing.
-pub fn shared_data() -> PathBuf {
-    let dir = std::env::var_os("DENSEDINO_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
-    assert!(
-        dir.join("imagenet-sample").is_dir(),
-        "real-data test: {} not found; it is the shared data folder beside the checkout (set DENSEDINO_SHARED_DATA to move it)",
-        dir.display()
-    );
+/// The data set `name` (e.g. `imagenet-sample`) in the shared data folder: `../shared/data` beside the
+/// checkout, or `$DENSEDINO_SHARED_DATA`. Real-data tests fail (they never skip) when it is missing, with
+/// a message naming the path expected, whether the data folder itself exists, and how to point elsewhere.
+pub fn shared_data(name: &str) -> PathBuf {
+    let (data, whence) = match std::env::var_os("DENSEDINO_SHARED_DATA") {
+        Some(d) => (PathBuf::from(d), "set by DENSEDINO_SHARED_DATA".to_string()),
+        None => {
+            // tools/shard -> the checkout -> the folder that holds it.
+            let beside = Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(3).unwrap_or(Path::new("/"));
+            (
+                beside.join("shared/data"),
+                "../shared/data beside the checkout; set DENSEDINO_SHARED_DATA to use another folder"
+                    .to_string(),
+            )
+        }
+    };
+    let dir = data.join(name);
+    if !dir.is_dir() {
+        let parent = if data.is_dir() {
+            format!("the data folder {} exists but holds no {name}", data.display())
+        } else {
+            format!("the data folder {} does not exist either", data.display())
+        };
+        panic!("real-data test: {} not found: {parent} (the data folder is {whence})", dir.display());
+    }
     dir
 }
 
@@ -35,11 +49,7 @@ pub fn run_shard(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 pub fn ok(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "shard failed: {:?}\n{stderr}",
-        out.status
-    );
+    assert!(out.status.success(), "shard failed: {:?}\n{stderr}", out.status);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -56,9 +66,7 @@ pub fn jpeg_rgb(w: u16, h: u16, seed: u8) -> Vec<u8> {
         }
     }
     let mut out = vec![];
-    jpeg_encoder::Encoder::new(&mut out, 90)
-        .encode(&px, w, h, jpeg_encoder::ColorType::Rgb)
-        .unwrap();
+    jpeg_encoder::Encoder::new(&mut out, 90).encode(&px, w, h, jpeg_encoder::ColorType::Rgb).unwrap();
     out
 }
 
@@ -113,12 +121,7 @@ pub fn cmyk_adobe_jpeg() -> Vec<u8> {
 pub fn ycck_jpeg() -> Vec<u8> {
     let mut out = vec![];
     jpeg_encoder::Encoder::new(&mut out, 100)
-        .encode(
-            &cmyk_blocks_pixels(),
-            80,
-            16,
-            jpeg_encoder::ColorType::CmykAsYcck,
-        )
+        .encode(&cmyk_blocks_pixels(), 80, 16, jpeg_encoder::ColorType::CmykAsYcck)
         .unwrap();
     out
 }
@@ -128,9 +131,7 @@ pub fn ycck_jpeg() -> Vec<u8> {
 pub fn cmyk_plain_jpeg() -> Vec<u8> {
     let inv: Vec<u8> = cmyk_blocks_pixels().iter().map(|v| 255 - v).collect();
     let mut out = vec![];
-    jpeg_encoder::Encoder::new(&mut out, 100)
-        .encode(&inv, 80, 16, jpeg_encoder::ColorType::Cmyk)
-        .unwrap();
+    jpeg_encoder::Encoder::new(&mut out, 100).encode(&inv, 80, 16, jpeg_encoder::ColorType::Cmyk).unwrap();
     strip_app14(&out)
 }
 
@@ -152,11 +153,6 @@ pub fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
         .collect()
 }
