@@ -114,7 +114,8 @@ impl ViewsConfig {
         }
     }
 
-    /// Plain DINO: 2 × 224 global views plus 8 × 96 local views, scale 0.05 to 0.4 (DINO's `main_dino.py` defaults).
+    /// Plain DINO: 2 × 224 global views plus 8 × 96 local views, scale 0.05 to 0.4 (DINO's `main_dino.py`
+    /// defaults).
     pub fn dino() -> Self {
         ViewsConfig { num_local: 8, local_size: 96, local_scale: [0.05, 0.4], ..Self::paper_main() }
     }

@@ -1,7 +1,6 @@
 //! Pixel operations of the DINO view pipeline (`DataAugmentationDINO` in `main_dino.py`): crop + bicubic
-//! resize, flip,
-//! ColorJitter (the four operations in random order), grayscale, Gaussian blur, solarise. Each
-//! operation rounds back to `u8`, as PIL does between operations.
+//! resize, flip, ColorJitter (the four operations in random order), grayscale, Gaussian blur, solarise.
+//! Each operation rounds back to `u8`, as PIL does between operations.
 //!
 //! Views are planar (`[3, S, S]`, the layout of `common::Batch`) from the resize on, so every loop runs
 //! over contiguous channel planes, which the compiler vectorises, and no conversion is needed at the end.

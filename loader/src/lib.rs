@@ -3,8 +3,9 @@
 //!
 //! [`plan`] decides which shards a rank reads in an epoch; [`decode`] turns bytes into RGB; [`augment`]
 //! holds the pixel operations; [`views`] makes one sample's views and points; [`pipeline`] runs it all on
-//! tokio with exact replay from a seed and a cursor; [`preview`] draws a batch for a person to check; [`report`] is the stats line and progress bar.
-//! [`error`] is the one error type of the library; anyhow is for the binary only.
+//! tokio with exact replay from a seed and a cursor; [`preview`] draws a batch for a person to check;
+//! [`report`] is the stats line and progress bar. [`error`] is the one error type of the library; anyhow is
+//! for the binary only.
 
 pub mod augment;
 pub mod decode;

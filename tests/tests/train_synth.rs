@@ -48,9 +48,10 @@ fn a_short_cpu_run_lowers_the_loss_without_collapse() {
     let head = HeadConfig { out_dim: 256, hidden_dim: 256, bottleneck_dim: 64, ..Default::default() };
     // lr 0.016 at batch 256 scales to 1e-3 at batch 16.
     let ocfg = OptimConfig { lr: 0.016, warmup_epochs: 1, freeze_last_layer: 1, ..Default::default() };
-    // Teacher temperature 0.02: the maintainers' advice for small data (facebookresearch/dino issue #43). At 0.04
-    // this 150-step run on 256 images spends its steps with the centering flattening the targets (the CLS
-    // loss climbs from its teacher = student start while the reference loss falls); sharper targets learn.
+    // Teacher temperature 0.02: the maintainers' advice for small data (facebookresearch/dino issue #43). At
+    // 0.04 this 150-step run on 256 images spends its steps with the centering flattening the targets (the
+    // CLS loss climbs from its teacher = student start while the reference loss falls); sharper targets
+    // learn.
     let loss = LossConfig { teacher_temp: 0.02, warmup_teacher_temp: 0.02, ..Default::default() };
     let ipe = 256 / batch;
     let sched = Schedules::new(&ocfg, 10, ipe, batch);

@@ -195,9 +195,7 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(demo) {
         Command::Train { config, sets, resume, device, quiet } => train(config, sets, resume, device, quiet),
         Command::Bench { config, sets, steps, warmup, synthetic_batches, device } => {
-            let cfg = TrainConfig::load(config.as_deref(), &sets);
-            cfg.and_then(|cfg| trainer::train::bench::bench(&cfg, steps, warmup, synthetic_batches, device))
-                .map(|_| ())
+            bench(config.as_deref(), &sets, steps, warmup, synthetic_batches, device)
         }
         Command::Plot { run_dir } => plot(&run_dir),
         Command::Eval {
@@ -282,6 +280,19 @@ fn train(
         );
     }
     Ok(())
+}
+
+/// `trainer bench`: the time of `steps` training steps of a config, after `warmup` untimed ones.
+fn bench(
+    config: Option<&Path>,
+    sets: &[String],
+    steps: usize,
+    warmup: usize,
+    synthetic_batches: bool,
+    device: Option<DeviceSpec>,
+) -> Result<()> {
+    let cfg = TrainConfig::load(config, sets)?;
+    trainer::train::bench::bench(&cfg, steps, warmup, synthetic_batches, device)
 }
 
 /// `trainer plot`: a run's metrics as PNG plots.

@@ -65,8 +65,8 @@ fn resume_matches_an_uninterrupted_run_exactly_and_survives_a_crash_mid_checkpoi
     assert_eq!(want.len(), 8);
     assert!(full.run_dir.join("loss.png").exists(), "the run draws its plots");
 
-    // Stop after 3 steps (checkpoints at 2 and 3, the run end), resume to 6 (checkpoints at 4 and 5, the epoch
-    // end) with the one at 6
+    // Stop after 3 steps (checkpoints at 2 and 3, the run end), resume to 6 (checkpoints at 4 and 5, the
+    // epoch end) with the one at 6
     // failing half way, then resume again from the last good one to 8.
     let part = fresh(demo(tmp.path(), "split", 3)).expect("first part");
     let dir = part.run_dir.clone();

@@ -6,7 +6,8 @@
 //! - A CMYK or YCCK JPEG becomes RGB. An Adobe APP14 marker means the CMYK values are stored inverted (the
 //!   Photoshop convention that libjpeg, PIL and browsers follow); without one they are plain ink amounts.
 //!   RGB = (255 − C)(255 − K)/255 per channel on the plain amounts.
-//! - Any other format the `image` crate reads (PNG named `.JPEG`, GIF, BMP, WebP, TIFF) is re-encoded as JPEG.
+//! - Any other format the `image` crate reads (PNG named `.JPEG`, GIF, BMP, WebP, TIFF) is re-encoded
+//!   as JPEG.
 //! - Empty, truncated and unreadable files are refused with a reason (an [`Error::Image`] without a path:
 //!   these functions see bytes, not files); the packer names the file, then records and skips it.
 

@@ -48,19 +48,20 @@ enum Command {
         #[arg(long)]
         class_names: Option<PathBuf>,
         /// Seed of the shuffle that spreads samples over shards.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = PackOptions::default().seed)]
         seed: u64,
         /// Shard names are {prefix}-000000.tar, ….
-        #[arg(long, default_value = "train")]
+        #[arg(long, default_value_t = PackOptions::default().prefix)]
         prefix: String,
-        /// Target shard size (uncompressed tar bytes), with K/M/G suffixes.
+        /// Target shard size (uncompressed tar bytes), with K/M/G suffixes (the default is
+        /// `PackOptions::default().shard_bytes`, spelled readably).
         #[arg(long, default_value = "1G", value_parser = parse_bytes)]
         shard_bytes: u64,
         /// Samples per shard instead of a size target.
         #[arg(long)]
         per_shard: Option<u64>,
         /// JPEG quality for images that must be re-encoded.
-        #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+        #[arg(long, default_value_t = PackOptions::default().quality, value_parser = clap::value_parser!(u8).range(1..=100))]
         quality: u8,
         /// Cap the long side at this many pixels (resized and re-encoded), as FFCV does with 500.
         #[arg(long)]
@@ -99,25 +100,25 @@ enum Command {
         out: PathBuf,
         /// shapes (the demo's scenes) or palettes (the class is which hues an image holds; see
         /// `shard::synth`).
-        #[arg(long, value_enum, default_value_t = SynthKind::Shapes)]
+        #[arg(long, value_enum, default_value_t = SynthOptions::default().kind)]
         kind: SynthKind,
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = SynthOptions::default().count)]
         count: usize,
         /// Image side in pixels.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = SynthOptions::default().size)]
         size: u32,
         /// Shapes per scene: 1 to this many (the label is the one covering the most pixels).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = SynthOptions::default().max_shapes)]
         max_shapes: usize,
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = SynthOptions::default().seed)]
         seed: u64,
-        #[arg(long, default_value = "train")]
+        #[arg(long, default_value_t = SynthOptions::default().prefix)]
         prefix: String,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = SynthOptions::default().per_shard)]
         per_shard: u64,
         #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22))]
         zstd: Option<i32>,
-        #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+        #[arg(long, default_value_t = SynthOptions::default().quality, value_parser = clap::value_parser!(u8).range(1..=100))]
         quality: u8,
         #[arg(long)]
         force: bool,

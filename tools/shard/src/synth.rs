@@ -97,7 +97,8 @@ impl Default for SynthOptions {
 }
 
 /// What a synthetic set records about its generator in its index (`options.extra`): the settings that
-/// decide its images, besides the seed. Two sets with equal records and seeds are equal byte for byte.
+/// decide its images' content besides the seed. The index records the rest of [`SynthOptions`] that
+/// shapes the set's bytes (prefix, samples per shard, JPEG quality, zstd level) in its common fields.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SynthRecord {
     /// Sets from before the option were shapes.
@@ -119,14 +120,20 @@ impl SynthRecord {
         Self { kind: opts.kind, count: opts.count, size: opts.size, max_shapes: opts.max_shapes }
     }
 
-    /// The record and seed of the synthetic set in `dir`, or `None` when `dir` holds no synthetic set.
-    pub fn load(dir: &Path) -> Option<(Self, u64)> {
-        let index = Index::load(&dir.join(crate::index::INDEX_FILE)).ok()?;
-        if index.options.layout != "synth" {
-            return None;
-        }
-        let record = serde_json::from_value(index.options.extra.clone()).ok()?;
-        Some((record, index.options.seed))
+    /// Whether `dir` holds exactly the set `opts` makes, byte for byte (same generator settings, seed,
+    /// prefix, samples per shard, quality and compression), so that it can be reused as it is.
+    pub fn is_current(dir: &Path, opts: &SynthOptions) -> bool {
+        let Ok(index) = Index::load(&dir.join(crate::index::INDEX_FILE)) else {
+            return false;
+        };
+        let o = &index.options;
+        o.layout == "synth"
+            && serde_json::from_value::<SynthRecord>(o.extra.clone()).ok() == Some(Self::of(opts))
+            && o.seed == opts.seed
+            && o.prefix == opts.prefix
+            && o.per_shard == Some(opts.per_shard)
+            && o.quality == opts.quality
+            && o.zstd_level == opts.zstd_level
     }
 }
 

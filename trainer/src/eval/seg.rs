@@ -113,7 +113,8 @@ pub fn miou(conf: &[u64], classes: usize) -> (f64, Vec<f64>) {
     (iou.iter().sum::<f64>() / classes as f64, iou)
 }
 
-/// Bilinear upsampling of `[n, g, g]` maps to `[n, s, s]`: `Wy · L · Wyᵀ` with `wy` = [`bilinear_1d`]`(g, s)`.
+/// Bilinear upsampling of `[n, g, g]` maps to `[n, s, s]`: `Wy · L · Wyᵀ`, with `wy` the matrix of
+/// [`bilinear_1d`]`(g, s)`.
 fn upsample(wy: &Tensor<2>, maps: Tensor<3>) -> Tensor<3> {
     wy.clone().unsqueeze::<3>().matmul(maps).matmul(wy.clone().transpose().unsqueeze::<3>())
 }

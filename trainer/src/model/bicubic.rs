@@ -1,10 +1,10 @@
 //! Bicubic sampling of the positional grid as weight matrices, built on the host.
 //!
 //! burn 0.22's `grid_sample_2d` has no bicubic mode under autodiff, and `interpolate` maps coordinates by the
-//! output size rather than by the `scale_factor` that DINO passes (`interpolate_pos_encoding` in `vision_transformer.py`). Both operations are
-//! linear in the grid and the coordinates never need a gradient, so each one becomes a row-sparse matrix
-//! `W` (16 taps per output row) that multiplies the `[N, D]` grid: exact, differentiable in the grid, one
-//! matmul on the device.
+//! output size rather than by the `scale_factor` that DINO passes (`interpolate_pos_encoding` in
+//! `vision_transformer.py`). Both operations are linear in the grid and the coordinates never need a
+//! gradient, so each one becomes a row-sparse matrix `W` (16 taps per output row) that multiplies the
+//! `[N, D]` grid: exact, differentiable in the grid, one matmul on the device.
 
 /// PyTorch's cubic convolution constant (`A = -0.75`, as in `upsample_bicubic2d` and `grid_sample`).
 pub const CUBIC_A: f64 = -0.75;

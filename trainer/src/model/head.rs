@@ -1,5 +1,5 @@
-//! DINO's projection head (`DINOHead` in `vision_transformer.py`): a 3-layer MLP, L2 normalisation, and a weight-normalised
-//! last layer without bias whose gain is fixed at 1 when `norm_last_layer`.
+//! DINO's projection head (`DINOHead` in `vision_transformer.py`): a 3-layer MLP, L2 normalisation, and a
+//! weight-normalised last layer without bias whose gain is fixed at 1 when `norm_last_layer`.
 
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};

@@ -1,5 +1,6 @@
 //! The network one side of the distillation owns: backbone, CLS head and reference head
-//! (the official `utils.MultiCropWrapper`, with DenseDINO's separate `ref_head`), and its forward over a batch's views.
+//! (the official `utils.MultiCropWrapper`, with DenseDINO's separate `ref_head`), and its forward over a
+//! batch's views.
 
 pub mod bicubic;
 pub mod head;

@@ -1,4 +1,5 @@
-//! The Vision Transformer of DINO with DenseDINO's reference tokens (the official `vision_transformer.py` of DINO and DenseDINO; the paper's §3.2).
+//! The Vision Transformer of DINO with DenseDINO's reference tokens (the official `vision_transformer.py` of
+//! DINO and DenseDINO; the paper's §3.2).
 //!
 //! Token layout of the official code: `[CLS, REF_1..REF_R, PATCH_1..PATCH_N]` with an additive mask in every
 //! block. With the default mask `all2pos_pos2cls_eye` nothing attends to a reference token and a reference
@@ -46,7 +47,8 @@ pub enum MaskMode {
     AllQuery,
 }
 
-/// The backbone's hyperparameters. `vit_tiny`/`vit_small`/`vit_base` give DINO's sizes (`vision_transformer.py`).
+/// The backbone's hyperparameters. `vit_tiny`/`vit_small`/`vit_base` give DINO's sizes
+/// (`vision_transformer.py`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VitConfig {
@@ -62,11 +64,13 @@ pub struct VitConfig {
     pub img_size: usize,
     /// MLP hidden width = mlp_ratio * D (4 in DINO).
     pub mlp_ratio: usize,
-    /// Stochastic depth: block i drops with `linspace(0, rate, depth)[i]`; the student uses 0.1, the teacher 0.
+    /// Stochastic depth: block i drops with `linspace(0, rate, depth)[i]`; the student uses 0.1, the
+    /// teacher 0.
     pub drop_path_rate: f64,
     /// The attention mask of the reference tokens; `all2pos_pos2cls_eye` takes the efficient path.
     pub mask_mode: MaskMode,
-    /// `--with_learnable_token`: one shared learnable content vector instead of zeros (off in the README run).
+    /// `--with_learnable_token`: one shared learnable content vector instead of zeros (off in the
+    /// README's run).
     pub learnable_ref_token: bool,
     /// `--detach_pos_embed`: no gradient from reference tokens into the positional embedding.
     pub detach_pos_embed: bool,

@@ -11,22 +11,15 @@ use crate::train::config::{DeviceSpec, TrainConfig};
 use crate::train::data;
 use crate::train::step::{Schedules, Trainer};
 
-/// What `bench` measured.
-#[derive(Clone, Copy, Debug)]
-pub struct BenchResult {
-    pub step_time: f64,
-    pub images_per_s: f64,
-}
-
 /// Times `steps` training steps (after `warmup` untimed ones) of `cfg` on `device` (default:
-/// `run.device`) and prints step time and images/s.
+/// `run.device`) and prints step time and images/s (the line `bench/compare.sh` reads).
 pub fn bench(
     cfg: &TrainConfig,
     steps: usize,
     warmup: usize,
     synthetic: bool,
     device: Option<DeviceSpec>,
-) -> Result<BenchResult> {
+) -> Result<()> {
     let spec = device.unwrap_or(cfg.run.device);
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1000, cfg.run.batch_size);
     let mut trainer = Trainer::from_config(cfg, schedules, &spec.device()?)?;
@@ -54,7 +47,7 @@ pub fn bench(
         trainer.step(&batch).map_err(|m| anyhow!("non-finite loss {}", m.loss))?;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let result = BenchResult { step_time: secs / steps as f64, images_per_s: (steps * b) as f64 / secs };
+    let (step_time, images_per_s) = (secs / steps as f64, (steps * b) as f64 / secs);
     let m = &cfg.model;
     println!(
         "bench: {} on {spec} in {}, {} views, batch {b}, D={} depth={} heads={} patch={} ({}): {:.4} s/step, \
@@ -67,11 +60,11 @@ pub fn bench(
         m.num_heads,
         m.patch_size,
         if synthetic { "generated batches" } else { "real loader" },
-        result.step_time,
-        result.images_per_s,
+        step_time,
+        images_per_s,
         100.0 * wait.as_secs_f64() / secs
     );
-    Ok(result)
+    Ok(())
 }
 
 /// A batch of `b` images with views of the given sizes, random pixels and valid reference points: for

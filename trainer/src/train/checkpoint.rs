@@ -102,12 +102,13 @@ pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Resu
 }
 
 /// When a run saves: every `run.checkpoint_every` steps, at each epoch end and at the run's last step,
-/// keeping the newest `run.keep_checkpoints`. It remembers the last checkpoint it wrote.
+/// keeping the newest `run.keep_checkpoints`. It remembers the run's last good checkpoint.
 pub struct Policy {
     dir: PathBuf,
     every: usize,
     keep: usize,
-    /// The last checkpoint written by this run, and the step it holds.
+    /// The run's last good checkpoint and the step it holds: the last one written, or the one a resumed
+    /// run started from until it writes another.
     pub last: Option<(usize, PathBuf)>,
 }
 
@@ -127,7 +128,7 @@ impl Policy {
         Ok(())
     }
 
-    /// The last checkpoint written by this run, for messages.
+    /// The run's last good checkpoint, for messages.
     pub fn describe_last(&self) -> String {
         self.last.as_ref().map_or("none yet".into(), |(_, p)| p.display().to_string())
     }

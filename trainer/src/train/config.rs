@@ -116,7 +116,8 @@ impl std::str::FromStr for DeviceSpec {
             "cpu" | "flex" => Ok(DeviceSpec::Cpu),
             "tch-cpu" => Ok(DeviceSpec::TchCpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse) {
+            // `cuda:N`, and `cudaN` as older configs wrote it.
+            _ => match s.strip_prefix("cuda").map(|i| i.trim_start_matches(':').parse()) {
                 Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
                 _ => bail!("unknown device {s:?} (cpu, tch-cpu or cuda:N)"),
             },

@@ -49,7 +49,7 @@ fn synth_options(cfg: &TrainConfig, count: usize, seed: u64, prefix: &str) -> Sy
 /// The synthetic set `opts` describes in `dir`, unless it is there already (a set made with other
 /// settings is remade rather than silently reused).
 fn make_synth(dir: &Path, opts: &SynthOptions, announce: bool) -> Result<()> {
-    if SynthRecord::load(dir) == Some((SynthRecord::of(opts), opts.seed)) {
+    if SynthRecord::is_current(dir, opts) {
         return Ok(());
     }
     if announce {

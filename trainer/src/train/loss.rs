@@ -1,5 +1,6 @@
-//! The DenseDINO objective (`DINOLoss` in DenseDINO's `main_dino.py`; the paper's §3.1 and §3.2): DINO's centred, sharpened cross-entropy on the CLS
-//! token plus the same on reference tokens, matched point for point across views, with separate centers.
+//! The DenseDINO objective (`DINOLoss` in DenseDINO's `main_dino.py`; the paper's §3.1 and §3.2): DINO's
+//! centred, sharpened cross-entropy on the CLS token plus the same on reference tokens, matched point for
+//! point across views, with separate centers.
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -7,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused::{self, Pairs};
 
-/// Which teacher reference groups feed `ref_center` (the paper and the code differ here; the code's choice is the default).
+/// Which teacher reference groups feed `ref_center` (the paper and the code differ here; the code's choice is
+/// the default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefCenterGroups {

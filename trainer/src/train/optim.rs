@@ -1,5 +1,5 @@
-//! The optimisation step of DINO (`train_one_epoch` in `main_dino.py`; `get_params_groups`, `clip_gradients` and
-//! `cancel_gradients_last_layer` in `utils.py`): AdamW with two parameter groups, gradient
+//! The optimisation step of DINO (`train_one_epoch` in `main_dino.py`; `get_params_groups`, `clip_gradients`
+//! and `cancel_gradients_last_layer` in `utils.py`): AdamW with two parameter groups, gradient
 //! clipping per parameter tensor, the frozen last layer in the first epoch, and the EMA teacher.
 //!
 //! burn's `AdamW` decays every parameter at one rate and clips by one global rule; DINO needs the decay

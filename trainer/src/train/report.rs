@@ -12,6 +12,8 @@ use crate::train::config::RunConfig;
 use crate::train::metrics::{MetricsLog, Record};
 use crate::train::step::StepMetrics;
 
+/// The run's voice: the progress bar or stats lines, the metrics file, the epoch's running sums and the
+/// run's throughput.
 pub struct Reporter {
     log: MetricsLog,
     bar: Option<ProgressBar>,

@@ -89,9 +89,9 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     }
 
     let first = trainer.it;
+    let mut report = Reporter::new(&run_dir, &cfg.run, first, total, opts.quiet)?;
     let rt = data::runtime()?;
     let loader = rt.block_on(async { loader::start(data::loader_options(&cfg, &shards, cursor)) })?;
-    let mut report = Reporter::new(&run_dir, &cfg.run, first, total, opts.quiet)?;
     let mut ckpt = checkpoint::Policy::new(run_dir.join("checkpoints"), &cfg.run);
     // A resumed run's last good checkpoint is the one it resumed from, until it writes another.
     ckpt.last = resume.map(|(file, _)| (first, file));

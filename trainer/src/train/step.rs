@@ -1,5 +1,5 @@
-//! One DenseDINO training step, top to bottom (`train_one_epoch` in `main_dino.py`): schedules → teacher and student forward →
-//! loss → backward → per-tensor clip and frozen last layer → AdamW → EMA teacher → centers.
+//! One DenseDINO training step, top to bottom (`train_one_epoch` in `main_dino.py`): schedules → teacher and
+//! student forward → loss → backward → per-tensor clip and frozen last layer → AdamW → EMA teacher → centers.
 
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor};
