@@ -236,7 +236,8 @@ fn bench(opts: LoaderOptions, preset: &str, seconds: f64, rounds: usize) -> Resu
             eprintln!("memory: {a:.0} MB resident after warm-up, {b:.0} MB at the end ({epochs} epochs read; between windows the channel fills to capacity and allocator pools grow to their working size; `loader soak` prints memory per epoch)");
         }
         let (p50, p99) = loader.stats.time_percentiles();
-        let line = format!("sample time p50 {p50:.1} ms, p99 {p99:.1} ms, skipped {}", loader.stats.skipped.load(Ordering::Relaxed));
+        let problems = loader.stats.problems().unwrap_or_else(|| "no data problems".into());
+        let line = format!("sample time p50 {p50:.1} ms, p99 {p99:.1} ms, {problems}");
         anyhow::Ok((decodes, pipes, line))
     })?;
     let ratios: Vec<f64> = pipes.iter().zip(&decodes).map(|(p, d)| p / d).collect();
@@ -276,6 +277,9 @@ fn soak(opts: LoaderOptions, epochs: usize) -> Result<()> {
                 epoch = batch.epoch as usize;
             }
             images += batch.batch_size as u64;
+        }
+        if let Some(problems) = loader.stats.problems() {
+            eprintln!("data problems: {problems}");
         }
         let settled = rss.len().min(3);
         if rss.len() <= settled {

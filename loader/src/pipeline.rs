@@ -73,21 +73,59 @@ impl LoaderOptions {
     }
 }
 
+/// Skipped samples warned about one by one; later ones are only counted (a set with a bad region
+/// would otherwise print a line per sample per epoch).
+pub const SKIP_WARNINGS: u64 = 5;
+
 /// Counters for the stats line.
 #[derive(Default)]
 pub struct Stats {
     pub images: AtomicU64,
     pub batches: AtomicU64,
+    /// Samples whose image could not be decoded or augmented, counted each time one is read.
     pub skipped: AtomicU64,
     /// Samples where a view took the overlap redraw loop's fallback (a tiny or thin image).
     pub overlap_fallbacks: AtomicU64,
+    /// Distinct shards found cut short or unreadable during this run (each counted once, however
+    /// many epochs read it).
     pub truncated_shards: AtomicU64,
+    /// Samples those shards lack against their index entry (once per shard, not per epoch).
+    pub lost_samples: AtomicU64,
+    /// The damaged shards seen so far, so each is reported once.
+    damaged: Mutex<std::collections::BTreeSet<String>>,
     /// Recent per-sample processing times in microseconds (a ring of 4096).
     times_us: Mutex<Vec<u32>>,
     next_time: AtomicU64,
 }
 
 impl Stats {
+    /// Records a damaged shard; true the first time this shard is reported in this run.
+    fn shard_damaged(&self, name: &str, lost: u64) -> bool {
+        let first = self.damaged.lock().map(|mut d| d.insert(name.to_string())).unwrap_or(true);
+        if first {
+            self.truncated_shards.fetch_add(1, Ordering::Relaxed);
+            self.lost_samples.fetch_add(lost, Ordering::Relaxed);
+        }
+        first
+    }
+
+    /// The data problems of the run so far, for its end-of-run summary: damaged shards with the samples
+    /// they lack and skipped samples; `None` for a clean run.
+    pub fn problems(&self) -> Option<String> {
+        let plural = |n: u64, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+        let (damaged, lost) =
+            (self.truncated_shards.load(Ordering::Relaxed), self.lost_samples.load(Ordering::Relaxed));
+        let skipped = self.skipped.load(Ordering::Relaxed);
+        let mut parts = vec![];
+        if damaged > 0 {
+            parts.push(format!("{} ({} lost)", plural(damaged, "damaged shard"), plural(lost, "sample")));
+        }
+        if skipped > 0 {
+            parts.push(format!("{} skipped", plural(skipped, "sample")));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+
     fn record_time(&self, us: u32) {
         let i = self.next_time.fetch_add(1, Ordering::Relaxed) as usize % 4096;
         if let Ok(mut t) = self.times_us.lock() {
@@ -147,8 +185,12 @@ struct Done {
     key: String,
     shard: Arc<str>,
     label: i64,
-    result: Result<SampleViews>,
+    /// `Err(Missing)`: a position a damaged shard could not fill (reported by its reader).
+    result: std::result::Result<Result<SampleViews>, Missing>,
 }
+
+/// A position of the epoch plan that no sample filled.
+struct Missing;
 
 /// The shard directory and index from a directory or an `index.json` path; one clear error if absent.
 pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
@@ -166,6 +208,21 @@ pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
     let index = Index::load(path)?;
     if index.total_samples == 0 || index.shards.is_empty() {
         return Err(Error::ShardSet { path: dir, problem: "the shard index lists no samples".into() });
+    }
+    // A missing shard is a set that is not what its index says: training on the rest would run a
+    // different (smaller) data set under the same name, so it is refused before anything starts.
+    let missing: Vec<&str> =
+        index.shards.iter().map(|s| s.name.as_str()).filter(|n| !dir.join(n).is_file()).collect();
+    if !missing.is_empty() {
+        let (n, total) = (missing.len(), index.shards.len());
+        let verb = if n == 1 { "is" } else { "are" };
+        return Err(Error::ShardSet {
+            path: dir,
+            problem: format!(
+                "{n} of the {total} shards its index.json lists {verb} missing: {}",
+                missing.join(", ")
+            ),
+        });
     }
     Ok((dir, index))
 }
@@ -217,21 +274,46 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
 }
 
 /// Reads one shard on its own thread into a small channel, so the reader can pull samples from several
-/// shards in a fixed round-robin order.
-fn spawn_shard_reader(path: PathBuf, stats: Arc<Stats>) -> std::sync::mpsc::Receiver<Sample> {
+/// shards in a fixed round-robin order. A damaged shard gives what it has; it is reported once per run
+/// (not once per epoch) with the samples it lacks against its index entry (`listed`).
+fn spawn_shard_reader(path: PathBuf, listed: u64, stats: Arc<Stats>) -> std::sync::mpsc::Receiver<Sample> {
     let (tx, rx) = std::sync::mpsc::sync_channel(8);
     std::thread::spawn(move || {
-        let reader = match open_shard(&path) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("warning: {e}; skipping this shard");
-                stats.truncated_shards.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        let name =
+            path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into());
+        let mut stopped = false;
+        let (error, delivered) = match open_shard(&path) {
+            Ok(reader) => match read_samples(reader, |s| {
+                stopped = tx.send(s).is_err();
+                !stopped
+            }) {
+                // Whole, or left early by its reader: nothing to report.
+                Ok(n) if n >= listed || stopped => return,
+                // An intact tar with fewer samples than the index lists: replaced, or packed by another tool.
+                Ok(n) => (
+                    shard::Error::Shard {
+                        path: Some(path.clone()),
+                        samples: n,
+                        problem: format!("it holds {n} samples where its index.json lists {listed}"),
+                    },
+                    n,
+                ),
+                Err(e) => {
+                    let samples = match &e {
+                        shard::Error::Shard { samples, .. } => *samples,
+                        _ => 0,
+                    };
+                    (e.in_file(&path), samples)
+                }
+            },
+            Err(e) => (e, 0),
         };
-        if let Err(e) = read_samples(reader, |s| tx.send(s).is_ok()) {
-            eprintln!("warning: {}; the shard ends there", e.in_file(&path));
-            stats.truncated_shards.fetch_add(1, Ordering::Relaxed);
+        let lost = listed.saturating_sub(delivered);
+        if stats.shard_damaged(&name, lost) {
+            eprintln!(
+                "warning: {error}; {lost} of its {listed} samples are lost (reported once; counted in the \
+                 stats line)"
+            );
         }
     });
     rx
@@ -248,8 +330,7 @@ fn read_loop(
     while opts.end_epoch.is_none_or(|end| epoch < end) {
         let plan = epoch_plan(index, opts.seed, epoch, opts.rank, opts.world_size);
         let skip = if epoch == opts.start.epoch { opts.start.samples } else { 0 };
-        let mut pending =
-            plan.shards.iter().map(|&i| index.shards[i].name.clone()).collect::<Vec<_>>().into_iter();
+        let mut pending = plan.shards.iter().map(|&i| &index.shards[i]);
         let mut open: Vec<(Arc<str>, std::sync::mpsc::Receiver<Sample>)> = vec![];
         let mut next_slot = 0usize;
         let mut shuffle_rng = rng(opts.seed, Purpose::ShuffleBuffer, &[epoch]);
@@ -271,9 +352,9 @@ fn read_loop(
         loop {
             while open.len() < opts.interleave.max(1) {
                 match pending.next() {
-                    Some(name) => {
-                        let rx = spawn_shard_reader(dir.join(&name), stats.clone());
-                        open.push((Arc::from(name.as_str()), rx));
+                    Some(info) => {
+                        let rx = spawn_shard_reader(dir.join(&info.name), info.samples, stats.clone());
+                        open.push((Arc::from(info.name.as_str()), rx));
                     }
                     None => break,
                 }
@@ -312,21 +393,15 @@ fn read_loop(
             return;
         }
         if seq < plan.len {
-            // Damaged shards delivered fewer samples than the index promised; the collator must still
-            // see the epoch end, so the missing positions are sent as empty (skipped) samples.
-            eprintln!("warning: epoch {epoch}: {} samples missing from damaged shards", plan.len - seq);
+            // Damaged shards delivered fewer samples than the index promised (already reported and
+            // counted by their readers); the collator must still see the epoch end, so the missing
+            // positions are sent as samples without members, which it passes over silently.
             while seq < plan.len {
                 let s = seq;
                 seq += 1;
                 if s >= skip {
-                    let empty = Sample { key: format!("<missing {s}>"), members: vec![] };
-                    let w = Work {
-                        epoch,
-                        seq: s,
-                        epoch_len: plan.len,
-                        shard: Arc::from("<missing>"),
-                        sample: empty,
-                    };
+                    let empty = Sample { key: String::new(), members: vec![] };
+                    let w = Work { epoch, seq: s, epoch_len: plan.len, shard: Arc::from(""), sample: empty };
                     if work.send_blocking(w).is_err() {
                         return;
                     }
@@ -348,12 +423,15 @@ fn work_loop(
         let t0 = Instant::now();
         let label =
             w.sample.get("cls").and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok()).unwrap_or(-1);
-        let result =
-            match w.sample.get("jpg").or_else(|| w.sample.get("png")).or_else(|| w.sample.get("jpeg")) {
+        let result = if w.sample.members.is_empty() {
+            Err(Missing)
+        } else {
+            Ok(match w.sample.get("jpg").or_else(|| w.sample.get("png")).or_else(|| w.sample.get("jpeg")) {
                 Some(bytes) => make_views(bytes, &opts.views, opts.seed, w.epoch, w.seq, &mut scratch),
                 None => Err(Error::image("no image member (jpg, png or jpeg)")),
-            };
-        if result.as_ref().is_ok_and(|v| v.overlap_fallback) {
+            })
+        };
+        if matches!(&result, Ok(Ok(v)) if v.overlap_fallback) {
             stats.overlap_fallbacks.fetch_add(1, Ordering::Relaxed);
         }
         stats.record_time(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
@@ -430,18 +508,27 @@ async fn collate_loop(
     let mut reorder: BTreeMap<(u64, u64), Done> = BTreeMap::new();
     let mut next = (opts.start.epoch, opts.start.samples);
     let mut pending = Pending::new(cfg, b);
+    let mut warned = 0u64;
     while let Ok(done) = rx.recv().await {
         reorder.insert((done.epoch, done.seq), done);
         while let Some(d) = reorder.remove(&next) {
             let Done { epoch, seq, epoch_len, key, shard, label, result } = d;
             match result {
-                Ok(views) => pending.push(label, key, seq, views),
-                Err(e) => {
+                Ok(Ok(views)) => pending.push(label, key, seq, views),
+                Ok(Err(e)) => {
                     stats.skipped.fetch_add(1, Ordering::Relaxed);
-                    eprintln!(
-                        "warning: skipped sample {key} of shard {shard} (epoch {epoch}, seq {seq}): {e}"
-                    );
+                    warned += 1;
+                    if warned <= SKIP_WARNINGS {
+                        eprintln!(
+                            "warning: skipped sample {key} of shard {shard} (epoch {epoch}, seq {seq}): {e}"
+                        );
+                    } else if warned == SKIP_WARNINGS + 1 {
+                        eprintln!(
+                            "warning: further skipped samples are not shown; they are counted in the stats line"
+                        );
+                    }
                 }
+                Err(Missing) => {}
             }
             next = (epoch, seq + 1);
             if pending.labels.len() == b {

@@ -1,6 +1,6 @@
-//! The loader's stats line: images/s, batches/s, queue depth, per-sample time p50/p99 and skipped
-//! samples. On a terminal it is the message of a progress bar (or spinner, when the length is open);
-//! otherwise a plain line every few seconds, so logs of batch jobs stay readable.
+//! The loader's stats line: images/s, batches/s, queue depth, per-sample time p50/p99, skipped
+//! samples and damaged shards. On a terminal it is the message of a progress bar (or spinner, when the
+//! length is open); otherwise a plain line every few seconds, so logs of batch jobs stay readable.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -30,7 +30,9 @@ pub fn stats_line(stats: &Stats, elapsed: Duration, queue: usize, capacity: usiz
         line.push_str(&format!(", overlap fallbacks {fallbacks}"));
     }
     if damaged > 0 {
-        line.push_str(&format!(", damaged shards {damaged}"));
+        let lost = stats.lost_samples.load(Ordering::Relaxed);
+        let s = if lost == 1 { "" } else { "s" };
+        line.push_str(&format!(", damaged shards {damaged} ({lost} sample{s} lost)"));
     }
     line
 }

@@ -160,7 +160,19 @@ fn read_pytorch(path: &Path) -> Result<Named> {
 /// A step-0 run folder from official-layout weights: backbone into student and teacher; heads from the
 /// file when present, else freshly initialised; a missing `ref_head` starts as a copy of `head` (the
 /// official code's fine-tuning mode).
-pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path) -> Result<PathBuf> {
+///
+/// `out` must not hold a run already (its checkpoints, metrics or config); with `force` that run's files
+/// are removed first, so the folder holds the imported run alone.
+pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) -> Result<PathBuf> {
+    let run_files = ["checkpoints", "metrics.jsonl", "config.toml"].map(|f| out.join(f));
+    let holds_run = run_files.iter().any(|f| f.exists());
+    if holds_run && !force {
+        bail!(
+            "{} already holds a run (its checkpoints, metrics or config): importing would mix two runs. Choose \
+             a new --out, or pass --force to replace that run",
+            out.display()
+        );
+    }
     let mut named = import(weights)?;
     if !named.keys().any(|k| k.starts_with("ref_head.")) {
         let copies: Vec<(String, crate::model::params::HostTensor)> = named
@@ -192,7 +204,20 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path) -> Result<PathB
     load_side(&mut trainer.student, &device.clone().autodiff())?;
     load_side(&mut trainer.teacher, &device)?;
     let meta = Meta { it: 0, cursor: Cursor::default(), config: cfg.clone() };
-    std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("config.toml"), cfg.to_toml())?;
+    if holds_run {
+        // Only now, with the new weights read and loaded: a failed import leaves the old run as it was.
+        for f in &run_files {
+            let removed = if f.is_dir() { std::fs::remove_dir_all(f) } else { std::fs::remove_file(f) };
+            if let Err(e) = removed.or_else(|e| if f.exists() { Err(e) } else { Ok(()) }) {
+                bail!("--force: cannot remove {}: {e}", f.display());
+            }
+        }
+        for plot in ["loss.png", "schedules.png", "entropy.png"] {
+            let _ = std::fs::remove_file(out.join(plot)); // drawn from the metrics just removed
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let config = out.join("config.toml");
+    std::fs::write(&config, cfg.to_toml()).with_context(|| format!("writing {}", config.display()))?;
     checkpoint::save(&out.join("checkpoints"), &mut trainer, &meta, cfg.run.keep_checkpoints)
 }

@@ -32,9 +32,13 @@ enum Command {
         /// Override a config value, e.g. --set run.epochs=10 --set loss.alpha=0.3 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
-        /// Continue the run in this folder (or from this checkpoint file) exactly where it stopped.
+        /// Continue the run in this folder (or from this checkpoint file) exactly where it stopped; a run
+        /// killed before its first checkpoint starts over from its config.toml.
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// With --resume from a checkpoint older than its run's newest: continue in this new run folder.
+        #[arg(long, requires = "resume")]
+        branch: Option<PathBuf>,
         /// cpu (burn's pure-Rust backend), tch-cpu or cuda:N (LibTorch, the `tch` feature).
         #[arg(long)]
         device: Option<DeviceSpec>,
@@ -107,6 +111,9 @@ enum Command {
         /// The run folder to create.
         #[arg(long)]
         out: PathBuf,
+        /// Replace a run that `--out` already holds (its checkpoints, metrics and config are removed).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -172,16 +179,17 @@ enum EvalCommand {
     },
 }
 
-/// The backbone `m` names (a checkpoint's teacher, or a random initialisation), its config and device.
-fn load_model(m: &ModelArgs) -> Result<(Vit, TrainConfig, Device)> {
+/// The backbone `m` names (a checkpoint's teacher, or a random initialisation), its config, device and
+/// identity (what its features depend on: the checkpoint's digest, or the random network's config).
+fn load_model(m: &ModelArgs) -> Result<(Vit, TrainConfig, Device, String)> {
     let device = m.device.device()?;
-    let (vit, cfg) = if m.random_init {
+    let (vit, cfg, identity) = if m.random_init {
         let cfg = TrainConfig::load(m.config.as_deref(), &m.sets)?;
         trainer::eval::backbone(None, Some(&cfg), &device)?
     } else {
         trainer::eval::backbone(m.checkpoint.as_deref(), None, &device)?
     };
-    Ok((vit, cfg, device))
+    Ok((vit, cfg, device, identity))
 }
 
 /// `mi_option_purge_delay` in mimalloc.h (the same index in its v2 and v3; libmimalloc-sys names no
@@ -191,9 +199,12 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    let demo = Command::Train { config: None, sets: vec![], resume: None, device: None, quiet: false };
+    let demo =
+        Command::Train { config: None, sets: vec![], resume: None, branch: None, device: None, quiet: false };
     let result = match cli.command.unwrap_or(demo) {
-        Command::Train { config, sets, resume, device, quiet } => train(config, sets, resume, device, quiet),
+        Command::Train { config, sets, resume, branch, device, quiet } => {
+            train(config, sets, resume, branch, device, quiet)
+        }
         Command::Bench { config, sets, steps, warmup, synthetic_batches, device } => {
             bench(config.as_deref(), &sets, steps, warmup, synthetic_batches, device)
         }
@@ -208,7 +219,9 @@ fn main() -> ExitCode {
             attention(&model, &image, &out, size, threshold)
         }
         Command::Export { checkpoint, out, heads } => export(&checkpoint, &out, heads),
-        Command::Import { weights, config, sets, out } => import(&weights, config.as_deref(), &sets, &out),
+        Command::Import { weights, config, sets, out, force } => {
+            import(&weights, config.as_deref(), &sets, &out, force)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,6 +253,7 @@ fn train(
     config: Option<PathBuf>,
     sets: Vec<String>,
     resume: Option<PathBuf>,
+    branch: Option<PathBuf>,
     device: Option<DeviceSpec>,
     quiet: bool,
 ) -> Result<()> {
@@ -251,7 +265,7 @@ fn train(
                      for the run's length, checkpointing, logging or device, or start a new run with --config)"
                 );
             }
-            Start::Resume { from, sets }
+            Start::Resume { from, sets, branch }
         }
         None => Start::Fresh(TrainConfig::load(config.as_deref(), &sets)?),
     };
@@ -266,6 +280,16 @@ fn train(
         summary.images_per_s,
         100.0 * summary.data_wait_fraction
     );
+    if let Some(problems) = &summary.data_problems {
+        println!("data problems: {problems}");
+    }
+    if let Some(last) = summary.steps.last().filter(|m| m.it + 1 < summary.planned_steps) {
+        println!(
+            "the run took {} of its planned {} steps: its data ended first",
+            last.it + 1,
+            summary.planned_steps
+        );
+    }
     println!("outputs in {}:", summary.run_dir.display());
     println!("  metrics.jsonl, loss.png, schedules.png, entropy.png, config.toml");
     if let Some(c) = &summary.last_checkpoint {
@@ -315,14 +339,13 @@ fn knn(
     batch: usize,
     cache: Option<&Path>,
 ) -> Result<()> {
-    let (vit, cfg, device) = load_model(model)?;
+    trainer::eval::check_knn_sets(train, val)?;
+    // The features depend on the backbone's contents (its identity), not on where it lies: a run that
+    // moved on gives new features under the same path.
+    let (vit, cfg, device, identity) = load_model(model)?;
     let pre = trainer::eval::Preprocess::for_crop(crop.unwrap_or(cfg.model.img_size));
-    let tag = match (&model.checkpoint, model.random_init) {
-        (_, true) | (None, _) => "random".to_string(),
-        (Some(c), false) => c.display().to_string().replace('/', "_"),
-    };
     let feats = |shards: &Path| {
-        let key = format!("{tag}-{}-{}", shards.display().to_string().replace('/', "_"), pre.crop);
+        let key = trainer::eval::feature_key(&identity, pre, shards)?;
         trainer::eval::cached(cache, &key, || trainer::eval::extract_cls(&vit, shards, pre, batch, &device))
     };
     let (tf, tl) = feats(train)?;
@@ -356,7 +379,7 @@ fn seg(
     cache: &Path,
 ) -> Result<()> {
     use trainer::eval::seg;
-    let (vit, _, device) = load_model(model)?;
+    let (vit, _, device, _) = load_model(model)?;
     let (classes, ignore, names) = dataset.classes();
     let train = seg::packed_split(data, dataset, "train", cache)?;
     let val = seg::packed_split(data, dataset, "val", cache)?;
@@ -385,7 +408,7 @@ fn attention(
     size: Option<usize>,
     threshold: Option<f32>,
 ) -> Result<()> {
-    let (vit, cfg, device) = load_model(model)?;
+    let (vit, cfg, device, _) = load_model(model)?;
     let size = size.unwrap_or(cfg.model.img_size);
     for p in trainer::eval::attention::draw(&vit, image, out, size, threshold, &device)? {
         println!("{}", p.display());
@@ -401,9 +424,9 @@ fn export(checkpoint: &Path, out: &Path, heads: bool) -> Result<()> {
 }
 
 /// `trainer import`: a step-0 run folder from official-layout weights.
-fn import(weights: &Path, config: Option<&Path>, sets: &[String], out: &Path) -> Result<()> {
+fn import(weights: &Path, config: Option<&Path>, sets: &[String], out: &Path, force: bool) -> Result<()> {
     let cfg = TrainConfig::load(config, sets)?;
-    let path = trainer::export::import_run(&cfg, weights, out)?;
+    let path = trainer::export::import_run(&cfg, weights, out, force)?;
     println!(
         "wrote {}: evaluate it with --checkpoint {}, or continue with train --resume {}",
         path.display(),

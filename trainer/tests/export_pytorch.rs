@@ -65,12 +65,12 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
         .unwrap();
 
     // Weights → run → checkpoint → export, the user's path.
-    let ckpt = trainer::export::import_run(&cfg, &weights, &tmp.path().join("run")).unwrap();
+    let ckpt = trainer::export::import_run(&cfg, &weights, &tmp.path().join("run"), false).unwrap();
     let exported = tmp.path().join("export.safetensors");
     trainer::export::export(&ckpt, &exported, true, &dev).unwrap();
 
     // Our features: the eval backbone from the checkpoint; the heads from the exported file.
-    let (vit, _) = trainer::eval::backbone(Some(&ckpt), None, &dev).unwrap();
+    let (vit, ..) = trainer::eval::backbone(Some(&ckpt), None, &dev).unwrap();
     let named = trainer::export::import(&exported).unwrap();
     let mut heads = DenseDino::new(&cfg.model, &cfg.head, true, &mut rng, &dev);
     params::load_official(&mut heads.head, "head.", &|n| named.get(n).cloned(), &dev).unwrap();

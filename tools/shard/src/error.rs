@@ -26,7 +26,8 @@ pub enum Error {
     #[error("{}{problem}", Named(.path))]
     Image { path: Option<PathBuf>, problem: String },
     /// An input that does not fit its layout: not a folder, no class folders, a list line that is not
-    /// `class/file`, a file without a label or a class outside the class list.
+    /// `class/file`, a file without a label or a class outside the class list; or an input folder in
+    /// which no file is a readable image (every one skipped).
     #[error("{path}: {problem}")]
     Layout { path: PathBuf, problem: String },
     /// A shard index (`index.json`) that is not valid JSON or of another format.

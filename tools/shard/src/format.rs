@@ -223,10 +223,16 @@ pub fn tar_stream<'a, R: io::BufRead + Send + 'a>(path: &Path, raw: R) -> Result
 
 /// Streams the samples of a shard to `f` in archive order. Members sharing a key are consecutive
 /// (WebDataset's rule). Returns the number of samples delivered; an [`Error::Shard`] says the shard is
-/// damaged after its `samples` complete samples (a truncated last sample is never delivered); it names
-/// no file, the caller adds it with [`Error::in_file`]. `f` returning `false` stops early.
+/// damaged after its `samples` complete samples; it names no file, the caller adds it with
+/// [`Error::in_file`]. `f` returning `false` stops early.
+///
+/// A cut shard is always reported, wherever the cut is: a member shorter than its header says, or a
+/// stream that ends before the end-of-archive block (the tar crate takes either for a normal end). A
+/// sample is delivered only once the next sample's header (or the end block) shows it complete, so the
+/// sample in progress at a cut is never delivered, even when the cut falls between two of its members.
 pub fn read_samples(reader: impl Read, mut f: impl FnMut(Sample) -> bool) -> Result<u64> {
-    let mut archive = tar::Archive::new(reader);
+    let mut spy = EndSpy { inner: reader, ran_dry: false };
+    let mut archive = tar::Archive::new(&mut spy);
     let mut delivered = 0u64;
     let mut pending: Option<Sample> = None;
     let damaged = |samples: u64, problem: String| Error::Shard { path: None, samples, problem };
@@ -242,27 +248,52 @@ pub fn read_samples(reader: impl Read, mut f: impl FnMut(Sample) -> bool) -> Res
             continue;
         };
         let (key, ext) = (key.to_string(), ext.to_string());
-        let mut data = Vec::with_capacity(entry.size() as usize);
+        // A new key: the sample before it is complete.
+        if let Some(done) = pending.take_if(|s| s.key != key) {
+            delivered += 1;
+            if !f(done) {
+                return Ok(delivered);
+            }
+        }
+        let size = entry.size();
+        let mut data = Vec::with_capacity(size as usize);
         entry
             .read_to_end(&mut data)
             .map_err(|e| damaged(delivered, format!("truncated member {name}: {e}")))?;
-        match &mut pending {
-            Some(s) if s.key == key => s.members.push((ext, data)),
-            _ => {
-                if let Some(done) = pending.replace(Sample { key, members: vec![(ext, data)] }) {
-                    delivered += 1;
-                    if !f(done) {
-                        return Ok(delivered);
-                    }
-                }
-            }
+        if data.len() as u64 != size {
+            let problem = format!("truncated member {name}: {} of its {size} bytes", data.len());
+            return Err(damaged(delivered, problem));
         }
+        match &mut pending {
+            Some(s) => s.members.push((ext, data)),
+            None => pending = Some(Sample { key, members: vec![(ext, data)] }),
+        }
+    }
+    if spy.ran_dry {
+        return Err(damaged(delivered, "cut short: the file ends before the end-of-archive block".into()));
     }
     if let Some(done) = pending {
         delivered += 1;
         f(done);
     }
     Ok(delivered)
+}
+
+/// Notes whether the stream ran dry. An intact tar ends with zero blocks after which the tar reader
+/// stops reading, so running dry means the file was cut.
+struct EndSpy<R> {
+    inner: R,
+    ran_dry: bool,
+}
+
+impl<R: Read> Read for EndSpy<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.ran_dry = true;
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -294,5 +325,43 @@ mod tests {
         })
         .unwrap();
         assert_eq!(keys, vec![("a".to_string(), 2), (long_key, 1)]);
+    }
+
+    /// A shard cut anywhere (inside a header, inside a member's data, between members, between samples)
+    /// reads as damaged with the samples before the cut, never as a shorter intact shard: a cut member
+    /// would otherwise come out short, and a cut between samples would lose samples silently.
+    #[test]
+    fn every_cut_of_a_shard_reads_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::create(dir.path(), "s.tar", None).unwrap();
+        for k in 0..3u8 {
+            w.append(&format!("k{k}"), &[("jpg", &[k; 1300][..]), ("cls", b"1")]).unwrap();
+        }
+        w.finish().unwrap();
+        let whole = std::fs::read(dir.path().join("s.tar")).unwrap();
+        // Each sample is 512 + 1536 (jpg) + 512 + 512 (cls) bytes; then two zero blocks.
+        let sample = 3072;
+        assert_eq!(whole.len(), 3 * sample + 1024);
+        for cut in (0..3 * sample + 1024).step_by(256).chain([1, 700, 2500, 3 * sample + 1023]) {
+            let mut seen = vec![];
+            let result = read_samples(&whole[..cut], |s| {
+                seen.push((s.key.clone(), s.members.iter().map(|(_, d)| d.len()).collect::<Vec<_>>()));
+                true
+            });
+            // A sample is known complete once the next one's header (or the end-of-archive block) is
+            // read; whatever follows the first end-of-archive block carries nothing, so a cut there loses
+            // nothing and the tar reader stops before it.
+            let complete = (1..=3).filter(|k| cut >= k * sample + 512).count() as u64;
+            match result {
+                Err(Error::Shard { samples, .. }) if cut < 3 * sample + 512 => {
+                    assert_eq!(samples, complete, "cut at {cut}")
+                }
+                Ok(3) if cut >= 3 * sample + 512 => {}
+                other => panic!("cut at {cut} of {}: {other:?}, samples {seen:?}", whole.len()),
+            }
+            assert_eq!(seen.len() as u64, complete, "cut at {cut}: {seen:?}");
+            assert!(seen.iter().all(|(_, lens)| lens == &[1300, 1]), "cut at {cut}: {seen:?}");
+        }
+        assert_eq!(read_samples(&whole[..], |_| true).unwrap(), 3);
     }
 }

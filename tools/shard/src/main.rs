@@ -149,7 +149,11 @@ fn parse_bytes(s: &str) -> Result<u64> {
     if n <= 0.0 {
         bail!("size must be positive: {s:?}");
     }
-    Ok((n * mult as f64) as u64)
+    let bytes = (n * mult as f64) as u64;
+    if bytes == 0 {
+        bail!("{s:?} is less than one byte");
+    }
+    Ok(bytes)
 }
 
 fn run() -> Result<ExitCode> {

@@ -69,6 +69,55 @@ impl Default for PackOptions {
     }
 }
 
+impl PackOptions {
+    /// Refuses values that cannot make a set, naming the command-line option: a size or count of zero
+    /// would write one sample per shard (or none), zero workers nothing at all.
+    pub fn validate(&self) -> Result<()> {
+        check_prefix(&self.prefix)?;
+        at_least("--shard-bytes", self.shard_bytes, 1, "byte")?;
+        if let Some(n) = self.per_shard {
+            at_least("--per-shard", n, 1, "")?;
+        }
+        in_range("--quality", self.quality as i64, 1, 100)?;
+        if let Some(side) = self.max_side {
+            at_least("--max-side", side as u64, 1, "pixel")?;
+        }
+        if let Some(level) = self.zstd_level {
+            in_range("--zstd", level as i64, 1, 22)?;
+        }
+        at_least("--workers", self.workers as u64, 1, "")
+    }
+}
+
+/// `option` must be at least `min` (`unit` names what is counted, if the number alone is unclear).
+pub(crate) fn at_least(option: &'static str, value: u64, min: u64, unit: &str) -> Result<()> {
+    if value >= min {
+        return Ok(());
+    }
+    let unit = if unit.is_empty() { String::new() } else { format!(" {unit}") };
+    Err(Error::InvalidOption { option, problem: format!("must be at least {min}{unit}, got {value}") })
+}
+
+/// `option` must lie in `lo..=hi` (the command line checks this too; library callers are not parsed).
+pub(crate) fn in_range(option: &'static str, value: i64, lo: i64, hi: i64) -> Result<()> {
+    if (lo..=hi).contains(&value) {
+        return Ok(());
+    }
+    Err(Error::InvalidOption { option, problem: format!("must be {lo} to {hi}, got {value}") })
+}
+
+/// Shard names are `{prefix}-000000.tar`: the prefix must be a plain, non-empty part of a file name.
+pub(crate) fn check_prefix(prefix: &str) -> Result<()> {
+    let problem = if prefix.is_empty() {
+        "must not be empty".to_string()
+    } else if prefix.contains(['/', '\\', '\0']) || prefix.starts_with('.') {
+        format!("{prefix:?} must be a plain file name part (no '/', no leading '.')")
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidOption { option: "--prefix", problem })
+}
+
 #[derive(Debug)]
 pub struct Summary {
     /// Images written by this run (a resumed run counts only its own part).
@@ -116,6 +165,10 @@ pub struct ShardSet {
     pub skipped: Vec<Skipped>,
     appended: u64,
     crash_after: Option<u64>,
+    /// Whether `open` created `dir`: a set abandoned before its first sample removes it again.
+    created_dir: bool,
+    /// Whether `open` removed an earlier set (`--force`).
+    pub replaced: bool,
 }
 
 impl ShardSet {
@@ -128,6 +181,7 @@ impl ShardSet {
         resume: bool,
         force: bool,
     ) -> Result<(Self, usize)> {
+        let created_dir = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create", e))?;
         let journal_path = dir.join(JOURNAL_FILE);
         let existing = existing_files(dir, &record.prefix)?;
@@ -140,6 +194,8 @@ impl ShardSet {
             skipped: vec![],
             appended: 0,
             crash_after: std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()),
+            created_dir,
+            replaced: false,
         };
         let mut start = 0;
         if resume && journal_path.is_file() {
@@ -176,19 +232,38 @@ impl ShardSet {
                 dir,
                 "the set is already complete (index.json exists); nothing to resume",
             ));
-        } else if !existing.is_empty() {
-            if !force {
-                return Err(Error::output(
-                    dir,
-                    format!(
-                        "already holds shards, an index or a journal ({}); use --resume to finish an interrupted run or --force to replace them",
-                        existing.join(", ")
-                    ),
-                ));
+        } else {
+            // Killed while writing its very first journal: that half-written journal is all it left.
+            let first_journal = format!("{JOURNAL_FILE}{PARTIAL_SUFFIX}");
+            let killed_at_start =
+                resume && !existing.is_empty() && existing.iter().all(|f| *f == first_journal);
+            if !existing.is_empty() {
+                if !force && !killed_at_start {
+                    let problem = if resume {
+                        // The journal is written before the first shard: without one, these files are not
+                        // an interrupted pack's, and nothing here may remove them.
+                        format!(
+                            "holds {} but no pack journal, so they are no interrupted run to resume; use --force \
+                             to replace them",
+                            existing.join(", ")
+                        )
+                    } else {
+                        format!(
+                            "already holds shards, an index or a journal ({}); use --resume to finish an \
+                             interrupted run or --force to replace them",
+                            existing.join(", ")
+                        )
+                    };
+                    return Err(Error::output(dir, problem));
+                }
+                for f in &existing {
+                    remove(&dir.join(f))?;
+                }
+                set.replaced = !killed_at_start;
             }
-            for f in &existing {
-                remove(&dir.join(f))?;
-            }
+            // A fresh set: its journal exists before its first shard does, so a run killed at any moment
+            // leaves a folder that `--resume` recognises as its own.
+            set.write_journal(0)?;
         }
         Ok((set, start))
     }
@@ -223,17 +298,40 @@ impl ShardSet {
         if let Some(w) = self.current.take() {
             let info = w.finish()?;
             self.shards.push(info);
-            let journal = Journal {
-                options: self.record.clone(),
-                plan_len: self.plan_len,
-                next,
-                shards: self.shards.clone(),
-                skipped: self.skipped.clone(),
-            };
-            let path = self.dir.join(JOURNAL_FILE);
-            let bytes = serde_json::to_vec_pretty(&journal)
-                .map_err(|e| Error::io(&path, "cannot write", e.into()))?;
-            write_atomic(&path, &bytes)?;
+            self.write_journal(next)?;
+        }
+        Ok(())
+    }
+
+    /// Records the finished shards and the plan position `next` that follows them.
+    fn write_journal(&self, next: usize) -> Result<()> {
+        let journal = Journal {
+            options: self.record.clone(),
+            plan_len: self.plan_len,
+            next,
+            shards: self.shards.clone(),
+            skipped: self.skipped.clone(),
+        };
+        let path = self.dir.join(JOURNAL_FILE);
+        let bytes =
+            serde_json::to_vec_pretty(&journal).map_err(|e| Error::io(&path, "cannot write", e.into()))?;
+        write_atomic(&path, &bytes)
+    }
+
+    /// Whether the set holds no sample at all (none finished, none appended by this run).
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty() && self.current.is_none()
+    }
+
+    /// Abandons an empty set: removes its journal, and its folder if `open` created it (and it is still
+    /// empty: what others put there stays).
+    pub fn discard(self) -> Result<()> {
+        let journal = self.dir.join(JOURNAL_FILE);
+        if journal.exists() {
+            remove(&journal)?;
+        }
+        if self.created_dir {
+            let _ = std::fs::remove_dir(&self.dir);
         }
         Ok(())
     }
@@ -261,16 +359,48 @@ fn existing_files(dir: &Path, prefix: &str) -> Result<Vec<String>> {
     let cannot_list = |e| Error::io(dir, "cannot list", e);
     for entry in std::fs::read_dir(dir).map_err(cannot_list)? {
         let name = entry.map_err(cannot_list)?.file_name().to_string_lossy().into_owned();
-        let ours = (name.starts_with(&format!("{prefix}-")) && name.contains(".tar"))
-            || name == JOURNAL_FILE
-            || name == INDEX_FILE
-            || name.ends_with(PARTIAL_SUFFIX);
+        // Only the set's own names, finished or `.partial`: other files in the folder are not ours to remove.
+        let base = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(&name);
+        let ours = (base.starts_with(&format!("{prefix}-")) && base.contains(".tar"))
+            || base == JOURNAL_FILE
+            || base == INDEX_FILE;
         if ours {
             out.push(name);
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// The error of a pack whose every input was skipped: how many, and why (the most common reasons
+/// first, each with its first input as an example).
+fn no_readable_image(input: &Path, skipped: &[Skipped], replaced: bool) -> Error {
+    let mut reasons: Vec<(&str, usize, &str)> = vec![];
+    for s in skipped {
+        match reasons.iter_mut().find(|r| r.0 == s.reason) {
+            Some(r) => {
+                r.1 += 1;
+                r.2 = r.2.min(s.path.as_str());
+            }
+            None => reasons.push((&s.reason, 1, &s.path)),
+        }
+    }
+    reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    const SHOWN: usize = 4;
+    let mut why: Vec<String> =
+        reasons.iter().take(SHOWN).map(|(r, n, p)| format!("{n} {r}, e.g. {p}")).collect();
+    if reasons.len() > SHOWN {
+        why.push(format!("{} other reasons (see the lines above)", reasons.len() - SHOWN));
+    }
+    Error::layout(
+        input,
+        format!(
+            "no readable image: all {} inputs were skipped ({}); no set was written{}",
+            skipped.len(),
+            why.join("; "),
+            if replaced { " (the output folder's earlier set was removed by --force)" } else { "" }
+        ),
+    )
 }
 
 /// The JSON member of a sample.
@@ -400,6 +530,7 @@ fn clean_mask(path: &Path, width: u32, height: u32) -> Result<Vec<u8>> {
 }
 
 pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
+    opts.validate()?;
     let plan = plan(&opts.input, &opts.layout)?;
     let path_str = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let record = PackRecord {
@@ -424,16 +555,16 @@ pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
     if start > 0 {
         eprintln!("resuming at image {start} of {} after {} finished shards", items.len(), set.shards.len());
     }
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.workers.max(1)).build().map_err(|e| {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(opts.workers).build().map_err(|e| {
         Error::InvalidOption {
             option: "--workers",
-            problem: format!("cannot start {} threads: {e}", opts.workers.max(1)),
+            problem: format!("cannot start {} threads: {e}", opts.workers),
         }
     })?;
     let clean_opts = CleanOptions { quality: opts.quality, max_side: opts.max_side };
     let masks = opts.layout.masks.as_deref();
     let mut progress = Progress::new("pack", (items.len() - start) as u64, opts.quiet);
-    let chunk = 64 * opts.workers.max(1);
+    let chunk = 64 * opts.workers;
     let mut pos = start;
     let mut written = 0u64;
     for batch in items[start..].chunks(chunk) {
@@ -462,6 +593,12 @@ pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
             pos += 1;
         }
         progress.inc(batch.len() as u64, bytes);
+    }
+    if set.is_empty() {
+        // Every input was skipped: an empty set would only fail later, in the loader, far from the cause.
+        let (skipped, replaced) = (std::mem::take(&mut set.skipped), set.replaced);
+        set.discard()?;
+        return Err(no_readable_image(&opts.input, &skipped, replaced));
     }
     let mut members = vec!["jpg".to_string()];
     if !plan.classes.is_empty() {

@@ -24,7 +24,7 @@ use crate::clean::encode_jpeg;
 use crate::error::{Error, Result};
 use crate::index::{Index, PackRecord};
 use crate::input::ClassInfo;
-use crate::pack::{ShardSet, Summary};
+use crate::pack::{ShardSet, Summary, at_least, check_prefix, in_range};
 use crate::progress::Progress;
 
 pub const CLASSES: [&str; 4] = ["circle", "square", "triangle", "ring"];
@@ -336,6 +336,13 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<(Index, Summary)> {
             option: "--size",
             problem: format!("{} px: synth needs 16 to 65535 (the JPEG limit)", opts.size),
         });
+    }
+    check_prefix(&opts.prefix)?;
+    at_least("--per-shard", opts.per_shard, 1, "")?;
+    at_least("--max-shapes", opts.max_shapes as u64, 1, "")?;
+    in_range("--quality", opts.quality as i64, 1, 100)?;
+    if let Some(level) = opts.zstd_level {
+        in_range("--zstd", level as i64, 1, 22)?;
     }
     let record = PackRecord {
         tool: format!("shard {}", env!("CARGO_PKG_VERSION")),

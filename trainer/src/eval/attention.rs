@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use burn::tensor::Device;
 use image::{Rgb, RgbImage};
 
@@ -93,6 +93,13 @@ pub fn draw(
     threshold: Option<f32>,
     device: &Device,
 ) -> Result<Vec<PathBuf>> {
+    let p = vit.cfg.patch_size;
+    if size == 0 || !size.is_multiple_of(p) {
+        bail!(
+            "image size {size} (--size) must be a positive multiple of the model's patch size {p}, e.g. {}",
+            (size.div_ceil(p)).max(1) * p
+        );
+    }
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     // The largest centred square, resized to `size`.
     let pre = eval::Preprocess { resize: size, crop: size, squash: false };

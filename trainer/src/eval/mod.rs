@@ -42,11 +42,15 @@ pub fn backbone(
     checkpoint: Option<&Path>,
     cfg: Option<&TrainConfig>,
     device: &Device,
-) -> Result<(Vit, TrainConfig)> {
+) -> Result<(Vit, TrainConfig, String)> {
     let loaded = checkpoint.map(checkpoint::latest).transpose()?;
     let cfg = match &loaded {
         Some((_, bytes)) => checkpoint::meta(bytes)?.config,
         None => cfg.ok_or_else(|| anyhow!("a random backbone needs a config"))?.clone(),
+    };
+    let identity = match &loaded {
+        Some((_, bytes)) => checkpoint::identity(bytes),
+        None => format!("random:{}", cfg.to_toml()),
     };
     // The teacher never drops paths; a random backbone is the run's own initialisation.
     let model_cfg = VitConfig { drop_path_rate: 0.0, ..cfg.model.clone() };
@@ -58,7 +62,7 @@ pub fn backbone(
         params::load(&mut vit, "teacher.backbone.", &get, device, false)
             .with_context(|| file.display().to_string())?;
     }
-    Ok((vit, cfg))
+    Ok((vit, cfg, identity))
 }
 
 /// One decoded, preprocessed image: planar `[3, crop, crop]` u8, its label and key.
@@ -209,7 +213,53 @@ pub fn extract_cls(
     if labels.is_empty() {
         bail!("{}: no usable images", shards.display());
     }
+    if let Some(n) = Some(labels.iter().filter(|&&l| l < 0).count()).filter(|&n| n > 0) {
+        bail!("{}: {n} of {} samples have no class label (no .cls member)", shards.display(), labels.len());
+    }
     Ok((feats, labels))
+}
+
+/// Refuses a k-NN whose labels cannot be compared: a train set without class labels, or a train and a
+/// val set whose class lists differ (a label would mean one class in one set and another in the other).
+pub fn check_knn_sets(train: &Path, val: &Path) -> Result<()> {
+    let (train_index, val_index) = (shard::Index::load(train)?, shard::Index::load(val)?);
+    if train_index.classes.is_empty() {
+        bail!(
+            "{}: the set has no class labels (its index lists no classes): k-NN needs a labelled train set",
+            train.display()
+        );
+    }
+    let ids = |i: &shard::Index| i.classes.iter().map(|c| (c.index, c.id.clone())).collect::<Vec<_>>();
+    let (a, b) = (ids(&train_index), ids(&val_index));
+    if a != b {
+        let first = a.iter().zip(&b).find(|(x, y)| x != y);
+        bail!(
+            "{} ({} classes) and {} ({} classes) have different class lists{}: their labels cannot be compared. \
+             Pack the val set with `shard pack --classes-from {}`",
+            train.display(),
+            a.len(),
+            val.display(),
+            b.len(),
+            first.map_or(String::new(), |(x, y)| format!(" (class {}: {:?} against {:?})", x.0, x.1, y.1)),
+            train.join(shard::index::INDEX_FILE).display()
+        );
+    }
+    Ok(())
+}
+
+/// The cache key of a set's features: the set's folder name, then a hash of what decides the features:
+/// the backbone (`model`: a checkpoint's digest, or a random initialisation's config), the preprocessing,
+/// and the set itself (its index, which holds every shard's SHA-256).
+pub fn feature_key(model: &str, pre: Preprocess, set: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let index_file = if set.is_dir() { set.join(shard::index::INDEX_FILE) } else { set.to_path_buf() };
+    let index = std::fs::read(&index_file).with_context(|| format!("reading {}", index_file.display()))?;
+    let mut h = Sha256::new();
+    h.update(model.as_bytes());
+    h.update(format!("{}/{}/{}", pre.resize, pre.crop, pre.squash).as_bytes());
+    h.update(&index);
+    let name = set.file_name().map_or("set".into(), |n| n.to_string_lossy().replace(['/', '.'], "_"));
+    Ok(format!("{name}-{}", &hex::encode(h.finalize())[..16]))
 }
 
 /// Features cached as safetensors (`features` [n, D], `labels` [n] as f32) in `cache`, keyed by `key`.
@@ -331,7 +381,7 @@ pub fn synthetic_knn(cfg: &TrainConfig, checkpoint: &Path) -> Result<(KnnResult,
     let pre = Preprocess::for_crop(cfg.model.img_size);
     let mut out = Vec::new();
     for ckpt in [Some(checkpoint), None] {
-        let (vit, _) = backbone(ckpt, Some(cfg), &device)?;
+        let (vit, ..) = backbone(ckpt, Some(cfg), &device)?;
         let tr = extract_cls(&vit, &train, pre, 64, &device)?;
         let va = extract_cls(&vit, &val, pre, 64, &device)?;
         out.push(knn((&tr.0, &tr.1), (&va.0, &va.1), &[20], 0.07, &device).remove(0));

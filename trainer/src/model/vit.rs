@@ -113,15 +113,36 @@ impl VitConfig {
     pub fn grid(&self) -> usize {
         self.img_size / self.patch_size
     }
+    /// Every value in its range; errors name the key (`model.…`).
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
-            anyhow::bail!("embed_dim {} is not a multiple of num_heads {}", self.embed_dim, self.num_heads);
+        for (key, v) in [
+            ("model.embed_dim", self.embed_dim),
+            ("model.depth", self.depth),
+            ("model.num_heads", self.num_heads),
+            ("model.patch_size", self.patch_size),
+            ("model.img_size", self.img_size),
+            ("model.mlp_ratio", self.mlp_ratio),
+        ] {
+            if v == 0 {
+                anyhow::bail!("{key} = 0: must be at least 1");
+            }
         }
-        if self.patch_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
-            anyhow::bail!("img_size {} is not a multiple of patch_size {}", self.img_size, self.patch_size);
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
+            anyhow::bail!(
+                "model.embed_dim = {}: must be a multiple of model.num_heads {}",
+                self.embed_dim,
+                self.num_heads
+            );
+        }
+        if !self.img_size.is_multiple_of(self.patch_size) {
+            anyhow::bail!(
+                "model.img_size = {}: must be a multiple of model.patch_size {}",
+                self.img_size,
+                self.patch_size
+            );
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
-            anyhow::bail!("drop_path_rate {} is outside [0, 1)", self.drop_path_rate);
+            anyhow::bail!("model.drop_path_rate = {}: must be within [0, 1)", self.drop_path_rate);
         }
         Ok(())
     }

@@ -72,26 +72,31 @@ pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Resu
     tensors.push(("loss.center".into(), vec![1, c.len()], c));
     tensors.push(("loss.ref_center".into(), vec![1, rc.len()], rc));
 
-    let info = HashMap::from([
+    let mut info = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("it".to_string(), meta.it.to_string()),
         ("cursor".to_string(), serde_json::to_string(&meta.cursor)?),
         ("optim_steps".to_string(), serde_json::to_string(&steps)?),
         ("config".to_string(), meta.config.to_toml()),
     ]);
+    let le: Vec<std::borrow::Cow<[u8]>> = tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
+    let sum = digest(tensors.iter().zip(&le).map(|((n, d, _), b)| (n.as_str(), d.as_slice(), &b[..])), &info);
+    drop(le);
+    info.insert("digest".to_string(), sum);
     let data = serialize(&tensors, info)?;
 
     let path = dir.join(file_name(meta.it));
     let partial = path.with_extension("safetensors.partial");
-    let mut f = std::fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    if injected(dir, meta.it) {
-        f.write_all(&data[..data.len() / 2])?;
-        bail!("injected failure: stopped half way through writing {}", partial.display());
+    check_free_space(dir, data.len() as u64)?;
+    // A write that fails (a full disk, a test's injected failure) removes its `.partial`: left behind, it
+    // would hold the space the next attempt needs.
+    let written = write_partial(dir, &partial, &data, meta.it).and_then(|()| {
+        std::fs::rename(&partial, &path).with_context(|| format!("renaming {} into place", partial.display()))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
     }
-    f.write_all(&data).with_context(|| format!("writing {}", partial.display()))?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&partial, &path).with_context(|| format!("renaming {} into place", partial.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all(); // the rename itself durable where the platform allows
     }
@@ -99,6 +104,139 @@ pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Resu
         let _ = std::fs::remove_file(old.1);
     }
     Ok(path)
+}
+
+/// Writes `data` to `partial` and flushes it to disk.
+fn write_partial(dir: &Path, partial: &Path, data: &[u8], it: usize) -> Result<()> {
+    let mut f = std::fs::File::create(partial).with_context(|| format!("creating {}", partial.display()))?;
+    if injected(dir, it) {
+        f.write_all(&data[..data.len() / 2])?;
+        bail!("injected failure: stopped half way through writing {}", partial.display());
+    }
+    f.write_all(data).with_context(|| format!("writing {}", partial.display()))?;
+    f.sync_all().with_context(|| format!("flushing {}", partial.display()))
+}
+
+/// Refuses a write of `needed` bytes into `dir` that the file system has no room for, saying how much is
+/// needed and free (a full disk would otherwise fail half way through).
+pub fn check_free_space(dir: &Path, needed: u64) -> Result<()> {
+    let free = free_space(dir).with_context(|| format!("checking the free space in {}", dir.display()))?;
+    if free < needed {
+        bail!(
+            "{}: a checkpoint needs {:.1} MB, and only {:.1} MB are free: make room (or lower \
+             run.keep_checkpoints) and resume from the last checkpoint",
+            dir.display(),
+            needed as f64 / 1e6,
+            free as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+/// Bytes available to this user on the file system holding `dir`.
+#[cfg(unix)]
+fn free_space(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs struct for the kernel to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+fn free_space(_dir: &Path) -> std::io::Result<u64> {
+    Ok(u64::MAX) // no check where statvfs is missing
+}
+
+/// Removes the `.partial` files a crashed process left in `dir` (a finished write renames its own);
+/// returns what it removed.
+pub fn sweep_partials(dir: &Path) -> Vec<PathBuf> {
+    let partials: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".partial"))
+        .collect();
+    partials.into_iter().filter(|p| std::fs::remove_file(p).is_ok()).collect()
+}
+
+/// `sha256:<hex>` over every tensor, by name (its name, shape and little-endian f32 bytes, as stored), and
+/// over the metadata but the digest itself (the step, the cursor and the config steer a resume as much as
+/// the tensors do).
+fn digest<'a>(
+    tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [u8])>,
+    metadata: &HashMap<String, String>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    let mut sorted: Vec<_> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, dims, bytes) in sorted {
+        field(name.as_bytes());
+        let dims: Vec<u8> = dims.iter().flat_map(|d| (*d as u64).to_le_bytes()).collect();
+        field(&dims);
+        field(bytes);
+    }
+    let mut meta: Vec<_> = metadata.iter().filter(|(k, _)| *k != "digest").collect();
+    meta.sort();
+    for (k, v) in meta {
+        field(k.as_bytes());
+        field(v.as_bytes());
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// The little-endian bytes of `v`, as safetensors stores them (borrowed where that is the memory order).
+fn le_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 has no padding and any byte is a valid u8; the length is the slice's size in bytes.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v))
+        })
+    } else {
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+/// What identifies a checkpoint's contents: the digest it carries, or (for one written before digests) the
+/// SHA-256 of its bytes.
+pub fn identity(bytes: &[u8]) -> String {
+    let stored = SafeTensors::read_metadata(bytes)
+        .ok()
+        .and_then(|(_, h)| h.metadata().as_ref().and_then(|m| m.get("digest")).cloned());
+    stored.unwrap_or_else(|| {
+        use sha2::{Digest, Sha256};
+        format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    })
+}
+
+/// Checks checkpoint bytes against the digest they carry: flipped bits anywhere in a tensor or in the
+/// metadata are caught.
+/// (Checkpoints written before the digest existed carry none and pass.)
+pub fn verify(bytes: &[u8]) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| anyhow!("not a checkpoint: {e}"))?;
+    let (_, header) = SafeTensors::read_metadata(bytes)?;
+    let Some(want) = header.metadata().as_ref().and_then(|m| m.get("digest")).cloned() else {
+        return Ok(());
+    };
+    let views = st.tensors();
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let got = digest(views.iter().map(|(n, v)| (n.as_str(), v.shape(), v.data())), &metadata);
+    if got != want {
+        bail!(
+            "its tensors and metadata do not match their digest (stored {want}, computed {got}): the file is \
+             damaged"
+        );
+    }
+    Ok(())
 }
 
 /// When a run saves: every `run.checkpoint_every` steps, at each epoch end and at the run's last step,
@@ -169,14 +307,15 @@ pub fn list(dir: &Path) -> Vec<(usize, PathBuf)> {
 pub fn latest(path: &Path) -> Result<(PathBuf, Vec<u8>)> {
     if path.is_file() {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a checkpoint: {e}", path.display()))?;
+        verify(&bytes).with_context(|| path.display().to_string())?;
         return Ok((path.to_path_buf(), bytes));
     }
     let dir = if path.join("checkpoints").is_dir() { path.join("checkpoints") } else { path.to_path_buf() };
     for (_, p) in list(&dir).into_iter().rev() {
-        match std::fs::read(&p) {
-            Ok(bytes) if SafeTensors::deserialize(&bytes).is_ok() => return Ok((p, bytes)),
-            _ => eprintln!("warning: {}: unreadable checkpoint, trying an older one", p.display()),
+        let checked = std::fs::read(&p).map_err(anyhow::Error::from).and_then(|b| verify(&b).map(|()| b));
+        match checked {
+            Ok(bytes) => return Ok((p, bytes)),
+            Err(e) => eprintln!("warning: {}: {e:#}; trying an older checkpoint", p.display()),
         }
     }
     bail!("{}: no checkpoint found", dir.display())

@@ -180,12 +180,22 @@ impl TrainConfig {
             None => (DEFAULT_TOML.to_string(), "the embedded default config".to_string()),
         };
         let user: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {origin}"))?;
-        Self::resolve(user, sets).with_context(|| format!("in {origin}"))
+        Self::resolve(user, sets, &origin)
     }
 
     /// Parses a fully resolved config (as stored in a checkpoint); no presets, no defaults.
     pub fn from_resolved(text: &str) -> Result<Self> {
-        let cfg: Self = toml::from_str(text).context("parsing a resolved config")?;
+        let table: toml::Table = toml::from_str(text).context("parsing a resolved config")?;
+        let mut cfg: Self = typed(table, &[], "a resolved config")?;
+        // Runs stored before these values were validated took 0 as 1 where they were used; keep reading them.
+        for v in [
+            &mut cfg.run.keep_checkpoints,
+            &mut cfg.run.log_every,
+            &mut cfg.data.capacity,
+            &mut cfg.data.interleave,
+        ] {
+            *v = (*v).max(1);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -196,14 +206,24 @@ impl TrainConfig {
         if let Some(bad) = sets.iter().find(|s| !s.trim_start().starts_with("run.")) {
             bail!("--set {bad}: only run.* settings may change on resume (the rest is the stored run's)");
         }
+        // These run.* keys shape every step (the data order, the batch, the schedules' length): changed on
+        // resume, the steps after it would belong to another run than the ones before.
+        let fixed = ["run.seed", "run.batch_size", "run.epochs"];
+        let key = |s: &str| s.split('=').next().unwrap_or_default().trim().to_string();
+        if let Some(bad) = sets.iter().find(|s| fixed.contains(&key(s).as_str())) {
+            bail!(
+                "--set {bad}: {} cannot change on resume (they shape every step of the run); run.max_steps \
+                 sets how far it goes, or start a new run",
+                fixed.join(", ")
+            );
+        }
         let table = toml::Table::try_from(self)?;
         let mut over = toml::Table::new();
         apply_sets(&mut over, sets)?;
         let mut merged = table;
         merge(&mut merged, over);
-        let cfg: Self =
-            toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
-        cfg.validate()?;
+        let cfg = typed(merged, sets, "the stored config")?;
+        cfg.validate().context("with the --set overrides")?;
         Ok(cfg)
     }
 
@@ -211,29 +231,32 @@ impl TrainConfig {
         toml::to_string(self).expect("a config serialises")
     }
 
-    fn resolve(mut user: toml::Table, sets: &[String]) -> Result<Self> {
+    fn resolve(mut user: toml::Table, sets: &[String], origin: &str) -> Result<Self> {
         apply_sets(&mut user, sets)?;
         let mut base = toml::Table::try_from(Self::default_values())?;
         // Presets replace their whole table before the user's keys refine it.
         if let Some(views) = user.get_mut("views").and_then(|v| v.as_table_mut())
             && let Some(preset) = views.remove("preset")
         {
-            let name = preset.as_str().ok_or_else(|| anyhow!("views.preset must be a string"))?;
-            let preset = ViewsConfig::preset(name)?;
+            let name =
+                preset.as_str().ok_or_else(|| anyhow!("in {origin}: views.preset must be a string"))?;
+            let preset = ViewsConfig::preset(name).with_context(|| format!("in {origin}"))?;
             base.insert("views".into(), toml::Value::try_from(preset)?);
         }
         if let Some(model) = user.get_mut("model").and_then(|v| v.as_table_mut())
             && let Some(arch) = model.remove("arch")
         {
-            let name = arch.as_str().ok_or_else(|| anyhow!("model.arch must be a string"))?;
-            let vit = VitConfig::arch(name)
-                .ok_or_else(|| anyhow!("model.arch: unknown {name:?} (vit_tiny, vit_small, vit_base)"))?;
+            let name = arch.as_str().ok_or_else(|| anyhow!("in {origin}: model.arch must be a string"))?;
+            let vit = VitConfig::arch(name).ok_or_else(|| {
+                anyhow!("in {origin}: model.arch: unknown {name:?} (vit_tiny, vit_small, vit_base)")
+            })?;
             base.insert("model".into(), toml::Value::try_from(vit)?);
         }
         merge(&mut base, user);
-        let cfg: Self =
-            toml::Value::Table(base).try_into().map_err(|e: toml::de::Error| anyhow!("{}", e.message()))?;
-        cfg.validate()?;
+        let cfg = typed(base, sets, origin)?;
+        let origin =
+            if sets.is_empty() { origin.to_string() } else { format!("{origin} with the --set overrides") };
+        cfg.validate().with_context(|| format!("in {origin}"))?;
         Ok(cfg)
     }
 
@@ -254,7 +277,7 @@ impl TrainConfig {
             },
             data: DataConfig {
                 shards: None,
-                synth_dir: "data/synth".into(),
+                synth_dir: "data/demo-shapes".into(),
                 synth_kind: Default::default(),
                 synth_count: 512,
                 synth_size: 128,
@@ -272,11 +295,55 @@ impl TrainConfig {
         }
     }
 
+    /// Every value in its range, each error naming the key.
     pub fn validate(&self) -> Result<()> {
         self.views.validate()?;
-        self.model.validate().context("model")?;
-        if self.run.batch_size == 0 || self.run.epochs == 0 {
-            bail!("run: batch_size and epochs must be at least 1");
+        self.model.validate()?;
+        let (r, d, h, l, o) = (&self.run, &self.data, &self.head, &self.loss, &self.optim);
+        for (key, v) in [
+            ("run.epochs", r.epochs),
+            ("run.batch_size", r.batch_size),
+            ("run.keep_checkpoints", r.keep_checkpoints),
+            ("run.log_every", r.log_every),
+            ("data.synth_count", d.synth_count),
+            ("data.synth_shapes", d.synth_shapes),
+            ("data.capacity", d.capacity),
+            ("data.interleave", d.interleave),
+            ("head.out_dim", h.out_dim),
+            ("head.hidden_dim", h.hidden_dim),
+            ("head.bottleneck_dim", h.bottleneck_dim),
+            ("head.nlayers", h.nlayers),
+        ] {
+            check(v >= 1, key, v, "must be at least 1")?;
+        }
+        check(d.synth_size >= 16, "data.synth_size", d.synth_size, "must be at least 16 pixels")?;
+        check(!r.name.is_empty(), "run.name", "\"\"", "must not be empty")?;
+        for (key, v) in [
+            ("loss.student_temp", l.student_temp),
+            ("loss.teacher_temp", l.teacher_temp),
+            ("loss.warmup_teacher_temp", l.warmup_teacher_temp),
+            ("optim.lr", o.lr),
+            ("optim.eps", o.eps),
+        ] {
+            check(v.is_finite() && v > 0.0, key, v, "must be a positive number")?;
+        }
+        for (key, v) in [
+            ("optim.min_lr", o.min_lr),
+            ("optim.weight_decay", o.weight_decay),
+            ("optim.weight_decay_end", o.weight_decay_end),
+            ("optim.clip_grad", o.clip_grad),
+        ] {
+            check(v.is_finite() && v >= 0.0, key, v, "must be 0 or more")?;
+        }
+        for (key, v) in [
+            ("loss.alpha", l.alpha),
+            ("loss.center_momentum", l.center_momentum),
+            ("optim.momentum_teacher", o.momentum_teacher),
+        ] {
+            check((0.0..=1.0).contains(&v), key, v, "must be within [0, 1]")?;
+        }
+        for (key, v) in [("optim.betas[0]", o.betas.0), ("optim.betas[1]", o.betas.1)] {
+            check((0.0..1.0).contains(&v), key, v, "must be within [0, 1)")?;
         }
         if self.views.num_global != 2 {
             bail!("views.num_global must be 2: the teacher and the loss are defined for two global views");
@@ -301,12 +368,6 @@ impl TrainConfig {
         if !self.loss.use_global_loss && !self.loss.use_ref_loss {
             bail!("loss: enable use_global_loss, use_ref_loss or both");
         }
-        if !(0.0..=1.0).contains(&self.loss.alpha) {
-            bail!("loss.alpha {} is outside [0, 1]", self.loss.alpha);
-        }
-        if self.head.nlayers == 0 || self.head.out_dim == 0 {
-            bail!("head: nlayers and out_dim must be at least 1");
-        }
         Ok(())
     }
 
@@ -314,6 +375,24 @@ impl TrainConfig {
     pub fn run_dir(&self) -> PathBuf {
         self.run.out_dir.join(&self.run.name)
     }
+}
+
+/// A value's range check: the error names the key, the value and the rule.
+fn check(ok: bool, key: &str, value: impl std::fmt::Display, rule: &str) -> Result<()> {
+    if ok { Ok(()) } else { bail!("{key} = {value}: {rule}") }
+}
+
+/// A merged table as a config. A value of the wrong type is an error that names its key and where it came
+/// from: a `--set`, or `origin` (the file).
+fn typed(table: toml::Table, sets: &[String], origin: &str) -> Result<TrainConfig> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        let problem = e.into_inner().message().to_string();
+        match sets.iter().find(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key)) {
+            Some(set) => anyhow!("--set {set}: {key}: {problem}"),
+            None => anyhow!("in {origin}: {key}: {problem}"),
+        }
+    })
 }
 
 /// Applies `key.path=value` settings (values parsed as TOML, else taken as a string) to a table.
@@ -378,20 +457,22 @@ mod tests {
         let user: toml::Table =
             toml::from_str("[model]\narch = \"vit_base\"\n[views]\npreset = \"dino\"\nnum_points = 3")
                 .unwrap();
-        let cfg = TrainConfig::resolve(user, &[]).unwrap();
+        let cfg = TrainConfig::resolve(user, &[], "a test").unwrap();
         assert_eq!((cfg.views.num_local, cfg.views.local_size, cfg.views.num_points), (8, 96, 3));
         let user: toml::Table = toml::from_str("[views]\nglobal_size = 96").unwrap();
-        let err = TrainConfig::resolve(user, &[]).expect_err("global views must match the learned grid");
+        let err =
+            TrainConfig::resolve(user, &[], "a test").expect_err("global views must match the learned grid");
         assert!(format!("{err:#}").contains("img_size"), "{err:#}");
         let user: toml::Table =
             toml::from_str("[model]\narch = \"vit_base\"\n[views]\npreset = \"readme-ablation\"").unwrap();
-        let cfg = TrainConfig::resolve(user, &["run.seed=7".into(), "loss.alpha=0.25".into()]).unwrap();
+        let cfg =
+            TrainConfig::resolve(user, &["run.seed=7".into(), "loss.alpha=0.25".into()], "a test").unwrap();
         assert_eq!(
             (cfg.model.embed_dim, cfg.views.num_local, cfg.run.seed, cfg.loss.alpha),
             (768, 4, 7, 0.25)
         );
         let bad: toml::Table = toml::from_str("[loss]\nalpah = 0.3").unwrap();
-        let err = TrainConfig::resolve(bad, &[]).expect_err("a typo is an error");
+        let err = TrainConfig::resolve(bad, &[], "a test").expect_err("a typo is an error");
         assert!(format!("{err:#}").contains("alpah"), "{err:#}");
         let round = TrainConfig::from_resolved(&cfg.to_toml()).unwrap();
         assert_eq!(round, cfg);

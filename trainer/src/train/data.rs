@@ -46,21 +46,45 @@ fn synth_options(cfg: &TrainConfig, count: usize, seed: u64, prefix: &str) -> Sy
     }
 }
 
-/// The synthetic set `opts` describes in `dir`, unless it is there already (a set made with other
-/// settings is remade rather than silently reused).
+/// Marks a folder as the trainer's own synthetic set: the only kind it may replace.
+const MARKER: &str = ".made-by-trainer";
+
+/// The synthetic set `opts` describes in `dir`, unless it is there already. A set the trainer made with
+/// other settings is remade (and said so); a folder it did not make is never touched.
 fn make_synth(dir: &Path, opts: &SynthOptions, announce: bool) -> Result<()> {
     if SynthRecord::is_current(dir, opts) {
         return Ok(());
     }
+    let ours = dir.join(MARKER).exists();
+    let occupied = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+    if occupied && !ours {
+        let what = match shard::Index::load(dir) {
+            Ok(index) => format!("a set of {} images made by `{}`", index.total_samples, index.options.tool),
+            Err(_) => "files the trainer did not write".to_string(),
+        };
+        bail!(
+            "{} holds {what}, with other settings than this run's synthetic set: the run would replace it. \
+             Point data.synth_dir to another folder, or remove this one",
+            dir.display()
+        );
+    }
     if announce {
+        let why = if occupied { " (remade: its settings changed)" } else { "" };
         eprintln!(
-            "making a synthetic data set: {} {} images of {} px in {}",
+            "making a synthetic data set: {} {} images of {} px in {}{why}",
             opts.count,
             opts.kind.name(),
             opts.size,
             dir.display()
         );
     }
+    // The mark goes first, so that a set interrupted half way is still known as the trainer's.
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        dir.join(MARKER),
+        "made by the DenseDINO trainer; it remakes this set when its settings change\n",
+    )
+    .with_context(|| format!("writing {}", dir.join(MARKER).display()))?;
     shard::synth::synth(dir, opts)
         .with_context(|| format!("making the synthetic set in {}", dir.display()))?;
     Ok(())

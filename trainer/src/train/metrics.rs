@@ -39,6 +39,8 @@ pub enum Record {
 /// run again), so the file reads as one uninterrupted run.
 pub struct MetricsLog {
     file: std::fs::File,
+    /// The kept records (those before the resumed step), in order.
+    pub kept: Vec<Record>,
 }
 
 impl MetricsLog {
@@ -55,11 +57,18 @@ impl MetricsLog {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let mut file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        for l in kept {
-            writeln!(file, "{l}")?;
+        // The kept lines go to a new file that replaces the old one in one rename: a crash in between
+        // leaves the old history whole, never a truncated one.
+        let fresh = path.with_extension("jsonl.partial");
+        let mut file =
+            std::fs::File::create(&fresh).with_context(|| format!("creating {}", fresh.display()))?;
+        for l in &kept {
+            writeln!(file, "{l}").with_context(|| format!("writing {}", fresh.display()))?;
         }
-        Ok(Self { file })
+        file.sync_all().with_context(|| format!("flushing {}", fresh.display()))?;
+        std::fs::rename(&fresh, path).with_context(|| format!("renaming {} into place", fresh.display()))?;
+        let kept = kept.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        Ok(Self { file, kept })
     }
 
     pub fn write(&mut self, r: &Record) -> Result<()> {

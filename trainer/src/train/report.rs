@@ -49,8 +49,18 @@ impl Reporter {
             bar.set_position(first_step as u64);
             bar
         });
+        let log = MetricsLog::open(&run_dir.join("metrics.jsonl"), first_step)?;
+        // A run resumed inside an epoch continues that epoch's sums from the steps it logged before, so
+        // the epoch's record is the same as an uninterrupted run's (its timings excepted).
+        let mut epoch = EpochAccumulator::new();
+        for r in &log.kept {
+            match r {
+                Record::Step { m, .. } => epoch.add_logged(m),
+                Record::Epoch { .. } => epoch = EpochAccumulator::new(),
+            }
+        }
         Ok(Self {
-            log: MetricsLog::open(&run_dir.join("metrics.jsonl"), first_step)?,
+            log,
             bar,
             quiet,
             log_every: run.log_every.max(1),
@@ -59,7 +69,7 @@ impl Reporter {
             start: Instant::now(),
             wait: Duration::ZERO,
             images: 0,
-            epoch: EpochAccumulator::new(),
+            epoch,
         })
     }
 
@@ -118,10 +128,12 @@ impl Reporter {
     }
 }
 
-/// One epoch's running sums, for its averages.
+/// One epoch's running sums, for its averages. The losses cover every step of the epoch; the timings
+/// only those of this process (`timed`), whose clock `start` is.
 struct EpochAccumulator {
     start: Instant,
     wait: Duration,
+    timed: usize,
     steps: usize,
     loss: f64,
     /// (sum, count) of the parts, which a step may lack (a loss switched off).
@@ -134,6 +146,7 @@ impl EpochAccumulator {
         Self {
             start: Instant::now(),
             wait: Duration::ZERO,
+            timed: 0,
             steps: 0,
             loss: 0.0,
             cls: (0.0, 0),
@@ -142,8 +155,14 @@ impl EpochAccumulator {
     }
 
     fn add(&mut self, m: &StepMetrics, wait: Duration) {
-        self.steps += 1;
+        self.timed += 1;
         self.wait += wait;
+        self.add_logged(m);
+    }
+
+    /// A step of this epoch that an earlier process ran (read back from `metrics.jsonl` on resume).
+    fn add_logged(&mut self, m: &StepMetrics) {
+        self.steps += 1;
         self.loss += m.loss;
         for (acc, v) in [(&mut self.cls, m.cls_loss), (&mut self.refs, m.ref_loss)] {
             if let Some(v) = v {
@@ -161,7 +180,7 @@ impl EpochAccumulator {
             loss: mean((self.loss, self.steps)).unwrap_or(f64::NAN),
             cls_loss: mean(self.cls),
             ref_loss: mean(self.refs),
-            images_per_s: (self.steps * batch_size) as f64 / secs,
+            images_per_s: (self.timed * batch_size) as f64 / secs,
             data_wait_fraction: self.wait.as_secs_f64() / secs,
         }
     }

@@ -24,7 +24,9 @@ pub enum Start {
     Fresh(TrainConfig),
     /// The run in this folder (or from this checkpoint file), exactly where it stopped. Its stored config
     /// is the run; `sets` may change `run.*` only (the length, checkpointing, logging, the device).
-    Resume { from: PathBuf, sets: Vec<String> },
+    /// A checkpoint older than its run's newest starts a branch: only into a new folder, `branch`, so
+    /// that two histories never share one (the branch gets the checkpoint and the history up to it).
+    Resume { from: PathBuf, sets: Vec<String>, branch: Option<PathBuf> },
 }
 
 /// Command-line choices that are not part of the config.
@@ -44,13 +46,17 @@ pub struct RunSummary {
     pub config: TrainConfig,
     pub steps: Vec<StepMetrics>,
     pub last_checkpoint: Option<PathBuf>,
+    /// The steps the run was to reach; it stops short of them only when damaged data shortened its epochs.
+    pub planned_steps: usize,
     pub images_per_s: f64,
     pub data_wait_fraction: f64,
+    /// Damaged shards and skipped samples met on the way (`None`: the data was read whole).
+    pub data_problems: Option<String>,
 }
 
 /// Runs (or continues) a pretraining run.
 pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
-    let (cfg, run_dir, resume) = open(start, opts)?;
+    let (cfg, run_dir, resume, _lock) = open(start, opts)?;
     let shards = data::shards(&cfg, opts.quiet)?;
     let ipe = data::iters_per_epoch(&cfg, &shards)?;
     let total = match cfg.run.max_steps {
@@ -95,14 +101,25 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     let mut ckpt = checkpoint::Policy::new(run_dir.join("checkpoints"), &cfg.run);
     // A resumed run's last good checkpoint is the one it resumed from, until it writes another.
     ckpt.last = resume.map(|(file, _)| (first, file));
-    let steps = train_steps(&mut trainer, &cfg, total, &mut report, &mut ckpt, || {
+    // Resumed inside an epoch: that epoch's end is still to be reported.
+    let open_epoch = (cursor.samples > 0).then_some(cursor.epoch);
+    let steps = train_steps(&mut trainer, &cfg, total, open_epoch, &mut report, &mut ckpt, || {
         rt.block_on(loader.batches.recv()).ok()
     });
     report.finish();
+    let stats = loader.stats.clone();
     rt.block_on(loader.shutdown());
     let steps = steps?;
-    if trainer.it != first && ckpt.last.as_ref().map(|(it, _)| *it) != Some(trainer.it) {
-        bail!("the loader ended before step {total} without a final checkpoint");
+    let data_problems = stats.problems();
+    if trainer.it < total && !opts.quiet {
+        // Only a damaged set ends early (the loader runs exactly `run.epochs` epochs of the plan, and damaged
+        // shards and skipped samples make them shorter): the run is complete, but not what was planned.
+        eprintln!(
+            "warning: the data ended after {} of the planned {total} steps ({} epochs x {ipe}): {}",
+            trainer.it,
+            cfg.run.epochs,
+            data_problems.as_deref().unwrap_or("the set has fewer samples than its index lists")
+        );
     }
     if let (Err(e), false) = (crate::train::metrics::plot(&run_dir), opts.quiet) {
         eprintln!("warning: plotting failed: {e:#}");
@@ -113,17 +130,24 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
         config: cfg,
         steps,
         last_checkpoint: ckpt.last.map(|(_, p)| p),
+        planned_steps: total,
         images_per_s,
         data_wait_fraction,
+        data_problems,
     })
 }
 
 /// The loop, until step `total` or the end of the data: next batch, one step, report it, checkpoint when
-/// due. Returns the steps' metrics.
+/// due. Returns the steps' metrics. `open_epoch`: the epoch in progress whose end is not yet reported.
+///
+/// An epoch's last batch says so in its cursor. When damaged shards or skipped samples leave the epoch's
+/// tail without a batch, no batch says so; the epoch's end is then seen when the next epoch's first batch
+/// comes (or the data ends), and is reported and checkpointed there, with the cursor at the next epoch.
 fn train_steps(
     trainer: &mut Trainer,
     cfg: &TrainConfig,
     total: usize,
+    mut open_epoch: Option<u64>,
     report: &mut Reporter,
     ckpt: &mut checkpoint::Policy,
     mut next_batch: impl FnMut() -> Option<common::Batch>,
@@ -133,45 +157,194 @@ fn train_steps(
         let t0 = Instant::now();
         let Some(batch) = next_batch() else { break };
         let wait = t0.elapsed();
+        if let Some(prev) = open_epoch.take().filter(|&e| e < batch.epoch) {
+            close_epoch(trainer, cfg, total, report, ckpt, prev)?;
+        }
         let m = trainer.step(&batch).map_err(|m| non_finite(&m, ckpt))?;
         report.step(&m, batch.batch_size, t0.elapsed(), wait)?;
         let epoch_end = batch.cursor.epoch > batch.epoch;
         if epoch_end {
             report.epoch_end(batch.epoch as usize, trainer.it)?;
+        } else {
+            open_epoch = Some(batch.epoch);
         }
         if ckpt.due(trainer.it, epoch_end, total) {
             ckpt.save(trainer, &Meta { it: trainer.it, cursor: batch.cursor, config: cfg.clone() })?;
         }
         steps.push(m);
     }
+    if let (Some(prev), true) = (open_epoch, trainer.it < total) {
+        // The data ended (the loader ran all its epochs) inside a batch-less tail.
+        close_epoch(trainer, cfg, total, report, ckpt, prev)?;
+    }
     Ok(steps)
 }
 
-/// The run's config, its folder, and the checkpoint it continues from (file and bytes). Writes the
-/// resolved config into the folder.
+/// Reports the end of `epoch`, seen late (after its last batch's step), and checkpoints it as an epoch end:
+/// the state after that step, with the loader's cursor at the next epoch's start.
+fn close_epoch(
+    trainer: &mut Trainer,
+    cfg: &TrainConfig,
+    total: usize,
+    report: &mut Reporter,
+    ckpt: &mut checkpoint::Policy,
+    epoch: u64,
+) -> Result<()> {
+    report.epoch_end(epoch as usize, trainer.it)?;
+    if ckpt.due(trainer.it, true, total) {
+        let cursor = Cursor { epoch: epoch + 1, samples: 0 };
+        ckpt.save(trainer, &Meta { it: trainer.it, cursor, config: cfg.clone() })?;
+    }
+    Ok(())
+}
+
+/// The run's config, its folder, the checkpoint it continues from (file and bytes), and the folder's lock
+/// (held until the file is dropped). Writes the resolved config into the folder.
 #[allow(clippy::type_complexity)]
-fn open(start: Start, opts: &RunOptions) -> Result<(TrainConfig, PathBuf, Option<(PathBuf, Vec<u8>)>)> {
+fn open(
+    start: Start,
+    opts: &RunOptions,
+) -> Result<(TrainConfig, PathBuf, Option<(PathBuf, Vec<u8>)>, std::fs::File)> {
     let (mut cfg, run_dir, resume) = match start {
         Start::Fresh(cfg) => {
             let dir = fresh_dir(cfg.run_dir());
             (cfg, dir, None)
         }
-        Start::Resume { from, sets } => {
+        Start::Resume { from, sets, branch } if branch.is_none() && not_yet_checkpointed(&from) => {
+            // Killed before its first checkpoint: nothing to continue from, so the run starts over in its
+            // own folder with its stored config (a job script can always pass --resume).
+            let stored = from.join("config.toml");
+            let text =
+                std::fs::read_to_string(&stored).with_context(|| format!("reading {}", stored.display()))?;
+            let cfg = TrainConfig::from_resolved(&text)
+                .and_then(|c| c.with_run_overrides(&sets))
+                .with_context(|| stored.display().to_string())?;
+            if !opts.quiet {
+                eprintln!("{}: no checkpoint yet; starting the run over from step 0", from.display());
+            }
+            (cfg, from, None)
+        }
+        Start::Resume { from, sets, branch } => {
             let (file, bytes) = checkpoint::latest(&from)?;
-            let cfg = checkpoint::meta(&bytes)?.config.with_run_overrides(&sets)?;
+            let meta = checkpoint::meta(&bytes)?;
+            let cfg = meta.config.with_run_overrides(&sets)?;
             // RUN/checkpoints/ckpt-N.safetensors → RUN
             let dir = file.parent().and_then(Path::parent).map_or_else(|| from.clone(), Path::to_path_buf);
-            (cfg, dir, Some((file, bytes)))
+            if let Some(new) = branch {
+                let file = start_branch(&dir, &file, meta.it, &new)?;
+                (cfg, new, Some((file, bytes)))
+            } else {
+                match newest_intact(&dir.join("checkpoints"), meta.it, opts.quiet)? {
+                    Some(newest) if newest > meta.it => bail!(
+                        "{} is not the newest checkpoint of {} (step {newest} is): resuming from it there would \
+                         mix two histories. Continue from it in a new run folder with --branch NEW_FOLDER (its \
+                         history up to step {} goes with it), or resume {} to continue from step {newest}",
+                        file.display(),
+                        dir.display(),
+                        meta.it,
+                        dir.display()
+                    ),
+                    _ => (cfg, dir, Some((file, bytes))),
+                }
+            }
         }
     };
     if let Some(d) = opts.device {
         cfg.run.device = d;
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let lock = lock_run(&run_dir)?;
+    // What a crashed process left half written is of no use and may hold the space the next write needs
+    // (no other process writes here: the lock is held).
+    for p in checkpoint::sweep_partials(&run_dir.join("checkpoints")) {
+        if !opts.quiet {
+            eprintln!("removed {}, left by an interrupted checkpoint write", p.display());
+        }
+    }
+    // Through a temporary file and a rename: a run killed here keeps a whole config (the old or the new),
+    // which a resume before the first checkpoint reads.
     let config_file = run_dir.join("config.toml");
-    std::fs::write(&config_file, cfg.to_toml())
+    let partial = run_dir.join("config.toml.partial");
+    std::fs::write(&partial, cfg.to_toml())
+        .and_then(|()| std::fs::rename(&partial, &config_file))
         .with_context(|| format!("writing {}", config_file.display()))?;
-    Ok((cfg, run_dir, resume))
+    Ok((cfg, run_dir, resume, lock))
+}
+
+/// Takes the run folder's lock (`RUN/.lock`, an advisory `flock` the kernel drops when the process ends,
+/// however it ends): two processes writing one run would interleave their histories and remove each
+/// other's checkpoint writes.
+fn lock_run(run_dir: &Path) -> Result<std::fs::File> {
+    let path = run_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "{}: another trainer process is running in this run folder (it holds {}); wait for it to end \
+                 or stop it first",
+                run_dir.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(file)
+}
+
+/// Whether `from` is a run folder that holds its config but no complete checkpoint (a `.partial` is
+/// none; a damaged one is, and is `checkpoint::latest`'s to report).
+fn not_yet_checkpointed(from: &Path) -> bool {
+    from.join("config.toml").is_file() && checkpoint::list(&from.join("checkpoints")).is_empty()
+}
+
+/// The step of the newest checkpoint in `dir` that is intact. Damaged checkpoints newer than `from`
+/// (the one a resume starts from) are moved aside to `*.damaged`: they are not part of any history the
+/// run can continue, and left in place they would read as a newer history that the resume abandons.
+fn newest_intact(dir: &Path, from: usize, quiet: bool) -> Result<Option<usize>> {
+    let mut newest = None;
+    for (it, file) in checkpoint::list(dir) {
+        // Only a file that reads and fails its check is damaged; one that cannot be read (permissions, an
+        // I/O error) is left where it is and counts, so that the resume refuses rather than moves it.
+        let damaged = it > from && std::fs::read(&file).is_ok_and(|b| checkpoint::verify(&b).is_err());
+        if !damaged {
+            newest = Some(it);
+            continue;
+        }
+        let aside = file.with_extension("safetensors.damaged");
+        std::fs::rename(&file, &aside)
+            .with_context(|| format!("moving the damaged {} aside", file.display()))?;
+        if !quiet {
+            eprintln!("moved the damaged {} aside to {}", file.display(), aside.display());
+        }
+    }
+    Ok(newest)
+}
+
+/// A new run folder `new` that continues `run` from its checkpoint `file` (step `it`): the checkpoint and
+/// the metrics up to it are copied (the metrics log drops the later steps when it opens). Returns the
+/// copied checkpoint.
+fn start_branch(run: &Path, file: &Path, it: usize, new: &Path) -> Result<PathBuf> {
+    if new.join("checkpoints").exists() || new.join("metrics.jsonl").exists() {
+        bail!("--branch {}: that folder already holds a run; choose a new one", new.display());
+    }
+    let ckpt_dir = new.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir).with_context(|| format!("creating {}", ckpt_dir.display()))?;
+    let copy = ckpt_dir.join(checkpoint::file_name(it));
+    std::fs::copy(file, &copy)
+        .with_context(|| format!("copying {} to {}", file.display(), copy.display()))?;
+    let metrics = run.join("metrics.jsonl");
+    if metrics.exists() {
+        let to = new.join("metrics.jsonl");
+        std::fs::copy(&metrics, &to).with_context(|| format!("copying {}", metrics.display()))?;
+    }
+    Ok(copy)
 }
 
 /// `runs/name`, or `runs/name-2`, … when it already holds a run (never mix two runs' files).

@@ -1,0 +1,466 @@
+//! The failure paths a real run meets, through the `trainer` binary as a user meets them: nothing is lost,
+//! nothing is silently wrong, and every refusal says what to do. One test per case.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use trainer::train::checkpoint;
+use trainer::train::metrics::{self, Record};
+
+/// A tiny run's settings: a 32 px ViT on 40 synthetic images, batch 8 (5 steps per epoch).
+fn tiny_sets(dir: &Path, name: &str, max_steps: usize) -> Vec<String> {
+    vec![
+        format!("run.name={name}"),
+        format!("run.out_dir=\"{}\"", dir.join("runs").display()),
+        format!("run.max_steps={max_steps}"),
+        "run.epochs=4".into(),
+        "run.batch_size=8".into(),
+        "run.checkpoint_every=2".into(),
+        "run.keep_checkpoints=3".into(),
+        format!("data.synth_dir=\"{}\"", dir.join("synth").display()),
+        "data.synth_count=40".into(),
+        "data.synth_size=48".into(),
+        "data.workers=2".into(),
+        "views.global_size=32".into(),
+        "views.local_size=32".into(),
+        "views.num_points=2".into(),
+        "model.embed_dim=32".into(),
+        "model.depth=2".into(),
+        "model.num_heads=2".into(),
+        "model.img_size=32".into(),
+        "head.out_dim=64".into(),
+        "head.hidden_dim=32".into(),
+        "head.bottleneck_dim=16".into(),
+        "optim.warmup_epochs=1".into(),
+    ]
+}
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer")).args(args).output().expect("run the trainer binary")
+}
+
+fn with_sets<'a>(mut args: Vec<&'a str>, sets: &'a [String]) -> Vec<&'a str> {
+    for s in sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    args
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "the trainer failed:\n{}\n{}", stdout(out), stderr(out));
+    stdout(out)
+}
+
+fn fails(out: &Output) -> String {
+    assert!(!out.status.success(), "the trainer should have refused:\n{}\n{}", stdout(out), stderr(out));
+    stderr(out)
+}
+
+/// A finished tiny run of `steps` steps; returns its folder.
+fn run(dir: &Path, name: &str, steps: usize) -> PathBuf {
+    let sets = tiny_sets(dir, name, steps);
+    ok(&trainer(&with_sets(vec!["train", "--quiet"], &sets)));
+    dir.join("runs").join(name)
+}
+
+fn steps_logged(run_dir: &Path) -> Vec<usize> {
+    metrics::read(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Step { m, .. } => Some(m.it),
+            _ => None,
+        })
+        .collect()
+}
+
+fn checkpoints(run_dir: &Path) -> Vec<usize> {
+    checkpoint::list(&run_dir.join("checkpoints")).into_iter().map(|(it, _)| it).collect()
+}
+
+// 1. `trainer import --out DIR` over an existing run.
+#[test]
+fn import_refuses_a_folder_that_holds_a_run_and_prints_only_what_is_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let existing = run(tmp.path(), "existing", 6);
+    let before = checkpoints(&existing);
+    // Official-layout weights: the existing run's teacher, exported.
+    let weights = tmp.path().join("weights.safetensors");
+    ok(&trainer(&["export", "--checkpoint", existing.to_str().unwrap(), "--out", weights.to_str().unwrap()]));
+    let sets = tiny_sets(tmp.path(), "x", 0);
+    let w = weights.to_str().unwrap();
+    let err = fails(&trainer(&with_sets(
+        vec!["import", "--weights", w, "--out", existing.to_str().unwrap()],
+        &sets,
+    )));
+    assert!(err.contains("already holds a run") && err.contains("--force"), "{err}");
+    assert_eq!(checkpoints(&existing), before, "the existing run is untouched");
+
+    // With --force the folder becomes the imported run, and every path printed exists.
+    let args = vec!["import", "--weights", w, "--out", existing.to_str().unwrap(), "--force"];
+    let out = ok(&trainer(&with_sets(args, &sets)));
+    assert_eq!(checkpoints(&existing), vec![0], "only the imported step-0 checkpoint: {out}");
+    assert!(!existing.join("metrics.jsonl").exists(), "the old run's history is gone with it");
+    let printed: Vec<&str> = out.split_whitespace().filter(|w| w.contains("ckpt-")).collect();
+    assert!(!printed.is_empty(), "{out}");
+    for p in printed {
+        assert!(Path::new(p.trim_end_matches([':', ','])).exists(), "printed {p}, which is not there: {out}");
+    }
+}
+
+// 2. Resuming from an older checkpoint than the newest.
+#[test]
+fn resuming_from_an_older_checkpoint_is_an_explicit_branch_that_never_mixes_histories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "main", 12); // checkpoints at 8, 10, 12 kept
+    let (ckpts, logged) = (checkpoints(&dir), steps_logged(&dir));
+    assert_eq!(ckpts, vec![8, 10, 12]);
+    let old = dir.join("checkpoints").join(checkpoint::file_name(8));
+    let err = fails(&trainer(&["train", "--quiet", "--resume", old.to_str().unwrap()]));
+    assert!(err.contains("not the newest") && err.contains("--branch"), "{err}");
+    assert_eq!(
+        (checkpoints(&dir), steps_logged(&dir)),
+        (ckpts.clone(), logged.clone()),
+        "the run is untouched"
+    );
+
+    let branch = tmp.path().join("branch");
+    let args = ["train", "--quiet", "--resume", old.to_str().unwrap(), "--branch", branch.to_str().unwrap()];
+    ok(&trainer(&args));
+    assert_eq!((checkpoints(&dir), steps_logged(&dir)), (ckpts, logged), "the original run is untouched");
+    assert_eq!(
+        steps_logged(&branch),
+        (0..12).collect::<Vec<_>>(),
+        "the branch's history: 0..8, then its own"
+    );
+    assert_eq!(checkpoints(&branch).last(), Some(&12));
+    // A plain resume of the branch continues the branch.
+    ok(&trainer(&["train", "--quiet", "--resume", branch.to_str().unwrap(), "--set", "run.max_steps=14"]));
+    assert_eq!(steps_logged(&branch), (0..14).collect::<Vec<_>>());
+}
+
+// 3. A failed checkpoint write leaves nothing behind, and stale `.partial` files are swept.
+#[test]
+fn a_failed_checkpoint_write_leaves_no_partial_and_stale_ones_are_swept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "p", 4);
+    let ckpt_dir = dir.join("checkpoints");
+    // A crashed process's leftover: the next start removes it.
+    let stale = ckpt_dir.join("ckpt-00000099.safetensors.partial");
+    std::fs::write(&stale, vec![0u8; 1000]).unwrap();
+    ok(&trainer(&["train", "--quiet", "--resume", dir.to_str().unwrap(), "--set", "run.max_steps=6"]));
+    assert!(!stale.exists(), "a stale .partial survived a run");
+    // A checkpoint that cannot fit: refused before writing, naming what it needs.
+    let err = checkpoint::check_free_space(&ckpt_dir, u64::MAX / 4).expect_err("no disk holds that");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("needs") && msg.contains("free") && msg.contains(&ckpt_dir.display().to_string()),
+        "{msg}"
+    );
+}
+
+// 4. A checkpoint with flipped bytes inside a tensor.
+#[test]
+fn a_corrupted_checkpoint_is_refused_and_resume_falls_back_to_an_older_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "c", 6); // checkpoints at 2, 4, 5 (epoch end), 6
+    let newest = dir.join("checkpoints").join(checkpoint::file_name(6));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    // Flip bytes well inside the tensor data (after the JSON header).
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let at = 8 + header + (bytes.len() - 8 - header) / 2;
+    for b in &mut bytes[at..at + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&newest, &bytes).unwrap();
+    let bytes_damaged = bytes.clone();
+    // The metadata is covered too: a different step in the header (same length) is caught.
+    let mut meta_flipped = std::fs::read(dir.join("checkpoints").join(checkpoint::file_name(5))).unwrap();
+    let at = meta_flipped.windows(8).position(|w| w == b"\"it\":\"5\"").expect("the step in the header");
+    meta_flipped[at + 6] = b'7';
+    let err = checkpoint::verify(&meta_flipped).expect_err("a changed step must not pass");
+    assert!(format!("{err:#}").contains("metadata do not match their digest"), "{err:#}");
+    let err = checkpoint::verify(&bytes).expect_err("the digest must catch it");
+    assert!(format!("{err:#}").contains("digest"), "{err:#}");
+    let (file, bytes) = checkpoint::latest(&dir).expect("an older good checkpoint");
+    assert_eq!(
+        (checkpoint::meta(&bytes).unwrap().it, file.file_name().unwrap()),
+        (5, checkpoint::file_name(5).as_ref())
+    );
+    let out = trainer(&["train", "--resume", dir.to_str().unwrap(), "--set", "run.max_steps=6"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&newest.display().to_string()) && err.contains("digest"),
+        "the fallback is said: {err}"
+    );
+    // The damaged file is kept aside for inspection, and the run's history is one again: 2..6, once each.
+    let aside = newest.with_extension("safetensors.damaged");
+    assert!(
+        err.contains(&format!("moved the damaged {} aside to {}", newest.display(), aside.display())),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&aside).unwrap(), bytes_damaged);
+    assert_eq!(checkpoints(&dir).last(), Some(&6));
+    assert!(checkpoint::verify(&std::fs::read(&newest).unwrap()).is_ok(), "step 6 written again, intact");
+    assert_eq!(steps_logged(&dir), (0..6).collect::<Vec<_>>(), "steps 0..5 once each");
+}
+
+// 5. Training on a damaged set.
+/// A synthetic set of 40 images in 4 shards of 10, as `tiny_sets` trains on (48 px).
+fn four_shard_set(dir: &Path) -> PathBuf {
+    let set = dir.join("four");
+    let opts =
+        shard::synth::SynthOptions { count: 40, size: 48, per_shard: 10, quiet: true, ..Default::default() };
+    shard::synth::synth(&set, &opts).unwrap();
+    set
+}
+
+#[test]
+fn a_damaged_set_is_refused_at_start_or_reported_and_never_passes_for_the_planned_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = four_shard_set(tmp.path());
+    let data = format!("data.shards=\"{}\"", set.display());
+    let sets = |name: &str, steps: usize| {
+        let mut s = tiny_sets(tmp.path(), name, steps);
+        s.push(data.clone());
+        s
+    };
+
+    // Shards missing: refused before a step is run, naming them.
+    for n in 1..4 {
+        std::fs::remove_file(set.join(format!("train-00000{n}.tar"))).unwrap();
+    }
+    let err = fails(&trainer(&with_sets(vec!["train", "--quiet"], &sets("missing", 0))));
+    assert!(
+        err.contains(&format!(
+            "{}: 3 of the 4 shards its index.json lists are missing: train-000001.tar, train-000002.tar, \
+             train-000003.tar",
+            set.display()
+        )),
+        "{err}"
+    );
+    assert!(checkpoints(&tmp.path().join("runs/missing")).is_empty(), "no step was run");
+
+    // A shard cut in half (the others back): the run is told once, and a run that cannot reach its
+    // planned step fails, saying how far it got and why, instead of ending "done" on part of the data.
+    std::fs::remove_dir_all(&set).unwrap();
+    let set = four_shard_set(tmp.path());
+    let shard = set.join("train-000002.tar");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+    let out = trainer(&with_sets(vec!["train"], &sets("cut", 0)));
+    let (err, summary) = (stderr(&out), ok(&out));
+    let about: Vec<&str> = err.lines().filter(|l| l.contains("train-000002.tar")).collect();
+    assert_eq!(about.len(), 1, "one warning for the damaged shard, not one per epoch:\n{err}");
+    assert!(
+        about[0].contains("damaged after") && about[0].contains("of its 10 samples are lost"),
+        "{}",
+        about[0]
+    );
+    assert!(!err.contains("skipped sample"), "{err}");
+    // 34 or 35 whole samples an epoch: 4 batches of 8 where 5 were planned, in each of the 4 epochs.
+    assert!(
+        err.contains(
+            "warning: the data ended after 16 of the planned 20 steps (4 epochs x 5): 1 damaged shard ("
+        ),
+        "{err}"
+    );
+    assert!(summary.contains("data problems: 1 damaged shard ("), "{summary}");
+    assert!(summary.contains("the run took 16 of its planned 20 steps: its data ended first"), "{summary}");
+    // Every epoch end is still seen (the shortened epochs' last batches do not say so themselves), and
+    // the run ends with its checkpoint at the data's end.
+    let run_dir = tmp.path().join("runs/cut");
+    let epochs: Vec<(usize, usize)> = metrics::read(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Epoch { epoch, steps, .. } => Some((epoch, steps)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, vec![(0, 4), (1, 8), (2, 12), (3, 16)]);
+    let (_, last) = checkpoint::latest(&run_dir).unwrap();
+    let meta = checkpoint::meta(&last).unwrap();
+    assert_eq!((meta.it, meta.cursor.epoch, meta.cursor.samples), (16, 4, 0));
+
+    // A run whose steps the damaged set still covers finishes, and its summary names the damage.
+    let out = ok(&trainer(&with_sets(vec!["train", "--quiet"], &sets("short", 3))));
+    assert!(out.contains("data problems: 1 damaged shard ("), "{out}");
+    // An intact set reports none.
+    let out = ok(&trainer(&with_sets(vec!["train", "--quiet"], &tiny_sets(tmp.path(), "intact", 3))));
+    assert!(!out.contains("data problems"), "{out}");
+}
+
+// 6. k-NN on sets whose labels cannot be compared.
+#[test]
+fn knn_refuses_sets_with_different_classes_or_no_labels_and_keys_its_cache_by_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "k", 2);
+    let set = |name: &str, kind: shard::synth::SynthKind, seed: u64| {
+        let out = tmp.path().join(name);
+        let opts = shard::synth::SynthOptions {
+            kind,
+            count: 24,
+            size: 32,
+            seed,
+            per_shard: 24,
+            quiet: true,
+            ..Default::default()
+        };
+        shard::synth::synth(&out, &opts).unwrap();
+        out
+    };
+    use shard::synth::SynthKind::{Palettes, Shapes};
+    let shapes = set("shapes", Shapes, 1);
+    let shapes_val = set("shapes-val", Shapes, 2);
+    let palettes = set("palettes", Palettes, 3);
+    let ckpt = dir.to_str().unwrap();
+    let knn = |train: &Path, val: &Path, cache: Option<&Path>| {
+        let mut args = vec!["eval", "knn", "--checkpoint", ckpt, "--train", train.to_str().unwrap()];
+        args.extend(["--val", val.to_str().unwrap(), "--k", "5"]);
+        if let Some(c) = cache {
+            args.extend(["--cache", c.to_str().unwrap()]);
+        }
+        trainer(&args)
+    };
+    let err = fails(&knn(&shapes, &palettes, None));
+    assert!(err.contains("class") && err.contains(&palettes.display().to_string()), "{err}");
+    // A set without labels: its index lists no classes (as `shard pack` writes for an unlabelled folder).
+    let unlabelled = tmp.path().join("unlabelled");
+    copy_dir(&shapes, &unlabelled);
+    let index_path = unlabelled.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["classes"] = serde_json::json!([]);
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let err = fails(&knn(&unlabelled, &shapes_val, None));
+    assert!(err.contains("label") && err.contains(&unlabelled.display().to_string()), "{err}");
+
+    // The cache is keyed by the checkpoint: after the run moves on, the features are extracted again.
+    let cache = tmp.path().join("cache");
+    ok(&knn(&shapes, &shapes_val, Some(&cache)));
+    let cached = std::fs::read_dir(&cache).unwrap().count();
+    ok(&knn(&shapes, &shapes_val, Some(&cache)));
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), cached, "the same checkpoint reuses its features");
+    ok(&trainer(&["train", "--quiet", "--resume", ckpt, "--set", "run.max_steps=4"]));
+    ok(&knn(&shapes, &shapes_val, Some(&cache)));
+    assert!(
+        std::fs::read_dir(&cache).unwrap().count() > cached,
+        "a moved-on checkpoint is not evaluated from the old features"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+// 7. `--resume` with `--config`.
+#[test]
+fn resume_with_a_config_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "r", 2);
+    let cfg = tmp.path().join("other.toml");
+    std::fs::write(&cfg, "[run]\nepochs = 9\n").unwrap();
+    let args = ["train", "--quiet", "--resume", dir.to_str().unwrap(), "--config", cfg.to_str().unwrap()];
+    let err = fails(&trainer(&args));
+    assert!(err.contains("--resume") && err.contains("--config") && err.contains("--set run."), "{err}");
+    // Nor may --set change what shapes every step.
+    for set in ["run.seed=5", "run.batch_size=4", "run.epochs=9"] {
+        let err = fails(&trainer(&["train", "--quiet", "--resume", dir.to_str().unwrap(), "--set", set]));
+        assert!(
+            err.contains(&format!(
+                "--set {set}: run.seed, run.batch_size, run.epochs cannot change on resume"
+            )),
+            "{err}"
+        );
+    }
+}
+
+/// Two processes on one run folder would interleave their histories: the second is refused while the
+/// first holds the folder's lock (released by the kernel however the first ends).
+#[test]
+fn a_second_process_on_a_running_run_folder_is_refused() {
+    use std::os::fd::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "l", 2);
+    let lock = std::fs::File::open(dir.join(".lock")).expect("a run keeps its lock file");
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let args = ["train", "--quiet", "--resume", dir.to_str().unwrap(), "--set", "run.max_steps=4"];
+    let err = fails(&trainer(&args));
+    assert!(err.contains("another trainer process is running in this run folder"), "{err}");
+    drop(lock);
+    ok(&trainer(&args));
+    assert_eq!(checkpoints(&dir).last(), Some(&4));
+}
+
+// 8. Config values out of range, and type errors, name the key and where it came from.
+#[test]
+fn bad_config_values_name_the_key_and_their_origin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = tiny_sets(tmp.path(), "v", 1);
+    for (bad, key) in [
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=nan", "optim.lr"),
+        ("loss.teacher_temp=0", "loss.teacher_temp"),
+        ("loss.alpha=1.5", "loss.alpha"),
+        ("optim.momentum_teacher=2", "optim.momentum_teacher"),
+        ("head.out_dim=0", "head.out_dim"),
+        ("run.keep_checkpoints=0", "run.keep_checkpoints"),
+        ("data.synth_count=0", "data.synth_count"),
+    ] {
+        let mut s = sets.clone();
+        s.push(bad.into());
+        let err = fails(&trainer(&with_sets(vec!["train", "--quiet"], &s)));
+        assert!(err.contains(key), "{bad}: {err}");
+    }
+    let file = tmp.path().join("typo.toml");
+    std::fs::write(&file, "[run]\nbatch_size = \"32\"\n").unwrap();
+    let err = fails(&trainer(&["train", "--quiet", "--config", file.to_str().unwrap()]));
+    assert!(err.contains("run.batch_size") && err.contains(&file.display().to_string()), "{err}");
+    let err = fails(&trainer(&["train", "--quiet", "--set", "run.batch_size=\"32\""]));
+    assert!(err.contains("run.batch_size") && err.contains("--set"), "{err}");
+}
+
+// 9. `trainer attention` with a size the model cannot take.
+#[test]
+fn attention_refuses_sizes_the_model_cannot_take_before_writing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "a", 2);
+    let image = tmp.path().join("photo.png");
+    image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 90])).save(&image).unwrap();
+    for size in ["100", "7", "0"] {
+        let out_dir = tmp.path().join(format!("attn-{size}"));
+        let args = ["attention", "--checkpoint", dir.to_str().unwrap(), "--image", image.to_str().unwrap()];
+        let err =
+            fails(&trainer(&[&args[..], &["--out", out_dir.to_str().unwrap(), "--size", size]].concat()));
+        assert!(err.contains("--size") && err.contains("patch"), "{size}: {err}");
+        assert!(!out_dir.exists(), "nothing written for --size {size}");
+    }
+}
+
+// 10. The demo's synthetic set never replaces a set it did not make.
+#[test]
+fn a_run_never_replaces_a_synthetic_set_it_did_not_make() {
+    let tmp = tempfile::tempdir().unwrap();
+    let synth = tmp.path().join("synth");
+    // The README's own command, with other settings than the run's.
+    let opts = shard::synth::SynthOptions { count: 16, size: 64, quiet: true, ..Default::default() };
+    shard::synth::synth(&synth, &opts).unwrap();
+    let index = std::fs::read(synth.join("index.json")).unwrap();
+    let err = fails(&trainer(&with_sets(vec!["train", "--quiet"], &tiny_sets(tmp.path(), "s", 1))));
+    assert!(err.contains(&synth.display().to_string()) && err.contains("data.synth_dir"), "{err}");
+    assert_eq!(std::fs::read(synth.join("index.json")).unwrap(), index, "the set is untouched");
+}

@@ -1,0 +1,293 @@
+//! Fault injection: the `trainer` binary killed with a real SIGKILL again and again, each time followed by
+//! `train --resume RUN` (which starts the run over when it was killed before its first checkpoint). At the
+//! end the run's history and weights must be those of an uninterrupted run, bit for bit, with no
+//! `.partial` file left.
+//!
+//! Three kinds of kill, in turn, each at a moment the test does not control:
+//! - at a random time, drawn from a seeded RNG over the length of an uninterrupted run (measured first,
+//!   on this machine, so the test adapts to its speed and load);
+//! - as soon as a `.partial` checkpoint shows up (inside a checkpoint write);
+//! - as soon as a new epoch record shows up in `metrics.jsonl` (at an epoch end, before or while its
+//!   checkpoint is written).
+//!
+//! A kill that lands after the run finished interrupts nothing; such runs are checked against the
+//! reference and started again, and the test keeps going until `KILLS` kills really interrupted a run.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use trainer::train::checkpoint;
+
+/// Kills that must interrupt a run.
+const KILLS: usize = 45;
+
+/// A tiny run: a 32 px ViT on 40 synthetic images, batch 8, 5 steps per epoch, 6 epochs; a checkpoint
+/// every 2 steps and at every epoch end, the last 2 kept (so pruning is interrupted too).
+fn sets(dir: &Path) -> Vec<String> {
+    vec![
+        "run.name=k".into(),
+        format!("run.out_dir=\"{}\"", dir.join("runs").display()),
+        "run.epochs=6".into(),
+        "run.batch_size=8".into(),
+        "run.checkpoint_every=2".into(),
+        "run.keep_checkpoints=2".into(),
+        format!("data.synth_dir=\"{}\"", dir.join("synth").display()),
+        "data.synth_count=40".into(),
+        "data.synth_size=48".into(),
+        "data.workers=2".into(),
+        "views.global_size=32".into(),
+        "views.local_size=32".into(),
+        "views.num_points=2".into(),
+        "model.embed_dim=32".into(),
+        "model.depth=2".into(),
+        "model.num_heads=2".into(),
+        "model.img_size=32".into(),
+        "head.out_dim=64".into(),
+        "head.hidden_dim=32".into(),
+        "head.bottleneck_dim=16".into(),
+        "optim.warmup_epochs=1".into(),
+    ]
+}
+
+const STEPS: usize = 30;
+
+/// `train` of the tiny config in `dir`, or `train --resume` of its run once the run has a config.
+fn spawn(dir: &Path, log: &Path) -> Child {
+    let run = dir.join("runs/k");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    cmd.args(["train", "--quiet"]);
+    if run.join("config.toml").is_file() {
+        cmd.args(["--resume", run.to_str().unwrap()]);
+    } else {
+        for s in sets(dir) {
+            cmd.args(["--set", &s]);
+        }
+    }
+    let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    cmd.stdout(Stdio::null()).stderr(err).spawn().expect("start the trainer")
+}
+
+/// `metrics.jsonl` without its timings (wall-clock seconds differ from run to run; nothing else may).
+fn history(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            let o = v.as_object_mut().unwrap();
+            for timing in ["step_time", "data_wait", "images_per_s", "data_wait_fraction"] {
+                o.remove(timing);
+            }
+            v
+        })
+        .collect()
+}
+
+/// Every kept checkpoint: step → (cursor and step metadata, tensors by name with their f32 bits).
+type Weights = BTreeMap<usize, (String, BTreeMap<String, (Vec<usize>, Vec<u32>)>)>;
+
+fn weights(run: &Path) -> Weights {
+    checkpoint::list(&run.join("checkpoints"))
+        .into_iter()
+        .map(|(it, file)| {
+            let bytes = std::fs::read(&file).unwrap();
+            let meta = checkpoint::meta(&bytes).unwrap();
+            let tensors = checkpoint::tensors(&bytes)
+                .unwrap()
+                .into_iter()
+                .map(|(name, (dims, values))| (name, (dims, values.iter().map(|x| x.to_bits()).collect())))
+                .collect();
+            (it, (format!("it {} cursor {:?}", meta.it, meta.cursor), tensors))
+        })
+        .collect()
+}
+
+/// Files under `dir` whose name ends in `.partial`.
+fn partials(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(partials(&p));
+        } else if p.to_string_lossy().ends_with(".partial") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn epoch_records(run: &Path) -> usize {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    text.lines().filter(|l| l.contains("\"kind\":\"epoch\"")).count()
+}
+
+/// Step records in `metrics.jsonl`, a line cut by a kill excepted.
+fn steps_logged(run: &Path) -> usize {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    text.lines().filter(|l| l.contains("\"kind\":\"step\"") && l.ends_with('}')).count()
+}
+
+/// The `steps` of the last line of `metrics.jsonl` if that is a (whole) epoch record.
+fn last_epoch_end(run: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
+    let last: serde_json::Value = serde_json::from_str(text.lines().last()?).ok()?;
+    (last["kind"] == "epoch").then(|| last["steps"].as_u64()).flatten()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Trigger {
+    /// At a random time into the process.
+    Time(Duration),
+    /// When a `.partial` checkpoint appears (one left by an earlier kill is first swept by the run).
+    CheckpointWrite,
+    /// When this process logs an epoch end (an epoch record past the checkpoint it resumed from).
+    EpochEnd,
+}
+
+/// Waits for `trigger` (polling the run folder), then SIGKILLs `child`; if the process ends first, its
+/// own exit status.
+fn kill_on(child: &mut Child, trigger: Trigger, run: &Path) -> ExitStatus {
+    let t0 = Instant::now();
+    let ckpts = run.join("checkpoints");
+    let resumed_at = checkpoint::list(&ckpts).last().map_or(0, |c| c.0 as u64);
+    let mut armed = partials(&ckpts).is_empty();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        let fire = match trigger {
+            Trigger::Time(at) => t0.elapsed() >= at,
+            Trigger::CheckpointWrite => {
+                let seen = !partials(&ckpts).is_empty();
+                let fire = armed && seen;
+                armed |= !seen;
+                fire
+            }
+            Trigger::EpochEnd => last_epoch_end(run).is_some_and(|s| s > resumed_at),
+        };
+        if fire {
+            // SIGKILL: no unwinding, no cleanup, exactly as a power cut or the OOM killer.
+            child.kill().unwrap();
+            return child.wait().unwrap();
+        }
+        if matches!(trigger, Trigger::Time(_)) {
+            std::thread::sleep(Duration::from_micros(200));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[test]
+fn random_sigkills_then_resume_give_the_history_and_weights_of_an_uninterrupted_run() {
+    let started = Instant::now();
+    // On disk, not a tmpfs: a checkpoint write (and its fsync) must take the time it takes in a real run.
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let log = tmp.path().join("stderr.txt");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // The reference, and how long an uninterrupted run takes here (its synthetic set is made before).
+    let reference = tmp.path().join("reference");
+    let status = spawn(&reference, &log).wait().unwrap();
+    assert!(status.success(), "the reference run failed: {}", log_text());
+    let t = Instant::now();
+    std::fs::remove_dir_all(reference.join("runs")).unwrap();
+    let status = spawn(&reference, &log).wait().unwrap();
+    let full_run = t.elapsed();
+    assert!(status.success(), "the reference run failed: {}", log_text());
+    let ref_run = reference.join("runs/k");
+    let (want_history, want_weights) = (history(&ref_run), weights(&ref_run));
+    let steps = want_history.iter().filter(|r| r["kind"] == "step").count();
+    assert_eq!((steps, epoch_records(&ref_run)), (STEPS, 6));
+    assert_eq!(want_weights.keys().copied().collect::<Vec<_>>(), vec![28, 30], "the last 2 checkpoints");
+
+    // The interrupted runs share the reference's synthetic set (made once, by the trainer, so reused).
+    let dir = tmp.path().join("cut");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    copy(&reference.join("synth"), &dir.join("synth"));
+    let run = dir.join("runs/k");
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(15);
+    // Per interrupting kill: its trigger, the step the process started from and the steps logged when
+    // the kill landed.
+    let mut kills: Vec<(Trigger, usize, usize)> = vec![];
+    let (mut attempts, mut completed) = (0usize, 0usize);
+    loop {
+        attempts += 1;
+        assert!(attempts < 300, "too many attempts; kills so far {}", kills.len());
+        let done = kills.len() >= KILLS;
+        let trigger = match attempts % 3 {
+            _ if done => Trigger::Time(Duration::MAX),
+            0 => Trigger::CheckpointWrite,
+            1 => Trigger::EpochEnd,
+            _ => Trigger::Time(full_run.mul_f64(rng.random::<f64>())),
+        };
+        let from = checkpoint::list(&run.join("checkpoints")).last().map_or(0, |c| c.0);
+        let mut child = spawn(&dir, &log);
+        let status = kill_on(&mut child, trigger, &run);
+        if status.signal() == Some(9) {
+            kills.push((trigger, from, steps_logged(&run)));
+            continue;
+        }
+        assert!(
+            status.success(),
+            "attempt {attempts} ({trigger:?}): the run failed: {status:?}\n{}",
+            log_text()
+        );
+        // The run finished (not killed, or the trigger never came): exactly the reference.
+        assert!(partials(&run).is_empty(), "a .partial is left: {:?}", partials(&run));
+        let (history, weights) = (history(&run), weights(&run));
+        if let Some(i) =
+            (0..history.len().max(want_history.len())).find(|&i| history.get(i) != want_history.get(i))
+        {
+            panic!(
+                "attempt {attempts}: the history differs from the uninterrupted run's at line {i}:\n  {:?}\nvs\n  {:?}",
+                history.get(i),
+                want_history.get(i)
+            );
+        }
+        assert!(
+            weights == want_weights,
+            "attempt {attempts}: the checkpoints differ from the uninterrupted run's"
+        );
+        completed += 1;
+        if done {
+            break;
+        }
+        // A new run: its kills begin again at its start.
+        std::fs::remove_dir_all(dir.join("runs")).unwrap();
+    }
+
+    let count = |f: fn(&Trigger) -> bool| kills.iter().filter(|(t, ..)| f(t)).count();
+    let (at_time, in_write, at_epoch) = (
+        count(|t| matches!(t, Trigger::Time(_))),
+        count(|t| *t == Trigger::CheckpointWrite),
+        count(|t| *t == Trigger::EpochEnd),
+    );
+    let spans: Vec<String> = kills.iter().map(|(_, from, logged)| format!("{from}->{logged}")).collect();
+    eprintln!(
+        "{} kills interrupted a run ({at_time} at a random time, {in_write} inside a checkpoint write, {at_epoch} at an \
+         epoch end) in {attempts} runs, {completed} runs completed; uninterrupted run {:.0} ms; each kill as the step \
+         its process resumed from -> the steps logged when it landed: {}; test took {:.1} s",
+        kills.len(),
+        full_run.as_secs_f64() * 1e3,
+        spans.join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(kills.len() >= KILLS);
+    assert!(at_time >= 5 && in_write >= 5 && at_epoch >= 5, "every kind of kill landed several times");
+    // The kills covered the run: some before the process logged a step of its own (start-up, resume),
+    // some well into its steps, some in the run's last epoch.
+    assert!(kills.iter().any(|&(_, from, logged)| logged <= from), "{spans:?}");
+    assert!(kills.iter().any(|&(_, from, logged)| logged > from + 2), "{spans:?}");
+    assert!(kills.iter().any(|&(.., logged)| logged > STEPS - 5), "{spans:?}");
+}
