@@ -91,6 +91,9 @@ pub struct Stats {
     pub truncated_shards: AtomicU64,
     /// Samples those shards lack against their index entry (once per shard, not per epoch).
     pub lost_samples: AtomicU64,
+    /// Set once the collator has passed the last position of the last epoch (`end_epoch`): the batch
+    /// channel then closes because the data ended, not because a stage failed.
+    pub finished: std::sync::atomic::AtomicBool,
     /// The damaged shards seen so far, so each is reported once.
     damaged: Mutex<std::collections::BTreeSet<String>>,
     /// Recent per-sample processing times in microseconds (a ring of 4096).
@@ -253,6 +256,9 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
     }
     let index = Arc::new(index);
     let stats = Arc::new(Stats::default());
+    if opts.end_epoch.is_some_and(|end| opts.start.epoch >= end) {
+        stats.finished.store(true, Ordering::Release); // started at the end: nothing left to read
+    }
     let workers = opts.workers.max(1);
     let (work_tx, work_rx) = async_channel::bounded::<Work>(workers * 4);
     let (done_tx, done_rx) = async_channel::bounded::<Done>(workers * 4);
@@ -567,6 +573,9 @@ async fn collate_loop(
                 // Epoch end: the incomplete tail batch is dropped.
                 pending.clear();
                 next = (epoch + 1, 0);
+                if opts.end_epoch == Some(epoch + 1) {
+                    stats.finished.store(true, Ordering::Release);
+                }
             }
         }
     }

@@ -204,6 +204,9 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) ->
     load_side(&mut trainer.student, &device.clone().autodiff())?;
     load_side(&mut trainer.teacher, &device)?;
     let meta = Meta { it: 0, cursor: Cursor::default(), config: cfg.clone() };
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Held until the import is written: a trainer running in `out` is never pulled from under itself.
+    let _lock = crate::train::run::lock_run(out)?;
     if holds_run {
         // Only now, with the new weights read and loaded: a failed import leaves the old run as it was.
         for f in &run_files {
@@ -216,8 +219,13 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) ->
             let _ = std::fs::remove_file(out.join(plot)); // drawn from the metrics just removed
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // The checkpoint first: a folder with a config and no checkpoint reads as a run killed before its first
+    // step, which `--resume` would start over from random weights.
+    let saved = checkpoint::save(&out.join("checkpoints"), &mut trainer, &meta, cfg.run.keep_checkpoints)?;
     let config = out.join("config.toml");
-    std::fs::write(&config, cfg.to_toml()).with_context(|| format!("writing {}", config.display()))?;
-    checkpoint::save(&out.join("checkpoints"), &mut trainer, &meta, cfg.run.keep_checkpoints)
+    let partial = out.join("config.toml.partial");
+    std::fs::write(&partial, cfg.to_toml())
+        .and_then(|()| std::fs::rename(&partial, &config))
+        .with_context(|| format!("writing {}", config.display()))?;
+    Ok(saved)
 }

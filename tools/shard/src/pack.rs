@@ -237,33 +237,35 @@ impl ShardSet {
             let first_journal = format!("{JOURNAL_FILE}{PARTIAL_SUFFIX}");
             let killed_at_start =
                 resume && !existing.is_empty() && existing.iter().all(|f| *f == first_journal);
-            if !existing.is_empty() {
-                if !force && !killed_at_start {
-                    let problem = if resume {
-                        // The journal is written before the first shard: without one, these files are not
-                        // an interrupted pack's, and nothing here may remove them.
-                        format!(
-                            "holds {} but no pack journal, so they are no interrupted run to resume; use --force \
-                             to replace them",
-                            existing.join(", ")
-                        )
-                    } else {
-                        format!(
-                            "already holds shards, an index or a journal ({}); use --resume to finish an \
-                             interrupted run or --force to replace them",
-                            existing.join(", ")
-                        )
-                    };
-                    return Err(Error::output(dir, problem));
-                }
-                for f in &existing {
-                    remove(&dir.join(f))?;
-                }
-                set.replaced = !killed_at_start;
+            if !existing.is_empty() && !force && !killed_at_start {
+                let problem = if resume {
+                    // The journal is written before the first shard: without one, these files are not an
+                    // interrupted pack's, and nothing here may remove them.
+                    format!(
+                        "holds {} but no pack journal, so they are no interrupted run to resume; use --force to \
+                         replace them",
+                        existing.join(", ")
+                    )
+                } else {
+                    format!(
+                        "already holds shards, an index or a journal ({}); use --force to replace them (or \
+                         `shard pack --resume` to finish an interrupted pack)",
+                        existing.join(", ")
+                    )
+                };
+                return Err(Error::output(dir, problem));
             }
-            // A fresh set: its journal exists before its first shard does, so a run killed at any moment
-            // leaves a folder that `--resume` recognises as its own.
+            // A fresh set's journal exists before anything else is done: it replaces an old set's journal
+            // in one rename, so a run killed at any later moment (even while the old set's files are
+            // removed) leaves a folder that `--resume` recognises as its own.
             set.write_journal(0)?;
+            for f in existing.iter().filter(|f| *f != JOURNAL_FILE) {
+                let path = dir.join(f);
+                if path.exists() {
+                    remove(&path)?;
+                }
+            }
+            set.replaced = !existing.is_empty() && !killed_at_start;
         }
         Ok((set, start))
     }
@@ -361,15 +363,22 @@ fn existing_files(dir: &Path, prefix: &str) -> Result<Vec<String>> {
         let name = entry.map_err(cannot_list)?.file_name().to_string_lossy().into_owned();
         // Only the set's own names, finished or `.partial`: other files in the folder are not ours to remove.
         let base = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(&name);
-        let ours = (base.starts_with(&format!("{prefix}-")) && base.contains(".tar"))
-            || base == JOURNAL_FILE
-            || base == INDEX_FILE;
+        let ours = is_shard_name(base, prefix) || base == JOURNAL_FILE || base == INDEX_FILE;
         if ours {
             out.push(name);
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Whether `name` is one of [`shard_name`]'s: `{prefix}-NNNNNN.tar` or `.tar.zst`.
+fn is_shard_name(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    let number = rest.strip_suffix(".tar").or_else(|| rest.strip_suffix(".tar.zst"));
+    number.is_some_and(|n| n.len() >= 6 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The error of a pack whose every input was skipped: how many, and why (the most common reasons

@@ -168,7 +168,14 @@ fn resume_after_a_crash_before_the_first_shard_is_journaled_finishes_the_set() {
     std::fs::create_dir_all(&other).unwrap();
     write(&other, "train-000000.tar", b"somebody's shard");
     write(&other, "notes.partial", b"somebody's download");
+    write(&other, "train-images.tar.gz", b"somebody's archive");
     let err = refused(&pack(&other, &["--resume"]));
     assert!(err.contains("no pack journal") && err.contains("--force"), "{err}");
     assert!(other.join("train-000000.tar").is_file() && other.join("notes.partial").is_file());
+    // --force replaces the set's own files only.
+    ok(&pack(&other, &["--force"]));
+    let mut want_other = want.clone();
+    want_other.insert("notes.partial".into(), b"somebody's download".to_vec());
+    want_other.insert("train-images.tar.gz".into(), b"somebody's archive".to_vec());
+    assert_eq!(files(&other), want_other);
 }

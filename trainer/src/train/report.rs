@@ -107,6 +107,14 @@ impl Reporter {
         Ok(())
     }
 
+    /// The epoch of the last record kept from an earlier process, if that record is an epoch's end.
+    pub fn last_epoch_logged(&self) -> Option<usize> {
+        match self.log.kept.last() {
+            Some(Record::Epoch { epoch, .. }) => Some(*epoch),
+            _ => None,
+        }
+    }
+
     /// The epoch that just ended after `steps` steps: its averages as one record.
     pub fn epoch_end(&mut self, epoch: usize, steps: usize) -> Result<()> {
         let record = self.epoch.record(epoch, steps, self.batch_size);

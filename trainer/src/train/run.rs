@@ -101,13 +101,23 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     let mut ckpt = checkpoint::Policy::new(run_dir.join("checkpoints"), &cfg.run);
     // A resumed run's last good checkpoint is the one it resumed from, until it writes another.
     ckpt.last = resume.map(|(file, _)| (first, file));
-    // Resumed inside an epoch: that epoch's end is still to be reported.
-    let open_epoch = (cursor.samples > 0).then_some(cursor.epoch);
+    // Resumed inside an epoch: that epoch's end is still to be reported (unless an earlier process
+    // reported it and was stopped before the checkpoint that would have recorded it).
+    let open_epoch = (cursor.samples > 0 && report.last_epoch_logged() != Some(cursor.epoch as usize))
+        .then_some(cursor.epoch);
+    let stats = loader.stats.clone();
     let steps = train_steps(&mut trainer, &cfg, total, open_epoch, &mut report, &mut ckpt, || {
-        rt.block_on(loader.batches.recv()).ok()
+        match rt.block_on(loader.batches.recv()) {
+            Ok(batch) => Ok(Some(batch)),
+            // The channel closes when the loader ran to the end of its last epoch, or when one of its
+            // tasks failed: only the first is the end of the data.
+            Err(_) if stats.finished.load(std::sync::atomic::Ordering::Acquire) => Ok(None),
+            Err(_) => Err(anyhow!(
+                "the loader stopped before its data ended (one of its tasks failed: see the messages above)"
+            )),
+        }
     });
     report.finish();
-    let stats = loader.stats.clone();
     rt.block_on(loader.shutdown());
     let steps = steps?;
     let data_problems = stats.problems();
@@ -138,7 +148,8 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
 }
 
 /// The loop, until step `total` or the end of the data: next batch, one step, report it, checkpoint when
-/// due. Returns the steps' metrics. `open_epoch`: the epoch in progress whose end is not yet reported.
+/// due. Returns the steps' metrics. `open_epoch`: the epoch in progress whose end is not yet reported;
+/// `next_batch` gives `None` at the end of the data, an error when the loader failed.
 ///
 /// An epoch's last batch says so in its cursor. When damaged shards or skipped samples leave the epoch's
 /// tail without a batch, no batch says so; the epoch's end is then seen when the next epoch's first batch
@@ -150,12 +161,15 @@ fn train_steps(
     mut open_epoch: Option<u64>,
     report: &mut Reporter,
     ckpt: &mut checkpoint::Policy,
-    mut next_batch: impl FnMut() -> Option<common::Batch>,
+    mut next_batch: impl FnMut() -> Result<Option<common::Batch>>,
 ) -> Result<Vec<StepMetrics>> {
     let mut steps = Vec::new();
     while trainer.it < total {
         let t0 = Instant::now();
-        let Some(batch) = next_batch() else { break };
+        let next = next_batch().with_context(|| {
+            format!("at step {}; the last checkpoint is {}", trainer.it, ckpt.describe_last())
+        })?;
+        let Some(batch) = next else { break };
         let wait = t0.elapsed();
         if let Some(prev) = open_epoch.take().filter(|&e| e < batch.epoch) {
             close_epoch(trainer, cfg, total, report, ckpt, prev)?;
@@ -205,10 +219,11 @@ fn open(
     start: Start,
     opts: &RunOptions,
 ) -> Result<(TrainConfig, PathBuf, Option<(PathBuf, Vec<u8>)>, std::fs::File)> {
-    let (mut cfg, run_dir, resume) = match start {
+    // `branch_lock`: a branch's new folder is locked before anything is copied into it.
+    let (mut cfg, run_dir, resume, branch_lock) = match start {
         Start::Fresh(cfg) => {
             let dir = fresh_dir(cfg.run_dir());
-            (cfg, dir, None)
+            (cfg, dir, None, None)
         }
         Start::Resume { from, sets, branch } if branch.is_none() && not_yet_checkpointed(&from) => {
             // Killed before its first checkpoint: nothing to continue from, so the run starts over in its
@@ -222,7 +237,7 @@ fn open(
             if !opts.quiet {
                 eprintln!("{}: no checkpoint yet; starting the run over from step 0", from.display());
             }
-            (cfg, from, None)
+            (cfg, from, None, None)
         }
         Start::Resume { from, sets, branch } => {
             let (file, bytes) = checkpoint::latest(&from)?;
@@ -231,8 +246,8 @@ fn open(
             // RUN/checkpoints/ckpt-N.safetensors → RUN
             let dir = file.parent().and_then(Path::parent).map_or_else(|| from.clone(), Path::to_path_buf);
             if let Some(new) = branch {
-                let file = start_branch(&dir, &file, meta.it, &new)?;
-                (cfg, new, Some((file, bytes)))
+                let (file, lock) = start_branch(&dir, &file, meta.it, &new)?;
+                (cfg, new, Some((file, bytes)), Some(lock))
             } else {
                 match newest_intact(&dir.join("checkpoints"), meta.it, opts.quiet)? {
                     Some(newest) if newest > meta.it => bail!(
@@ -244,7 +259,7 @@ fn open(
                         meta.it,
                         dir.display()
                     ),
-                    _ => (cfg, dir, Some((file, bytes))),
+                    _ => (cfg, dir, Some((file, bytes)), None),
                 }
             }
         }
@@ -253,7 +268,10 @@ fn open(
         cfg.run.device = d;
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let lock = lock_run(&run_dir)?;
+    let lock = match branch_lock {
+        Some(lock) => lock,
+        None => lock_run(&run_dir)?,
+    };
     // What a crashed process left half written is of no use and may hold the space the next write needs
     // (no other process writes here: the lock is held).
     for p in checkpoint::sweep_partials(&run_dir.join("checkpoints")) {
@@ -274,7 +292,7 @@ fn open(
 /// Takes the run folder's lock (`RUN/.lock`, an advisory `flock` the kernel drops when the process ends,
 /// however it ends): two processes writing one run would interleave their histories and remove each
 /// other's checkpoint writes.
-fn lock_run(run_dir: &Path) -> Result<std::fs::File> {
+pub(crate) fn lock_run(run_dir: &Path) -> Result<std::fs::File> {
     let path = run_dir.join(".lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -329,22 +347,29 @@ fn newest_intact(dir: &Path, from: usize, quiet: bool) -> Result<Option<usize>> 
 
 /// A new run folder `new` that continues `run` from its checkpoint `file` (step `it`): the checkpoint and
 /// the metrics up to it are copied (the metrics log drops the later steps when it opens). Returns the
-/// copied checkpoint.
-fn start_branch(run: &Path, file: &Path, it: usize, new: &Path) -> Result<PathBuf> {
-    if new.join("checkpoints").exists() || new.join("metrics.jsonl").exists() {
+/// copied checkpoint and the new folder's lock, taken before anything is copied.
+fn start_branch(run: &Path, file: &Path, it: usize, new: &Path) -> Result<(PathBuf, std::fs::File)> {
+    std::fs::create_dir_all(new).with_context(|| format!("creating {}", new.display()))?;
+    let lock = lock_run(new)?;
+    // A checkpoint or a config is a run; copied metrics alone are an interrupted branch's, made again.
+    if new.join("config.toml").exists() || !checkpoint::list(&new.join("checkpoints")).is_empty() {
         bail!("--branch {}: that folder already holds a run; choose a new one", new.display());
     }
     let ckpt_dir = new.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir).with_context(|| format!("creating {}", ckpt_dir.display()))?;
-    let copy = ckpt_dir.join(checkpoint::file_name(it));
-    std::fs::copy(file, &copy)
-        .with_context(|| format!("copying {} to {}", file.display(), copy.display()))?;
+    // Metrics first, the checkpoint last and through a rename: until the checkpoint is whole under its
+    // name, the new folder holds no run.
     let metrics = run.join("metrics.jsonl");
     if metrics.exists() {
         let to = new.join("metrics.jsonl");
         std::fs::copy(&metrics, &to).with_context(|| format!("copying {}", metrics.display()))?;
     }
-    Ok(copy)
+    let copy = ckpt_dir.join(checkpoint::file_name(it));
+    let partial = copy.with_extension("safetensors.partial");
+    std::fs::copy(file, &partial)
+        .and_then(|_| std::fs::rename(&partial, &copy))
+        .with_context(|| format!("copying {} to {}", file.display(), copy.display()))?;
+    Ok((copy, lock))
 }
 
 /// `runs/name`, or `runs/name-2`, … when it already holds a run (never mix two runs' files).
