@@ -158,6 +158,13 @@ fn a_failed_checkpoint_write_leaves_no_partial_and_stale_ones_are_swept() {
     std::fs::write(&stale, vec![0u8; 1000]).unwrap();
     ok(&trainer(&["train", "--quiet", "--resume", dir.to_str().unwrap(), "--set", "run.max_steps=6"]));
     assert!(!stale.exists(), "a stale .partial survived a run");
+    // A crash between a save and its pruning leaves one checkpoint too many; a run resumed at its last
+    // step saves nothing, and still leaves only run.keep_checkpoints.
+    let kept = checkpoints(&dir);
+    std::fs::copy(ckpt_dir.join(checkpoint::file_name(kept[0])), ckpt_dir.join(checkpoint::file_name(1)))
+        .unwrap();
+    ok(&trainer(&["train", "--quiet", "--resume", dir.to_str().unwrap(), "--set", "run.max_steps=6"]));
+    assert_eq!(checkpoints(&dir), kept);
     // A checkpoint that cannot fit: refused before writing, naming what it needs.
     let err = checkpoint::check_free_space(&ckpt_dir, u64::MAX / 4).expect_err("no disk holds that");
     let msg = format!("{err:#}");

@@ -100,10 +100,17 @@ pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Resu
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all(); // the rename itself durable where the platform allows
     }
+    prune(dir, keep);
+    Ok(path)
+}
+
+/// Keeps the newest `keep` checkpoints in `dir` (at least one). A save prunes; so does the end of a run,
+/// which may have saved nothing (resumed at its last step after a crash that came between a save and
+/// its pruning).
+pub fn prune(dir: &Path, keep: usize) {
     for old in list(dir).into_iter().rev().skip(keep.max(1)) {
         let _ = std::fs::remove_file(old.1);
     }
-    Ok(path)
 }
 
 /// Writes `data` to `partial` and flushes it to disk.

@@ -120,6 +120,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     report.finish();
     rt.block_on(loader.shutdown());
     let steps = steps?;
+    checkpoint::prune(&run_dir.join("checkpoints"), cfg.run.keep_checkpoints);
     let data_problems = stats.problems();
     if trainer.it < total && !opts.quiet {
         // Only a damaged set ends early (the loader runs exactly `run.epochs` epochs of the plan, and damaged
