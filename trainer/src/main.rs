@@ -120,7 +120,7 @@ enum Command {
 /// Which backbone to evaluate.
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// A checkpoint file or run folder (its teacher is evaluated).
+    /// A checkpoint file or run folder (its teacher is evaluated, or its student with --backbone student).
     #[arg(long, required_unless_present = "random_init")]
     checkpoint: Option<PathBuf>,
     /// A randomly initialised backbone from --config instead: the floor a trained one must beat.
@@ -132,6 +132,9 @@ struct ModelArgs {
     sets: Vec<String>,
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// The checkpoint's network to evaluate: its teacher (DINO's choice) or its student.
+    #[arg(long, value_enum, default_value_t = trainer::eval::Side::Teacher)]
+    backbone: trainer::eval::Side,
 }
 
 #[derive(Subcommand)]
@@ -185,9 +188,9 @@ fn load_model(m: &ModelArgs) -> Result<(Vit, TrainConfig, Device, String)> {
     let device = m.device.device()?;
     let (vit, cfg, identity) = if m.random_init {
         let cfg = TrainConfig::load(m.config.as_deref(), &m.sets)?;
-        trainer::eval::backbone(None, Some(&cfg), &device)?
+        trainer::eval::backbone(None, Some(&cfg), m.backbone, &device)?
     } else {
-        trainer::eval::backbone(m.checkpoint.as_deref(), None, &device)?
+        trainer::eval::backbone(m.checkpoint.as_deref(), None, m.backbone, &device)?
     };
     Ok((vit, cfg, device, identity))
 }
@@ -290,6 +293,18 @@ fn train(
             summary.planned_steps
         );
     }
+    let t = summary.teacher;
+    println!(
+        "teacher: {:.1}% of its random initialisation remains in its EMA (the product of the momenta), \
+         ‖θ−θ₀‖/‖θ₀‖ = {:.3} over its backbone{}",
+        100.0 * t.init_share,
+        t.distance,
+        if t.init_share > 0.2 {
+            "; it has barely moved: train longer, or lower optim.momentum_teacher for a short run"
+        } else {
+            ""
+        }
+    );
     println!("outputs in {}:", summary.run_dir.display());
     println!("  metrics.jsonl, loss.png, schedules.png, entropy.png, config.toml");
     if let Some(c) = &summary.last_checkpoint {
@@ -352,7 +367,11 @@ fn knn(
     let (vf, vl) = feats(val)?;
     println!(
         "k-NN ({}; {} train, {} test images, T = {temperature}, crop {}):",
-        if model.random_init { "random init" } else { "teacher" },
+        match (model.random_init, model.backbone) {
+            (true, _) => "random init",
+            (false, trainer::eval::Side::Teacher) => "teacher",
+            (false, trainer::eval::Side::Student) => "student",
+        },
         tl.len(),
         vl.len(),
         pre.crop

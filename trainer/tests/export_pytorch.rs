@@ -70,7 +70,7 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
     trainer::export::export(&ckpt, &exported, true, &dev).unwrap();
 
     // Our features: the eval backbone from the checkpoint; the heads from the exported file.
-    let (vit, ..) = trainer::eval::backbone(Some(&ckpt), None, &dev).unwrap();
+    let (vit, ..) = trainer::eval::backbone(Some(&ckpt), None, trainer::eval::Side::Teacher, &dev).unwrap();
     let named = trainer::export::import(&exported).unwrap();
     let mut heads = DenseDino::new(&cfg.model, &cfg.head, true, &mut rng, &dev);
     params::load_official(&mut heads.head, "head.", &|n| named.get(n).cloned(), &dev).unwrap();

@@ -238,21 +238,55 @@ fn positional_grid_resizes_for_other_input_sizes() {
 }
 
 #[test]
-fn stochastic_depth_drops_whole_samples_at_the_linear_rate() {
+fn stochastic_depth_drops_whole_samples_per_branch_at_the_linear_rate() {
     let dev = device();
     let cfg = VitConfig { depth: 5, drop_path_rate: 0.4, ..tiny(MaskMode::All2posPos2clsEye, 0.4) };
     let n = 20_000;
     let scales = vit::drop_path_scales(&cfg, n, &mut seed::rng(2, Purpose::Model, &[1]), &dev);
-    assert!(scales[0].is_none(), "linspace(0, rate, depth)[0] = 0: block 0 never drops");
+    assert!(
+        scales[0].attn.is_none() && scales[0].mlp.is_none(),
+        "linspace(0, rate, depth)[0] = 0: block 0 never drops"
+    );
     for (i, s) in scales.iter().enumerate().skip(1) {
         let rate = 0.4 * i as f64 / 4.0;
         let keep = 1.0 - rate;
-        let v = host(s.clone().expect("a dropping block"));
-        let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / n as f64;
-        assert!(
-            v.iter().all(|&x| x == 0.0 || (x as f64 - 1.0 / keep).abs() < 1e-6),
-            "kept samples scale by 1/keep"
-        );
-        assert!((dropped - rate).abs() < 0.015, "block {i}: dropped {dropped}, rate {rate}");
+        let attn = host(s.attn.clone().expect("a dropping block"));
+        let mlp = host(s.mlp.clone().expect("a dropping block"));
+        for v in [&attn, &mlp] {
+            let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / n as f64;
+            assert!(
+                v.iter().all(|&x| x == 0.0 || (x as f64 - 1.0 / keep).abs() < 1e-6),
+                "kept samples scale by 1/keep"
+            );
+            assert!((dropped - rate).abs() < 0.015, "block {i}: dropped {dropped}, rate {rate}");
+        }
+        // The two branches draw their own masks (the official Block calls its DropPath once per branch):
+        // both dropped with probability rate², not rate.
+        let both = attn.iter().zip(&mlp).filter(|(a, m)| **a == 0.0 && **m == 0.0).count() as f64 / n as f64;
+        assert!((both - rate * rate).abs() < 0.01, "block {i}: both dropped {both}, rate² {}", rate * rate);
     }
+}
+
+/// `--with_learnable_token`: the official zeros-then-trunc_normal_(std 0.02), drawn after every other
+/// weight so that the switch leaves the rest of the initialisation as it was.
+#[test]
+fn the_learnable_reference_token_starts_as_the_official_one() {
+    let dev = device();
+    let cfg = VitConfig { embed_dim: 768, depth: 2, num_heads: 12, ..tiny(MaskMode::All2posPos2clsEye, 0.0) };
+    let mut with = Vit::new(&cfg, &mut seed::rng(3, Purpose::Model, &[0]), &dev);
+    let mut without = Vit::new(
+        &VitConfig { learnable_ref_token: false, ..cfg.clone() },
+        &mut seed::rng(3, Purpose::Model, &[0]),
+        &dev,
+    );
+    let token = host(with.ref_token.clone().expect("a learnable token"));
+    let mean = token.iter().map(|&x| x as f64).sum::<f64>() / token.len() as f64;
+    let std = (token.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / token.len() as f64).sqrt();
+    assert!(mean.abs() < 0.003 && (std - 0.02).abs() < 0.002, "mean {mean}, std {std}");
+    assert!(without.ref_token.is_none());
+    let rest = |v: &mut Vit| {
+        let all = trainer::model::params::to_host(v);
+        all.into_iter().filter(|(name, ..)| !name.contains("ref_token")).collect::<Vec<_>>()
+    };
+    assert_eq!(rest(&mut with), rest(&mut without));
 }

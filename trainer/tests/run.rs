@@ -141,3 +141,47 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         .expect_err("same config");
     assert!(format!("{again:#}").contains(&format!("at step {step} ")), "{again:#}");
 }
+
+/// The summary's teacher movement against independent sources: the momenta the steps logged, and a
+/// teacher that cannot move (momentum 1), whose re-drawn initialisation must be exactly its start.
+#[test]
+fn the_summary_says_how_far_the_teacher_moved_from_its_initialisation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = fresh(demo(tmp.path(), "moved", 6)).unwrap();
+    let product: f64 = s.steps.iter().map(|m| m.momentum).product();
+    assert_eq!(s.teacher.init_share, product);
+    assert!(s.teacher.init_share < 1.0 && s.teacher.distance > 0.0, "{:?}", s.teacher);
+
+    let mut cfg = demo(tmp.path(), "frozen", 6);
+    cfg.optim.momentum_teacher = 1.0;
+    let s = fresh(cfg).unwrap();
+    assert_eq!((s.teacher.init_share, s.teacher.distance), (1.0, 0.0));
+}
+
+/// `--backbone student` evaluates the checkpoint's student, the default its teacher: each is exactly the
+/// checkpoint's tensors of that network.
+#[test]
+fn eval_loads_the_teacher_by_default_and_the_student_on_request() {
+    use trainer::eval::{Side, backbone};
+    let tmp = tempfile::tempdir().unwrap();
+    let s = fresh(demo(tmp.path(), "sides", 4)).unwrap();
+    let ckpt = s.last_checkpoint.unwrap();
+    let stored = checkpoint::tensors(&std::fs::read(&ckpt).unwrap()).unwrap();
+    let dev = burn::tensor::Device::flex();
+    let mut keys = vec![];
+    for (side, prefix) in [(Side::Teacher, "teacher.backbone."), (Side::Student, "student.backbone.")] {
+        let (mut vit, _, key) = backbone(Some(&ckpt), None, side, &dev).unwrap();
+        let loaded = trainer::model::params::to_host(&mut vit);
+        assert!(!loaded.is_empty());
+        for (name, dims, values) in loaded {
+            let (want_dims, want) = &stored[&format!("{prefix}{name}")];
+            assert_eq!((&dims, &values), (want_dims, want), "{side:?} {name}");
+        }
+        keys.push(key);
+    }
+    assert_ne!(keys[0], keys[1], "the feature cache tells the two apart");
+    assert_ne!(
+        stored["teacher.backbone.pos_embed"].1, stored["student.backbone.pos_embed"].1,
+        "they differ after 4 steps"
+    );
+}

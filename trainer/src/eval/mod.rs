@@ -38,9 +38,19 @@ impl Preprocess {
 }
 
 /// The teacher backbone of a checkpoint (or, with `None`, a randomly initialised one from `cfg`: the floor).
+/// Which of a checkpoint's two networks to evaluate. The teacher is DINO's choice (and the default): the
+/// EMA is the better network once training is under way; early in a short run the student may be ahead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Side {
+    #[default]
+    Teacher,
+    Student,
+}
+
 pub fn backbone(
     checkpoint: Option<&Path>,
     cfg: Option<&TrainConfig>,
+    side: Side,
     device: &Device,
 ) -> Result<(Vit, TrainConfig, String)> {
     let loaded = checkpoint.map(checkpoint::latest).transpose()?;
@@ -49,7 +59,7 @@ pub fn backbone(
         None => cfg.ok_or_else(|| anyhow!("a random backbone needs a config"))?.clone(),
     };
     let identity = match &loaded {
-        Some((_, bytes)) => checkpoint::identity(bytes),
+        Some((_, bytes)) => format!("{}:{side:?}", checkpoint::identity(bytes)),
         None => format!("random:{}", cfg.to_toml()),
     };
     // The teacher never drops paths; a random backbone is the run's own initialisation.
@@ -59,8 +69,11 @@ pub fn backbone(
     if let Some((file, bytes)) = loaded {
         let map = checkpoint::tensors(&bytes)?;
         let get = |name: &str| map.get(name).cloned();
-        params::load(&mut vit, "teacher.backbone.", &get, device, false)
-            .with_context(|| file.display().to_string())?;
+        let prefix = match side {
+            Side::Teacher => "teacher.backbone.",
+            Side::Student => "student.backbone.",
+        };
+        params::load(&mut vit, prefix, &get, device, false).with_context(|| file.display().to_string())?;
     }
     Ok((vit, cfg, identity))
 }
@@ -381,7 +394,7 @@ pub fn synthetic_knn(cfg: &TrainConfig, checkpoint: &Path) -> Result<(KnnResult,
     let pre = Preprocess::for_crop(cfg.model.img_size);
     let mut out = Vec::new();
     for ckpt in [Some(checkpoint), None] {
-        let (vit, ..) = backbone(ckpt, Some(cfg), &device)?;
+        let (vit, ..) = backbone(ckpt, Some(cfg), Side::Teacher, &device)?;
         let tr = extract_cls(&vit, &train, pre, 64, &device)?;
         let va = extract_cls(&vit, &val, pre, 64, &device)?;
         out.push(knn((&tr.0, &tr.1), (&va.0, &va.1), &[20], 0.07, &device).remove(0));

@@ -287,6 +287,7 @@ impl Block {
         }
     }
 
+    /// `drop`: the MLP branch's residual scales ([`BlockDrop::mlp`]).
     fn mlp(&self, x: Tensor<3>, p: Precision, drop: Option<&Tensor<3>>) -> Tensor<3> {
         let h = self.fc1.forward(self.norm2.forward(x.clone()), p); // [B, S, 4D]
         let h = f32(self.fc2.forward(gelu(h), p)); // [B, S, D]
@@ -302,14 +303,14 @@ impl Block {
         heads: usize,
         main: usize,
         p: Precision,
-        drop: Option<&Tensor<3>>,
+        drop: Option<&BlockDrop>,
         want_attn: bool,
     ) -> (Tensor<3>, Option<Tensor<3>>) {
         let qkv = self.qkv.forward(self.norm1.forward(x.clone()), p); // [B, S, 3D]
         let attn_map = want_attn.then(|| cls_attention(f32(qkv.clone()), heads, main));
         let o = fused::attention(qkv, heads, main); // [B, S, D]
-        let x = drop_residual(x, f32(self.proj.forward(o, p)), drop);
-        (self.mlp(x, p, drop), attn_map)
+        let x = drop_residual(x, f32(self.proj.forward(o, p)), drop.and_then(|d| d.attn.as_ref()));
+        (self.mlp(x, p, drop.and_then(|d| d.mlp.as_ref())), attn_map)
     }
 
     /// The literal formulation: softmax(q kᵀ·scale + bias) v over the whole sequence; `bias` is `[T, T]`.
@@ -319,7 +320,7 @@ impl Block {
         heads: usize,
         bias: &Tensor<4>,
         p: Precision,
-        drop: Option<&Tensor<3>>,
+        drop: Option<&BlockDrop>,
     ) -> Tensor<3> {
         let d = x.dims()[2];
         let scale = ((d / heads) as f64).powf(-0.5);
@@ -327,8 +328,9 @@ impl Block {
         // The scores' matmul in the compute dtype, the mask and softmax in f32 (as autocast).
         let logits = f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale) + bias.clone(); // [B,H,S,S]
         let o = p.compute(softmax(logits, 3)).matmul(v);
-        let x = drop_residual(x, f32(self.proj.forward(merge_heads(o), p)), drop);
-        self.mlp(x, p, drop)
+        let x =
+            drop_residual(x, f32(self.proj.forward(merge_heads(o), p)), drop.and_then(|d| d.attn.as_ref()));
+        self.mlp(x, p, drop.and_then(|d| d.mlp.as_ref()))
     }
 
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
@@ -385,8 +387,11 @@ impl Vit {
         );
         let patch_bias = params::param(params::uniform(d, bound, rng), [d], device);
         let blocks = (0..cfg.depth).map(|_| Block::init(cfg, rng, device)).collect();
-        // The official learnable token is zero-initialised (it starts as the paper's zero content vector).
-        let ref_token = cfg.learnable_ref_token.then(|| params::param(vec![0.0; d], [1, 1, d], device));
+        // `--with_learnable_token`: zeros, then trunc_normal_(std 0.02), as the official model does. Drawn
+        // after everything else, so that turning it on leaves the other initial weights as they were.
+        let ref_token = cfg
+            .learnable_ref_token
+            .then(|| params::param(params::trunc_normal(d, 0.02, rng), [1, 1, d], device));
         Self {
             cfg: cfg.clone(),
             cls_token,
@@ -454,7 +459,7 @@ impl Vit {
         &self,
         x: Tensor<4>,
         refs: Option<Tensor<2>>,
-        drop: &[Option<Tensor<3>>],
+        drop: &[BlockDrop],
         want_attn: bool,
     ) -> VitOutput {
         if refs.is_some() && self.cfg.mask_mode != MaskMode::All2posPos2clsEye {
@@ -473,7 +478,7 @@ impl Vit {
         let mut attn = None;
         let last = self.blocks.len().saturating_sub(1);
         for (i, block) in self.blocks.iter().enumerate() {
-            let drop = drop.get(i).and_then(|d| d.as_ref());
+            let drop = drop.get(i);
             (h, attn) = block.forward(h, heads, t, self.precision, drop, want_attn && i == last);
         }
         let h = self.norm.forward(h);
@@ -491,7 +496,7 @@ impl Vit {
         x: Tensor<4>,
         refs: Option<Tensor<2>>,
         mode: MaskMode,
-        drop: &[Option<Tensor<3>>],
+        drop: &[BlockDrop],
     ) -> VitOutput {
         let b = x.dims()[0];
         let heads = self.cfg.num_heads;
@@ -508,7 +513,7 @@ impl Vit {
             .reshape([1, 1, s, s]);
         let mut h = seq;
         for (i, block) in self.blocks.iter().enumerate() {
-            let drop = drop.get(i).and_then(|d| d.as_ref());
+            let drop = drop.get(i);
             h = block.forward_masked(h, heads, &bias, self.precision, drop);
         }
         let h = self.norm.forward(h);
@@ -566,26 +571,40 @@ pub fn ref_weights(points: &[f32], grid: usize, device: &Device) -> Tensor<2> {
     Tensor::<2>::from_data(TensorData::new(w, [points.len() / 2, grid * grid]), device)
 }
 
-/// Per-block residual scales `[B, 1, 1]` for stochastic depth: block i drops a whole sample with
-/// probability `linspace(0, rate, depth)[i]`, kept samples are scaled by `1/keep`. None where nothing can
-/// drop (rate 0, block 0). Drawn on the host from the run's seeded RNG, so every backend sees the same.
+/// One block's stochastic depth: residual scales `[B, 1, 1]` (0 or 1/keep) for its attention branch and
+/// for its MLP branch, drawn independently, as the official `Block` calls its `DropPath` once per branch.
+/// `None` where nothing can drop.
+#[derive(Clone, Debug, Default)]
+pub struct BlockDrop {
+    pub attn: Option<Tensor<3>>,
+    pub mlp: Option<Tensor<3>>,
+}
+
+/// Per-block stochastic depth: block i drops each branch of a whole sample with probability
+/// `linspace(0, rate, depth)[i]`, kept samples are scaled by `1/keep`. Drawn on the host from the step's
+/// seeded RNG (block by block, the attention branch's `B` draws before the MLP branch's), so every
+/// backend sees the same and a replayed step draws the same.
 pub fn drop_path_scales(
     cfg: &VitConfig,
     batch: usize,
     rng: &mut ChaCha8Rng,
     device: &Device,
-) -> Vec<Option<Tensor<3>>> {
+) -> Vec<BlockDrop> {
     (0..cfg.depth)
         .map(|i| {
             let rate =
                 if cfg.depth > 1 { cfg.drop_path_rate * i as f64 / (cfg.depth - 1) as f64 } else { 0.0 };
-            (rate > 0.0).then(|| {
-                let keep = 1.0 - rate;
-                let s: Vec<f32> = (0..batch)
-                    .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
-                    .collect();
-                Tensor::<3>::from_data(TensorData::new(s, [batch, 1, 1]), device)
-            })
+            let mut branch = || {
+                (rate > 0.0).then(|| {
+                    let keep = 1.0 - rate;
+                    let s: Vec<f32> = (0..batch)
+                        .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+                        .collect();
+                    Tensor::<3>::from_data(TensorData::new(s, [batch, 1, 1]), device)
+                })
+            };
+            let attn = branch();
+            BlockDrop { attn, mlp: branch() }
         })
         .collect()
 }

@@ -52,6 +52,9 @@ pub struct RunSummary {
     pub data_wait_fraction: f64,
     /// Damaged shards and skipped samples met on the way (`None`: the data was read whole).
     pub data_problems: Option<String>,
+    /// How far the teacher has come from its random initialisation (a teacher that has barely moved
+    /// scores like a random network).
+    pub teacher: crate::train::step::TeacherMovement,
 }
 
 /// Runs (or continues) a pretraining run.
@@ -136,6 +139,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
         eprintln!("warning: plotting failed: {e:#}");
     }
     let (images_per_s, data_wait_fraction) = report.throughput();
+    let teacher = trainer.teacher_movement();
     Ok(RunSummary {
         run_dir,
         config: cfg,
@@ -145,6 +149,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
         images_per_s,
         data_wait_fraction,
         data_problems,
+        teacher,
     })
 }
 

@@ -112,7 +112,38 @@ pub struct Trainer {
     pub it: usize,
 }
 
+/// How far the teacher has come from its random initialisation.
+#[derive(Clone, Copy, Debug)]
+pub struct TeacherMovement {
+    /// The share of the initial weights still in the teacher's EMA: the product of the momenta of the
+    /// steps run (1 at step 0; with momentum 0.996 it takes about 1,150 steps to fall below 1%).
+    pub init_share: f64,
+    /// `‖θ − θ₀‖ / ‖θ₀‖` over the teacher's backbone.
+    pub distance: f64,
+}
+
 impl Trainer {
+    /// The teacher's [`TeacherMovement`] after the steps run so far (its initialisation is drawn again
+    /// from the seed).
+    pub fn teacher_movement(&mut self) -> TeacherMovement {
+        let init_share = (0..self.it).map(|i| self.schedules.momentum.at(i)).product();
+        let mut teacher_cfg = self.vit.clone();
+        teacher_cfg.drop_path_rate = 0.0;
+        let with_ref_head = self.teacher.ref_head.is_some();
+        let mut rng = seed::rng(self.seed, Purpose::Model, &[0]);
+        let mut init = DenseDino::new(&teacher_cfg, &self.head, with_ref_head, &mut rng, &self.device);
+        let backbone = |m: &mut DenseDino| crate::model::params::to_host(&mut m.backbone);
+        let (now, then) = (backbone(&mut self.teacher), backbone(&mut init));
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for ((_, _, a), (_, _, b)) in now.iter().zip(&then) {
+            for (x, y) in a.iter().zip(b) {
+                diff += ((x - y) as f64).powi(2);
+                norm += (*y as f64).powi(2);
+            }
+        }
+        TeacherMovement { init_share, distance: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() }
+    }
+
     /// `device`: the plain device; the student lives on its autodiff twin. Student and teacher start equal.
     pub fn new(
         vit_cfg: &VitConfig,
