@@ -300,7 +300,7 @@ fn train(
         100.0 * t.init_share,
         t.distance,
         if t.init_share > 0.2 {
-            "; it has barely moved: train longer, or lower optim.momentum_teacher for a short run"
+            "; it has barely moved (a run short for its optim.momentum_teacher)"
         } else {
             ""
         }
