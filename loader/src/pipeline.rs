@@ -178,7 +178,8 @@ struct Work {
     seq: u64,
     epoch_len: u64,
     shard: Arc<str>,
-    sample: Sample,
+    /// `None`: a position of the epoch plan that a damaged shard could not fill (its reader reported it).
+    sample: Option<Sample>,
 }
 
 struct Done {
@@ -282,11 +283,15 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
 /// Reads one shard on its own thread into a small channel, so the reader can pull samples from several
 /// shards in a fixed round-robin order. A damaged shard gives what it has; it is reported once per run
 /// (not once per epoch) with the samples it lacks against its index entry (`listed`).
-fn spawn_shard_reader(path: PathBuf, listed: u64, stats: Arc<Stats>) -> std::sync::mpsc::Receiver<Sample> {
+fn spawn_shard_reader(
+    dir: &Path,
+    name: Arc<str>,
+    listed: u64,
+    stats: Arc<Stats>,
+) -> std::sync::mpsc::Receiver<Sample> {
     let (tx, rx) = std::sync::mpsc::sync_channel(8);
+    let path = dir.join(&*name);
     std::thread::spawn(move || {
-        let name =
-            path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into());
         let mut stopped = false;
         let (error, delivered) = match open_shard(&path) {
             Ok(reader) => match read_samples(reader, |s| {
@@ -352,15 +357,22 @@ fn read_loop(
             if s < skip {
                 return true;
             }
-            work.send_blocking(Work { epoch, seq: s, epoch_len: plan.len, shard: item.0, sample: item.1 })
-                .is_ok()
+            work.send_blocking(Work {
+                epoch,
+                seq: s,
+                epoch_len: plan.len,
+                shard: item.0,
+                sample: Some(item.1),
+            })
+            .is_ok()
         };
         loop {
             while open.len() < opts.interleave.max(1) {
                 match pending.next() {
                     Some(info) => {
-                        let rx = spawn_shard_reader(dir.join(&info.name), info.samples, stats.clone());
-                        open.push((Arc::from(info.name.as_str()), rx));
+                        let name: Arc<str> = Arc::from(info.name.as_str());
+                        let rx = spawn_shard_reader(dir, name.clone(), info.samples, stats.clone());
+                        open.push((name, rx));
                     }
                     None => break,
                 }
@@ -401,13 +413,12 @@ fn read_loop(
         if seq < plan.len {
             // Damaged shards delivered fewer samples than the index promised (already reported and
             // counted by their readers); the collator must still see the epoch end, so the missing
-            // positions are sent as samples without members, which it passes over silently.
+            // positions are sent without a sample, and it passes over them silently.
             while seq < plan.len {
                 let s = seq;
                 seq += 1;
                 if s >= skip {
-                    let empty = Sample { key: String::new(), members: vec![] };
-                    let w = Work { epoch, seq: s, epoch_len: plan.len, shard: Arc::from(""), sample: empty };
+                    let w = Work { epoch, seq: s, epoch_len: plan.len, shard: Arc::from(""), sample: None };
                     if work.send_blocking(w).is_err() {
                         return;
                     }
@@ -426,29 +437,28 @@ fn work_loop(
 ) {
     let mut scratch = Scratch::default();
     while let Ok(w) = rx.recv_blocking() {
-        let t0 = Instant::now();
-        let label =
-            w.sample.get("cls").and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok()).unwrap_or(-1);
-        let result = if w.sample.members.is_empty() {
-            Err(Missing)
-        } else {
-            Ok(match w.sample.get("jpg").or_else(|| w.sample.get("png")).or_else(|| w.sample.get("jpeg")) {
-                Some(bytes) => make_views(bytes, &opts.views, opts.seed, w.epoch, w.seq, &mut scratch),
-                None => Err(Error::image("no image member (jpg, png or jpeg)")),
-            })
-        };
-        if matches!(&result, Ok(Ok(v)) if v.overlap_fallback) {
-            stats.overlap_fallbacks.fetch_add(1, Ordering::Relaxed);
-        }
-        stats.record_time(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
-        let done = Done {
-            epoch: w.epoch,
-            seq: w.seq,
-            epoch_len: w.epoch_len,
-            key: w.sample.key,
-            shard: w.shard,
-            label,
-            result,
+        let Work { epoch, seq, epoch_len, shard, sample } = w;
+        let done = match sample {
+            None => {
+                Done { epoch, seq, epoch_len, key: String::new(), shard, label: -1, result: Err(Missing) }
+            }
+            Some(sample) => {
+                let t0 = Instant::now();
+                let label = sample
+                    .get("cls")
+                    .and_then(|c| std::str::from_utf8(c).ok()?.trim().parse().ok())
+                    .unwrap_or(-1);
+                let result =
+                    match sample.get("jpg").or_else(|| sample.get("png")).or_else(|| sample.get("jpeg")) {
+                        Some(bytes) => make_views(bytes, &opts.views, opts.seed, epoch, seq, &mut scratch),
+                        None => Err(Error::image("no image member (jpg, png or jpeg)")),
+                    };
+                if result.as_ref().is_ok_and(|v| v.overlap_fallback) {
+                    stats.overlap_fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
+                stats.record_time(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                Done { epoch, seq, epoch_len, key: sample.key, shard, label, result: Ok(result) }
+            }
         };
         if tx.send_blocking(done).is_err() {
             return;

@@ -58,6 +58,13 @@ fn loader_cmd(args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_loader")).args(args).output().expect("run loader")
 }
 
+/// `loader soak` of `epochs` epochs over `dir`, batch 8 on 2 workers.
+fn soak(dir: &Path, epochs: u32) -> Output {
+    let epochs = epochs.to_string();
+    let dir = dir.to_str().unwrap();
+    loader_cmd(&["soak", "--shards", dir, "--epochs", &epochs, "--batch-size", "8", "--workers", "2"])
+}
+
 /// Cuts shard 1 of a 3-shard set in half; the samples it loses (20 less those before the cut).
 fn truncate_shard_1(dir: &Path) -> u64 {
     let shard = dir.join("train-000001.tar");
@@ -141,17 +148,7 @@ fn soak_warns_once_about_a_truncated_shard_and_ends_with_the_summary() {
     let tmp = tempfile::tempdir().unwrap();
     make_set(tmp.path(), 60);
     let lost = truncate_shard_1(tmp.path());
-    let out = loader_cmd(&[
-        "soak",
-        "--shards",
-        tmp.path().to_str().unwrap(),
-        "--epochs",
-        "3",
-        "--batch-size",
-        "8",
-        "--workers",
-        "2",
-    ]);
+    let out = soak(tmp.path(), 3);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "a damaged shard does not stop the run: {stderr}");
     let about: Vec<&str> = stderr.lines().filter(|l| l.contains("train-000001.tar")).collect();
@@ -200,17 +197,7 @@ fn skipped_sample_warnings_stop_after_a_few_and_the_rest_are_counted() {
     let (_, stats) = run_epochs(&dst, 2);
     assert_eq!(stats.skipped.load(Ordering::Relaxed), 2 * bad, "every skip is counted");
 
-    let out = loader_cmd(&[
-        "soak",
-        "--shards",
-        dst.to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--workers",
-        "2",
-    ]);
+    let out = soak(&dst, 2);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("warning: skipped sample")).collect();

@@ -222,10 +222,6 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) ->
     // The checkpoint first: a folder with a config and no checkpoint reads as a run killed before its first
     // step, which `--resume` would start over from random weights.
     let saved = checkpoint::save(&out.join("checkpoints"), &mut trainer, &meta, cfg.run.keep_checkpoints)?;
-    let config = out.join("config.toml");
-    let partial = out.join("config.toml.partial");
-    std::fs::write(&partial, cfg.to_toml())
-        .and_then(|()| std::fs::rename(&partial, &config))
-        .with_context(|| format!("writing {}", config.display()))?;
+    shard::format::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     Ok(saved)
 }

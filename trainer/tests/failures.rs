@@ -4,35 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod util;
+
 use trainer::train::checkpoint;
 use trainer::train::metrics::{self, Record};
 
-/// A tiny run's settings: a 32 px ViT on 40 synthetic images, batch 8 (5 steps per epoch).
+/// [`util::tiny_sets`] for `max_steps` steps (0: the whole 4 epochs), keeping 3 checkpoints.
 fn tiny_sets(dir: &Path, name: &str, max_steps: usize) -> Vec<String> {
-    vec![
-        format!("run.name={name}"),
-        format!("run.out_dir=\"{}\"", dir.join("runs").display()),
-        format!("run.max_steps={max_steps}"),
-        "run.epochs=4".into(),
-        "run.batch_size=8".into(),
-        "run.checkpoint_every=2".into(),
-        "run.keep_checkpoints=3".into(),
-        format!("data.synth_dir=\"{}\"", dir.join("synth").display()),
-        "data.synth_count=40".into(),
-        "data.synth_size=48".into(),
-        "data.workers=2".into(),
-        "views.global_size=32".into(),
-        "views.local_size=32".into(),
-        "views.num_points=2".into(),
-        "model.embed_dim=32".into(),
-        "model.depth=2".into(),
-        "model.num_heads=2".into(),
-        "model.img_size=32".into(),
-        "head.out_dim=64".into(),
-        "head.hidden_dim=32".into(),
-        "head.bottleneck_dim=16".into(),
-        "optim.warmup_epochs=1".into(),
-    ]
+    let mut sets = util::tiny_sets(dir, name);
+    sets.extend([format!("run.max_steps={max_steps}"), "run.keep_checkpoints=3".into()]);
+    sets
 }
 
 fn trainer(args: &[&str]) -> Output {

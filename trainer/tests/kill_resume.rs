@@ -21,37 +21,19 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+mod util;
+
 use trainer::train::checkpoint;
 
 /// Kills that must interrupt a run.
 const KILLS: usize = 48;
 
-/// A tiny run: a 32 px ViT on 40 synthetic images, batch 8, 5 steps per epoch, 6 epochs; a checkpoint
-/// every 2 steps and at every epoch end, the last 2 kept (so pruning is interrupted too).
+/// [`util::tiny_sets`] for 6 epochs (30 steps), a checkpoint every 2 steps and at every epoch end, the last
+/// 2 kept (so pruning is interrupted too).
 fn sets(dir: &Path) -> Vec<String> {
-    vec![
-        "run.name=k".into(),
-        format!("run.out_dir=\"{}\"", dir.join("runs").display()),
-        "run.epochs=6".into(),
-        "run.batch_size=8".into(),
-        "run.checkpoint_every=2".into(),
-        "run.keep_checkpoints=2".into(),
-        format!("data.synth_dir=\"{}\"", dir.join("synth").display()),
-        "data.synth_count=40".into(),
-        "data.synth_size=48".into(),
-        "data.workers=2".into(),
-        "views.global_size=32".into(),
-        "views.local_size=32".into(),
-        "views.num_points=2".into(),
-        "model.embed_dim=32".into(),
-        "model.depth=2".into(),
-        "model.num_heads=2".into(),
-        "model.img_size=32".into(),
-        "head.out_dim=64".into(),
-        "head.hidden_dim=32".into(),
-        "head.bottleneck_dim=16".into(),
-        "optim.warmup_epochs=1".into(),
-    ]
+    let mut sets = util::tiny_sets(dir, "k");
+    sets.extend(["run.epochs=6".into(), "run.keep_checkpoints=2".into()]);
+    sets
 }
 
 const STEPS: usize = 30;

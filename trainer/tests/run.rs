@@ -4,36 +4,17 @@
 
 use std::path::Path;
 
+mod util;
+
 use trainer::train::checkpoint;
 use trainer::train::config::TrainConfig;
 use trainer::train::metrics::{self, Record};
 use trainer::train::run::{self, RunOptions, Start};
 
-/// The embedded demo config, made small: a tiny ViT at 32 px on 64 synthetic images, batch 8.
+/// [`util::tiny_sets`] as a config, for `max_steps` steps.
 fn demo(dir: &Path, name: &str, max_steps: usize) -> TrainConfig {
-    let sets = [
-        format!("run.name={name}"),
-        format!("run.out_dir=\"{}\"", dir.join("runs").display()),
-        format!("run.max_steps={max_steps}"),
-        "run.epochs=4".into(),
-        "run.batch_size=8".into(),
-        "run.checkpoint_every=2".into(),
-        format!("data.synth_dir=\"{}\"", dir.join("synth").display()),
-        "data.synth_count=40".into(),
-        "data.synth_size=48".into(),
-        "data.workers=2".into(),
-        "views.global_size=32".into(),
-        "views.local_size=32".into(),
-        "views.num_points=2".into(),
-        "model.embed_dim=32".into(),
-        "model.depth=2".into(),
-        "model.num_heads=2".into(),
-        "model.img_size=32".into(),
-        "head.out_dim=64".into(),
-        "head.hidden_dim=32".into(),
-        "head.bottleneck_dim=16".into(),
-        "optim.warmup_epochs=1".into(),
-    ];
+    let mut sets = util::tiny_sets(dir, name);
+    sets.push(format!("run.max_steps={max_steps}"));
     TrainConfig::load(None, &sets).expect("demo config")
 }
 

@@ -149,11 +149,7 @@ fn parse_bytes(s: &str) -> Result<u64> {
     if n <= 0.0 {
         bail!("size must be positive: {s:?}");
     }
-    let bytes = (n * mult as f64) as u64;
-    if bytes == 0 {
-        bail!("{s:?} is less than one byte");
-    }
-    Ok(bytes)
+    Ok((n * mult as f64) as u64)
 }
 
 fn run() -> Result<ExitCode> {

@@ -203,14 +203,13 @@ impl TrainConfig {
     /// A stored config with `--set run.KEY=VALUE` overrides (a resumed run may run longer, checkpoint
     /// differently or move to another device; anything else would change the run it continues).
     pub fn with_run_overrides(&self, sets: &[String]) -> Result<Self> {
-        if let Some(bad) = sets.iter().find(|s| !s.trim_start().starts_with("run.")) {
+        if let Some(bad) = sets.iter().find(|s| !set_key(s).starts_with("run.")) {
             bail!("--set {bad}: only run.* settings may change on resume (the rest is the stored run's)");
         }
         // These run.* keys shape every step (the data order, the batch, the schedules' length): changed on
         // resume, the steps after it would belong to another run than the ones before.
         let fixed = ["run.seed", "run.batch_size", "run.epochs"];
-        let key = |s: &str| s.split('=').next().unwrap_or_default().trim().to_string();
-        if let Some(bad) = sets.iter().find(|s| fixed.contains(&key(s).as_str())) {
+        if let Some(bad) = sets.iter().find(|s| fixed.contains(&set_key(s))) {
             bail!(
                 "--set {bad}: {} cannot change on resume (they shape every step of the run); run.max_steps \
                  sets how far it goes, or start a new run",
@@ -377,6 +376,11 @@ impl TrainConfig {
     }
 }
 
+/// The key of a `--set key.path=value`.
+fn set_key(set: &str) -> &str {
+    set.split_once('=').map_or(set, |(key, _)| key).trim()
+}
+
 /// A value's range check: the error names the key, the value and the rule.
 fn check(ok: bool, key: &str, value: impl std::fmt::Display, rule: &str) -> Result<()> {
     if ok { Ok(()) } else { bail!("{key} = {value}: {rule}") }
@@ -388,7 +392,7 @@ fn typed(table: toml::Table, sets: &[String], origin: &str) -> Result<TrainConfi
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let key = e.path().to_string();
         let problem = e.into_inner().message().to_string();
-        match sets.iter().find(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key)) {
+        match sets.iter().find(|s| set_key(s) == key) {
             Some(set) => anyhow!("--set {set}: {key}: {problem}"),
             None => anyhow!("in {origin}: {key}: {problem}"),
         }

@@ -45,29 +45,30 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     pub fn open(path: &Path, resume_from: usize) -> Result<Self> {
-        let kept: Vec<String> = match std::fs::File::open(path) {
-            Ok(f) => std::io::BufReader::new(f)
-                .lines()
-                .map_while(|l| l.ok())
-                .filter(|l| match serde_json::from_str::<Record>(l) {
-                    Ok(Record::Step { m, .. }) => m.it < resume_from,
-                    Ok(Record::Epoch { steps, .. }) => steps <= resume_from,
-                    Err(_) => false,
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        // The kept lines go to a new file that replaces the old one in one rename: a crash in between
-        // leaves the old history whole, never a truncated one.
-        let fresh = path.with_extension("jsonl.partial");
-        let mut file =
-            std::fs::File::create(&fresh).with_context(|| format!("creating {}", fresh.display()))?;
-        for l in &kept {
-            writeln!(file, "{l}").with_context(|| format!("writing {}", fresh.display()))?;
+        let mut text = String::new();
+        let mut kept = Vec::new();
+        if let Ok(f) = std::fs::File::open(path) {
+            for line in std::io::BufReader::new(f).lines().map_while(|l| l.ok()) {
+                // A line cut by a crash does not parse, and goes.
+                let Ok(record) = serde_json::from_str::<Record>(&line) else { continue };
+                let before = match &record {
+                    Record::Step { m, .. } => m.it < resume_from,
+                    Record::Epoch { steps, .. } => *steps <= resume_from,
+                };
+                if before {
+                    text.push_str(&line);
+                    text.push('\n');
+                    kept.push(record);
+                }
+            }
         }
-        file.sync_all().with_context(|| format!("flushing {}", fresh.display()))?;
-        std::fs::rename(&fresh, path).with_context(|| format!("renaming {} into place", fresh.display()))?;
-        let kept = kept.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        // The kept lines replace the file in one rename: a crash in between leaves the old history whole,
+        // never a truncated one.
+        shard::format::write_atomic(path, text.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         Ok(Self { file, kept })
     }
 

@@ -287,11 +287,7 @@ fn open(
     }
     // Through a temporary file and a rename: a run killed here keeps a whole config (the old or the new),
     // which a resume before the first checkpoint reads.
-    let config_file = run_dir.join("config.toml");
-    let partial = run_dir.join("config.toml.partial");
-    std::fs::write(&partial, cfg.to_toml())
-        .and_then(|()| std::fs::rename(&partial, &config_file))
-        .with_context(|| format!("writing {}", config_file.display()))?;
+    shard::format::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     Ok((cfg, run_dir, resume, lock))
 }
 

@@ -1,0 +1,31 @@
+//! What the trainer's end-to-end tests share: one tiny run.
+
+use std::path::Path;
+
+/// A tiny run in `dir` (`dir/runs/<name>`, its synthetic set in `dir/synth`): a 32 px ViT of depth 2 on 40
+/// synthetic 48 px images, batch 8 (5 steps per epoch), 4 epochs, a checkpoint every 2 steps. Later
+/// `--set`s override these.
+pub fn tiny_sets(dir: &Path, name: &str) -> Vec<String> {
+    vec![
+        format!("run.name={name}"),
+        format!("run.out_dir=\"{}\"", dir.join("runs").display()),
+        "run.epochs=4".into(),
+        "run.batch_size=8".into(),
+        "run.checkpoint_every=2".into(),
+        format!("data.synth_dir=\"{}\"", dir.join("synth").display()),
+        "data.synth_count=40".into(),
+        "data.synth_size=48".into(),
+        "data.workers=2".into(),
+        "views.global_size=32".into(),
+        "views.local_size=32".into(),
+        "views.num_points=2".into(),
+        "model.embed_dim=32".into(),
+        "model.depth=2".into(),
+        "model.num_heads=2".into(),
+        "model.img_size=32".into(),
+        "head.out_dim=64".into(),
+        "head.hidden_dim=32".into(),
+        "head.bottleneck_dim=16".into(),
+        "optim.warmup_epochs=1".into(),
+    ]
+}
