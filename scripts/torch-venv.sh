@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A Python virtual environment with PyTorch 2.9.0 (from PyPI, the only registry here; it brings the CUDA
-# wheels, several GB, though only the CPU is used), safetensors and numpy: the PyTorch side of the export
-# test (trainer/tests/export_pytorch.rs) and of the parity fixture (trainer/tests/fixtures/make_reference.py).
+# wheels, several GB, though only the CPU is used), torchvision 0.24.0 (its match), Pillow, safetensors and
+# numpy: the PyTorch side of the export test (trainer/tests/export_pytorch.rs), of the parity fixture
+# (trainer/tests/fixtures/make_reference.py) and of the multi-step test against the official code
+# (trainer/tests/official_parity.rs: the official main_dino.py imports torchvision and PIL).
 #
 # Cached in ~/.cache/densedino/torch-venv (DENSEDINO_CACHE overrides ~/.cache/densedino). Prints the
 # venv's python:
@@ -10,10 +12,14 @@
 set -euo pipefail
 CACHE=${DENSEDINO_CACHE:-$HOME/.cache/densedino}
 VENV=$CACHE/torch-venv
-if [ ! -f "$VENV/.complete" ] || ! "$VENV/bin/python" -c "import torch, safetensors" >/dev/null 2>&1; then
+PACKAGES=(torch==2.9.0 torchvision==0.24.0 pillow safetensors numpy)
+if [ ! -f "$VENV/.complete" ] || ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   rm -rf "$VENV"
   python3 -m venv "$VENV" >&2
-  "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.9.0 safetensors numpy >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PACKAGES[@]}" >&2
   touch "$VENV/.complete"
+elif ! "$VENV/bin/python" -c "import torch, torchvision, PIL, safetensors, numpy" >/dev/null 2>&1; then
+  # A venv from before a package was added: add it rather than download torch again.
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PACKAGES[@]}" >&2
 fi
 echo "$VENV/bin/python"

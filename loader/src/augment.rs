@@ -7,10 +7,12 @@
 //!
 //! Brightness, contrast and saturation follow PIL's `ImageEnhance` (a blend with a degenerate image,
 //! truncated to integers as PIL's `Image.blend` does); luma is PIL's `convert("L")`
-//! (L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, i.e. 0.299/0.587/0.114); hue follows torchvision's
-//! tensor path (HSV, h ← (h + factor) mod 1), so a full turn is the identity; the blur is PIL's
-//! `GaussianBlur` (three extended box passes per axis). `tests/pil_parity.rs` checks brightness,
-//! contrast, saturation, grayscale, solarise and blur against Pillow's own output, byte for byte.
+//! (L = (19595 R + 38470 G + 7471 B + 2^15) >> 16, i.e. 0.299/0.587/0.114); hue is Pillow's 8-bit HSV
+//! path as torchvision's `adjust_hue` applies it to PIL images (RGB → HSV, the hue byte shifted with
+//! wrap-around by `factor · 255` truncated, HSV → RGB), so it too is byte-exact with the official
+//! pipeline; the blur is PIL's `GaussianBlur` (three extended box passes per axis). `tests/pil_parity.rs`
+//! checks brightness, contrast, saturation, hue, grayscale, solarise and blur against Pillow's own
+//! output (hue with torchvision's code inlined), byte for byte.
 
 use fast_image_resize as fr;
 use rand::Rng;
@@ -79,42 +81,122 @@ pub fn saturation(px: &mut [u8], factor: f32) {
     }
 }
 
-/// Shifts hue by `factor` turns (torchvision: factor in [−0.5, 0.5]), in HSV as torchvision's tensor
-/// path does, but in integers. With max, min and chroma c = max − min of a pixel, its hue scaled by c
-/// is hp ∈ [0, 6c) (sector·c + offset), the shift adds round(6·factor·c), and HSV → RGB is the closed
-/// form channel = max − clamp(min(k, 4c − k), 0, c) with k = (n·c + hp) mod 6c, n = 5, 3, 1 for R, G,
-/// B. This is the float formula scaled by c, exact but for the rounding of the shift (at most one
-/// level), and a full turn is exactly the identity.
+/// The hue adjustment torchvision applies to PIL images (`adjust_hue` in
+/// `torchvision/transforms/_functional_pil.py`, which DINO's `ColorJitter` runs), so views match the
+/// official pipeline byte for byte: Pillow's 8-bit RGB → HSV conversion, the hue byte shifted by
+/// `np.array(factor * 255).astype(np.uint8)` with wrap-around (`np_h += …` on a `uint8` array), then
+/// Pillow's HSV → RGB. The conversions are `rgb2hsv_row` and `hsv2rgb` of Pillow's
+/// `src/libImaging/Convert.c` ([`pil_rgb_to_hsv`], [`pil_hsv_to_rgb`]), computed in the precisions the C
+/// code uses. `tests/pil_parity.rs` checks each conversion against Pillow on all 2^24 inputs, and this
+/// function against torchvision's code on every colour for several factors. A per-pixel loop without
+/// branches, so it vectorises, and without allocation.
+///
+/// The round trip is not the identity (it changes 82 % of all colours, by up to 7 levels: hue and
+/// saturation are truncated to 8 bits), so a factor of 0 still changes the image, as torchvision's
+/// does; the pipeline skips the call when no hue jitter is configured (see `apply_photometric_body`).
+///
+/// The shift: numpy casts the float `factor · 255` to `uint8` through a C integer conversion, i.e. it
+/// truncates toward zero and wraps modulo 256 (numpy 2.4 on x86-64, checked by
+/// `make_pil_ops.py`: −0.5 → 129, −0.1 → 231 (−25.5 → −25), −0.013 → 253, −0.0039 → 0, 0.004 → 1,
+/// 0.1 → 25, 0.5 → 127). `factor` is the `f32` torchvision draws (`torch.empty(1).uniform_(…).item()`),
+/// widened to `f64` as Python does before multiplying. torchvision accepts factors in [−0.5, 0.5]; out
+/// of that range this keeps truncating and wrapping (1.0 → 255, a shift of one step back).
 #[inline(always)]
 pub fn hue(px: &mut [u8], factor: f32) {
-    // The shift in sixths of a turn, in 16.16 fixed point (at most 6·2^16, so shift·c fits in i32).
-    let shift = (factor.rem_euclid(1.0) as f64 * 6.0 * 65536.0).round() as i32;
+    // `as i32` truncates toward zero (NaN → 0), `as u8` wraps: numpy's cast on x86-64.
+    let shift = (factor as f64 * 255.0) as i32 as u8;
     let (r, g, b) = planes(px);
-    // Branch-free (selects only), so the loop vectorises; a gray pixel (c = 0) comes out unchanged.
     for ((pr, pg), pb) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
-        let (r, g, b) = (*pr as i32, *pg as i32, *pb as i32);
-        let maxc = r.max(g).max(b);
-        let minc = r.min(g).min(b);
-        let c = maxc - minc;
-        let hp = if maxc == r {
-            g - b
-        } else if maxc == g {
-            2 * c + b - r
-        } else {
-            4 * c + r - g
-        };
-        let hp = hp + ((shift * c + 0x8000) >> 16);
-        let six = 6 * c;
-        // n·c + hp lies in [0, 17c): at most two wraps.
-        let channel = |n: i32| {
-            let k = n * c + hp;
-            let k = if k >= six { k - six } else { k };
-            let k = if k >= six { k - six } else { k };
-            // max(0).min(c), not clamp(0, c): clamp asserts its bounds, and that branch stops vectorisation.
-            (maxc - k.min(4 * c - k).max(0).min(c)) as u8
-        };
-        (*pr, *pg, *pb) = (channel(5), channel(3), channel(1));
+        let (h, s, v) = pil_rgb_to_hsv(*pr, *pg, *pb);
+        (*pr, *pg, *pb) = pil_hsv_to_rgb(h.wrapping_add(shift), s, v);
     }
+}
+
+/// Pillow's `rgb2hsv_row` (libImaging/Convert.c), the 8-bit RGB → HSV of `Image.convert("HSV")`: the
+/// same results for every one of the 2^24 colours (`tests/pil_parity.rs` checks them all against
+/// Pillow). Computed as the C code does, with `float` where it has `float` variables, `double` where an
+/// expression meets a `double` constant, truncating `(int)` casts, except for three rewrites that
+/// spare divisions (it runs per pixel of every view) and give the same bits on every colour:
+/// - of C's three quotients rc, gc, bc only the two the case uses are computed, and h = bc − gc (a
+///   float subtraction) is done as (0.0 + bc − gc) in double, rounded to float: exact either way;
+/// - `h / 6.0` is `h * (1.0 / 6.0)` (equal for every h a colour produces);
+/// - `fmod(x, 1.0)` is x or x − 1: x ∈ [5/6, 11/6], and x − 1 is exact (Sterbenz).
+///
+/// Branch-free (selects only), so the loop vectorises. A gray (maxc = minc), for which the C code
+/// returns h = s = 0 without dividing, gets divisors of 1, so every lane stays finite, and is selected
+/// to 0, 0 at the end.
+#[inline(always)]
+pub fn pil_rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    let gray = maxc == minc;
+    let cr = (maxc - minc).max(1) as f32;
+    let s = cr / maxc.max(1) as f32;
+    // C: h = bc − gc if r is the max, 2.0 + rc − bc if g is, 4.0 + gc − rc if b is, where
+    // xc = (maxc − x) / cr in float.
+    let (base, n1, n2) = if r == maxc {
+        (0.0, maxc - b, maxc - g)
+    } else if g == maxc {
+        (2.0, maxc - r, maxc - b)
+    } else {
+        (4.0, maxc - g, maxc - r)
+    };
+    let h = (base + (n1 as f32 / cr) as f64 - (n2 as f32 / cr) as f64) as f32;
+    // C: h = fmod(h / 6.0 + 1.0, 1.0), stored as float.
+    let x = h as f64 * (1.0 / 6.0) + 1.0;
+    let h = (if x >= 1.0 { x - 1.0 } else { x }) as f32;
+    // C: (int)(h * 255.0) and (int)(s * 255.0), then CLIP8.
+    // SAFETY: h ∈ [0, 1] and s ∈ (0, 1], finite in every lane (above), so both products lie in
+    // [0, 255], representable as i32. The checked `as` cast's saturation fix-ups would block vectorising.
+    let (uh, us) = unsafe {
+        ((h as f64 * 255.0).to_int_unchecked::<i32>(), (s as f64 * 255.0).to_int_unchecked::<i32>())
+    };
+    let clip8 = |x: i32| x.clamp(0, 255) as u8;
+    if gray { (0, 0, maxc) } else { (clip8(uh), clip8(us), maxc) }
+}
+
+/// Pillow's `hsv2rgb` (libImaging/Convert.c), the 8-bit HSV → RGB of `Image.convert("RGB")` on an
+/// HSV image: the same results for every one of the 2^24 (h, s, v) (`tests/pil_parity.rs` checks them
+/// all against Pillow). In the C code's precisions: `f` and `fs` floats, `fs * f` a float product,
+/// the rest double, C's `round` (half away from zero, as `f64::round`). Rewritten without divisions,
+/// with the same values for all 256 h and all 256 s: the sector i = floor(h · 6.0 / 255.0) is the
+/// integer quotient 6h / 255, and f = (float)(h · 6.0 / 255.0 − i) and fs = (float)(s / 255.0) are
+/// (6h mod 255) and s times (1.0 / 255.0), rounded to float. Branch-free like `pil_rgb_to_hsv`.
+#[inline(always)]
+pub fn pil_hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
+    let six_h = 6 * h as u16;
+    let sector = six_h / 255; // 0..=6: 6 (h = 255) is C's i % 6 = 0
+    let f = ((six_h - 255 * sector) as f64 * (1.0 / 255.0)) as f32;
+    let fs = (s as f64 * (1.0 / 255.0)) as f32;
+    let vf = v as f64;
+    // round(), then CLIP8.
+    // SAFETY: v ∈ [0, 255] and each factor below lies in [0, 1] (fs, f ∈ [0, 1]), so the rounded
+    // product is in [0, 255], representable as i32.
+    let level = |x: f64| unsafe { x.round().to_int_unchecked::<i32>() }.clamp(0, 255) as u8;
+    let p = level(vf * (1.0 - fs as f64));
+    let q = level(vf * (1.0 - (fs * f) as f64));
+    let t = level(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
+    // C's switch (i % 6): 0 → (v, t, p), 1 → (q, v, p), 2 → (p, v, t), 3 → (p, q, v),
+    // 4 → (t, p, v), 5 → (v, p, q); written per channel as selects.
+    let rr = match sector {
+        1 => q,
+        2 | 3 => p,
+        4 => t,
+        _ => v,
+    };
+    let gg = match sector {
+        1 | 2 => v,
+        3 => q,
+        4 | 5 => p,
+        _ => t,
+    };
+    let bb = match sector {
+        2 => t,
+        3 | 4 => v,
+        5 => q,
+        _ => p,
+    };
+    if s == 0 { (v, v, v) } else { (rr, gg, bb) }
 }
 
 #[inline(always)]
@@ -367,6 +449,10 @@ fn apply_photometric_body(px: &mut [u8], size: usize, p: &Photometric, threshold
                 0 if f[0] != 1.0 => brightness(px, f[0]),
                 1 if f[1] != 1.0 => contrast(px, f[1]),
                 2 if f[2] != 1.0 => saturation(px, f[2]),
+                // Hue 0 is not a no-op for PIL (see `hue`), but `draw_photometric` gives exactly 0 only
+                // when no hue jitter is configured, where torchvision's ColorJitter (hue = None) never
+                // calls adjust_hue either. (A configured range drawing exactly 0.0 has probability
+                // ~0; torchvision would round-trip that view.)
                 3 if f[3] != 0.0 => hue(px, f[3]),
                 _ => {}
             }
@@ -419,24 +505,39 @@ mod tests {
         brightness(&mut px, 1.0);
         contrast(&mut px, 1.0);
         saturation(&mut px, 1.0);
+        assert_eq!(px, orig);
+        // Hue at 0 is not the identity (Pillow's HSV round trip), so the pipeline skips it, as
+        // torchvision's ColorJitter does when no hue jitter is configured.
         hue(&mut px, 0.0);
+        assert_ne!(px, orig);
+        let mut px = orig.clone();
+        let p = Photometric { jitter: Some(([3, 2, 1, 0], [1.0, 1.0, 1.0, 0.0])), ..Photometric::IDENTITY };
+        apply_photometric(&mut px, 8, &p, 128, &mut vec![]);
         assert_eq!(px, orig);
     }
 
     #[test]
-    fn hue_full_turn_is_the_identity_and_a_third_turn_maps_red_to_green() {
-        let orig = noise(256);
-        let mut px = orig.clone();
-        hue(&mut px, 1.0);
-        assert_eq!(px, orig);
-        // Planar: pixel 0 red, pixel 1 blue; a third of a turn makes them green and red.
+    fn hue_follows_pillows_8_bit_hsv() {
+        // Planar: pixel 0 red, pixel 1 blue; a third of a turn (85 hue steps) makes them green and red.
         let mut px = vec![255, 0, 0, 0, 0, 255];
         hue(&mut px, 1.0 / 3.0);
         assert_eq!(px, [0, 255, 255, 0, 0, 0]);
-        // A half turn maps a colour to its complement's hue at the same max and min.
-        let mut px = vec![200, 50, 100];
-        hue(&mut px, 0.5);
-        assert_eq!(px, [50, 200, 150]);
+        // Grays have no hue and stay as they are.
+        let mut px = vec![0, 7, 255, 0, 7, 255, 0, 7, 255];
+        hue(&mut px, 0.3);
+        assert_eq!(px, [0, 7, 255, 0, 7, 255, 0, 7, 255]);
+        // ±0.5 shift by 127 and 129 (−127) steps, not exactly a half turn: values from Pillow 13.
+        for (factor, want) in [(0.5, [50, 200, 142]), (-0.5, [50, 200, 149]), (0.0, [200, 50, 103])] {
+            let mut px = vec![200, 50, 100];
+            hue(&mut px, factor);
+            assert_eq!(px, want, "factor {factor}");
+        }
+        // The shift truncates toward zero and wraps: 1.0 → 255 (h 0 → 255, red again), −0.003 → 0.
+        for factor in [1.0, -0.003] {
+            let mut px = vec![255, 0, 0];
+            hue(&mut px, factor);
+            assert_eq!(px, [255, 0, 0], "factor {factor}");
+        }
     }
 
     #[test]

@@ -358,7 +358,7 @@ fn knn(
     // The features depend on the backbone's contents (its identity), not on where it lies: a run that
     // moved on gives new features under the same path.
     let (vit, cfg, device, identity) = load_model(model)?;
-    let pre = trainer::eval::Preprocess::for_crop(crop.unwrap_or(cfg.model.img_size));
+    let pre = trainer::eval::Preprocess::for_crop(crop.unwrap_or(cfg.views.global_size));
     let feats = |shards: &Path| {
         let key = trainer::eval::feature_key(&identity, pre, shards)?;
         trainer::eval::cached(cache, &key, || trainer::eval::extract_cls(&vit, shards, pre, batch, &device))
@@ -428,7 +428,7 @@ fn attention(
     threshold: Option<f32>,
 ) -> Result<()> {
     let (vit, cfg, device, _) = load_model(model)?;
-    let size = size.unwrap_or(cfg.model.img_size);
+    let size = size.unwrap_or(cfg.views.global_size);
     for p in trainer::eval::attention::draw(&vit, image, out, size, threshold, &device)? {
         println!("{}", p.display());
     }

@@ -391,7 +391,7 @@ pub fn synthetic_knn(cfg: &TrainConfig, checkpoint: &Path) -> Result<(KnnResult,
     let train = crate::train::data::shards(cfg, true)?;
     let val = crate::train::data::synthetic_val(cfg)?;
     let device = Device::flex();
-    let pre = Preprocess::for_crop(cfg.model.img_size);
+    let pre = Preprocess::for_crop(cfg.views.global_size);
     let mut out = Vec::new();
     for ckpt in [Some(checkpoint), None] {
         let (vit, ..) = backbone(ckpt, Some(cfg), Side::Teacher, &device)?;

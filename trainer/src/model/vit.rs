@@ -60,7 +60,10 @@ pub struct VitConfig {
     pub num_heads: usize,
     /// 16 (the code default; 8 is supported by the official code too).
     pub patch_size: usize,
-    /// The size the positional grid is learned at: 224 gives the 14x14 grid that reference tokens sample.
+    /// The size the positional grid is learned at (the official model always has 224: a 14x14 grid).
+    /// Views of any other size get that grid bicubically resized (`interpolate_pos_encoding`), while
+    /// reference tokens always sample the learned grid at their point. Setting it to the view size
+    /// instead (our earlier CPU configs: 7x7 at 112 px) learns a coarser grid that needs no resize.
     pub img_size: usize,
     /// MLP hidden width = mlp_ratio * D (4 in DINO).
     pub mlp_ratio: usize,
