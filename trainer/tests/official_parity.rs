@@ -1,12 +1,15 @@
 //! Sixty training steps against the official code itself. Our loader makes the batches (80 real ImageNet
-//! photos, the paper-main views at 224, M = 4 reference points per pair); our trainer runs them from its
+//! photos, the paper-main views, M = 4 reference points per pair); our trainer runs them from its
 //! initialisation; then `fixtures/official_steps.py` runs the official `train_one_epoch` (with its
 //! `DINOLoss`, `get_params_groups`, `cosine_scheduler`, `clip_gradients`, `cancel_gradients_last_layer`,
 //! imported from `../shared/reference/official-densedino`) on the same pixels and points from the same
 //! weights. Every step's three losses and both centers, and at the end every student and teacher
 //! parameter, must agree.
 //!
-//! The run is ViT-Tiny/16 at 224, batch 8, drop path 0, f32, 10 steps per epoch for 6 epochs, so it crosses
+//! The run is ViT-Tiny/16 with the official 14x14 grid, batch 8, drop path 0, f32. The two global views are
+//! 224 px and the two others 112 px: the paper-main views, except that the other views' smaller size also
+//! runs the official `interpolate_pos_encoding` (the grid resized to 7x7, as our CPU configs train) and
+//! `MultiCropWrapper`'s grouping by resolution. 10 steps per epoch for 6 epochs, so it crosses
 //! the end of the frozen last layer (step 10), the end of the lr warmup (step 20) and the end of the
 //! teacher-temperature warmup (epoch 3). The lr is 20 times the official one and the teacher momentum 0.9
 //! so that sixty steps move both networks well away from their start (a parity test of parameters that
@@ -52,7 +55,7 @@ shuffle_buffer = 80
 [views]
 preset = "paper-main"
 global_size = 224
-local_size = 224
+local_size = 112
 num_points = 4
 [model]
 arch = "vit_tiny"
@@ -310,8 +313,8 @@ fn sixty_steps_match_the_official_training_loop() {
         rows.len()
     );
 
-    // Tolerances about 10x the drift measured on the CPU (flex against PyTorch 2.9, two threads): losses
-    // 6e-6 nats, centers 1.6e-6 of scale, parameters 5e-5 of their movement and of their scale.
+    // Tolerances about 5-10x the drift measured on the CPU (flex against PyTorch 2.9, two threads): losses
+    // 7e-6 nats, centers 1.2e-6 of scale, parameters 5e-5 of their movement and 1.1e-4 of their scale.
     assert!(worst[..3].iter().all(|d| *d < 5e-5), "losses drifted: {worst:?}");
     assert!(worst[3] < 2e-5 && worst[4] < 2e-5, "centers drifted: {worst:?}");
     assert!(rows[0].0 < 1e-3, "parameters drifted: {:?}", rows[0]);
