@@ -43,10 +43,7 @@ pub fn write_official(
             tensors.push((format!("{prefix}{name}"), dims, values));
         }
     }
-    let tmp = out.with_extension("safetensors.partial");
-    std::fs::write(&tmp, checkpoint::serialize(&tensors, metadata)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out)?;
+    shard::format::write_atomic(out, &checkpoint::serialize(&tensors, metadata)?)?;
     Ok(tensors.len())
 }
 

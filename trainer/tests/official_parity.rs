@@ -78,20 +78,18 @@ momentum_teacher = 0.9
     )
 }
 
-/// Official-layout tensors of a student or teacher under `MultiCropWrapper`'s names.
-fn official(model: &mut trainer::model::DenseDino) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut out = Vec::new();
-    let parts: [(&str, &mut dyn Params); 3] = [
-        ("backbone.", &mut model.backbone),
-        ("head.", &mut model.head),
-        ("ref_head.", model.ref_head.as_mut().expect("DenseDINO has a reference head")),
+/// Writes a student or teacher to `path` under `MultiCropWrapper`'s names (`{prefix}backbone.…`,
+/// `{prefix}head.…`, `{prefix}ref_head.…`) in the official layout, and reads it back.
+fn write_wrapper(model: &mut trainer::model::DenseDino, prefix: &str, path: &Path) -> params::Named {
+    let (backbone, head) = (format!("{prefix}backbone."), format!("{prefix}head."));
+    let ref_head = format!("{prefix}ref_head.");
+    let mut parts: [(&str, &mut dyn Params); 3] = [
+        (&backbone, &mut model.backbone),
+        (&head, &mut model.head),
+        (&ref_head, model.ref_head.as_mut().expect("DenseDINO has a reference head")),
     ];
-    for (prefix, part) in parts {
-        for (name, dims, values) in params::to_official(part) {
-            out.push((format!("{prefix}{name}"), dims, values));
-        }
-    }
-    out
+    trainer::export::write_official(&mut parts, path, HashMap::new()).unwrap();
+    checkpoint::tensors(&std::fs::read(path).unwrap()).unwrap()
 }
 
 /// Largest |a − b| over the largest |b| (at least 1e-12): a difference on the tensor's own scale.
@@ -185,9 +183,7 @@ fn sixty_steps_match_the_official_training_loop() {
     let device = Device::flex();
     let schedules = Schedules::new(&cfg.optim, EPOCHS, ITERS_PER_EPOCH, BATCH);
     let mut trainer = Trainer::from_config(&cfg, schedules, &device).unwrap();
-    let init = official(&mut trainer.student);
-    std::fs::write(dir.join("init.safetensors"), checkpoint::serialize(&init, HashMap::new()).unwrap())
-        .unwrap();
+    let init = write_wrapper(&mut trainer.student, "", &dir.join("init.safetensors"));
     let (o, l, h) = (&cfg.optim, &cfg.loss, &cfg.head);
     let meta = serde_json::json!({
         "steps": batches.len(), "iters_per_epoch": ITERS_PER_EPOCH, "epochs": EPOCHS, "batch": BATCH,
@@ -218,8 +214,8 @@ fn sixty_steps_match_the_official_training_loop() {
         let (center, ref_center) = trainer.loss.centers_to_host();
         ours.push(([m.loss, m.cls_loss.unwrap(), m.ref_loss.unwrap()], center, ref_center));
     }
-    let student = official(&mut trainer.student);
-    let teacher = official(&mut trainer.teacher);
+    let mut mine = write_wrapper(&mut trainer.student, "student.", &dir.join("student.safetensors"));
+    mine.extend(write_wrapper(&mut trainer.teacher, "teacher.", &dir.join("teacher.safetensors")));
 
     // Theirs.
     let status = std::process::Command::new(&python)
@@ -270,21 +266,20 @@ fn sixty_steps_match_the_official_training_loop() {
     // key bias (the middle third of each `qkv.bias`). Softmax is invariant to a shift shared by all keys, so
     // its gradient is exactly zero and AdamW moves it on round-off alone, differently in any two
     // implementations; it is reported, not compared.
-    let mut mine =
-        student.iter().map(|(n, d, v)| (format!("student.{n}"), d.clone(), v.clone())).collect::<Vec<_>>();
-    mine.extend(teacher.iter().map(|(n, d, v)| (format!("teacher.{n}"), d.clone(), v.clone())));
-    std::fs::write(dir.join("ours.safetensors"), checkpoint::serialize(&mine, HashMap::new()).unwrap())
-        .unwrap();
     let d = cfg.model.embed_dim;
     let l2 =
         |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
     let mut rows = Vec::new(); // (difference / movement, difference / scale, name)
     let mut key_bias = 0.0f64;
     let (mut moved_sq, mut init_sq) = (0.0f64, 0.0f64);
-    for (name, _, values) in &mine {
-        let theirs = get(name);
+    for (name, (_, values)) in &mine {
         let (side, short) = name.split_once('.').unwrap();
-        let start = &init.iter().find(|(n, ..)| n == short).unwrap().2;
+        // `weight_g` is fixed at 1 on both sides (`norm_last_layer`): written for PyTorch, not a parameter.
+        if short.ends_with("last_layer.weight_g") {
+            continue;
+        }
+        let theirs = get(name);
+        let start = &init[short].1;
         let is_key_bias = |i: usize| short.ends_with("attn.qkv.bias") && (d..2 * d).contains(&i);
         let pick = |v: &[f32]| -> Vec<f32> {
             v.iter().enumerate().filter(|(i, _)| !is_key_bias(*i)).map(|(_, x)| *x).collect()

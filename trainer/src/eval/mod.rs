@@ -37,7 +37,6 @@ impl Preprocess {
     }
 }
 
-/// The teacher backbone of a checkpoint (or, with `None`, a randomly initialised one from `cfg`: the floor).
 /// Which of a checkpoint's two networks to evaluate. The teacher is DINO's choice (and the default): the
 /// EMA is the better network once training is under way; early in a short run the student may be ahead.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -47,6 +46,8 @@ pub enum Side {
     Student,
 }
 
+/// The `side` backbone of a checkpoint (or, with `None`, a randomly initialised one from `cfg`: the floor),
+/// its config and its identity (what the feature cache is keyed by).
 pub fn backbone(
     checkpoint: Option<&Path>,
     cfg: Option<&TrainConfig>,

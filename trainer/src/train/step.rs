@@ -127,11 +127,8 @@ impl Trainer {
     /// from the seed).
     pub fn teacher_movement(&mut self) -> TeacherMovement {
         let init_share = (0..self.it).map(|i| self.schedules.momentum.at(i)).product();
-        let mut teacher_cfg = self.vit.clone();
-        teacher_cfg.drop_path_rate = 0.0;
         let with_ref_head = self.teacher.ref_head.is_some();
-        let mut rng = seed::rng(self.seed, Purpose::Model, &[0]);
-        let mut init = DenseDino::new(&teacher_cfg, &self.head, with_ref_head, &mut rng, &self.device);
+        let mut init = initial_teacher(&self.vit, &self.head, with_ref_head, self.seed, &self.device);
         let backbone = |m: &mut DenseDino| crate::model::params::to_host(&mut m.backbone);
         let (now, then) = (backbone(&mut self.teacher), backbone(&mut init));
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
@@ -155,13 +152,9 @@ impl Trainer {
         device: &Device,
     ) -> Self {
         let with_ref_head = loss_cfg.use_ref_loss && !head_cfg.shared_ref_head;
-        let init = || seed::rng(seed, Purpose::Model, &[0]);
-        let student =
-            DenseDino::new(vit_cfg, head_cfg, with_ref_head, &mut init(), &device.clone().autodiff());
-        // The same draws on the plain device: an exact copy, as `teacher.load_state_dict(student)`.
-        let mut teacher_cfg = vit_cfg.clone();
-        teacher_cfg.drop_path_rate = 0.0;
-        let teacher = DenseDino::new(&teacher_cfg, head_cfg, with_ref_head, &mut init(), device);
+        let mut rng = seed::rng(seed, Purpose::Model, &[0]);
+        let student = DenseDino::new(vit_cfg, head_cfg, with_ref_head, &mut rng, &device.clone().autodiff());
+        let teacher = initial_teacher(vit_cfg, head_cfg, with_ref_head, seed, device);
         Self {
             device: device.clone(),
             seed,
@@ -276,6 +269,21 @@ impl Trainer {
         self.it += 1;
         Ok(metrics)
     }
+}
+
+/// The teacher as a run starts: the student's initial draws (the same seed) on the plain device, without
+/// stochastic depth; an exact copy of the student, as the official `teacher.load_state_dict(student)`.
+fn initial_teacher(
+    vit_cfg: &VitConfig,
+    head_cfg: &HeadConfig,
+    with_ref_head: bool,
+    seed: u64,
+    device: &Device,
+) -> DenseDino {
+    let mut teacher_cfg = vit_cfg.clone();
+    teacher_cfg.drop_path_rate = 0.0;
+    let mut rng = seed::rng(seed, Purpose::Model, &[0]);
+    DenseDino::new(&teacher_cfg, head_cfg, with_ref_head, &mut rng, device)
 }
 
 /// Mean per-sample entropy of the targets `p` `[n, K]` and the entropy of their batch mean, in nats, as two
