@@ -12,7 +12,9 @@
 //!   checkpoint is written).
 //!
 //! A kill that lands after the run finished interrupts nothing; such runs are checked against the
-//! reference and started again, and the test keeps going until `KILLS` kills really interrupted a run.
+//! reference and started again, and the test keeps going until `KILLS` kills really interrupted a run and
+//! the kills covered the run (see [`covered`]). Where the kills land depends on this machine's speed, so
+//! coverage is waited for, not expected from a fixed number of kills.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -120,6 +122,21 @@ fn last_epoch_end(run: &Path) -> Option<u64> {
     (last["kind"] == "epoch").then(|| last["steps"].as_u64()).flatten()
 }
 
+/// Whether the kills so far (trigger, step resumed from, steps logged when it landed) cover the run: every
+/// kind of kill several times, some well into a process's steps, some in the run's last two epochs.
+fn covered(kills: &[(Trigger, usize, usize)]) -> bool {
+    let count = |f: fn(&Trigger) -> bool| kills.iter().filter(|(t, ..)| f(t)).count();
+    let kinds = [
+        count(|t| *t == Trigger::StartUp),
+        count(|t| matches!(t, Trigger::Time(_))),
+        count(|t| *t == Trigger::CheckpointWrite),
+        count(|t| *t == Trigger::EpochEnd),
+    ];
+    kinds.iter().all(|&n| n >= 5)
+        && kills.iter().any(|&(_, from, logged)| logged > from + 2)
+        && kills.iter().any(|&(.., logged)| logged > STEPS - 10)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Trigger {
     /// As soon as the process has (re)written the run's `config.toml`: in its start-up, after the lock,
@@ -212,8 +229,9 @@ fn random_sigkills_then_resume_give_the_history_and_weights_of_an_uninterrupted_
     let (mut attempts, mut completed) = (0usize, 0usize);
     loop {
         attempts += 1;
-        assert!(attempts < 300, "too many attempts; kills so far {}", kills.len());
-        let done = kills.len() >= KILLS;
+        let spans = || kills.iter().map(|(_, from, logged)| format!("{from}->{logged}")).collect::<Vec<_>>();
+        assert!(attempts < 600, "too many attempts; kills so far {}: {:?}", kills.len(), spans());
+        let done = kills.len() >= KILLS && covered(&kills);
         let trigger = match attempts % 4 {
             _ if done => Trigger::Time(Duration::MAX),
             0 => Trigger::CheckpointWrite,
@@ -288,12 +306,4 @@ fn random_sigkills_then_resume_give_the_history_and_weights_of_an_uninterrupted_
         spans.join(" "),
         started.elapsed().as_secs_f64()
     );
-    assert!(kills.len() >= KILLS);
-    assert!(
-        at_start >= 5 && at_time >= 5 && in_write >= 5 && at_epoch >= 5,
-        "every kind of kill landed several times"
-    );
-    // The kills covered the run: some well into a process's steps, some in the run's last two epochs.
-    assert!(kills.iter().any(|&(_, from, logged)| logged > from + 2), "{spans:?}");
-    assert!(kills.iter().any(|&(.., logged)| logged > STEPS - 10), "{spans:?}");
 }
