@@ -46,4 +46,65 @@ impl Batch {
     pub fn num_views(&self) -> usize {
         self.views.len()
     }
+
+    /// The samples `range` of this batch, every per-sample field cut alike: a data-parallel rank's slice
+    /// of a global batch (rank r of n holds `r * B / n .. (r + 1) * B / n`).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Batch {
+        assert!(range.end <= self.batch_size, "samples {range:?} of a batch of {}", self.batch_size);
+        let cut = |v: &[u8], per: usize| v[range.start * per..range.end * per].to_vec();
+        let cut_f = |v: &[f32], per: usize| v[range.start * per..range.end * per].to_vec();
+        let (v, m) = (self.num_views(), self.num_points);
+        Batch {
+            batch_size: range.len(),
+            num_points: m,
+            views: self
+                .views
+                .iter()
+                .map(|view| ViewPixels { size: view.size, data: cut(&view.data, 3 * view.size * view.size) })
+                .collect(),
+            teacher_points: self.teacher_points.iter().map(|p| cut_f(p, v * m * 2)).collect(),
+            student_points: self.student_points.iter().map(|p| cut_f(p, 2 * m * 2)).collect(),
+            labels: self.labels[range.clone()].to_vec(),
+            keys: self.keys[range.clone()].to_vec(),
+            seq: self.seq[range].to_vec(),
+            epoch: self.epoch,
+            cursor: self.cursor,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slice_holds_the_same_samples_in_every_field() {
+        // 3 samples, 3 views (the third 1x1 px), 2 points; every value names its sample.
+        let (b, v, m) = (3usize, 3usize, 2usize);
+        let px = |size: usize| ViewPixels {
+            size,
+            data: (0..b).flat_map(|i| std::iter::repeat_n(i as u8, 3 * size * size)).collect(),
+        };
+        let pts = |per: usize| (0..b).flat_map(|i| std::iter::repeat_n(i as f32, per)).collect::<Vec<_>>();
+        let batch = Batch {
+            batch_size: b,
+            num_points: m,
+            views: vec![px(2), px(2), px(1)],
+            teacher_points: vec![pts(v * m * 2), pts(v * m * 2)],
+            student_points: (0..v).map(|_| pts(2 * m * 2)).collect(),
+            labels: vec![10, 11, 12],
+            keys: vec!["a".into(), "b".into(), "c".into()],
+            seq: vec![5, 6, 7],
+            epoch: 1,
+            cursor: Cursor { epoch: 1, samples: 3 },
+        };
+        let s = batch.slice(1..3);
+        assert_eq!(s.batch_size, 2);
+        assert_eq!(s.views[0].data, [vec![1u8; 12], vec![2u8; 12]].concat());
+        assert_eq!(s.views[2].data, [1u8, 1, 1, 2, 2, 2]);
+        assert_eq!(s.teacher_points[1], [vec![1f32; 12], vec![2f32; 12]].concat());
+        assert_eq!(s.student_points[2], [vec![1f32; 8], vec![2f32; 8]].concat());
+        assert_eq!((s.labels, s.keys, s.seq), (vec![11, 12], vec!["b".to_string(), "c".into()], vec![6, 7]));
+        assert_eq!(s.cursor, batch.cursor);
+    }
 }

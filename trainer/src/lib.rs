@@ -16,6 +16,7 @@
 //! - [`eval`]: what a trained backbone is worth: k-NN, the linear segmentation probe ([`eval::seg`]),
 //!   attention maps ([`eval::attention`]).
 //! - [`export`]: the official DINO/timm weight layout, out and in.
+//! - [`dist`]: data parallelism: the job's ranks and their collectives (Open MPI on the CPU).
 //!
 //! burn 0.22's tensors carry no backend generic: the `Device` picks the backend at run time and autodiff is
 //! `device.autodiff()`. The student's parameters live on the autodiff device; the teacher, the centers and
@@ -25,6 +26,7 @@
 //! Errors: this crate is the application, so it reports with `anyhow` and a context that names the file or
 //! the setting; the library crates below it (`common`, `shard`, `loader`) return typed errors.
 
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod fused;

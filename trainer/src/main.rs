@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
+use trainer::dist::World;
 use trainer::eval::seg::SegDataset;
 use trainer::model::vit::Vit;
 use trainer::train::config::{DeviceSpec, TrainConfig};
@@ -45,6 +46,10 @@ enum Command {
         /// No progress output.
         #[arg(long)]
         quiet: bool,
+        /// Data-parallel on this machine: run N processes under `mpirun` (the `mpi` feature), each with
+        /// run.batch_size images per step. Other launches: `mpirun -n N trainer train ...`, `srun` (README).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        nproc_per_node: usize,
     },
     /// Time training steps of a config: step time and images/s.
     Bench {
@@ -202,11 +207,21 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    let demo =
-        Command::Train { config: None, sets: vec![], resume: None, branch: None, device: None, quiet: false };
+    let demo = Command::Train {
+        config: None,
+        sets: vec![],
+        resume: None,
+        branch: None,
+        device: None,
+        quiet: false,
+        nproc_per_node: 1,
+    };
     let result = match cli.command.unwrap_or(demo) {
-        Command::Train { config, sets, resume, branch, device, quiet } => {
+        Command::Train { config, sets, resume, branch, device, quiet, nproc_per_node: 1 } => {
             train(config, sets, resume, branch, device, quiet)
+        }
+        Command::Train { config, sets, resume, branch, device, quiet, nproc_per_node } => {
+            spawn_local_ranks(nproc_per_node, config, sets, resume, branch, device, quiet)
         }
         Command::Bench { config, sets, steps, warmup, synthetic_batches, device } => {
             bench(config.as_deref(), &sets, steps, warmup, synthetic_batches, device)
@@ -272,7 +287,19 @@ fn train(
         }
         None => Start::Fresh(TrainConfig::load(config.as_deref(), &sets)?),
     };
-    let summary = run::train(start, &RunOptions { device, quiet })?;
+    let world = std::sync::Arc::new(World::from_env()?);
+    let summary = match run::train(start, &RunOptions { device, quiet, world: world.clone() }) {
+        Ok(s) => s,
+        Err(e) if world.size > 1 => {
+            // The other ranks wait in a collective for this one: end the whole job, not this process.
+            eprintln!("error (rank {} of {}): {e:#}", world.rank, world.size);
+            world.abort(1)
+        }
+        Err(e) => return Err(e),
+    };
+    if world.rank != 0 {
+        return Ok(());
+    }
     let loss =
         |m: Option<&trainer::train::step::StepMetrics>| m.map_or("-".into(), |m| format!("{:.4}", m.loss));
     println!(
@@ -316,6 +343,77 @@ fn train(
             "k-NN (k=20) on a held-out synthetic set: trained teacher top-1 {:.1}%, randomly initialised {:.1}%",
             100.0 * trained.top1,
             100.0 * random.top1
+        );
+    }
+    Ok(())
+}
+
+/// `trainer train --nproc-per-node N`: the same command, N times under Open MPI's `mpirun` on this
+/// machine (which ends the whole job when one rank fails). Each rank gets an even share of the cores for
+/// its thread pools unless RAYON_NUM_THREADS says otherwise.
+fn spawn_local_ranks(
+    n: usize,
+    config: Option<PathBuf>,
+    sets: Vec<String>,
+    resume: Option<PathBuf>,
+    branch: Option<PathBuf>,
+    device: Option<DeviceSpec>,
+    quiet: bool,
+) -> Result<()> {
+    if n == 0 {
+        anyhow::bail!("--nproc-per-node 0: at least one process");
+    }
+    if !cfg!(feature = "mpi") {
+        anyhow::bail!(
+            "--nproc-per-node needs the `mpi` feature: cargo build --release -p trainer --features mpi \
+             (libopenmpi-dev and libclang-dev installed)"
+        );
+    }
+    if let Some(env) = trainer::dist::launch_env(|k| std::env::var(k).ok())? {
+        anyhow::bail!(
+            "--nproc-per-node starts the ranks itself, but this process is already rank {} of {} under {}: \
+             drop one of the two",
+            env.rank,
+            env.size,
+            env.launcher
+        );
+    }
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new("mpirun");
+    cmd.args(["-n", &n.to_string(), "--bind-to", "none"]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.arg("--allow-run-as-root"); // containers run as root; Open MPI refuses that by default
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        cmd.args(["-x", &format!("RAYON_NUM_THREADS={}", (cores / n).max(1))]);
+    }
+    cmd.arg(exe).arg("train");
+    if let Some(c) = &config {
+        cmd.arg("--config").arg(c);
+    }
+    for s in &sets {
+        cmd.arg("--set").arg(s);
+    }
+    if let Some(r) = &resume {
+        cmd.arg("--resume").arg(r);
+    }
+    if let Some(b) = &branch {
+        cmd.arg("--branch").arg(b);
+    }
+    if let Some(d) = device {
+        cmd.arg("--device").arg(d.to_string());
+    }
+    if quiet {
+        cmd.arg("--quiet");
+    }
+    let status = cmd.status().map_err(|e| {
+        anyhow::anyhow!("--nproc-per-node runs `mpirun` (Open MPI: apt install openmpi-bin): {e}")
+    })?;
+    if !status.success() {
+        anyhow::bail!(
+            "the {n} ranks under mpirun ended with {status} (mpirun's message above names the rank)"
         );
     }
     Ok(())

@@ -5,7 +5,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use common::seed::{self, Purpose};
 use trainer::model::params::host;
-use trainer::model::vit::{self, MaskMode, Vit, VitConfig};
+use trainer::model::vit::{self, DropKey, MaskMode, Vit, VitConfig};
 
 fn device() -> Device {
     Device::flex()
@@ -178,7 +178,7 @@ fn oracle_check(dev: Device) {
     let (b, r) = (3, 5);
     let (x, pts) = inputs(b, 32, r, &dev);
     // The same stochastic-depth draw for all three forwards.
-    let drop = vit::drop_path_scales(&cfg, b, &mut seed::rng(1, Purpose::Model, &[5]), &dev);
+    let drop = vit::drop_path_scales(&cfg, DropKey { seed: 1, it: 5, first: 0 }, 0..1, b, &dev);
     let w = || Some(vit::ref_weights(&pts, cfg.grid(), &dev));
 
     let fast = vit.forward(x.clone(), w(), &drop, false);
@@ -242,7 +242,7 @@ fn stochastic_depth_drops_whole_samples_per_branch_at_the_linear_rate() {
     let dev = device();
     let cfg = VitConfig { depth: 5, drop_path_rate: 0.4, ..tiny(MaskMode::All2posPos2clsEye, 0.4) };
     let n = 20_000;
-    let scales = vit::drop_path_scales(&cfg, n, &mut seed::rng(2, Purpose::Model, &[1]), &dev);
+    let scales = vit::drop_path_scales(&cfg, DropKey { seed: 2, it: 1, first: 0 }, 0..1, n, &dev);
     assert!(
         scales[0].attn.is_none() && scales[0].mlp.is_none(),
         "linspace(0, rate, depth)[0] = 0: block 0 never drops"
@@ -265,6 +265,41 @@ fn stochastic_depth_drops_whole_samples_per_branch_at_the_linear_rate() {
         let both = attn.iter().zip(&mlp).filter(|(a, m)| **a == 0.0 && **m == 0.0).count() as f64 / n as f64;
         assert!((both - rate * rate).abs() < 0.01, "block {i}: both dropped {both}, rate² {}", rate * rate);
     }
+}
+
+/// Data-parallel ranks each hold a slice of the global batch: the rows a rank draws for its samples are
+/// the rows one process draws for the same samples of the whole batch (view by view), so both drop the
+/// same paths. Another step draws otherwise.
+#[test]
+fn stochastic_depth_is_keyed_by_the_sample_in_the_global_batch() {
+    let dev = device();
+    let cfg = VitConfig { depth: 4, drop_path_rate: 0.5, ..tiny(MaskMode::All2posPos2clsEye, 0.5) };
+    let (per_rank, views) = (6, 3);
+    let key = DropKey { seed: 7, it: 11, first: 0 };
+    // The last two views, as the student's forward groups its smaller views.
+    let whole = vit::drop_path_scales(&cfg, key, 1..views, 2 * per_rank, &dev);
+    for rank in 0..2 {
+        let first = (rank * per_rank) as u64;
+        let part = vit::drop_path_scales(&cfg, DropKey { first, ..key }, 1..views, per_rank, &dev);
+        for (w, p) in whole.iter().zip(&part).skip(1) {
+            for (w, p) in [(&w.attn, &p.attn), (&w.mlp, &p.mlp)] {
+                let (w, p) = (host(w.clone().unwrap()), host(p.clone().unwrap()));
+                for v in 0..views - 1 {
+                    let rows = v * 2 * per_rank + rank * per_rank;
+                    assert_eq!(
+                        &p[v * per_rank..(v + 1) * per_rank],
+                        &w[rows..rows + per_rank],
+                        "rank {rank}, view {v}"
+                    );
+                }
+            }
+        }
+    }
+    let other = vit::drop_path_scales(&cfg, DropKey { it: 12, ..key }, 1..views, 2 * per_rank, &dev);
+    let bits = |s: &[vit::BlockDrop]| -> Vec<f32> {
+        s.iter().skip(1).flat_map(|b| host(b.attn.clone().unwrap())).collect()
+    };
+    assert_ne!(bits(&whole), bits(&other), "each step draws anew");
 }
 
 /// `--with_learnable_token`: the official zeros-then-trunc_normal_(std 0.02), drawn after every other

@@ -146,7 +146,7 @@ fn sixty_steps_match_the_official_training_loop() {
 
     std::fs::write(dir.join("config.toml"), config(&shards)).unwrap();
     let cfg = TrainConfig::load(Some(&dir.join("config.toml")), &[]).unwrap();
-    assert_eq!(data::iters_per_epoch(&cfg, &shards).unwrap(), ITERS_PER_EPOCH);
+    assert_eq!(data::iters_per_epoch(&cfg, &shards, 0, 1).unwrap(), ITERS_PER_EPOCH);
 
     // The batches, once, for both sides.
     let rt = data::runtime().unwrap();

@@ -59,13 +59,13 @@ impl DenseDino {
 
     /// Runs the backbone once per run of same-size views (DINO's multi-crop wrapper), then each head once
     /// on the concatenation. `views[i]`: `[B, 3, S_i, S_i]` normalised pixels; `points[i]`: that view's
-    /// reference points `[B * R * 2]` (x, y interleaved) or nothing; `drop`: per-block residual scales for
-    /// `drop_rng`: draws stochastic depth per sample (the student); `None` for no drop (the teacher).
+    /// reference points `[B * R * 2]` (x, y interleaved) or nothing; `drop`: whose stochastic depth to draw
+    /// (the student), `None` for no drop (the teacher).
     pub fn forward(
         &self,
         views: &[Tensor<4>],
         points: Option<&[Vec<f32>]>,
-        mut drop_rng: Option<&mut ChaCha8Rng>,
+        drop: Option<vit::DropKey>,
     ) -> Logits {
         let grid = self.backbone.cfg.grid();
         let mut cls = Vec::new();
@@ -79,8 +79,9 @@ impl DenseDino {
                 let pts: Vec<f32> = p[start..end].concat();
                 vit::ref_weights(&pts, grid, &x.device())
             });
-            let drop = match drop_rng.as_deref_mut() {
-                Some(rng) => vit::drop_path_scales(&self.backbone.cfg, x.dims()[0], rng, &x.device()),
+            let batch = views[start].dims()[0];
+            let drop = match drop {
+                Some(key) => vit::drop_path_scales(&self.backbone.cfg, key, start..end, batch, &x.device()),
                 None => Vec::new(),
             };
             let out = self.backbone.forward(x, weights, &drop, false);

@@ -17,6 +17,7 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::{conv2d, linear};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use common::seed;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -583,16 +584,39 @@ pub struct BlockDrop {
     pub mlp: Option<Tensor<3>>,
 }
 
-/// Per-block stochastic depth: block i drops each branch of a whole sample with probability
-/// `linspace(0, rate, depth)[i]`, kept samples are scaled by `1/keep`. Drawn on the host from the step's
-/// seeded RNG (block by block, the attention branch's `B` draws before the MLP branch's), so every
-/// backend sees the same and a replayed step draws the same.
+/// Whose stochastic depth a forward draws: the step and where its samples sit in the global batch.
+///
+/// Every (sample, view) draws from its own RNG, keyed by the seed, the step, the sample's position in the
+/// global batch and the view, so that data-parallel ranks, each holding a slice of the global batch, drop
+/// exactly the paths that one process holding the whole batch drops, and a replayed step draws the same.
+#[derive(Clone, Copy, Debug)]
+pub struct DropKey {
+    pub seed: u64,
+    pub it: u64,
+    /// The global-batch position of this process's first sample (`rank * per-rank batch`).
+    pub first: u64,
+}
+
+/// Per-block stochastic depth for the rows of `views` (view-major: `views.len() * batch` rows, as
+/// [`crate::model::DenseDino::forward`] concatenates same-size views): block i drops each branch of a
+/// whole row with probability `linspace(0, rate, depth)[i]`, kept rows are scaled by `1/keep`. Drawn on
+/// the host, block by block (the attention branch before the MLP branch), one draw per row from that row's
+/// [`DropKey`] RNG, so every backend and every rank split sees the same.
 pub fn drop_path_scales(
     cfg: &VitConfig,
+    key: DropKey,
+    views: std::ops::Range<usize>,
     batch: usize,
-    rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Vec<BlockDrop> {
+    let mut rngs: Vec<ChaCha8Rng> = views
+        .flat_map(|v| {
+            (0..batch).map(move |j| {
+                seed::rng(key.seed, seed::Purpose::Model, &[1, key.it, key.first + j as u64, v as u64])
+            })
+        })
+        .collect();
+    let rows = rngs.len();
     (0..cfg.depth)
         .map(|i| {
             let rate =
@@ -600,10 +624,11 @@ pub fn drop_path_scales(
             let mut branch = || {
                 (rate > 0.0).then(|| {
                     let keep = 1.0 - rate;
-                    let s: Vec<f32> = (0..batch)
-                        .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+                    let s: Vec<f32> = rngs
+                        .iter_mut()
+                        .map(|rng| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
                         .collect();
-                    Tensor::<3>::from_data(TensorData::new(s, [batch, 1, 1]), device)
+                    Tensor::<3>::from_data(TensorData::new(s, [rows, 1, 1]), device)
                 })
             };
             let attn = branch();

@@ -31,6 +31,9 @@ pub struct Meta {
     /// Where the loader resumes.
     pub cursor: Cursor,
     pub config: TrainConfig,
+    /// The processes of the job that wrote it: the loader's cursor counts one rank's samples, so the run
+    /// continues only with as many (checkpoints before data parallelism hold none: one).
+    pub world_size: usize,
 }
 
 pub fn file_name(it: usize) -> String {
@@ -78,6 +81,7 @@ pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Resu
         ("cursor".to_string(), serde_json::to_string(&meta.cursor)?),
         ("optim_steps".to_string(), serde_json::to_string(&steps)?),
         ("config".to_string(), meta.config.to_toml()),
+        ("world_size".to_string(), meta.world_size.to_string()),
     ]);
     let le: Vec<std::borrow::Cow<[u8]>> = tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
     let sum = digest(tensors.iter().zip(&le).map(|((n, d, _), b)| (n.as_str(), d.as_slice(), &b[..])), &info);
@@ -255,11 +259,13 @@ pub struct Policy {
     /// The run's last good checkpoint and the step it holds: the last one written, or the one a resumed
     /// run started from until it writes another.
     pub last: Option<(usize, PathBuf)>,
+    /// False on the ranks other than 0 of a data-parallel run: they hold the same state, rank 0 saves it.
+    pub writes: bool,
 }
 
 impl Policy {
     pub fn new(dir: PathBuf, run: &RunConfig) -> Self {
-        Self { dir, every: run.checkpoint_every, keep: run.keep_checkpoints, last: None }
+        Self { dir, every: run.checkpoint_every, keep: run.keep_checkpoints, last: None, writes: true }
     }
 
     /// Whether the state after step `it` (of `total`) is saved.
@@ -268,7 +274,10 @@ impl Policy {
     }
 
     pub fn save(&mut self, trainer: &mut Trainer, meta: &Meta) -> Result<()> {
-        let path = save(&self.dir, trainer, meta, self.keep)?;
+        let path = match self.writes {
+            true => save(&self.dir, trainer, meta, self.keep)?,
+            false => self.dir.join(file_name(meta.it)),
+        };
         self.last = Some((meta.it, path));
         Ok(())
     }
@@ -340,6 +349,7 @@ pub fn meta(bytes: &[u8]) -> Result<Meta> {
         it: get("it")?.parse()?,
         cursor: serde_json::from_str(&get("cursor")?)?,
         config: TrainConfig::from_resolved(&get("config")?)?,
+        world_size: info.get("world_size").map_or(Ok(1), |w| w.parse())?,
     })
 }
 

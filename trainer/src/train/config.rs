@@ -30,7 +30,8 @@ pub struct RunConfig {
     /// One seed for everything: data order and views, initialisation, stochastic depth.
     pub seed: u64,
     pub epochs: usize,
-    /// Images per step (single process: the total batch of the lr scaling rule).
+    /// Images per step and process (the official `batch_size_per_gpu`): the lr scaling rule's total batch
+    /// is this times the job's processes.
     pub batch_size: usize,
     /// Stop after this many steps (0: run all epochs); the schedules still span `epochs`.
     pub max_steps: usize,
@@ -46,6 +47,12 @@ pub struct RunConfig {
     pub keep_checkpoints: usize,
     /// The stats line every N steps.
     pub log_every: usize,
+    /// Data-parallel runs: every N steps the ranks compare a digest of their teachers and stop with an
+    /// error naming the ranks that diverged (0: never). The EMA teacher is what the run delivers, and the
+    /// ranks' copies can only part through a nondeterministic kernel or a bug; hashing costs a pass over
+    /// the weights.
+    #[serde(default)]
+    pub check_ranks_every: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -273,6 +280,7 @@ impl TrainConfig {
                 checkpoint_every: 0,
                 keep_checkpoints: 3,
                 log_every: 10,
+                check_ranks_every: 0,
             },
             data: DataConfig {
                 shards: None,

@@ -90,13 +90,26 @@ fn make_synth(dir: &Path, opts: &SynthOptions, announce: bool) -> Result<()> {
     Ok(())
 }
 
-/// Batches per epoch for this data set (single process; the loader drops the tail).
-pub fn iters_per_epoch(cfg: &TrainConfig, shards: &Path) -> Result<usize> {
+/// Batches per epoch for this data set, for each of `world_size` ranks (they all get the same number of
+/// samples; the loader drops the tail).
+pub fn iters_per_epoch(cfg: &TrainConfig, shards: &Path, rank: usize, world_size: usize) -> Result<usize> {
     let (_, index) = loader::pipeline::open_index(shards)?;
-    let samples = loader::plan::epoch_plan(&index, cfg.run.seed, 0, 0, 1).len as usize;
+    let samples = loader::plan::epoch_plan(&index, cfg.run.seed, 0, rank, world_size).len as usize;
     let ipe = samples / cfg.run.batch_size;
+    if ipe == 0 && world_size > 1 && index.shards.len() < world_size {
+        bail!(
+            "{}: {} shard(s) for {world_size} ranks: each rank reads whole shards, so a rank got none. Pack \
+             the set into at least {world_size} shards (`shard pack --per-shard N` or `--shard-bytes SIZE`)",
+            shards.display(),
+            index.shards.len()
+        );
+    }
     if ipe == 0 {
-        bail!("{}: {samples} samples, fewer than one batch of {}", shards.display(), cfg.run.batch_size);
+        bail!(
+            "{}: {samples} samples per rank ({world_size} rank(s)), fewer than one batch of {}",
+            shards.display(),
+            cfg.run.batch_size
+        );
     }
     Ok(ipe)
 }

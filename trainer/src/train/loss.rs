@@ -6,6 +6,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::dist::World;
 use crate::fused::{self, Pairs};
 
 /// Which teacher reference groups feed `ref_center` (the paper and the code differ here; the code's choice is
@@ -188,12 +189,25 @@ impl DenseDinoLoss {
         LossOutput { total, cls, refs, cls_targets }
     }
 
-    /// `c ← m·c + (1−m)·mean(teacher logits)`, after the loss (each step uses the previous centers).
-    /// Single process: the all-reduce of the official code is the identity.
+    /// `c ← m·c + (1−m)·mean(teacher logits)`, after the loss (each step uses the previous centers), in
+    /// one process.
     pub fn update_centers(&mut self, t_cls: Tensor<2>, t_ref: Option<Tensor<2>>, layout: Layout) {
+        self.update_centers_across(&World::single(), t_cls, t_ref, layout);
+    }
+
+    /// The same over the ranks of `world`, as the official code: the batch sums all-reduced, divided by
+    /// the global count (every rank holds `layout.batch` samples).
+    pub fn update_centers_across(
+        &mut self,
+        world: &World,
+        t_cls: Tensor<2>,
+        t_ref: Option<Tensor<2>>,
+        layout: Layout,
+    ) {
         let (batch, views, points) = (layout.batch, layout.views, layout.points);
         let mom = self.cfg.center_momentum;
-        let batch_center = t_cls.mean_dim(0); // [1, K]
+        let n = (t_cls.dims()[0] * world.size) as f64;
+        let batch_center = world.sum(t_cls.sum_dim(0)).div_scalar(n); // [1, K]
         self.center = self.center.clone().mul_scalar(mom) + batch_center.mul_scalar(1.0 - mom);
         if let Some(t_ref) = t_ref {
             let k = t_ref.dims()[1];
@@ -208,8 +222,9 @@ impl DenseDinoLoss {
                     0,
                 ),
             };
-            self.ref_center =
-                self.ref_center.clone().mul_scalar(mom) + used.mean_dim(0).mul_scalar(1.0 - mom);
+            let n = (used.dims()[0] * world.size) as f64;
+            let ref_center = world.sum(used.sum_dim(0)).div_scalar(n);
+            self.ref_center = self.ref_center.clone().mul_scalar(mom) + ref_center.mul_scalar(1.0 - mom);
         }
     }
 

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::{Gradients, Tensor};
 
+use crate::dist::World;
 use crate::fused::host::Host;
 use crate::fused::multi_tensor::{self, AdamScalars, AdamSlot};
 use crate::model::params::{ParamMut, Params};
@@ -80,6 +81,12 @@ impl AdamW {
     /// One multi-tensor kernel: [`multi_tensor::adamw`] where the values live in host memory (flex,
     /// LibTorch on the CPU), [`crate::fused::tch::adamw`] over flat buffers elsewhere (CUDA).
     pub fn step(&mut self, model: &mut dyn Params, grads: &Gradients, o: StepOptions) {
+        self.step_across(&World::single(), model, grads, o);
+    }
+
+    /// The same with the gradients averaged over the ranks of `world` first (DDP's all-reduce, before
+    /// the clip as in the official code). The frozen last layer is left out on every rank alike.
+    pub fn step_across(&mut self, world: &World, model: &mut dyn Params, grads: &Gradients, o: StepOptions) {
         let mut updates = Vec::new();
         model.visit("", &mut |name, p: ParamMut<'_>| {
             if o.freeze_last_layer && is_last_layer(name) {
@@ -91,6 +98,13 @@ impl AdamW {
             let weight_decay = if is_decayed(name, p.rank()) { o.weight_decay } else { 0.0 };
             updates.push(Update { name: name.to_string(), param: plain(p.flat()), grad, weight_decay });
         });
+        if world.size > 1 {
+            let mut g: Vec<Tensor<1>> = updates.iter().map(|u| u.grad.clone()).collect();
+            world.average(&mut g);
+            for (u, g) in updates.iter_mut().zip(g) {
+                u.grad = g;
+            }
+        }
         for u in &updates {
             let st = self.state.entry(u.name.clone()).or_insert_with(|| AdamState {
                 m: u.param.zeros_like(),

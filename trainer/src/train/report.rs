@@ -15,7 +15,8 @@ use crate::train::step::StepMetrics;
 /// The run's voice: the progress bar or stats lines, the metrics file, the epoch's running sums and the
 /// run's throughput.
 pub struct Reporter {
-    log: MetricsLog,
+    /// None on the ranks other than 0 of a data-parallel run (rank 0 writes the run's history).
+    log: Option<MetricsLog>,
     bar: Option<ProgressBar>,
     quiet: bool,
     log_every: usize,
@@ -29,10 +30,10 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// Appends to `run_dir/metrics.jsonl` (cut back to `first_step` on resume) and shows progress from
-    /// `first_step` to `total_steps` unless `quiet`.
+    /// Appends to `run_dir/metrics.jsonl` (cut back to `first_step` on resume; no file when `run_dir` is
+    /// `None`) and shows progress from `first_step` to `total_steps` unless `quiet`.
     pub fn new(
-        run_dir: &Path,
+        run_dir: Option<&Path>,
         run: &RunConfig,
         first_step: usize,
         total_steps: usize,
@@ -49,11 +50,11 @@ impl Reporter {
             bar.set_position(first_step as u64);
             bar
         });
-        let log = MetricsLog::open(&run_dir.join("metrics.jsonl"), first_step)?;
+        let log = run_dir.map(|d| MetricsLog::open(&d.join("metrics.jsonl"), first_step)).transpose()?;
         // A run resumed inside an epoch continues that epoch's sums from the steps it logged before, so
         // the epoch's record is the same as an uninterrupted run's (its timings excepted).
         let mut epoch = EpochAccumulator::new();
-        for r in &log.kept {
+        for r in log.iter().flat_map(|l| &l.kept) {
             match r {
                 Record::Step { m, .. } => epoch.add_logged(m),
                 Record::Epoch { .. } => epoch = EpochAccumulator::new(),
@@ -85,12 +86,14 @@ impl Reporter {
         self.wait += wait;
         self.images += images;
         self.epoch.add(m, wait);
-        self.log.write(&Record::Step {
-            m: m.clone(),
-            step_time,
-            data_wait: wait.as_secs_f64(),
-            images_per_s: images as f64 / step_time,
-        })?;
+        if let Some(log) = &mut self.log {
+            log.write(&Record::Step {
+                m: m.clone(),
+                step_time,
+                data_wait: wait.as_secs_f64(),
+                images_per_s: images as f64 / step_time,
+            })?;
+        }
         let (ips, wait_fraction) = self.throughput();
         let line = stats_line(m, ips, step_time, wait_fraction);
         let done = m.it + 1;
@@ -109,7 +112,7 @@ impl Reporter {
 
     /// The epoch of the last record kept from an earlier process, if that record is an epoch's end.
     pub fn last_epoch_logged(&self) -> Option<usize> {
-        match self.log.kept.last() {
+        match self.log.as_ref()?.kept.last() {
             Some(Record::Epoch { epoch, .. }) => Some(*epoch),
             _ => None,
         }
@@ -119,7 +122,10 @@ impl Reporter {
     pub fn epoch_end(&mut self, epoch: usize, steps: usize) -> Result<()> {
         let record = self.epoch.record(epoch, steps, self.batch_size);
         self.epoch = EpochAccumulator::new();
-        self.log.write(&record)
+        match &mut self.log {
+            Some(log) => log.write(&record),
+            None => Ok(()),
+        }
     }
 
     /// Images per second and the fraction of the time spent waiting for data, over the run so far.

@@ -4,11 +4,13 @@
 //! `metrics.jsonl`), [`checkpoint::Policy`] (when to save, what was saved), [`data`] (shards, loader).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use common::Cursor;
 
+use crate::dist::World;
 use crate::model::params;
 use crate::train::checkpoint::{self, Meta};
 use crate::train::config::{DeviceSpec, TrainConfig};
@@ -36,6 +38,8 @@ pub struct RunOptions {
     pub device: Option<DeviceSpec>,
     /// No progress bar, no stats lines.
     pub quiet: bool,
+    /// The job this process is one rank of ([`World::from_env`]; one process by default).
+    pub world: Arc<World>,
 }
 
 /// What a finished run reports.
@@ -59,19 +63,28 @@ pub struct RunSummary {
 
 /// Runs (or continues) a pretraining run.
 pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
-    let (cfg, run_dir, resume, _lock) = open(start, opts)?;
-    let shards = data::shards(&cfg, opts.quiet)?;
-    let ipe = data::iters_per_epoch(&cfg, &shards)?;
+    let world = opts.world.clone();
+    // Only rank 0 speaks (every rank holds the same numbers).
+    let quiet = opts.quiet || world.rank != 0;
+    let (cfg, run_dir, resume, _lock) = open_across(&world, start, opts)?;
+    let shards = data::shards(&cfg, quiet)?;
+    let ipe = data::iters_per_epoch(&cfg, &shards, world.rank, world.size)?;
     let total = match cfg.run.max_steps {
         0 => cfg.run.epochs * ipe,
         n => n.min(cfg.run.epochs * ipe),
     };
-    let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, ipe, cfg.run.batch_size);
-    let mut trainer = Trainer::from_config(&cfg, schedules, &cfg.run.device.device()?)?;
+    let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, ipe, cfg.run.batch_size * world.size);
+    // One GPU per process: rank r of a machine drives its GPU r, whatever cuda:N the config names.
+    let device = match cfg.run.device {
+        DeviceSpec::Cuda(_) if world.size > 1 => DeviceSpec::Cuda(world.local_rank),
+        d => d,
+    };
+    let mut trainer = Trainer::from_config(&cfg, schedules, &device.device()?)?;
+    trainer.world = world.clone();
     let cursor = match &resume {
         Some((file, bytes)) => {
             let meta = checkpoint::restore(&mut trainer, bytes)?;
-            if !opts.quiet {
+            if !quiet {
                 let c = meta.cursor;
                 eprintln!(
                     "resuming {} at step {} (epoch {}, sample {})",
@@ -85,9 +98,13 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
         }
         None => Cursor::default(),
     };
-    if !opts.quiet {
+    if !quiet {
+        let ranks = match world.size {
+            1 => String::new(),
+            n => format!(" x {n} processes ({}), global batch {}", world.backend(), n * cfg.run.batch_size),
+        };
         eprintln!(
-            "run {}: {} on {}, {:.1}M student parameters, {total} steps ({} epochs x {ipe}), batch {}",
+            "run {}: {} on {}{ranks}, {:.1}M student parameters, {total} steps ({} epochs x {ipe}), batch {}",
             run_dir.display(),
             if cfg.loss.use_ref_loss { "DenseDINO" } else { "DINO" },
             cfg.run.device,
@@ -98,10 +115,14 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     }
 
     let first = trainer.it;
-    let mut report = Reporter::new(&run_dir, &cfg.run, first, total, opts.quiet)?;
+    let mut report =
+        Reporter::new((world.rank == 0).then_some(run_dir.as_path()), &cfg.run, first, total, quiet)?;
     let rt = data::runtime()?;
-    let loader = rt.block_on(async { loader::start(data::loader_options(&cfg, &shards, cursor)) })?;
+    let mut loader_opts = data::loader_options(&cfg, &shards, cursor);
+    (loader_opts.rank, loader_opts.world_size) = (world.rank, world.size);
+    let loader = rt.block_on(async { loader::start(loader_opts) })?;
     let mut ckpt = checkpoint::Policy::new(run_dir.join("checkpoints"), &cfg.run);
+    ckpt.writes = world.rank == 0;
     // A resumed run's last good checkpoint is the one it resumed from, until it writes another.
     ckpt.last = resume.map(|(file, _)| (first, file));
     // Resumed inside an epoch: that epoch's end is still to be reported (unless an earlier process
@@ -123,9 +144,11 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     report.finish();
     rt.block_on(loader.shutdown());
     let steps = steps?;
-    checkpoint::prune(&run_dir.join("checkpoints"), cfg.run.keep_checkpoints);
+    if world.rank == 0 {
+        checkpoint::prune(&run_dir.join("checkpoints"), cfg.run.keep_checkpoints);
+    }
     let data_problems = stats.problems();
-    if trainer.it < total && !opts.quiet {
+    if trainer.it < total && !quiet {
         // Only a damaged set ends early (the loader runs exactly `run.epochs` epochs of the plan, and damaged
         // shards and skipped samples make them shorter): the run is complete, but not what was planned.
         eprintln!(
@@ -135,7 +158,9 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
             data_problems.as_deref().unwrap_or("the set has fewer samples than its index lists")
         );
     }
-    if let (Err(e), false) = (crate::train::metrics::plot(&run_dir), opts.quiet) {
+    if world.rank == 0
+        && let (Err(e), false) = (crate::train::metrics::plot(&run_dir), quiet)
+    {
         eprintln!("warning: plotting failed: {e:#}");
     }
     let (images_per_s, data_wait_fraction) = report.throughput();
@@ -181,6 +206,11 @@ fn train_steps(
             close_epoch(trainer, cfg, total, report, ckpt, prev)?;
         }
         let m = trainer.step(&batch).map_err(|m| non_finite(&m, ckpt))?;
+        let every = cfg.run.check_ranks_every;
+        if trainer.world.size > 1 && every > 0 && trainer.it.is_multiple_of(every) {
+            let digest = trainer.teacher_digest();
+            trainer.world.check_same(&format!("the teacher after step {}", trainer.it), &digest)?;
+        }
         report.step(&m, batch.batch_size, t0.elapsed(), wait)?;
         let epoch_end = batch.cursor.epoch > batch.epoch;
         if epoch_end {
@@ -189,7 +219,11 @@ fn train_steps(
             open_epoch = Some(batch.epoch);
         }
         if ckpt.due(trainer.it, epoch_end, total) {
-            ckpt.save(trainer, &Meta { it: trainer.it, cursor: batch.cursor, config: cfg.clone() })?;
+            let world_size = trainer.world.size;
+            ckpt.save(
+                trainer,
+                &Meta { it: trainer.it, cursor: batch.cursor, config: cfg.clone(), world_size },
+            )?;
         }
         steps.push(m);
     }
@@ -213,18 +247,64 @@ fn close_epoch(
     report.epoch_end(epoch as usize, trainer.it)?;
     if ckpt.due(trainer.it, true, total) {
         let cursor = Cursor { epoch: epoch + 1, samples: 0 };
-        ckpt.save(trainer, &Meta { it: trainer.it, cursor, config: cfg.clone() })?;
+        let world_size = trainer.world.size;
+        ckpt.save(trainer, &Meta { it: trainer.it, cursor, config: cfg.clone(), world_size })?;
     }
     Ok(())
 }
 
+/// What [`open`] gives: the run's config, its folder, the checkpoint it continues from (file and bytes),
+/// and the folder's lock (held until the file is dropped; rank 0's only).
+type Opened = (TrainConfig, PathBuf, Option<(PathBuf, Vec<u8>)>, Option<std::fs::File>);
+
+/// [`open`] on rank 0 (and the synthetic set made there, when the config uses one), then the others told
+/// where the run is: they read the config rank 0 wrote and the checkpoint it chose, so every rank runs
+/// the same config from the same state. A failure on rank 0 stops every rank.
+fn open_across(world: &World, start: Start, opts: &RunOptions) -> Result<Opened> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    enum Told {
+        Run { dir: PathBuf, checkpoint: Option<PathBuf> },
+        Failed(String),
+    }
+    if world.size == 1 {
+        return open(start, opts, world);
+    }
+    if world.rank == 0 {
+        let opened = open(start, opts, world).and_then(|o| data::shards(&o.0, opts.quiet).map(|_| o));
+        let told = match &opened {
+            Ok((_, dir, resume, _)) => {
+                Told::Run { dir: dir.clone(), checkpoint: resume.as_ref().map(|(f, _)| f.clone()) }
+            }
+            Err(e) => Told::Failed(format!("{e:#}")),
+        };
+        world.broadcast(serde_json::to_vec(&told)?);
+        return opened;
+    }
+    match serde_json::from_slice(&world.broadcast(Vec::new()))? {
+        Told::Failed(e) => bail!("rank {}: rank 0 could not open the run: {e}", world.rank),
+        Told::Run { dir, checkpoint } => {
+            let stored = dir.join("config.toml");
+            let text =
+                std::fs::read_to_string(&stored).with_context(|| format!("reading {}", stored.display()))?;
+            let cfg = TrainConfig::from_resolved(&text).with_context(|| stored.display().to_string())?;
+            let resume = match checkpoint {
+                Some(file) => {
+                    let bytes = std::fs::read(&file).with_context(|| {
+                        format!("rank {}: reading {} (rank 0's checkpoint; is the run folder on a file system every \
+                                 machine shares?)", world.rank, file.display())
+                    })?;
+                    Some((file, bytes))
+                }
+                None => None,
+            };
+            Ok((cfg, dir, resume, None))
+        }
+    }
+}
+
 /// The run's config, its folder, the checkpoint it continues from (file and bytes), and the folder's lock
 /// (held until the file is dropped). Writes the resolved config into the folder.
-#[allow(clippy::type_complexity)]
-fn open(
-    start: Start,
-    opts: &RunOptions,
-) -> Result<(TrainConfig, PathBuf, Option<(PathBuf, Vec<u8>)>, std::fs::File)> {
+fn open(start: Start, opts: &RunOptions, world: &World) -> Result<Opened> {
     // `branch_lock`: a branch's new folder is locked before anything is copied into it.
     let (mut cfg, run_dir, resume, branch_lock) = match start {
         Start::Fresh(cfg) => {
@@ -248,6 +328,17 @@ fn open(
         Start::Resume { from, sets, branch } => {
             let (file, bytes) = checkpoint::latest(&from)?;
             let meta = checkpoint::meta(&bytes)?;
+            if meta.world_size != world.size {
+                bail!(
+                    "{} was written by a job of {} process(es); this one has {}. The loader's place in the \
+                     epoch is counted per rank, so the run continues only with the same number: relaunch \
+                     with {} (or start a new run)",
+                    file.display(),
+                    meta.world_size,
+                    world.size,
+                    meta.world_size
+                );
+            }
             let cfg = meta.config.with_run_overrides(&sets)?;
             // RUN/checkpoints/ckpt-N.safetensors → RUN
             let dir = file.parent().and_then(Path::parent).map_or_else(|| from.clone(), Path::to_path_buf);
@@ -288,7 +379,7 @@ fn open(
     // Through a temporary file and a rename: a run killed here keeps a whole config (the old or the new),
     // which a resume before the first checkpoint reads.
     shard::format::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-    Ok((cfg, run_dir, resume, lock))
+    Ok((cfg, run_dir, resume, Some(lock)))
 }
 
 /// Takes the run folder's lock (`RUN/.lock`, an advisory `flock` the kernel drops when the process ends,

@@ -1,16 +1,19 @@
 //! One DenseDINO training step, top to bottom (`train_one_epoch` in `main_dino.py`): schedules → teacher and
 //! student forward → loss → backward → per-tensor clip and frozen last layer → AdamW → EMA teacher → centers.
 
+use std::sync::Arc;
+
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor};
 use common::Batch;
 use common::seed::{self, Purpose};
 use serde::{Deserialize, Serialize};
 
+use crate::dist::World;
 use crate::model::DenseDino;
 use crate::model::head::HeadConfig;
 use crate::model::params::host;
-use crate::model::vit::{self, Precision, VitConfig};
+use crate::model::vit::{self, DropKey, Precision, VitConfig};
 use crate::train::config::TrainConfig;
 use crate::train::loss::{DenseDinoLoss, Layout, LossConfig};
 use crate::train::optim::{self, AdamW, StepOptions};
@@ -93,6 +96,7 @@ pub struct StepMetrics {
     /// Mean entropy of the teacher's CLS targets per sample (ln K: uniform collapse; 0: one-hot).
     pub teacher_entropy: f64,
     /// Entropy of the batch-mean teacher target (near 0: every sample on one prototype, the other collapse).
+    /// Data-parallel: each rank's batch, averaged over the ranks, like every number here.
     pub teacher_batch_entropy: f64,
 }
 
@@ -110,6 +114,8 @@ pub struct Trainer {
     pub schedules: Schedules,
     /// The next global iteration.
     pub it: usize,
+    /// The job this trainer is one rank of: its batches are its slice of the global batch.
+    pub world: Arc<World>,
 }
 
 /// How far the teacher has come from its random initialisation.
@@ -139,6 +145,20 @@ impl Trainer {
             }
         }
         TeacherMovement { init_share, distance: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() }
+    }
+
+    /// SHA-256 over the teacher's parameters (names and f32 bits): what the ranks of a data-parallel run
+    /// compare to see that they hold one teacher.
+    pub fn teacher_digest(&mut self) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, _, values) in crate::model::params::to_host(&mut self.teacher) {
+            h.update(name.as_bytes());
+            for x in values {
+                h.update(x.to_le_bytes());
+            }
+        }
+        h.finalize().to_vec()
     }
 
     /// `device`: the plain device; the student lives on its autodiff twin. Student and teacher start equal.
@@ -172,6 +192,7 @@ impl Trainer {
             },
             schedules,
             it: 0,
+            world: Arc::new(World::single()),
         }
     }
 
@@ -216,12 +237,9 @@ impl Trainer {
         let teacher_out =
             self.teacher.forward(&views[..2], refs_on.then_some(&batch.teacher_points[..]), None);
         let student_views: Vec<Tensor<4>> = views.into_iter().map(Tensor::from_inner).collect();
-        let mut drop_rng = seed::rng(self.seed, Purpose::Model, &[1, it as u64]);
-        let student_out = self.student.forward(
-            &student_views,
-            refs_on.then_some(&batch.student_points[..]),
-            Some(&mut drop_rng),
-        );
+        let drop = DropKey { seed: self.seed, it: it as u64, first: (self.world.rank * b) as u64 };
+        let student_out =
+            self.student.forward(&student_views, refs_on.then_some(&batch.student_points[..]), Some(drop));
 
         let out = self.loss.forward(
             teacher_out.cls.clone(),
@@ -236,7 +254,10 @@ impl Trainer {
         scalars.extend(out.cls.clone().map(optim::plain));
         scalars.extend(out.refs.clone().map(optim::plain));
         scalars.extend(target_entropies(out.cls_targets.clone()));
-        let v: Vec<f64> = host(Tensor::cat(scalars, 0)).into_iter().map(f64::from).collect();
+        // The mean over the ranks (the same on every rank, so a non-finite loss stops them all).
+        let mut v = host(Tensor::cat(scalars, 0));
+        self.world.all_reduce_sum(&mut v);
+        let v: Vec<f64> = v.into_iter().map(|x| f64::from(x) / self.world.size as f64).collect();
         let (has_cls, has_ref) = (out.cls.is_some(), out.refs.is_some());
         let n = v.len();
         let metrics = StepMetrics {
@@ -263,9 +284,9 @@ impl Trainer {
             clip_grad: self.optim_cfg.clip_grad,
             freeze_last_layer: epoch < self.optim_cfg.freeze_last_layer,
         };
-        self.optim.step(&mut self.student, &grads, opts);
+        self.optim.step_across(&self.world, &mut self.student, &grads, opts);
         optim::ema_update(&mut self.teacher, &mut self.student, momentum);
-        self.loss.update_centers(teacher_out.cls, teacher_out.refs, layout);
+        self.loss.update_centers_across(&self.world, teacher_out.cls, teacher_out.refs, layout);
         self.it += 1;
         Ok(metrics)
     }

@@ -1,0 +1,183 @@
+//! Data-parallel runs end to end (the `mpi` feature): `trainer train --nproc-per-node 2` on the tiny
+//! config (the launcher, the loader's rank split, rank 0's checkpoints and history), a run stopped and
+//! `--resume`d under 2 ranks that ends as an uninterrupted one, a resume with another world size refused,
+//! and a rank killed mid-run that ends the whole job with the rank's name, leaving a checkpoint to resume.
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use trainer::train::checkpoint;
+
+mod util;
+
+/// The tiny run with 256 images in 2 shards (a rank reads whole shards): 128 per rank, 4 steps of 32 per
+/// rank and epoch (global batch 64).
+fn sets(dir: &Path, epochs: usize) -> Vec<String> {
+    let mut sets = util::tiny_sets(dir, "dp");
+    sets.extend([
+        "data.synth_count=256".into(),
+        "run.batch_size=32".into(),
+        format!("run.epochs={epochs}"),
+        "data.workers=1".into(),
+        // The ranks compare their teachers every 2 steps (they must agree, or the run stops).
+        "run.check_ranks_every=2".into(),
+    ]);
+    sets
+}
+
+fn trainer(args: &[&str], sets: &[String], log: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    cmd.args(args);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let err = std::fs::File::create(log).unwrap();
+    cmd.stdout(err.try_clone().unwrap()).stderr(err);
+    cmd
+}
+
+fn run_ok(args: &[&str], sets: &[String], log: &Path) {
+    let status = trainer(args, sets, log).status().unwrap();
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(status.success(), "trainer {args:?} failed ({status}):\n{text}");
+}
+
+/// `metrics.jsonl` without its timings.
+fn history(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for timing in ["step_time", "data_wait", "images_per_s", "data_wait_fraction"] {
+                v.as_object_mut().unwrap().remove(timing);
+            }
+            v
+        })
+        .collect()
+}
+
+fn last_checkpoint(run: &Path) -> (usize, PathBuf) {
+    checkpoint::list(&run.join("checkpoints")).pop().expect("a checkpoint")
+}
+
+#[test]
+fn two_ranks_stop_resume_and_end_as_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+
+    // Uninterrupted: 3 epochs of 4 steps, each step's record written once (by rank 0).
+    run_ok(&["train", "--quiet", "--nproc-per-node", "2"], &sets(&a, 3), &tmp.path().join("a.log"));
+    let want = history(&a.join("runs/dp"));
+    let its: Vec<u64> =
+        want.iter().filter(|r| r["kind"] == "step").map(|r| r["it"].as_u64().unwrap()).collect();
+    assert_eq!(its, (0..12).collect::<Vec<_>>(), "one record per global step");
+    let (it, file) = last_checkpoint(&a.join("runs/dp"));
+    let meta = checkpoint::meta(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!((it, meta.world_size, meta.cursor.epoch), (12, 2, 3));
+
+    // Stopped at step 7 (inside epoch 1), then resumed.
+    let mut stop = sets(&b, 3);
+    stop.push("run.max_steps=7".into());
+    run_ok(&["train", "--quiet", "--nproc-per-node", "2"], &stop, &tmp.path().join("b1.log"));
+    let run = b.join("runs/dp");
+    assert_eq!(last_checkpoint(&run).0, 7);
+
+    // One process cannot continue a 2-rank run: its cursor counts each rank's samples.
+    let log = tmp.path().join("b-one.log");
+    let run_s = run.to_str().unwrap();
+    let status = trainer(&["train", "--quiet", "--resume", run_s], &[], &log).status().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success());
+    assert!(text.contains("written by a job of 2 process(es); this one has 1"), "{text}");
+    assert_eq!(last_checkpoint(&run).0, 7, "the refused resume leaves the run as it was");
+
+    let resume = ["run.max_steps=0".to_string()];
+    run_ok(
+        &["train", "--quiet", "--nproc-per-node", "2", "--resume", run_s],
+        &resume,
+        &tmp.path().join("b2.log"),
+    );
+    assert_eq!(history(&run), want, "the resumed run's history is the uninterrupted one's");
+    let tensors = |dir: &Path| checkpoint::tensors(&std::fs::read(last_checkpoint(dir).1).unwrap()).unwrap();
+    assert!(
+        tensors(&run) == tensors(&a.join("runs/dp")),
+        "the resumed run's weights are the uninterrupted one's"
+    );
+}
+
+/// The trainer process that is rank `rank` of a job whose command line mentions `marker`.
+fn rank_pid(marker: &str, rank: usize) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let has = |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+        if has(&cmdline, marker)
+            && !has(&cmdline, "mpirun")
+            && has(&environ, &format!("OMPI_COMM_WORLD_RANK={rank}\0"))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_with_its_name_and_the_run_resumes() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmp.path().join("killed");
+    let run = dir.join("runs/dp");
+    let log = tmp.path().join("killed.log");
+    // Long enough to be killed mid-run.
+    let mut child = trainer(&["train", "--quiet", "--nproc-per-node", "2"], &sets(&dir, 200), &log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while checkpoint::list(&run.join("checkpoints")).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint after 2 minutes");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the job ended early: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = rank_pid(dir.to_str().unwrap(), 1).expect("rank 1's process");
+    // SAFETY: a signal to a process this test started (through mpirun).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(60), "the job still runs a minute after rank 1 died");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    eprintln!(
+        "the job ended {:.1} s after rank 1 was killed, {status}; its last words:\n{}",
+        killed.elapsed().as_secs_f64(),
+        text.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    assert!(!status.success());
+    assert!(
+        text.contains("rank 1") && text.contains("signal 9"),
+        "the message names the rank and the cause:\n{text}"
+    );
+    assert!(rank_pid(dir.to_str().unwrap(), 0).is_none(), "rank 0 is gone too");
+
+    // The last checkpoint is whole, and the run continues from it under 2 ranks.
+    let (it, file) = last_checkpoint(&run);
+    checkpoint::verify(&std::fs::read(&file).unwrap()).unwrap();
+    let resume = [format!("run.max_steps={}", it + 3)];
+    let run_s = run.to_str().unwrap();
+    run_ok(
+        &["train", "--quiet", "--nproc-per-node", "2", "--resume", run_s],
+        &resume,
+        &tmp.path().join("resumed.log"),
+    );
+    assert_eq!(last_checkpoint(&run).0, it + 3);
+}
