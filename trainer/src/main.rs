@@ -290,7 +290,7 @@ fn train(
     let world = std::sync::Arc::new(World::from_env()?);
     let summary = match run::train(start, &RunOptions { device, quiet, world: world.clone() }) {
         Ok(s) => s,
-        Err(e) if world.size > 1 => {
+        Err(e) if !world.alone() => {
             // The other ranks wait in a collective for this one: end the whole job, not this process.
             eprintln!("error (rank {} of {}): {e:#}", world.rank, world.size);
             world.abort(1)

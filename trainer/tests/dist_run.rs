@@ -181,3 +181,32 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_run_resumes() {
     );
     assert_eq!(last_checkpoint(&run).0, it + 3);
 }
+
+/// The demo itself (the embedded config, its 512 synthetic images in 4 shards: 2 per rank) on 2 ranks:
+/// 10 steps, then `--resume` to 16, as a user would run it.
+#[test]
+fn the_demo_runs_on_two_ranks_and_resumes() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let base = vec![
+        format!("run.out_dir=\"{}\"", tmp.path().join("runs").display()),
+        format!("data.synth_dir=\"{}\"", tmp.path().join("synth").display()),
+    ];
+    let mut first = base.clone();
+    first.push("run.max_steps=10".into());
+    let log = tmp.path().join("demo.log");
+    run_ok(&["train", "--nproc-per-node", "2"], &first, &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("x 2 processes (Open MPI), global batch 64"), "{text}");
+    let run = tmp.path().join("runs/default");
+    let (it, file) = last_checkpoint(&run);
+    assert_eq!((it, checkpoint::meta(&std::fs::read(file).unwrap()).unwrap().world_size), (10, 2));
+
+    let run_s = run.to_str().unwrap();
+    run_ok(&["train", "--nproc-per-node", "2", "--resume", run_s], &["run.max_steps=16".into()], &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("resuming") && text.contains("at step 10"), "{text}");
+    let its: Vec<u64> =
+        history(&run).iter().filter(|r| r["kind"] == "step").map(|r| r["it"].as_u64().unwrap()).collect();
+    assert_eq!(its, (0..16).collect::<Vec<_>>());
+    assert_eq!(last_checkpoint(&run).0, 16);
+}

@@ -452,3 +452,56 @@ fn a_run_never_replaces_a_synthetic_set_it_did_not_make() {
     assert!(err.contains(&synth.display().to_string()) && err.contains("data.synth_dir"), "{err}");
     assert_eq!(std::fs::read(synth.join("index.json")).unwrap(), index, "the set is untouched");
 }
+
+/// A torchrun-style launch (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`): the ranks meet at rank 0's
+/// rendezvous; one that cannot reach it stops within the timeout, naming itself and the address; on the
+/// CPU the ranks meet and then refuse, since that launch's collectives are NCCL's.
+#[test]
+fn torchrun_style_ranks_meet_at_the_rendezvous_or_stop_within_its_timeout() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let sets = tiny_sets(tmp.path(), "rdzv", 2);
+    let args = with_sets(vec!["train", "--quiet"], &sets);
+    let port =
+        || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let rank = |rank: &str, port: &str| {
+        Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(&args)
+            .envs([
+                ("RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", rank),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port),
+                ("DENSEDINO_RENDEZVOUS_TIMEOUT", "2"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Rank 1 alone: nobody serves the rendezvous.
+    let lonely = port();
+    let t = std::time::Instant::now();
+    let out = rank("1", &lonely).wait_with_output().unwrap();
+    let err = fails(&out);
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(
+        err.contains(&format!("rank 1: could not reach the rendezvous at 127.0.0.1:{lonely}"))
+            && err.contains("within 2 s"),
+        "{err}"
+    );
+
+    // Rank 0 alone: it serves, and waits for rank 1 no longer than the timeout.
+    let out = rank("0", &port()).wait_with_output().unwrap();
+    let err = fails(&out);
+    assert!(err.contains("rank 0 waited for rank 1 of 2") && err.contains("did not get there"), "{err}");
+
+    // Both ranks: they meet (rank 1 may come first), then the CPU run is refused on each, clearly.
+    let p = port();
+    let (r1, r0) = (rank("1", &p), rank("0", &p));
+    for out in [r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap()] {
+        let err = fails(&out);
+        assert!(err.contains("collectives on NCCL: run.device must be cuda"), "{err}");
+    }
+}

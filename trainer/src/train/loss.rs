@@ -207,7 +207,7 @@ impl DenseDinoLoss {
         let (batch, views, points) = (layout.batch, layout.views, layout.points);
         let mom = self.cfg.center_momentum;
         let n = (t_cls.dims()[0] * world.size) as f64;
-        let batch_center = world.sum(t_cls.sum_dim(0)).div_scalar(n); // [1, K]
+        let batch_center = crate::dist::must(world.sum(t_cls.sum_dim(0))).div_scalar(n); // [1, K]
         self.center = self.center.clone().mul_scalar(mom) + batch_center.mul_scalar(1.0 - mom);
         if let Some(t_ref) = t_ref {
             let k = t_ref.dims()[1];
@@ -223,7 +223,7 @@ impl DenseDinoLoss {
                 ),
             };
             let n = (used.dims()[0] * world.size) as f64;
-            let ref_center = world.sum(used.sum_dim(0)).div_scalar(n);
+            let ref_center = crate::dist::must(world.sum(used.sum_dim(0))).div_scalar(n);
             self.ref_center = self.ref_center.clone().mul_scalar(mom) + ref_center.mul_scalar(1.0 - mom);
         }
     }

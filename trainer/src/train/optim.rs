@@ -98,9 +98,9 @@ impl AdamW {
             let weight_decay = if is_decayed(name, p.rank()) { o.weight_decay } else { 0.0 };
             updates.push(Update { name: name.to_string(), param: plain(p.flat()), grad, weight_decay });
         });
-        if world.size > 1 {
+        if !world.alone() {
             let mut g: Vec<Tensor<1>> = updates.iter().map(|u| u.grad.clone()).collect();
-            world.average(&mut g);
+            crate::dist::must(world.average(&mut g));
             for (u, g) in updates.iter_mut().zip(g) {
                 u.grad = g;
             }

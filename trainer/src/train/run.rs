@@ -66,6 +66,14 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     let world = opts.world.clone();
     // Only rank 0 speaks (every rank holds the same numbers).
     let quiet = opts.quiet || world.rank != 0;
+    // A launch that cannot run on the device asked for is refused before any file is written.
+    let device = match &start {
+        Start::Fresh(cfg) => Some(opts.device.unwrap_or(cfg.run.device)),
+        Start::Resume { .. } => opts.device,
+    };
+    if device.is_some_and(|d| !matches!(d, DeviceSpec::Cuda(_))) {
+        world.use_device(None)?;
+    }
     let (cfg, run_dir, resume, _lock) = open_across(&world, start, opts)?;
     let shards = data::shards(&cfg, quiet)?;
     let ipe = data::iters_per_epoch(&cfg, &shards, world.rank, world.size)?;
@@ -76,9 +84,13 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, ipe, cfg.run.batch_size * world.size);
     // One GPU per process: rank r of a machine drives its GPU r, whatever cuda:N the config names.
     let device = match cfg.run.device {
-        DeviceSpec::Cuda(_) if world.size > 1 => DeviceSpec::Cuda(world.local_rank),
+        DeviceSpec::Cuda(_) if !world.alone() => DeviceSpec::Cuda(world.local_rank),
         d => d,
     };
+    world.use_device(match device {
+        DeviceSpec::Cuda(i) => Some(i),
+        _ => None,
+    })?;
     let mut trainer = Trainer::from_config(&cfg, schedules, &device.device()?)?;
     trainer.world = world.clone();
     let cursor = match &resume {
@@ -266,7 +278,7 @@ fn open_across(world: &World, start: Start, opts: &RunOptions) -> Result<Opened>
         Run { dir: PathBuf, checkpoint: Option<PathBuf> },
         Failed(String),
     }
-    if world.size == 1 {
+    if world.alone() {
         return open(start, opts, world);
     }
     if world.rank == 0 {
@@ -277,10 +289,10 @@ fn open_across(world: &World, start: Start, opts: &RunOptions) -> Result<Opened>
             }
             Err(e) => Told::Failed(format!("{e:#}")),
         };
-        world.broadcast(serde_json::to_vec(&told)?);
+        world.broadcast(serde_json::to_vec(&told)?)?;
         return opened;
     }
-    match serde_json::from_slice(&world.broadcast(Vec::new()))? {
+    match serde_json::from_slice(&world.broadcast(Vec::new())?)? {
         Told::Failed(e) => bail!("rank {}: rank 0 could not open the run: {e}", world.rank),
         Told::Run { dir, checkpoint } => {
             let stored = dir.join("config.toml");

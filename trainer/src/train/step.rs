@@ -256,7 +256,7 @@ impl Trainer {
         scalars.extend(target_entropies(out.cls_targets.clone()));
         // The mean over the ranks (the same on every rank, so a non-finite loss stops them all).
         let mut v = host(Tensor::cat(scalars, 0));
-        self.world.all_reduce_sum(&mut v);
+        crate::dist::must(self.world.all_reduce_sum(&mut v));
         let v: Vec<f64> = v.into_iter().map(|x| f64::from(x) / self.world.size as f64).collect();
         let (has_cls, has_ref) = (out.cls.is_some(), out.refs.is_some());
         let n = v.len();
