@@ -50,6 +50,10 @@ pub struct LoaderOptions {
     pub interleave: usize,
     /// Stop after this epoch (exclusive); `None` runs until the receiver is dropped.
     pub end_epoch: Option<u64>,
+    /// At most this many samples per epoch and rank. A rank's share of an epoch is the minimum share of
+    /// that epoch's shard deal, which varies from epoch to epoch when shards differ in size; a
+    /// data-parallel trainer caps every epoch at the smallest, so that all epochs have one length.
+    pub epoch_samples: Option<u64>,
     /// Where to start: (epoch, samples of that epoch already consumed).
     pub start: Cursor,
 }
@@ -68,6 +72,7 @@ impl LoaderOptions {
             shuffle_buffer: 1000,
             interleave: 4,
             end_epoch: None,
+            epoch_samples: None,
             start: Cursor::default(),
         }
     }
@@ -245,7 +250,8 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
         return invalid("rank", format!("{} is not below world_size {}", opts.rank, opts.world_size));
     }
     let (dir, index) = open_index(&opts.shards)?;
-    let first = epoch_plan(&index, opts.seed, opts.start.epoch, opts.rank, opts.world_size);
+    let mut first = epoch_plan(&index, opts.seed, opts.start.epoch, opts.rank, opts.world_size);
+    first.len = opts.epoch_samples.map_or(first.len, |cap| first.len.min(cap));
     if first.len < opts.batch_size as u64 {
         return Err(Error::ShardSet {
             path: dir,
@@ -339,7 +345,8 @@ fn read_loop(
 ) {
     let mut epoch = opts.start.epoch;
     while opts.end_epoch.is_none_or(|end| epoch < end) {
-        let plan = epoch_plan(index, opts.seed, epoch, opts.rank, opts.world_size);
+        let mut plan = epoch_plan(index, opts.seed, epoch, opts.rank, opts.world_size);
+        plan.len = opts.epoch_samples.map_or(plan.len, |cap| plan.len.min(cap));
         let skip = if epoch == opts.start.epoch { opts.start.samples } else { 0 };
         let mut pending = plan.shards.iter().map(|&i| &index.shards[i]);
         let mut open: Vec<(Arc<str>, std::sync::mpsc::Receiver<Sample>)> = vec![];
@@ -646,5 +653,31 @@ mod tests {
         shard::synth::synth(set.path(), &synth).unwrap();
         let err = refusal(LoaderOptions::new(set.path(), small_views(), 8));
         assert!(err.contains(&format!("{}: rank 0 of 1 gets 4 samples", set.path().display())), "{err}");
+    }
+
+    /// Shards of 48 and 16 samples dealt to 2 ranks give each rank 16 samples (the minimum share);
+    /// capped at 8 per epoch, each epoch ends after one batch of 8, whose cursor says so.
+    #[test]
+    fn epochs_are_capped_at_epoch_samples() {
+        let set = tempfile::tempdir().unwrap();
+        let synth =
+            shard::synth::SynthOptions { count: 64, size: 16, per_shard: 48, quiet: true, ..Default::default() };
+        shard::synth::synth(set.path(), &synth).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let batches = |cap: Option<u64>| -> Vec<(u64, Cursor)> {
+            let mut o = LoaderOptions::new(set.path(), small_views(), 8);
+            (o.rank, o.world_size, o.end_epoch, o.epoch_samples, o.workers) = (1, 2, Some(2), cap, 1);
+            let loader = rt.block_on(async { start(o) }).unwrap();
+            let mut out = vec![];
+            while let Ok(b) = rt.block_on(loader.batches.recv()) {
+                out.push((b.epoch, b.cursor));
+            }
+            rt.block_on(loader.shutdown());
+            out
+        };
+        assert_eq!(batches(None).len(), 4, "16 samples per epoch: 2 batches of 8");
+        let capped = batches(Some(8));
+        let want = vec![(0, Cursor { epoch: 1, samples: 0 }), (1, Cursor { epoch: 2, samples: 0 })];
+        assert_eq!(capped, want);
     }
 }

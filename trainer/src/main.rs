@@ -288,6 +288,17 @@ fn train(
         None => Start::Fresh(TrainConfig::load(config.as_deref(), &sets)?),
     };
     let world = std::sync::Arc::new(World::from_env()?);
+    if !world.alone() {
+        // A panic on one rank (a failed collective, an out-of-memory GPU) must end the job: unwinding would
+        // finalise MPI or NCCL while the other ranks wait in a collective for this one.
+        let w = world.clone();
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            eprintln!("rank {} of {} panicked: ending the job", w.rank, w.size);
+            w.abort(101);
+        }));
+    }
     let summary = match run::train(start, &RunOptions { device, quiet, world: world.clone() }) {
         Ok(s) => s,
         Err(e) if !world.alone() => {

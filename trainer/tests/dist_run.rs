@@ -76,6 +76,10 @@ fn two_ranks_stop_resume_and_end_as_an_uninterrupted_run() {
     let (it, file) = last_checkpoint(&a.join("runs/dp"));
     let meta = checkpoint::meta(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!((it, meta.world_size, meta.cursor.epoch), (12, 2, 3));
+    // The lr follows the global batch: after its 4-step warmup it peaks at lr x 64 / 256 (the tiny config
+    // keeps the default lr 5e-4).
+    let lr4 = want.iter().find(|r| r["kind"] == "step" && r["it"] == 4).unwrap()["lr"].as_f64().unwrap();
+    assert!((lr4 - 5e-4 * 64.0 / 256.0).abs() < 1e-12, "lr at step 4: {lr4}");
 
     // Stopped at step 7 (inside epoch 1), then resumed.
     let mut stop = sets(&b, 3);
@@ -180,6 +184,30 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_run_resumes() {
         &tmp.path().join("resumed.log"),
     );
     assert_eq!(last_checkpoint(&run).0, it + 3);
+}
+
+/// One rank's shard cut in half: its epoch runs short, and the ranks stop together at the first step
+/// where their data disagree, saying so, instead of one of them waiting forever in an all-reduce.
+#[test]
+fn a_rank_whose_data_runs_short_stops_the_job_with_a_message() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tmp.path();
+    let mut first = sets(dir, 3);
+    first.push("run.max_steps=1".into());
+    run_ok(&["train", "--quiet", "--nproc-per-node", "2"], &first, &dir.join("first.log"));
+    let shard = dir.join("synth/train-000001.tar");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+
+    let mut again = sets(dir, 3);
+    again.push("run.name=cut".into());
+    let log = dir.join("cut.log");
+    let t = Instant::now();
+    let status = trainer(&["train", "--quiet", "--nproc-per-node", "2"], &again, &log).status().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(120));
+    assert!(text.contains("the ranks' data disagree") && text.contains("its data had ended") || text.contains("a batch of epoch 1"), "{text}");
 }
 
 /// The demo itself (the embedded config, its 512 synthetic images in 4 shards: 2 per rank) on 2 ranks:

@@ -44,7 +44,7 @@ fn rendezvous_timeout() -> Result<Duration> {
 }
 
 /// The result of a collective inside a training step, whose failure no rank can recover from (a peer is
-/// gone or NCCL failed): a panic ends this process, and the launcher the job.
+/// gone or NCCL failed): a panic, which `trainer train`'s panic hook turns into aborting the whole job.
 pub fn must<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("a collective over the ranks failed, the job cannot go on: {e:#}"))
 }
@@ -57,7 +57,10 @@ pub struct World {
     /// The rank among the processes of this machine: the GPU it drives.
     pub local_rank: usize,
     control: Control,
-    /// Set by [`World::use_cuda`] for runs on CUDA: then every tensor collective goes through NCCL.
+    /// The thread that made the World: MPI is initialised FUNNELED and NCCL runs on one stream, so every
+    /// collective must come from it (checked, which is what makes the Send/Sync below sound).
+    owner: std::thread::ThreadId,
+    /// Set by [`World::use_device`] for runs on CUDA: then every tensor collective goes through NCCL.
     #[cfg(feature = "tch")]
     nccl: std::sync::OnceLock<nccl::Nccl>,
 }
@@ -75,9 +78,8 @@ enum Control {
     Store(Mutex<(store::Store, u64)>),
 }
 
-// SAFETY: MPI is initialised with MPI_THREAD_FUNNELED and NCCL is called from one thread: only the thread
-// that runs the training loop (the one that made the World) uses either; the World is shared only so that
-// the trainer can hold it.
+// SAFETY: MPI is initialised with MPI_THREAD_FUNNELED and NCCL is called from one thread: every collective
+// asserts that it runs on the thread that made the World (`on_owner`), and `abort` ends the process.
 unsafe impl Send for World {}
 unsafe impl Sync for World {}
 
@@ -111,7 +113,8 @@ pub struct LaunchEnv {
 
 /// What the environment says about the launch (`var` reads one variable; the process environment in
 /// [`World::from_env`], a map in tests). MPI launchers first: `srun` of an MPI job also sets the SLURM
-/// variables, and `mpirun` inside a SLURM allocation sets both.
+/// variables, and `mpirun` inside a SLURM allocation sets both; torchrun first when it started the process
+/// (`TORCHELASTIC_RUN_ID`), also under srun.
 pub fn launch_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv>> {
     let num = |k: &str| -> Result<Option<usize>> {
         match var(k) {
@@ -129,18 +132,35 @@ pub fn launch_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchE
         }
         Ok(Some(LaunchEnv { launcher, rank, size, local_rank: num(local)?.unwrap_or(0) }))
     };
-    for (launcher, rank, size, local) in [
+    let mut launchers = vec![
         ("mpirun (Open MPI)", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
         ("mpirun (MPICH)", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
         // A job step's own task count: a batch script itself (no srun) has SLURM_NTASKS but no step.
         ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
         ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
-    ] {
+    ];
+    // torchrun started by srun (one agent per node): the workers are torchrun's, not srun's tasks.
+    if var("TORCHELASTIC_RUN_ID").is_some() {
+        launchers.rotate_right(1);
+    }
+    for (launcher, rank, size, local) in launchers {
         if let Some(env) = found(launcher, rank, size, local)? {
             return Ok(Some(env));
         }
     }
     Ok(None)
+}
+
+/// The GPU that local rank `local_rank` drives: `local_rank` modulo the GPUs this process sees (under
+/// `srun --gpus-per-task=1` or `CUDA_VISIBLE_DEVICES` binding, one: every rank's `cuda:0`).
+pub fn gpu_for(local_rank: usize) -> usize {
+    #[cfg(feature = "tch")]
+    {
+        let visible = tch::Cuda::device_count().max(1) as usize;
+        local_rank % visible
+    }
+    #[cfg(not(feature = "tch"))]
+    local_rank
 }
 
 /// The first host of a SLURM node list (`gpu[003-010,012],big1` → `gpu003`): where rank 0 runs.
@@ -178,9 +198,19 @@ impl World {
             size,
             local_rank,
             control,
+            owner: std::thread::current().id(),
             #[cfg(feature = "tch")]
             nccl: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Panics when called from another thread than the World's (see `owner`).
+    fn on_owner(&self) {
+        assert_eq!(
+            std::thread::current().id(),
+            self.owner,
+            "a collective called off the thread that made the World (MPI is FUNNELED, NCCL on one stream)"
+        );
     }
 
     /// The job this process was launched into (see [`launch_env`]); one process when no launcher is
@@ -188,6 +218,10 @@ impl World {
     /// rendezvous under torchrun-style variables.
     pub fn from_env() -> Result<Self> {
         let Some(env) = launch_env(|k| std::env::var(k).ok())? else { return Ok(Self::single()) };
+        if env.launcher == "srun" && env.size == 1 {
+            // Any single-task srun step (an interactive shell, `srun -n1 trainer ...`): one process.
+            return Ok(Self::single());
+        }
         let var = |k: &str| std::env::var(k).ok();
         // srun: MPI when this trainer has it, the TCP rendezvous at the first host of the step otherwise
         // (the CUDA build), as the official code's SLURM branch.
@@ -287,6 +321,7 @@ impl World {
         if self.alone() {
             return Ok(());
         }
+        self.on_owner();
         match cuda {
             None if matches!(self.control, Control::Store(_)) => bail!(
                 "a torchrun-style launch runs its collectives on NCCL: run.device must be cuda. On the CPU, \
@@ -311,6 +346,7 @@ impl World {
     /// `buf` summed over the ranks, on every rank (host memory: through a device buffer under NCCL).
     #[cfg_attr(not(any(feature = "mpi", feature = "tch")), allow(unused_variables))]
     pub fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        self.on_owner();
         #[cfg(feature = "tch")]
         if let Some(nccl) = self.nccl.get() {
             let mut t = tch::Tensor::from_slice(buf).to_device(tch::Device::Cuda(nccl.device));
@@ -333,6 +369,7 @@ impl World {
 
     /// Rank 0's `bytes` on every rank (the others' argument is ignored).
     pub fn broadcast(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        self.on_owner();
         match &self.control {
             Control::Single => Ok(bytes),
             #[cfg(feature = "mpi")]
@@ -362,6 +399,7 @@ impl World {
 
     /// Waits for every rank.
     pub fn barrier(&self) -> Result<()> {
+        self.on_owner();
         match &self.control {
             Control::Single => Ok(()),
             #[cfg(feature = "mpi")]
@@ -395,6 +433,12 @@ impl World {
         match &self.control {
             #[cfg(feature = "mpi")]
             Control::Mpi { world, .. } => mpi::traits::Communicator::abort(world, code),
+            Control::Store(_) if self.rank == 0 => {
+                // Rank 0 serves the rendezvous: a moment for it to answer what the others asked last (its
+                // own error, broadcast to them), before the process and its server end.
+                std::thread::sleep(Duration::from_secs(1));
+                std::process::exit(code)
+            }
             _ => std::process::exit(code),
         }
     }
@@ -446,6 +490,15 @@ impl World {
         let mut v = crate::model::params::host(t.clone());
         self.all_reduce_sum(&mut v)?;
         Ok(Tensor::from_data(TensorData::new(v, dims), &t.device()))
+    }
+
+    /// Every rank's `value` (below 2^24: carried exactly by an f32 sum), in rank order, on every rank.
+    pub fn gather(&self, value: u32) -> Result<Vec<u32>> {
+        assert!(value < 1 << 24, "gather carries values below 2^24");
+        let mut slots = vec![0f32; self.size];
+        slots[self.rank] = value as f32;
+        self.all_reduce_sum(&mut slots)?;
+        Ok(slots.into_iter().map(|x| x as u32).collect())
     }
 
     /// Stops with an error naming the ranks whose `digest` differs from rank 0's (every rank gets the same
@@ -530,6 +583,18 @@ mod tests {
         assert_eq!((srun.launcher, srun.rank, srun.size, srun.local_rank), ("srun", 9, 16, 1));
         // A batch script outside any step is one process.
         assert_eq!(env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "16")]).unwrap(), None);
+        // torchrun started by srun: its workers' numbering, not srun's tasks'.
+        let nested = env(&[
+            ("SLURM_PROCID", "1"),
+            ("SLURM_STEP_NUM_TASKS", "2"),
+            ("TORCHELASTIC_RUN_ID", "x"),
+            ("RANK", "13"),
+            ("WORLD_SIZE", "16"),
+            ("LOCAL_RANK", "5"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((nested.launcher, nested.rank, nested.size, nested.local_rank), ("torchrun", 13, 16, 5));
         let torch = env(&[("RANK", "1"), ("WORLD_SIZE", "2")]).unwrap().unwrap();
         assert_eq!((torch.launcher, torch.rank, torch.size, torch.local_rank), ("torchrun", 1, 2, 0));
     }

@@ -91,10 +91,17 @@ fn make_synth(dir: &Path, opts: &SynthOptions, announce: bool) -> Result<()> {
 }
 
 /// Batches per epoch for this data set, for each of `world_size` ranks (they all get the same number of
-/// samples; the loader drops the tail).
+/// samples; the loader drops the tail). One process reads every shard, the same count each epoch. Ranks
+/// get the minimum share of each epoch's shard deal, which varies from epoch to epoch with shards of
+/// unequal size: the run takes the smallest over its epochs and caps every epoch there
+/// (`LoaderOptions::epoch_samples`), so that epochs keep one length, as `DistributedSampler`'s.
 pub fn iters_per_epoch(cfg: &TrainConfig, shards: &Path, rank: usize, world_size: usize) -> Result<usize> {
     let (_, index) = loader::pipeline::open_index(shards)?;
-    let samples = loader::plan::epoch_plan(&index, cfg.run.seed, 0, rank, world_size).len as usize;
+    let epochs = if world_size > 1 { cfg.run.epochs.max(1) as u64 } else { 1 };
+    let samples = (0..epochs)
+        .map(|e| loader::plan::epoch_plan(&index, cfg.run.seed, e, rank, world_size).len as usize)
+        .min()
+        .unwrap_or(0);
     let ipe = samples / cfg.run.batch_size;
     if ipe == 0 && world_size > 1 && index.shards.len() < world_size {
         bail!(

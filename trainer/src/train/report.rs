@@ -31,10 +31,12 @@ pub struct Reporter {
 
 impl Reporter {
     /// Appends to `run_dir/metrics.jsonl` (cut back to `first_step` on resume; no file when `run_dir` is
-    /// `None`) and shows progress from `first_step` to `total_steps` unless `quiet`.
+    /// `None`) and shows progress from `first_step` to `total_steps` unless `quiet`. Images are counted
+    /// over the `ranks` processes of the job (each step is `run.batch_size` images on each).
     pub fn new(
         run_dir: Option<&Path>,
         run: &RunConfig,
+        ranks: usize,
         first_step: usize,
         total_steps: usize,
         quiet: bool,
@@ -66,7 +68,7 @@ impl Reporter {
             quiet,
             log_every: run.log_every.max(1),
             total_steps,
-            batch_size: run.batch_size,
+            batch_size: run.batch_size * ranks,
             start: Instant::now(),
             wait: Duration::ZERO,
             images: 0,

@@ -66,7 +66,8 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     let world = opts.world.clone();
     // Only rank 0 speaks (every rank holds the same numbers).
     let quiet = opts.quiet || world.rank != 0;
-    // A launch that cannot run on the device asked for is refused before any file is written.
+    // A launch that cannot run on the device asked for is refused before any file is written (a fresh run,
+    // or --device; a resume learns its device from its stored config).
     let device = match &start {
         Start::Fresh(cfg) => Some(opts.device.unwrap_or(cfg.run.device)),
         Start::Resume { .. } => opts.device,
@@ -84,7 +85,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, ipe, cfg.run.batch_size * world.size);
     // One GPU per process: rank r of a machine drives its GPU r, whatever cuda:N the config names.
     let device = match cfg.run.device {
-        DeviceSpec::Cuda(_) if !world.alone() => DeviceSpec::Cuda(world.local_rank),
+        DeviceSpec::Cuda(_) if !world.alone() => DeviceSpec::Cuda(crate::dist::gpu_for(world.local_rank)),
         d => d,
     };
     world.use_device(match device {
@@ -119,7 +120,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
             "run {}: {} on {}{ranks}, {:.1}M student parameters, {total} steps ({} epochs x {ipe}), batch {}",
             run_dir.display(),
             if cfg.loss.use_ref_loss { "DenseDINO" } else { "DINO" },
-            cfg.run.device,
+            device,
             params::count(&mut trainer.student) as f64 / 1e6,
             cfg.run.epochs,
             cfg.run.batch_size
@@ -128,10 +129,13 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
 
     let first = trainer.it;
     let mut report =
-        Reporter::new((world.rank == 0).then_some(run_dir.as_path()), &cfg.run, first, total, quiet)?;
+        Reporter::new((world.rank == 0).then_some(run_dir.as_path()), &cfg.run, world.size, first, total, quiet)?;
     let rt = data::runtime()?;
     let mut loader_opts = data::loader_options(&cfg, &shards, cursor);
     (loader_opts.rank, loader_opts.world_size) = (world.rank, world.size);
+    if !world.alone() {
+        loader_opts.epoch_samples = Some((ipe * cfg.run.batch_size) as u64);
+    }
     let loader = rt.block_on(async { loader::start(loader_opts) })?;
     let mut ckpt = checkpoint::Policy::new(run_dir.join("checkpoints"), &cfg.run);
     ckpt.writes = world.rank == 0;
@@ -212,6 +216,9 @@ fn train_steps(
         let next = next_batch().with_context(|| {
             format!("at step {}; the last checkpoint is {}", trainer.it, ckpt.describe_last())
         })?;
+        if !trainer.world.alone() {
+            agree_on_data(&trainer.world, next.as_ref(), trainer.it, ckpt)?;
+        }
         let Some(batch) = next else { break };
         let wait = t0.elapsed();
         if let Some(prev) = open_epoch.take().filter(|&e| e < batch.epoch) {
@@ -219,11 +226,11 @@ fn train_steps(
         }
         let m = trainer.step(&batch).map_err(|m| non_finite(&m, ckpt))?;
         let every = cfg.run.check_ranks_every;
-        if trainer.world.size > 1 && every > 0 && trainer.it.is_multiple_of(every) {
+        if !trainer.world.alone() && every > 0 && trainer.it.is_multiple_of(every) {
             let digest = trainer.teacher_digest();
             trainer.world.check_same(&format!("the teacher after step {}", trainer.it), &digest)?;
         }
-        report.step(&m, batch.batch_size, t0.elapsed(), wait)?;
+        report.step(&m, batch.batch_size * trainer.world.size, t0.elapsed(), wait)?;
         let epoch_end = batch.cursor.epoch > batch.epoch;
         if epoch_end {
             report.epoch_end(batch.epoch as usize, trainer.it)?;
@@ -244,6 +251,36 @@ fn train_steps(
         close_epoch(trainer, cfg, total, report, ckpt, prev)?;
     }
     Ok(steps)
+}
+
+/// Data-parallel: every rank must step on a batch of the same epoch, or all must have reached the end of
+/// their data. A rank whose epoch ran short (damaged shards or skipped samples) would otherwise leave the
+/// others waiting in the next all-reduce, or feed them gradients of another epoch's recipe (the frozen
+/// last layer, the teacher temperature). Every rank sees the same answer, so all stop together.
+fn agree_on_data(
+    world: &crate::dist::World,
+    next: Option<&common::Batch>,
+    it: usize,
+    ckpt: &checkpoint::Policy,
+) -> Result<()> {
+    let all = world.gather(next.map_or(0, |b| b.epoch as u32 + 1))?;
+    if all.iter().all(|&x| x == all[0]) {
+        return Ok(());
+    }
+    let state = |x: u32| if x == 0 { "its data had ended".to_string() } else { format!("a batch of epoch {}", x - 1) };
+    let odd: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|&(r, &x)| r == 0 || x != all[0])
+        .map(|(r, &x)| format!("rank {r}: {}", state(x)))
+        .collect();
+    bail!(
+        "at step {it} the ranks' data disagree ({}): a rank's epoch ran short (damaged shards or skipped \
+         samples, reported above), and a data-parallel step needs a batch of the same epoch on every rank. \
+         Repair the set (`shard verify --decode` names the bad files) and resume from {}",
+        odd.join(", "),
+        ckpt.describe_last()
+    )
 }
 
 /// Reports the end of `epoch`, seen late (after its last batch's step), and checkpoints it as an epoch end:
