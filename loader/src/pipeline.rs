@@ -660,8 +660,13 @@ mod tests {
     #[test]
     fn epochs_are_capped_at_epoch_samples() {
         let set = tempfile::tempdir().unwrap();
-        let synth =
-            shard::synth::SynthOptions { count: 64, size: 16, per_shard: 48, quiet: true, ..Default::default() };
+        let synth = shard::synth::SynthOptions {
+            count: 64,
+            size: 16,
+            per_shard: 48,
+            quiet: true,
+            ..Default::default()
+        };
         shard::synth::synth(set.path(), &synth).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let batches = |cap: Option<u64>| -> Vec<(u64, Cursor)> {

@@ -308,6 +308,11 @@ fn train(
         }
         Err(e) => return Err(e),
     };
+    // The hook holds the World: dropped with it, the World finalises MPI when this function returns (a
+    // process that leaves without MPI_Finalize makes mpirun fail the job).
+    if !world.alone() {
+        drop(std::panic::take_hook());
+    }
     if world.rank != 0 {
         return Ok(());
     }

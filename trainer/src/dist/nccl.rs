@@ -120,7 +120,9 @@ impl Nccl {
         // SAFETY: plain CUDA runtime call with a device ordinal.
         let code = unsafe { (api.set_device)(device as c_int) };
         if code != 0 {
-            bail!("cudaSetDevice({device}) failed with CUDA error {code} (which GPUs does CUDA_VISIBLE_DEVICES show?)");
+            bail!(
+                "cudaSetDevice({device}) failed with CUDA error {code} (which GPUs does CUDA_VISIBLE_DEVICES show?)"
+            );
         }
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: `comm` receives the communicator; `uid` is rank 0's id, the same on every rank.

@@ -128,8 +128,14 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     }
 
     let first = trainer.it;
-    let mut report =
-        Reporter::new((world.rank == 0).then_some(run_dir.as_path()), &cfg.run, world.size, first, total, quiet)?;
+    let mut report = Reporter::new(
+        (world.rank == 0).then_some(run_dir.as_path()),
+        &cfg.run,
+        world.size,
+        first,
+        total,
+        quiet,
+    )?;
     let rt = data::runtime()?;
     let mut loader_opts = data::loader_options(&cfg, &shards, cursor);
     (loader_opts.rank, loader_opts.world_size) = (world.rank, world.size);
@@ -267,7 +273,9 @@ fn agree_on_data(
     if all.iter().all(|&x| x == all[0]) {
         return Ok(());
     }
-    let state = |x: u32| if x == 0 { "its data had ended".to_string() } else { format!("a batch of epoch {}", x - 1) };
+    let state = |x: u32| {
+        if x == 0 { "its data had ended".to_string() } else { format!("a batch of epoch {}", x - 1) }
+    };
     let odd: Vec<String> = all
         .iter()
         .enumerate()
