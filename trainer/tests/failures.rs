@@ -463,7 +463,9 @@ fn torchrun_style_ranks_meet_at_the_rendezvous_or_stop_within_its_timeout() {
     let args = with_sets(vec!["train", "--quiet"], &sets);
     let port =
         || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    let rank = |rank: &str, port: &str| {
+    // `timeout`: 2 s where a rank is to give up; ample where the two must meet (this test runs beside
+    // others that load the machine, and a process start can take seconds then).
+    let rank = |rank: &str, port: &str, timeout: &str| {
         Command::new(env!("CARGO_BIN_EXE_trainer"))
             .args(&args)
             .envs([
@@ -472,7 +474,7 @@ fn torchrun_style_ranks_meet_at_the_rendezvous_or_stop_within_its_timeout() {
                 ("LOCAL_RANK", rank),
                 ("MASTER_ADDR", "127.0.0.1"),
                 ("MASTER_PORT", port),
-                ("DENSEDINO_RENDEZVOUS_TIMEOUT", "2"),
+                ("DENSEDINO_RENDEZVOUS_TIMEOUT", timeout),
             ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -483,7 +485,7 @@ fn torchrun_style_ranks_meet_at_the_rendezvous_or_stop_within_its_timeout() {
     // Rank 1 alone: nobody serves the rendezvous.
     let lonely = port();
     let t = std::time::Instant::now();
-    let out = rank("1", &lonely).wait_with_output().unwrap();
+    let out = rank("1", &lonely, "2").wait_with_output().unwrap();
     let err = fails(&out);
     assert!(t.elapsed() < std::time::Duration::from_secs(20), "{:?}", t.elapsed());
     assert!(
@@ -493,13 +495,13 @@ fn torchrun_style_ranks_meet_at_the_rendezvous_or_stop_within_its_timeout() {
     );
 
     // Rank 0 alone: it serves, and waits for rank 1 no longer than the timeout.
-    let out = rank("0", &port()).wait_with_output().unwrap();
+    let out = rank("0", &port(), "2").wait_with_output().unwrap();
     let err = fails(&out);
     assert!(err.contains("rank 0 waited for rank 1 of 2") && err.contains("did not get there"), "{err}");
 
     // Both ranks: they meet (rank 1 may come first), then the CPU run is refused on each, clearly.
     let p = port();
-    let (r1, r0) = (rank("1", &p), rank("0", &p));
+    let (r1, r0) = (rank("1", &p, "120"), rank("0", &p, "120"));
     for out in [r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap()] {
         let err = fails(&out);
         assert!(err.contains("collectives on NCCL: run.device must be cuda"), "{err}");
