@@ -250,8 +250,7 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
         return invalid("rank", format!("{} is not below world_size {}", opts.rank, opts.world_size));
     }
     let (dir, index) = open_index(&opts.shards)?;
-    let mut first = epoch_plan(&index, opts.seed, opts.start.epoch, opts.rank, opts.world_size);
-    first.len = opts.epoch_samples.map_or(first.len, |cap| first.len.min(cap));
+    let first = rank_plan(&opts, &index, opts.start.epoch);
     if first.len < opts.batch_size as u64 {
         return Err(Error::ShardSet {
             path: dir,
@@ -336,6 +335,13 @@ fn spawn_shard_reader(
     rx
 }
 
+/// This rank's plan for `epoch`, its length capped at `opts.epoch_samples`.
+fn rank_plan(opts: &LoaderOptions, index: &Index, epoch: u64) -> crate::plan::EpochPlan {
+    let mut plan = epoch_plan(index, opts.seed, epoch, opts.rank, opts.world_size);
+    plan.len = opts.epoch_samples.map_or(plan.len, |cap| plan.len.min(cap));
+    plan
+}
+
 fn read_loop(
     opts: &LoaderOptions,
     index: &Index,
@@ -345,8 +351,7 @@ fn read_loop(
 ) {
     let mut epoch = opts.start.epoch;
     while opts.end_epoch.is_none_or(|end| epoch < end) {
-        let mut plan = epoch_plan(index, opts.seed, epoch, opts.rank, opts.world_size);
-        plan.len = opts.epoch_samples.map_or(plan.len, |cap| plan.len.min(cap));
+        let plan = rank_plan(opts, index, epoch);
         let skip = if epoch == opts.start.epoch { opts.start.samples } else { 0 };
         let mut pending = plan.shards.iter().map(|&i| &index.shards[i]);
         let mut open: Vec<(Arc<str>, std::sync::mpsc::Receiver<Sample>)> = vec![];

@@ -23,34 +23,38 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// `trainer train`'s options (the demo: all defaults).
+#[derive(clap::Args, Default)]
+struct TrainArgs {
+    /// A TOML config (see configs/); without it, the embedded CPU demo.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config value, e.g. --set run.epochs=10 --set loss.alpha=0.3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue the run in this folder (or from this checkpoint file) exactly where it stopped; a run
+    /// killed before its first checkpoint starts over from its config.toml.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// With --resume from a checkpoint older than its run's newest: continue in this new run folder.
+    #[arg(long, requires = "resume")]
+    branch: Option<PathBuf>,
+    /// cpu (burn's pure-Rust backend), tch-cpu or cuda:N (LibTorch, the `tch` feature).
+    #[arg(long)]
+    device: Option<DeviceSpec>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+    /// Data-parallel on this machine: run N processes under `mpirun` (the `mpi` feature), each with
+    /// run.batch_size images per step. Other launches: `mpirun -n N trainer train ...`, `srun` (README).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    nproc_per_node: usize,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Pretrain (or continue with --resume).
-    Train {
-        /// A TOML config (see configs/); without it, the embedded CPU demo.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override a config value, e.g. --set run.epochs=10 --set loss.alpha=0.3 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Continue the run in this folder (or from this checkpoint file) exactly where it stopped; a run
-        /// killed before its first checkpoint starts over from its config.toml.
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        /// With --resume from a checkpoint older than its run's newest: continue in this new run folder.
-        #[arg(long, requires = "resume")]
-        branch: Option<PathBuf>,
-        /// cpu (burn's pure-Rust backend), tch-cpu or cuda:N (LibTorch, the `tch` feature).
-        #[arg(long)]
-        device: Option<DeviceSpec>,
-        /// No progress output.
-        #[arg(long)]
-        quiet: bool,
-        /// Data-parallel on this machine: run N processes under `mpirun` (the `mpi` feature), each with
-        /// run.batch_size images per step. Other launches: `mpirun -n N trainer train ...`, `srun` (README).
-        #[arg(long, value_name = "N", default_value_t = 1)]
-        nproc_per_node: usize,
-    },
+    Train(TrainArgs),
     /// Time training steps of a config: step time and images/s.
     Bench {
         #[arg(long)]
@@ -207,22 +211,10 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    let demo = Command::Train {
-        config: None,
-        sets: vec![],
-        resume: None,
-        branch: None,
-        device: None,
-        quiet: false,
-        nproc_per_node: 1,
-    };
+    let demo = Command::Train(TrainArgs { nproc_per_node: 1, ..Default::default() });
     let result = match cli.command.unwrap_or(demo) {
-        Command::Train { config, sets, resume, branch, device, quiet, nproc_per_node: 1 } => {
-            train(config, sets, resume, branch, device, quiet)
-        }
-        Command::Train { config, sets, resume, branch, device, quiet, nproc_per_node } => {
-            spawn_local_ranks(nproc_per_node, config, sets, resume, branch, device, quiet)
-        }
+        Command::Train(args) if args.nproc_per_node == 1 => train(args),
+        Command::Train(args) => spawn_local_ranks(&args),
         Command::Bench { config, sets, steps, warmup, synthetic_batches, device } => {
             bench(config.as_deref(), &sets, steps, warmup, synthetic_batches, device)
         }
@@ -267,14 +259,8 @@ fn keep_freed_memory() {
 
 /// `trainer train`: a fresh run of a config (the embedded demo without one), or `--resume` of a run; on
 /// the synthetic set the run then scores its teacher by k-NN against a random network.
-fn train(
-    config: Option<PathBuf>,
-    sets: Vec<String>,
-    resume: Option<PathBuf>,
-    branch: Option<PathBuf>,
-    device: Option<DeviceSpec>,
-    quiet: bool,
-) -> Result<()> {
+fn train(args: TrainArgs) -> Result<()> {
+    let TrainArgs { config, sets, resume, branch, device, quiet, .. } = args;
     let start = match resume {
         Some(from) => {
             if config.is_some() {
@@ -367,15 +353,8 @@ fn train(
 /// `trainer train --nproc-per-node N`: the same command, N times under Open MPI's `mpirun` on this
 /// machine (which ends the whole job when one rank fails). Each rank gets an even share of the cores for
 /// its thread pools unless RAYON_NUM_THREADS says otherwise.
-fn spawn_local_ranks(
-    n: usize,
-    config: Option<PathBuf>,
-    sets: Vec<String>,
-    resume: Option<PathBuf>,
-    branch: Option<PathBuf>,
-    device: Option<DeviceSpec>,
-    quiet: bool,
-) -> Result<()> {
+fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
+    let n = args.nproc_per_node;
     if n == 0 {
         anyhow::bail!("--nproc-per-node 0: at least one process");
     }
@@ -406,22 +385,22 @@ fn spawn_local_ranks(
         cmd.args(["-x", &format!("RAYON_NUM_THREADS={}", (cores / n).max(1))]);
     }
     cmd.arg(exe).arg("train");
-    if let Some(c) = &config {
+    if let Some(c) = &args.config {
         cmd.arg("--config").arg(c);
     }
-    for s in &sets {
+    for s in &args.sets {
         cmd.arg("--set").arg(s);
     }
-    if let Some(r) = &resume {
+    if let Some(r) = &args.resume {
         cmd.arg("--resume").arg(r);
     }
-    if let Some(b) = &branch {
+    if let Some(b) = &args.branch {
         cmd.arg("--branch").arg(b);
     }
-    if let Some(d) = device {
+    if let Some(d) = args.device {
         cmd.arg("--device").arg(d.to_string());
     }
-    if quiet {
+    if args.quiet {
         cmd.arg("--quiet");
     }
     let status = cmd.status().map_err(|e| {

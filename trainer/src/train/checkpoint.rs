@@ -178,7 +178,7 @@ pub fn sweep_partials(dir: &Path) -> Vec<PathBuf> {
 /// `sha256:<hex>` over every tensor, by name (its name, shape and little-endian f32 bytes, as stored), and
 /// over the metadata but the digest itself (the step, the cursor and the config steer a resume as much as
 /// the tensors do).
-fn digest<'a>(
+pub(crate) fn digest<'a>(
     tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [u8])>,
     metadata: &HashMap<String, String>,
 ) -> String {
@@ -206,7 +206,7 @@ fn digest<'a>(
 }
 
 /// The little-endian bytes of `v`, as safetensors stores them (borrowed where that is the memory order).
-fn le_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+pub(crate) fn le_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
         // SAFETY: f32 has no padding and any byte is a valid u8; the length is the slice's size in bytes.
         std::borrow::Cow::Borrowed(unsafe {

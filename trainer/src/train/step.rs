@@ -147,18 +147,14 @@ impl Trainer {
         TeacherMovement { init_share, distance: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() }
     }
 
-    /// SHA-256 over the teacher's parameters (names and f32 bits): what the ranks of a data-parallel run
-    /// compare to see that they hold one teacher.
+    /// The checkpoints' digest over the teacher's parameters (names, shapes, f32 bits): what the ranks of
+    /// a data-parallel run compare to see that they hold one teacher.
     pub fn teacher_digest(&mut self) -> Vec<u8> {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        for (name, _, values) in crate::model::params::to_host(&mut self.teacher) {
-            h.update(name.as_bytes());
-            for x in values {
-                h.update(x.to_le_bytes());
-            }
-        }
-        h.finalize().to_vec()
+        use crate::train::checkpoint::{digest, le_bytes};
+        let tensors = crate::model::params::to_host(&mut self.teacher);
+        let bytes: Vec<_> = tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
+        let named = tensors.iter().zip(&bytes).map(|((n, d, _), b)| (n.as_str(), d.as_slice(), &b[..]));
+        digest(named, &Default::default()).into_bytes()
     }
 
     /// `device`: the plain device; the student lives on its autodiff twin. Student and teacher start equal.
