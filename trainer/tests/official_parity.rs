@@ -8,7 +8,7 @@
 //!
 //! The run is ViT-Tiny/16 with the official 14x14 grid, batch 8, drop path 0, f32. The two global views are
 //! 224 px and the two others 112 px: the paper-main views, except that the other views' smaller size also
-//! runs the official `interpolate_pos_encoding` (the grid resized to 7x7, as our CPU configs train) and
+//! runs the official `interpolate_pos_encoding` (the grid resized to 7x7, as a 224 grid at 112 px trains) and
 //! `MultiCropWrapper`'s grouping by resolution. 10 steps per epoch for 6 epochs, so it crosses
 //! the end of the frozen last layer (step 10), the end of the lr warmup (step 20) and the end of the
 //! teacher-temperature warmup (epoch 3). The lr is 20 times the official one and the teacher momentum 0.9
