@@ -122,6 +122,70 @@ mod tests {
         }
     }
 
+    /// Bilinear sample of plane `c` of a planar `[3, size, size]` view at a normalised point (pixel edges
+    /// at ±1, as `grid_sample(align_corners=False)` reads the positional grid).
+    fn sample(view: &[u8], size: usize, c: usize, p: &[f32]) -> f64 {
+        let at = |v: f32| ((v as f64 + 1.0) * 0.5 * size as f64 - 0.5).clamp(0.0, size as f64 - 1.0);
+        let (x, y) = (at(p[0]), at(p[1]));
+        let (x0, y0) = (x.floor() as usize, y.floor() as usize);
+        let (x1, y1) = ((x0 + 1).min(size - 1), (y0 + 1).min(size - 1));
+        let (tx, ty) = (x - x0 as f64, y - y0 as f64);
+        let px = |xx: usize, yy: usize| view[c * size * size + yy * size + xx] as f64;
+        (px(x0, y0) * (1.0 - tx) + px(x1, y0) * tx) * (1.0 - ty)
+            + (px(x0, y1) * (1.0 - tx) + px(x1, y1) * tx) * ty
+    }
+
+    #[test]
+    fn a_reference_point_shows_the_same_pixel_in_both_views_of_its_pair() {
+        // End to end through the pixels, not through the geometry's own inverse: on an image whose red
+        // channel is its x and green its y, the colour under a pair's point in the teacher view g and under
+        // the same point in view v must agree, whatever the boxes, sizes and flips. A flip applied to the
+        // wrong view, a box other than the one cropped, or x and y swapped moves it by tens of levels.
+        let (w, h) = (240u32, 180u32);
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 255 / (w - 1)) as u8, (y * 255 / (h - 1)) as u8, 128])
+        });
+        let mut png = vec![];
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let cfg = ViewsConfig {
+            flip_p: 0.5,
+            global_size: 64,
+            local_size: 32,
+            num_local: 4,
+            local_scale: [0.1, 0.5],
+            ..plain(ViewsConfig::paper_main())
+        };
+        let (m, mut worst, mut flipped) = (cfg.num_points, 0f64, 0);
+        // The same read with the student's x mirrored (a flip lost or applied to the wrong view): the test
+        // must tell the two apart.
+        let mut worst_mirrored = 0f64;
+        let mut s = Scratch::default();
+        for seq in 0..40 {
+            let sv = make_views(&png, &cfg, 3, 0, seq, &mut s).unwrap();
+            flipped += sv.flips.iter().filter(|&&f| f).count();
+            for g in 0..2 {
+                for v in 0..sv.views.len() {
+                    for j in 0..m {
+                        let t = &sv.points.teacher[g][(v * m + j) * 2..][..2];
+                        let st = &sv.points.student[v][(g * m + j) * 2..][..2];
+                        for c in 0..2 {
+                            let a = sample(&sv.views[g], cfg.view_size(g), c, t);
+                            let b = sample(&sv.views[v], cfg.view_size(v), c, st);
+                            worst = worst.max((a - b).abs());
+                            let mirrored = sample(&sv.views[v], cfg.view_size(v), c, &[-st[0], st[1]]);
+                            worst_mirrored = worst_mirrored.max((a - mirrored).abs());
+                        }
+                    }
+                }
+            }
+        }
+        assert!(flipped > 20, "both flip states are exercised ({flipped} flipped views)");
+        // One level of the gradient is ~1 image pixel; a 32 px view of a 240 px box spans ~4 per pixel,
+        // and the bilinear read of a resized (antialiased) view is off by at most about one view pixel.
+        assert!(worst < 8.0, "a point's colour differs by {worst} levels between the views of its pair");
+        assert!(worst_mirrored > 60.0, "a mirrored point must read another colour ({worst_mirrored} levels)");
+    }
+
     #[test]
     fn views_are_planar_rgb_and_grayscale_makes_three_equal_planes() {
         let cfg = plain(ViewsConfig { global_size: 24, local_size: 24, ..ViewsConfig::paper_main() });

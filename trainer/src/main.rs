@@ -170,6 +170,9 @@ enum EvalCommand {
         /// Cache extracted features here.
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Also write the results to this file as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The linear segmentation probe on frozen patch tokens.
     Seg {
@@ -180,14 +183,41 @@ enum EvalCommand {
         data: PathBuf,
         #[arg(long, value_enum, default_value_t = SegDataset::Camvid)]
         dataset: SegDataset,
-        /// Input side (the protocol's 448; a multiple of the patch size).
-        #[arg(long, default_value_t = 448)]
-        size: usize,
+        /// Input side in pixels (a multiple of the patch size). Default: the size of the model's training
+        /// views (`views.global_size`), so the probe reads the grid the model learned; the paper's
+        /// protocol is 448 for /16 models at 224.
+        #[arg(long)]
+        size: Option<usize>,
         #[arg(long, default_value_t = 25)]
         epochs: usize,
+        /// Train the probe this many times (seeds 0, 1, ...: its initialisation and batch order) and
+        /// report the mean and spread.
+        #[arg(long, default_value_t = 3)]
+        probe_seeds: u64,
         /// Where the packed splits go.
         #[arg(long, default_value = "data")]
         cache: PathBuf,
+        /// Also write the results to this file as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Point correspondence: for each patch of one global view that lies in the other, is the most
+    /// similar patch of the other view the true one (within one patch)? Needs no labels.
+    Match {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Held-out shards (e.g. the test split of the pretraining set).
+        #[arg(long)]
+        data: PathBuf,
+        /// Use the first N images.
+        #[arg(long, default_value_t = 1000)]
+        images: usize,
+        /// Seeds the views (the same seed gives every backbone the same view pairs).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write the results to this file as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -220,10 +250,13 @@ fn main() -> ExitCode {
         }
         Command::Plot { run_dir } => plot(&run_dir),
         Command::Eval {
-            what: EvalCommand::Knn { model, train, val, k, temperature, crop, batch, cache },
-        } => knn(&model, &train, &val, &k, temperature, crop, batch, cache.as_deref()),
-        Command::Eval { what: EvalCommand::Seg { model, data, dataset, size, epochs, cache } } => {
-            seg(&model, &data, dataset, size, epochs, &cache)
+            what: EvalCommand::Knn { model, train, val, k, temperature, crop, batch, cache, json },
+        } => knn(&model, &train, &val, &k, temperature, crop, batch, cache.as_deref(), json.as_deref()),
+        Command::Eval {
+            what: EvalCommand::Seg { model, data, dataset, size, epochs, probe_seeds, cache, json },
+        } => seg(&model, &data, dataset, size, epochs, probe_seeds, &cache, json.as_deref()),
+        Command::Eval { what: EvalCommand::Match { model, data, images, seed, json } } => {
+            matching(&model, &data, images, seed, json.as_deref())
         }
         Command::Attention { model, image, out, size, threshold } => {
             attention(&model, &image, &out, size, threshold)
@@ -446,6 +479,7 @@ fn knn(
     crop: Option<usize>,
     batch: usize,
     cache: Option<&Path>,
+    json: Option<&Path>,
 ) -> Result<()> {
     trainer::eval::check_knn_sets(train, val)?;
     // The features depend on the backbone's contents (its identity), not on where it lies: a run that
@@ -469,7 +503,8 @@ fn knn(
         vl.len(),
         pre.crop
     );
-    for r in trainer::eval::knn((&tf, &tl), (&vf, &vl), k, temperature, &device) {
+    let results = trainer::eval::knn((&tf, &tl), (&vf, &vl), k, temperature, &device);
+    for r in &results {
         println!(
             "  k={:<4} top-1 {:6.2}%  top-5 {:6.2}%  mean per-class {:6.2}%",
             r.k,
@@ -478,38 +513,125 @@ fn knn(
             100.0 * r.mean_per_class
         );
     }
+    write_json(json, || {
+        let by_k: Vec<_> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({"k": r.k, "top1": r.top1, "top5": r.top5, "mean_per_class": r.mean_per_class})
+            })
+            .collect();
+        serde_json::json!({"eval": "knn", "model": short_identity(&identity), "crop": pre.crop, "temperature": temperature,
+            "train_images": tl.len(), "test_images": vl.len(), "results": by_k})
+    })
+}
+
+/// A backbone's identity for a results file: a checkpoint's digest and side, or "random-init" (the full
+/// identity of a random backbone is its whole config).
+fn short_identity(identity: &str) -> &str {
+    if identity.starts_with("random:") { "random-init" } else { identity }
+}
+
+/// Writes an eval's results as JSON to `path` (whole or not at all), when one is given.
+fn write_json(path: Option<&Path>, value: impl FnOnce() -> serde_json::Value) -> Result<()> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(&value())? + "\n";
+        shard::format::write_atomic(path, text.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }
 
-/// `trainer eval seg`: the linear probe on frozen patch tokens, mIoU on the val split.
+/// `trainer eval seg`: the linear probe on frozen patch tokens, mIoU on the val split: the mean and spread
+/// over probe seeds, a bootstrap interval over the val images, and the IoU of each class.
+#[allow(clippy::too_many_arguments)]
 fn seg(
     model: &ModelArgs,
     data: &Path,
     dataset: SegDataset,
-    size: usize,
+    size: Option<usize>,
     epochs: usize,
+    probe_seeds: u64,
     cache: &Path,
+    json: Option<&Path>,
 ) -> Result<()> {
     use trainer::eval::seg;
-    let (vit, _, device, _) = load_model(model)?;
+    if probe_seeds == 0 {
+        anyhow::bail!("--probe-seeds 0: the probe must be trained at least once");
+    }
+    let (vit, cfg, device, identity) = load_model(model)?;
+    let size = seg::probe_size(&cfg, size)?;
+    let patch = cfg.model.patch_size;
     let (classes, ignore, names) = dataset.classes();
     let train = seg::packed_split(data, dataset, "train", cache)?;
     let val = seg::packed_split(data, dataset, "val", cache)?;
     let tr = seg::features(&vit, &train, size, &device)?;
     let va = seg::features(&vit, &val, size, &device)?;
-    let opts = seg::ProbeOptions { epochs, ..seg::ProbeOptions::new(classes, ignore) };
-    let (miou, per, acc) = seg::probe(&tr, &va, &opts, size, &device, false)?;
+    let learned = cfg.model.img_size / patch;
+    eprintln!(
+        "probe at {size} px: a {g}x{g} patch grid ({}; the model learned {learned}x{learned} at {} px views)",
+        if tr.grid == learned { "the learned positional grid" } else { "the positional grid interpolated" },
+        cfg.views.global_size,
+        g = tr.grid,
+    );
+    let runs: Vec<seg::ProbeResult> = (0..probe_seeds)
+        .map(|seed| {
+            let opts = seg::ProbeOptions { epochs, seed, ..seg::ProbeOptions::new(classes, ignore) };
+            seg::probe(&tr, &va, &opts, size, &device, probe_seeds > 1)
+        })
+        .collect::<Result<_>>()?;
+    let mious: Vec<f64> = runs.iter().map(|r| r.miou).collect();
+    let (mean, sd) = mean_sd(&mious);
+    let (lo, hi) = seg::bootstrap_interval(&runs[0].per_image, classes, 1000, 0);
+    let per_class: Vec<f64> =
+        (0..classes).map(|c| runs.iter().map(|r| r.per_class[c]).sum::<f64>() / runs.len() as f64).collect();
+    let acc = runs.iter().map(|r| r.pixel_accuracy).sum::<f64>() / runs.len() as f64;
     println!(
-        "{} val ({} images, {size} px): mIoU {:.2}% (last epoch), pixel accuracy {:.2}%",
+        "{} val ({} images, {size} px): mIoU {:.2}% ± {:.2} (mean ± sd over {probe_seeds} probe seeds; \
+         95% bootstrap interval over the images {:.2}-{:.2}%), pixel accuracy {:.2}%",
         dataset.name(),
         va.masks.len(),
-        100.0 * miou,
+        100.0 * mean,
+        100.0 * sd,
+        100.0 * lo,
+        100.0 * hi,
         100.0 * acc
     );
-    for (n, v) in names.iter().zip(per) {
+    for (n, v) in names.iter().zip(&per_class) {
         println!("  {n:<12} IoU {:6.2}%", 100.0 * v);
     }
-    Ok(())
+    write_json(json, || {
+        serde_json::json!({"eval": "seg", "model": short_identity(&identity), "dataset": dataset.name(), "size": size,
+            "grid": tr.grid, "val_images": va.masks.len(), "miou": mean, "miou_sd": sd, "miou_per_seed": mious,
+            "bootstrap_95": [lo, hi], "pixel_accuracy": acc,
+            "per_class": names.iter().zip(&per_class).map(|(n, v)| (n.clone(), *v)).collect::<std::collections::BTreeMap<_, _>>()})
+    })
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+/// `trainer eval match`: the point-correspondence rate of the backbone's patch features.
+fn matching(model: &ModelArgs, data: &Path, images: usize, seed: u64, json: Option<&Path>) -> Result<()> {
+    let (vit, cfg, device, identity) = load_model(model)?;
+    let (c, n) = trainer::eval::matching::evaluate(&vit, data, &cfg.views, seed, images, &device)?;
+    let grid = cfg.views.global_size / cfg.model.patch_size;
+    println!(
+        "correspondence ({n} images, two {} px views each, {grid}x{grid} patches, {} points): \
+         within one patch {:.2}%, exact {:.2}%",
+        cfg.views.global_size,
+        c.points,
+        100.0 * c.within_one_rate(),
+        100.0 * c.exact_rate()
+    );
+    write_json(json, || {
+        serde_json::json!({"eval": "match", "model": short_identity(&identity), "images": n, "size": cfg.views.global_size,
+            "grid": grid, "points": c.points, "within_one": c.within_one_rate(), "exact": c.exact_rate()})
+    })
 }
 
 /// `trainer attention`: the last block's CLS attention per head, masks and a PCA of the patch features.

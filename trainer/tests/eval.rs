@@ -90,6 +90,48 @@ fn miou_from_a_hand_made_confusion_matrix() {
     assert!((m - (8.0 / 11.0 + 5.0 / 8.0) / 3.0).abs() < 1e-6);
 }
 
+#[test]
+fn bootstrap_interval_is_a_point_for_identical_images_and_spans_unequal_ones() {
+    // Every image has the same confusion matrix: every resample has the mIoU of one image.
+    let one = vec![8u64, 2, 0, 1, 5, 0, 0, 0, 0];
+    let same = vec![one.clone(); 20];
+    let (lo, hi) = seg::bootstrap_interval(&same, 3, 200, 0);
+    let m = seg::miou(&one, 3).0;
+    // (IoU's 1e-6 guard in the denominator weighs less on the summed counts: equal within it.)
+    assert!(lo == hi && (lo - m).abs() < 1e-6, "{lo} {hi} vs {m}");
+    // Half the images perfect on classes 0 and 1 (IoU 2/3 over three classes), half wrong on every
+    // pixel (0): the whole set's mIoU lies strictly inside an interval that stays within [0, 2/3].
+    let good = vec![10u64, 0, 0, 0, 10, 0, 0, 0, 0];
+    let bad = vec![0u64, 10, 0, 10, 0, 0, 0, 0, 0];
+    let mixed: Vec<Vec<u64>> = (0..40).map(|i| if i % 2 == 0 { good.clone() } else { bad.clone() }).collect();
+    let total: Vec<u64> = (0..9).map(|k| mixed.iter().map(|c| c[k]).sum()).collect();
+    let whole = seg::miou(&total, 3).0;
+    let (lo, hi) = seg::bootstrap_interval(&mixed, 3, 500, 1);
+    assert!(lo < whole && whole < hi && lo >= 0.0 && hi <= 2.0 / 3.0 + 1e-9, "{lo} < {whole} < {hi}");
+}
+
+#[test]
+fn the_probe_reads_the_grid_each_cpu_config_learned_unless_told_otherwise() {
+    // The Caltech configs learn an 8x8 grid at 64 px views: by default the probe runs 64 px images, so a
+    // backbone of each gives exactly img_size/patch patches a side (no interpolated positional grid).
+    let dev = Device::flex();
+    for name in ["caltech101-cpu", "caltech101-2views", "caltech101-4views"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../configs/{name}.toml"));
+        let cfg = trainer::train::config::TrainConfig::load(Some(&path), &[]).unwrap();
+        let size = seg::probe_size(&cfg, None).unwrap();
+        let (vit, ..) =
+            trainer::eval::backbone(None, Some(&cfg), trainer::eval::Side::Teacher, &dev).unwrap();
+        let x = burn::tensor::Tensor::<4>::zeros([1, 3, size, size], &dev);
+        let [_, n, _] = vit.forward(x, None, &[], false).patches.dims();
+        let learned = cfg.model.img_size / cfg.model.patch_size;
+        assert_eq!((size, n), (64, learned * learned), "{name}");
+        // The paper's protocol size is still there, and a side off the patch grid is refused by name.
+        assert_eq!(seg::probe_size(&cfg, Some(448)).unwrap(), 448);
+        let err = seg::probe_size(&cfg, Some(60)).unwrap_err().to_string();
+        assert!(err.contains("--size 60") && err.contains("patch size 8"), "{err}");
+    }
+}
+
 /// Masks of quadrant blocks aligned to a 4x4 patch grid of 64 px images, and features that either encode
 /// the block's class (oracle) or are constant.
 fn blocks(n: usize, oracle: bool) -> SegSet {
@@ -117,10 +159,12 @@ fn probe_reaches_near_one_on_oracle_features_and_the_majority_on_constant_ones()
     opts.epochs = 30;
     opts.lr = 0.5;
     opts.train_res = 64;
-    let (m, per, acc) = seg::probe(&blocks(24, true), &blocks(8, true), &opts, 64, &dev, true).unwrap();
+    let r = seg::probe(&blocks(24, true), &blocks(8, true), &opts, 64, &dev, true).unwrap();
+    let (m, per, acc) = (r.miou, r.per_class, r.pixel_accuracy);
     // Bilinear upsampling blurs the block borders by a few pixels; everything else is right.
     assert!(m > 0.85 && acc > 0.93, "oracle features: mIoU {m}, accuracy {acc}, per class {per:?}");
-    let (m, per, acc) = seg::probe(&blocks(24, false), &blocks(8, false), &opts, 64, &dev, true).unwrap();
+    let r = seg::probe(&blocks(24, false), &blocks(8, false), &opts, 64, &dev, true).unwrap();
+    let (m, per, acc) = (r.miou, r.per_class, r.pixel_accuracy);
     // Constant features can only predict one class: the majority (class 0, about 60% of pixels).
     assert!(per[1] == 0.0 && per[2] == 0.0, "{per:?}");
     assert!(

@@ -21,6 +21,7 @@ use rand::seq::SliceRandom;
 use crate::eval::{self, Item};
 use crate::model::params::host;
 use crate::model::vit::Vit;
+use crate::train::config::TrainConfig;
 
 /// The probe's recipe; defaults are DenseDINO's `eval_segment.py` at batch 8.
 #[derive(Clone, Debug)]
@@ -67,6 +68,18 @@ pub struct SegSet {
     pub grid: usize,
     pub dim: usize,
     pub masks: Vec<image::GrayImage>,
+}
+
+/// The probe's input side: `size` when given, else the model's training view size
+/// (`views.global_size`), so the probe reads the patch grid the model learned rather than an
+/// interpolation of it. Refuses a side that is not a positive multiple of the patch size.
+pub fn probe_size(cfg: &TrainConfig, size: Option<usize>) -> Result<usize> {
+    let size = size.unwrap_or(cfg.views.global_size);
+    let patch = cfg.model.patch_size;
+    if size == 0 || size % patch != 0 {
+        bail!("--size {size}: must be a positive multiple of the patch size {patch}");
+    }
+    Ok(size)
 }
 
 /// 1-D bilinear weights `[out, in]`, align_corners false (PyTorch's `interpolate(mode="bilinear")`).
@@ -139,8 +152,17 @@ pub fn features(vit: &Vit, shards: &Path, size: usize, device: &Device) -> Resul
     Ok(SegSet { feats, grid, dim, masks })
 }
 
-/// Trains the 1x1 convolution on `train` and returns (mIoU, per-class IoU, pixel accuracy) on `val` at the
-/// last epoch.
+/// The probe's result on the val set at the last epoch.
+#[derive(Clone, Debug)]
+pub struct ProbeResult {
+    pub miou: f64,
+    pub per_class: Vec<f64>,
+    pub pixel_accuracy: f64,
+    /// Each val image's `[C, C]` confusion matrix (rows: truth), for resampling the set.
+    pub per_image: Vec<Vec<u64>>,
+}
+
+/// Trains the 1x1 convolution on `train` and scores it on `val` at the last epoch.
 pub fn probe(
     train: &SegSet,
     val: &SegSet,
@@ -148,7 +170,7 @@ pub fn probe(
     eval_size: usize,
     device: &Device,
     quiet: bool,
-) -> Result<(f64, Vec<f64>, f64)> {
+) -> Result<ProbeResult> {
     let (g, d, c) = (train.grid, train.dim, opts.num_classes);
     let ad = device.clone().autodiff();
     let r = opts.train_res;
@@ -227,11 +249,10 @@ fn evaluate(
     opts: &ProbeOptions,
     size: usize,
     device: &Device,
-) -> Result<(f64, Vec<f64>, f64)> {
+) -> Result<ProbeResult> {
     let (g, d, c) = (val.grid, val.dim, opts.num_classes);
     let wy = Tensor::<2>::from_data(TensorData::new(bilinear_1d(g, size), [size, g]), device);
-    let mut conf = vec![0u64; c * c];
-    let (mut right, mut total) = (0u64, 0u64);
+    let mut per_image = Vec::with_capacity(val.masks.len());
     for (i, mask) in val.masks.iter().enumerate() {
         let x = Tensor::<2>::from_data(
             TensorData::new(val.feats[i * g * g * d..(i + 1) * g * g * d].to_vec(), [g * g, d]),
@@ -241,18 +262,49 @@ fn evaluate(
         let up = upsample(&wy, logits); // [C, S, S]
         let pred = host(up.argmax(0).float()); // [S*S]
         let truth = resize_nearest(mask, size);
+        let mut conf = vec![0u64; c * c];
         for (p, &t) in pred.iter().zip(&truth) {
             if t == opts.ignore || t as usize >= c {
                 continue;
             }
-            let p = *p as usize;
-            conf[t as usize * c + p] += 1;
-            right += (p == t as usize) as u64;
-            total += 1;
+            conf[t as usize * c + *p as usize] += 1;
+        }
+        per_image.push(conf);
+    }
+    let conf = sum_confusions(&per_image, 0..per_image.len(), c);
+    let (miou, per_class) = miou(&conf, c);
+    let right: u64 = (0..c).map(|k| conf[k * c + k]).sum();
+    let total: u64 = conf.iter().sum();
+    Ok(ProbeResult { miou, per_class, pixel_accuracy: right as f64 / total.max(1) as f64, per_image })
+}
+
+/// The confusion matrix of the images `which` (repeats count again).
+fn sum_confusions(per_image: &[Vec<u64>], which: impl IntoIterator<Item = usize>, c: usize) -> Vec<u64> {
+    let mut conf = vec![0u64; c * c];
+    for i in which {
+        for (t, v) in conf.iter_mut().zip(&per_image[i]) {
+            *t += v;
         }
     }
-    let (m, per) = miou(&conf, c);
-    Ok((m, per, right as f64 / total.max(1) as f64))
+    conf
+}
+
+/// The 95% percentile interval of the mIoU over `resamples` bootstrap draws of the val images (with
+/// replacement, each draw as many images as the set): how much the number moves with the images chosen,
+/// which is what a 1-point difference between two backbones on 101 images must be judged against.
+pub fn bootstrap_interval(per_image: &[Vec<u64>], classes: usize, resamples: usize, seed: u64) -> (f64, f64) {
+    use rand::Rng;
+    let n = per_image.len();
+    let mut rng = common::seed::rng(seed, common::seed::Purpose::Model, &[78]);
+    let mut draws: Vec<f64> = (0..resamples)
+        .map(|_| {
+            let which: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+            miou(&sum_confusions(per_image, which, classes), classes).0
+        })
+        .collect();
+    draws.sort_by(f64::total_cmp);
+    let at = |q: f64| draws[((q * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    (at(0.025), at(0.975))
 }
 
 /// The segmentation sets the probe reads.

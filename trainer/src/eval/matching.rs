@@ -1,0 +1,277 @@
+//! The point-correspondence metric (`trainer eval match`): does a backbone's patch feature find the same
+//! place of the image in another view? It needs no labels and measures directly what DenseDINO's reference
+//! loss trains (the same point's token agreeing across views).
+//!
+//! For each held-out image the loader makes its two global views with the training config's geometry and
+//! photometric draws (`loader::views::make_views`, seeded by the image's position, so every backbone sees
+//! the same pairs). For each patch centre of view A that lies inside view B, the patch of B that holds it
+//! is the true partner; the prediction is the patch of B whose feature (final-norm patch token) has the
+//! highest cosine similarity with A's. We count a hit when the prediction is the true patch or one of its
+//! 8 neighbours ("within one patch"), and report the exact rate beside it. Both directions (A→B, B→A)
+//! count. A random guess is right within one patch for at most 9 of the g² patches.
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+
+use common::config::ViewsConfig;
+use common::geometry::{CropBox, to_image, to_view};
+
+use crate::model::params::host;
+use crate::model::vit::{self, Vit};
+
+/// Hits and totals of the metric.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MatchCounts {
+    /// Points whose prediction is within one patch (Chebyshev distance ≤ 1) of the true one.
+    pub within_one: usize,
+    /// Points whose prediction is the true patch.
+    pub exact: usize,
+    /// Patch centres of A that lie inside B (the points scored).
+    pub points: usize,
+}
+
+impl MatchCounts {
+    pub fn add(&mut self, o: MatchCounts) {
+        self.within_one += o.within_one;
+        self.exact += o.exact;
+        self.points += o.points;
+    }
+
+    pub fn within_one_rate(&self) -> f64 {
+        self.within_one as f64 / self.points.max(1) as f64
+    }
+
+    pub fn exact_rate(&self) -> f64 {
+        self.exact as f64 / self.points.max(1) as f64
+    }
+}
+
+/// Every patch of view A (a `grid`×`grid` view of `box_a`, mirrored when `flip_a`) whose centre lies
+/// inside view B, with the patch of B that holds that centre: `(patch of A, patch of B)`, row-major
+/// indices.
+pub fn true_partners(grid: usize, a: (&CropBox, bool), b: (&CropBox, bool)) -> Vec<(usize, usize)> {
+    let g = grid as f64;
+    let mut out = Vec::new();
+    for row in 0..grid {
+        for col in 0..grid {
+            // The centre of patch (row, col) in A's normalised frame ([-1, 1], pixel edges at ±1, as the
+            // reference points are placed), then in the image, then in B's frame.
+            let centre =
+                [(2.0 * (col as f64 + 0.5) / g - 1.0) as f32, (2.0 * (row as f64 + 0.5) / g - 1.0) as f32];
+            let (x, y) = to_image(a.0, a.1, centre);
+            let [bx, by] = to_view(b.0, b.1, x, y);
+            let (bx, by) = ((bx as f64 + 1.0) * 0.5 * g, (by as f64 + 1.0) * 0.5 * g); // in patches
+            if !(0.0..g).contains(&bx) || !(0.0..g).contains(&by) {
+                continue;
+            }
+            out.push((row * grid + col, by as usize * grid + bx as usize));
+        }
+    }
+    out
+}
+
+/// Scores `pairs` (from [`true_partners`]) on the patch features of the two views, `[g², dim]` row-major
+/// each: the prediction for A's patch is B's patch of highest cosine similarity.
+pub fn score(
+    feats_a: &[f32],
+    feats_b: &[f32],
+    grid: usize,
+    dim: usize,
+    pairs: &[(usize, usize)],
+) -> MatchCounts {
+    let n = grid * grid;
+    assert_eq!((feats_a.len(), feats_b.len()), (n * dim, n * dim), "features are [g², dim]");
+    let unit = |f: &[f32]| -> Vec<f32> {
+        f.chunks_exact(dim)
+            .flat_map(|r| {
+                let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                r.iter().map(move |v| v / norm)
+            })
+            .collect()
+    };
+    let (ua, ub) = (unit(feats_a), unit(feats_b));
+    let mut counts = MatchCounts::default();
+    for &(pa, truth) in pairs {
+        let qa = &ua[pa * dim..(pa + 1) * dim];
+        let best = (0..n)
+            .map(|pb| (pb, qa.iter().zip(&ub[pb * dim..(pb + 1) * dim]).map(|(x, y)| x * y).sum::<f32>()))
+            .fold((0, f32::NEG_INFINITY), |best, c| if c.1 > best.1 { c } else { best })
+            .0;
+        let (dr, dc) = ((best / grid).abs_diff(truth / grid), (best % grid).abs_diff(truth % grid));
+        counts.points += 1;
+        counts.exact += (best == truth) as usize;
+        counts.within_one += (dr <= 1 && dc <= 1) as usize;
+    }
+    counts
+}
+
+/// The metric over the first `limit` images of a shard set: both global views of the training `views`
+/// config at their own size, `seed` choosing the views. Returns the counts and the images used.
+pub fn evaluate(
+    vit: &Vit,
+    shards: &Path,
+    views: &ViewsConfig,
+    seed: u64,
+    limit: usize,
+    device: &Device,
+) -> Result<(MatchCounts, usize)> {
+    let size = views.global_size;
+    let patch = vit.cfg.patch_size;
+    if size % patch != 0 {
+        bail!("views.global_size {size} is not a multiple of the patch size {patch}");
+    }
+    let grid = size / patch;
+    // The two global views only: the others are never scored.
+    let views = ViewsConfig { num_local: 0, ..views.clone() };
+    let (dir, index) = loader::pipeline::open_index(shards)?;
+    let mut scratch = loader::views::Scratch::default();
+    let mut batch: Vec<loader::views::SampleViews> = Vec::new();
+    let mut counts = MatchCounts::default();
+    let (mut images, mut skipped, mut seq) = (0usize, 0usize, 0u64);
+    let mut run = |batch: &mut Vec<loader::views::SampleViews>| -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // [2·B, 3, S, S]: view 0 of every image, then view 1.
+        let pixels: Vec<u8> =
+            (0..2).flat_map(|v| batch.iter().flat_map(move |s| s.views[v].iter().copied())).collect();
+        let x = vit::normalize_pixels(&pixels, 2 * batch.len(), size, device);
+        let feats = host(vit.forward(x, None, &[], false).patches); // [2·B, g², D]
+        let (b, per) = (batch.len(), feats.len() / (2 * batch.len()));
+        let dim = per / (grid * grid);
+        for (i, s) in batch.iter().enumerate() {
+            let (fa, fb) = (&feats[i * per..(i + 1) * per], &feats[(b + i) * per..(b + i + 1) * per]);
+            let (a, bb) = ((&s.boxes[0], s.flips[0]), (&s.boxes[1], s.flips[1]));
+            counts.add(score(fa, fb, grid, dim, &true_partners(grid, a, bb)));
+            counts.add(score(fb, fa, grid, dim, &true_partners(grid, bb, a)));
+        }
+        batch.clear();
+        Ok(())
+    };
+    let mut failure = None;
+    loader::pipeline::for_each_sample(&dir, &index, |s| {
+        if images >= limit {
+            return false;
+        }
+        seq += 1;
+        let Some(bytes) = s.get("jpg") else {
+            skipped += 1;
+            return true;
+        };
+        match loader::views::make_views(bytes, &views, seed, 0, seq, &mut scratch) {
+            Ok(v) => {
+                batch.push(v);
+                images += 1;
+            }
+            Err(e) => {
+                eprintln!("warning: {}: {}: {e}, skipped", shards.display(), s.key);
+                skipped += 1;
+            }
+        }
+        if batch.len() == 32
+            && let Err(e) = run(&mut batch)
+        {
+            failure = Some(e);
+            return false;
+        }
+        true
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    run(&mut batch)?;
+    if skipped > 0 {
+        eprintln!("{}: {skipped} samples skipped", shards.display());
+    }
+    if images == 0 {
+        bail!("{}: no usable images", shards.display());
+    }
+    Ok((counts, images))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn square(x1: u32, y1: u32, side: u32) -> CropBox {
+        CropBox { x1, y1, w: side, h: side }
+    }
+
+    /// Features that name their image location: patch (r, c) of a view at image cell (R, C) gets a
+    /// one-hot of the cell, so the only perfect match is the true patch.
+    fn located(grid: usize, origin: (usize, usize), cells: usize) -> Vec<f32> {
+        let mut f = vec![0f32; grid * grid * cells * cells];
+        for r in 0..grid {
+            for c in 0..grid {
+                let cell = (r + origin.0) * cells + (c + origin.1);
+                f[(r * grid + c) * cells * cells + cell] = 1.0;
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn identical_views_match_every_patch() {
+        let b = square(10, 20, 64);
+        let pairs = true_partners(8, (&b, false), (&b, false));
+        assert_eq!(pairs, (0..64).map(|i| (i, i)).collect::<Vec<_>>());
+        let f = located(8, (0, 0), 8);
+        let c = score(&f, &f, 8, 64, &pairs);
+        assert_eq!(c, MatchCounts { within_one: 64, exact: 64, points: 64 });
+    }
+
+    #[test]
+    fn a_shift_of_one_patch_maps_each_column_to_its_left_neighbour() {
+        // B starts 8 px (one patch of a 64 px, 8x8 view of a 64 px box) right of A: A's column c is B's
+        // column c − 1, and A's first column lies outside B. 8 rows × 7 columns.
+        let (a, b) = (square(0, 0, 64), square(8, 0, 64));
+        let pairs = true_partners(8, (&a, false), (&b, false));
+        assert_eq!(pairs.len(), 56);
+        for &(pa, pb) in &pairs {
+            assert_eq!((pa / 8, pa % 8 - 1), (pb / 8, pb % 8), "{pa} -> {pb}");
+        }
+        // Features of the image cells: B sees cells shifted by one column; the 9-column image has them all.
+        let (fa, fb) = (located(8, (0, 0), 9), located(8, (0, 1), 9));
+        let c = score(&fa, &fb, 8, 81, &pairs);
+        assert_eq!(c, MatchCounts { within_one: 56, exact: 56, points: 56 });
+    }
+
+    #[test]
+    fn a_mirrored_view_reverses_columns() {
+        let b = square(0, 0, 32);
+        let pairs = true_partners(4, (&b, false), (&b, true));
+        assert_eq!(pairs.len(), 16);
+        for &(pa, pb) in &pairs {
+            assert_eq!((pa / 4, 3 - pa % 4), (pb / 4, pb % 4));
+        }
+    }
+
+    #[test]
+    fn a_half_scale_view_maps_four_patches_to_one() {
+        // A covers the top-left quarter of B's box at twice its resolution: A's patch (r, c) sits in B's
+        // patch (r / 2, c / 2).
+        let (a, b) = (square(0, 0, 32), square(0, 0, 64));
+        let pairs = true_partners(8, (&a, false), (&b, false));
+        assert_eq!(pairs.len(), 64);
+        for &(pa, pb) in &pairs {
+            assert_eq!(((pa / 8) / 2, (pa % 8) / 2), (pb / 8, pb % 8));
+        }
+    }
+
+    #[test]
+    fn a_prediction_one_patch_off_counts_within_one_but_not_exact() {
+        // B's features name the cell one row down: every prediction is one patch from the truth.
+        let b = square(0, 0, 64);
+        let pairs = true_partners(8, (&b, false), (&b, false));
+        let fa = located(8, (1, 0), 9);
+        let fb = located(8, (0, 0), 9);
+        let c = score(&fa, &fb, 8, 81, &pairs);
+        // A's row 7 names cell row 8, which no patch of B has: every similarity is 0 and the first patch,
+        // (0, 0), wins, far from (7, c); rows 0-6 find B's row r + 1.
+        assert_eq!(c.exact, 0);
+        assert_eq!(c.points, 64);
+        assert_eq!(c.within_one, 56, "rows 0-6 are one row off, row 7 far off");
+    }
+}
