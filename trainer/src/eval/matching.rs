@@ -119,7 +119,7 @@ pub fn evaluate(
 ) -> Result<(MatchCounts, usize)> {
     let size = views.global_size;
     let patch = vit.cfg.patch_size;
-    if size % patch != 0 {
+    if !size.is_multiple_of(patch) {
         bail!("views.global_size {size} is not a multiple of the patch size {patch}");
     }
     let grid = size / patch;

@@ -76,7 +76,7 @@ pub struct SegSet {
 pub fn probe_size(cfg: &TrainConfig, size: Option<usize>) -> Result<usize> {
     let size = size.unwrap_or(cfg.views.global_size);
     let patch = cfg.model.patch_size;
-    if size == 0 || size % patch != 0 {
+    if size == 0 || !size.is_multiple_of(patch) {
         bail!("--size {size}: must be a positive multiple of the patch size {patch}");
     }
     Ok(size)
