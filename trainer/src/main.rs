@@ -618,19 +618,27 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 /// `trainer eval match`: the point-correspondence rate of the backbone's patch features.
 fn matching(model: &ModelArgs, data: &Path, images: usize, seed: u64, json: Option<&Path>) -> Result<()> {
     let (vit, cfg, device, identity) = load_model(model)?;
-    let (c, n) = trainer::eval::matching::evaluate(&vit, data, &cfg.views, seed, images, &device)?;
+    use trainer::eval::matching;
+    let (c, r, n) = matching::evaluate(&vit, data, &cfg.views, seed, images, &device)?;
     let grid = cfg.views.global_size / cfg.model.patch_size;
     println!(
         "correspondence ({n} images, two {} px views each, {grid}x{grid} patches, {} points): \
-         within one patch {:.2}%, exact {:.2}%",
+         within one patch {:.2}%, exact {:.2}%; reference tokens: own point's token found among {} {:.2}% \
+         (cosine to it {:.3}, to the others {:.3})",
         cfg.views.global_size,
         c.points,
         100.0 * c.within_one_rate(),
-        100.0 * c.exact_rate()
+        100.0 * c.exact_rate(),
+        matching::REF_POINTS,
+        100.0 * r.rate(),
+        r.sims().0,
+        r.sims().1
     );
     write_json(json, || {
         serde_json::json!({"eval": "match", "model": short_identity(&identity), "images": n, "size": cfg.views.global_size,
-            "grid": grid, "points": c.points, "within_one": c.within_one_rate(), "exact": c.exact_rate()})
+            "grid": grid, "points": c.points, "within_one": c.within_one_rate(), "exact": c.exact_rate(),
+            "ref_points": matching::REF_POINTS, "ref_retrieval": r.rate(), "ref_cos_own": r.sims().0,
+            "ref_cos_other": r.sims().1})
     })
 }
 

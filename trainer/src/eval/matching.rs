@@ -9,6 +9,11 @@
 //! highest cosine similarity with A's. We count a hit when the prediction is the true patch or one of its
 //! 8 neighbours ("within one patch"), and report the exact rate beside it. Both directions (A→B, B→A)
 //! count. A random guess is right within one patch for at most 9 of the g² patches.
+//!
+//! Beside it, the reference tokens themselves: [`REF_POINTS`] points drawn in the pair's overlap (the
+//! loader's own draw), each made a reference token in both views; a hit is a token of view A whose most
+//! similar token of view B is its own point's (chance 1 in [`REF_POINTS`]). That is what the reference
+//! loss trains; the patch metric is what a dense probe reads.
 
 use std::path::Path;
 
@@ -48,6 +53,68 @@ impl MatchCounts {
     }
 }
 
+/// Reference points per view pair for the reference-token retrieval.
+pub const REF_POINTS: usize = 16;
+
+/// Hits of the reference-token retrieval: tokens whose most similar token in the other view is their
+/// own point's, both directions.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RefCounts {
+    pub hits: usize,
+    pub tokens: usize,
+    /// Sum over tokens of the cosine similarity to the own point's token in the other view.
+    pub own_sim: f64,
+    /// Sum over tokens of the mean cosine similarity to the other points' tokens in the other view.
+    pub other_sim: f64,
+}
+
+impl RefCounts {
+    pub fn rate(&self) -> f64 {
+        self.hits as f64 / self.tokens.max(1) as f64
+    }
+
+    /// Mean similarity to the own point's token and to the other points' (a token that tells points
+    /// apart has the first well above the second; image-level tokens have both near 1).
+    pub fn sims(&self) -> (f64, f64) {
+        let n = self.tokens.max(1) as f64;
+        (self.own_sim / n, self.other_sim / n)
+    }
+
+    pub fn add(&mut self, o: RefCounts) {
+        self.hits += o.hits;
+        self.tokens += o.tokens;
+        self.own_sim += o.own_sim;
+        self.other_sim += o.other_sim;
+    }
+}
+
+/// Row-wise L2 normalisation of `[n, dim]`.
+fn unit_rows(f: &[f32], dim: usize) -> Vec<f32> {
+    f.chunks_exact(dim)
+        .flat_map(|r| {
+            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            r.iter().map(move |v| v / norm)
+        })
+        .collect()
+}
+
+/// Retrieval among `m` tokens a view: token j of A (`[m, dim]`) hits when B's most similar token is j.
+pub fn retrieve(a: &[f32], b: &[f32], m: usize, dim: usize) -> RefCounts {
+    let (ua, ub) = (unit_rows(a, dim), unit_rows(b, dim));
+    let mut c = RefCounts::default();
+    for j in 0..m {
+        let q = &ua[j * dim..(j + 1) * dim];
+        let sims: Vec<f32> =
+            (0..m).map(|k| q.iter().zip(&ub[k * dim..(k + 1) * dim]).map(|(x, y)| x * y).sum()).collect();
+        let best = (0..m).fold(0, |best, k| if sims[k] > sims[best] { k } else { best });
+        c.hits += (best == j) as usize;
+        c.tokens += 1;
+        c.own_sim += sims[j] as f64;
+        c.other_sim += (sims.iter().sum::<f32>() - sims[j]) as f64 / (m - 1).max(1) as f64;
+    }
+    c
+}
+
 /// Every patch of view A (a `grid`×`grid` view of `box_a`, mirrored when `flip_a`) whose centre lies
 /// inside view B, with the patch of B that holds that centre: `(patch of A, patch of B)`, row-major
 /// indices.
@@ -83,15 +150,7 @@ pub fn score(
 ) -> MatchCounts {
     let n = grid * grid;
     assert_eq!((feats_a.len(), feats_b.len()), (n * dim, n * dim), "features are [g², dim]");
-    let unit = |f: &[f32]| -> Vec<f32> {
-        f.chunks_exact(dim)
-            .flat_map(|r| {
-                let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-                r.iter().map(move |v| v / norm)
-            })
-            .collect()
-    };
-    let (ua, ub) = (unit(feats_a), unit(feats_b));
+    let (ua, ub) = (unit_rows(feats_a, dim), unit_rows(feats_b, dim));
     let mut counts = MatchCounts::default();
     for &(pa, truth) in pairs {
         let qa = &ua[pa * dim..(pa + 1) * dim];
@@ -108,7 +167,8 @@ pub fn score(
 }
 
 /// The metric over the first `limit` images of a shard set: both global views of the training `views`
-/// config at their own size, `seed` choosing the views. Returns the counts and the images used.
+/// config at their own size, `seed` choosing the views. Returns the patch counts, the reference-token
+/// retrieval and the images used.
 pub fn evaluate(
     vit: &Vit,
     shards: &Path,
@@ -116,7 +176,7 @@ pub fn evaluate(
     seed: u64,
     limit: usize,
     device: &Device,
-) -> Result<(MatchCounts, usize)> {
+) -> Result<(MatchCounts, RefCounts, usize)> {
     let size = views.global_size;
     let patch = vit.cfg.patch_size;
     if !size.is_multiple_of(patch) {
@@ -124,7 +184,9 @@ pub fn evaluate(
     }
     let grid = size / patch;
     // The two global views only: the others are never scored.
-    let views = ViewsConfig { num_local: 0, ..views.clone() };
+    let views = ViewsConfig { num_local: 0, num_points: REF_POINTS, ..views.clone() };
+    let m = REF_POINTS;
+    let mut refs = RefCounts::default();
     let (dir, index) = loader::pipeline::open_index(shards)?;
     let mut scratch = loader::views::Scratch::default();
     let mut batch: Vec<loader::views::SampleViews> = Vec::new();
@@ -138,9 +200,24 @@ pub fn evaluate(
         let pixels: Vec<u8> =
             (0..2).flat_map(|v| batch.iter().flat_map(move |s| s.views[v].iter().copied())).collect();
         let x = vit::normalize_pixels(&pixels, 2 * batch.len(), size, device);
-        let feats = host(vit.forward(x, None, &[], false).patches); // [2·B, g², D]
+        // Pair (g = 0, v = 1): its points in view 0's frame, then the same points in view 1's.
+        let points: Vec<f32> = batch
+            .iter()
+            .flat_map(|s| s.points.teacher[0][m * 2..2 * m * 2].iter().copied())
+            .chain(batch.iter().flat_map(|s| s.points.student[1][..m * 2].iter().copied()))
+            .collect();
+        let weights = vit::ref_weights(&points, vit.cfg.grid(), device);
+        let out = vit.forward(x, Some(weights), &[], false);
+        let feats = host(out.patches); // [2·B, g², D]
+        let tokens = host(out.refs.expect("reference tokens were given")); // [2·B, m, D]
         let (b, per) = (batch.len(), feats.len() / (2 * batch.len()));
         let dim = per / (grid * grid);
+        for i in 0..b {
+            let (ta, tb) =
+                (&tokens[i * m * dim..(i + 1) * m * dim], &tokens[(b + i) * m * dim..(b + i + 1) * m * dim]);
+            refs.add(retrieve(ta, tb, m, dim));
+            refs.add(retrieve(tb, ta, m, dim));
+        }
         for (i, s) in batch.iter().enumerate() {
             let (fa, fb) = (&feats[i * per..(i + 1) * per], &feats[(b + i) * per..(b + i + 1) * per]);
             let (a, bb) = ((&s.boxes[0], s.flips[0]), (&s.boxes[1], s.flips[1]));
@@ -188,7 +265,7 @@ pub fn evaluate(
     if images == 0 {
         bail!("{}: no usable images", shards.display());
     }
-    Ok((counts, images))
+    Ok((counts, refs, images))
 }
 
 #[cfg(test)]
@@ -236,6 +313,19 @@ mod tests {
         let (fa, fb) = (located(8, (0, 0), 9), located(8, (0, 1), 9));
         let c = score(&fa, &fb, 8, 81, &pairs);
         assert_eq!(c, MatchCounts { within_one: 56, exact: 56, points: 56 });
+    }
+
+    #[test]
+    fn retrieval_finds_permuted_partners_and_misses_swapped_ones() {
+        // B's tokens are A's in the same order (all hit), then with tokens 0 and 1 swapped (those miss).
+        let a: Vec<f32> = (0..4).flat_map(|j| (0..4).map(move |k| (j == k) as u8 as f32)).collect();
+        let same = retrieve(&a, &a, 4, 4);
+        assert_eq!((same.hits, same.tokens, same.sims()), (4, 4, (1.0, 0.0)));
+        let mut b = a.clone();
+        b[..8].rotate_left(4);
+        let swapped = retrieve(&a, &b, 4, 4);
+        // Tokens 0 and 1 see their own point's token orthogonal and one other at similarity 1.
+        assert_eq!((swapped.hits, swapped.tokens, swapped.sims()), (2, 4, (0.5, 1.0 / 6.0)));
     }
 
     #[test]
