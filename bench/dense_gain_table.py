@@ -1,6 +1,7 @@
 """The table of bench/dense_gain.sh: one row per variant (random, dino, densedino, refonly), the mean and
 sample sd over seeds of k-NN top-1 (k = 20), CamVid mIoU at the model's view size and at twice it (each
-run's value is already the mean over probe seeds) and point correspondence (within one patch, exact), then
+run's value is already the mean over probe seeds), point correspondence of the patch tokens (within one
+patch, exact) and of the reference tokens (their own point's token found among 16; chance 6.25%), then
 every run on its own line.
 
     python3 bench/dense_gain_table.py runs/dense-gain/<config>/eval
@@ -24,7 +25,8 @@ def load(folder: Path):
 def values(r):
     knn = next((x["top1"] for x in r["knn"]["results"] if x["k"] == 20), None) if "knn" in r else None
     seg = [r[k]["miou"] if k in r else None for k in ("seg", "seg2x")]
-    match = (r["match"]["within_one"], r["match"]["exact"]) if "match" in r else (None, None)
+    m = r.get("match", {})
+    match = (m.get("within_one"), m.get("exact"), m.get("ref_retrieval"))
     return [knn, *seg, *match]
 
 
@@ -43,7 +45,8 @@ def main():
     runs = load(folder)
     if not runs:
         sys.exit(f"{folder}: no evaluations")
-    head = ["variant", "seeds", "k-NN top-1 (k=20)", "CamVid mIoU", "mIoU at 2x", "match within 1", "match exact"]
+    head = ["variant", "seeds", "k-NN top-1 (k=20)", "CamVid mIoU", "mIoU at 2x", "match within 1", "match exact",
+            "ref token finds its point (of 16)"]
     rows = []
     for variant in ["random", "dino", "densedino", "refonly"]:
         labels = [l for l in runs if l == variant or l.startswith(variant + "-s")]
@@ -57,7 +60,7 @@ def main():
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
-    print("\nper run (k-NN, mIoU, mIoU at 2x, match within 1, exact; %):")
+    print("\nper run (k-NN, mIoU, mIoU at 2x, match within 1, exact, ref retrieval; %):")
     for label in sorted(runs):
         print(f"  {label:<14} " + "  ".join("-" if v is None else f"{100 * v:6.2f}" for v in values(runs[label])))
 

@@ -452,7 +452,10 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 6, "default, the paper's two runs, the DINO baseline, Caltech-101, palettes");
+        assert_eq!(
+            n, 8,
+            "default, the paper's two runs, the DINO baseline, Caltech-101 in three view settings, palettes"
+        );
     }
 
     #[test]
