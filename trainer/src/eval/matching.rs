@@ -98,15 +98,20 @@ fn unit_rows(f: &[f32], dim: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The similarities of unit row `q` to every unit row of `bank` (`[n, dim]`), and the index of the
+/// largest (the first among equals).
+fn nearest(q: &[f32], bank: &[f32], dim: usize) -> (usize, Vec<f32>) {
+    let sims: Vec<f32> = bank.chunks_exact(dim).map(|r| q.iter().zip(r).map(|(x, y)| x * y).sum()).collect();
+    let best = (0..sims.len()).fold(0, |best, k| if sims[k] > sims[best] { k } else { best });
+    (best, sims)
+}
+
 /// Retrieval among `m` tokens a view: token j of A (`[m, dim]`) hits when B's most similar token is j.
 pub fn retrieve(a: &[f32], b: &[f32], m: usize, dim: usize) -> RefCounts {
     let (ua, ub) = (unit_rows(a, dim), unit_rows(b, dim));
     let mut c = RefCounts::default();
     for j in 0..m {
-        let q = &ua[j * dim..(j + 1) * dim];
-        let sims: Vec<f32> =
-            (0..m).map(|k| q.iter().zip(&ub[k * dim..(k + 1) * dim]).map(|(x, y)| x * y).sum()).collect();
-        let best = (0..m).fold(0, |best, k| if sims[k] > sims[best] { k } else { best });
+        let (best, sims) = nearest(&ua[j * dim..(j + 1) * dim], &ub, dim);
         c.hits += (best == j) as usize;
         c.tokens += 1;
         c.own_sim += sims[j] as f64;
@@ -153,11 +158,7 @@ pub fn score(
     let (ua, ub) = (unit_rows(feats_a, dim), unit_rows(feats_b, dim));
     let mut counts = MatchCounts::default();
     for &(pa, truth) in pairs {
-        let qa = &ua[pa * dim..(pa + 1) * dim];
-        let best = (0..n)
-            .map(|pb| (pb, qa.iter().zip(&ub[pb * dim..(pb + 1) * dim]).map(|(x, y)| x * y).sum::<f32>()))
-            .fold((0, f32::NEG_INFINITY), |best, c| if c.1 > best.1 { c } else { best })
-            .0;
+        let (best, _) = nearest(&ua[pa * dim..(pa + 1) * dim], &ub, dim);
         let (dr, dc) = ((best / grid).abs_diff(truth / grid), (best % grid).abs_diff(truth % grid));
         counts.points += 1;
         counts.exact += (best == truth) as usize;
@@ -212,13 +213,11 @@ pub fn evaluate(
         let tokens = host(out.refs.expect("reference tokens were given")); // [2·B, m, D]
         let (b, per) = (batch.len(), feats.len() / (2 * batch.len()));
         let dim = per / (grid * grid);
-        for i in 0..b {
+        for (i, s) in batch.iter().enumerate() {
             let (ta, tb) =
                 (&tokens[i * m * dim..(i + 1) * m * dim], &tokens[(b + i) * m * dim..(b + i + 1) * m * dim]);
             refs.add(retrieve(ta, tb, m, dim));
             refs.add(retrieve(tb, ta, m, dim));
-        }
-        for (i, s) in batch.iter().enumerate() {
             let (fa, fb) = (&feats[i * per..(i + 1) * per], &feats[(b + i) * per..(b + i + 1) * per]);
             let (a, bb) = ((&s.boxes[0], s.flips[0]), (&s.boxes[1], s.flips[1]));
             counts.add(score(fa, fb, grid, dim, &true_partners(grid, a, bb)));
