@@ -73,6 +73,13 @@ impl Default for ViewsConfig {
     }
 }
 
+/// The largest view side: 4096 px is ~50 MB of f32 per view, far past any ViT recipe (224 to 518).
+pub const MAX_VIEW_SIZE: usize = 4096;
+/// The most local views: DINO uses up to 10; each is a forward pass per sample.
+pub const MAX_LOCAL_VIEWS: usize = 64;
+/// The most reference points per view pair: the paper uses 4 and 9; each is a token in every block.
+pub const MAX_POINTS: usize = 1024;
+
 impl ViewsConfig {
     /// The paper's main run: 4 views at 224, scale 0.4 to 1, M = 4 (the paper's §4.1).
     pub fn paper_main() -> Self {
@@ -159,22 +166,35 @@ impl ViewsConfig {
             ("blur_sigma", self.blur_sigma),
         ] {
             let [lo, hi] = range;
-            if !(lo > 0.0 && lo <= hi) {
-                return bad(key, &range, "need 0 < low <= high");
+            if !(lo > 0.0 && lo <= hi && hi.is_finite()) {
+                return bad(key, &range, "need 0 < low <= high, both finite");
             }
+        }
+        // The blur kernel's radius grows with sigma (torchvision's kernel of 9 px at 224 holds sigma
+        // 2); past 100 px it is an allocation, not a blur.
+        if self.blur_sigma[1] > 100.0 {
+            return bad("blur_sigma", &self.blur_sigma, "at most 100");
+        }
+        if self.ratio[0] < 1e-3 || self.ratio[1] > 1e3 {
+            return bad("ratio", &self.ratio, "aspect ratios lie within [0.001, 1000]");
         }
         for (key, range) in [("global_scale", self.global_scale), ("local_scale", self.local_scale)] {
             if range[1] > 1.0 {
                 return bad(key, &range, "the upper bound is an area fraction, at most 1");
             }
         }
+        // Upper bounds: each sizes an allocation per sample (views, reference tokens, the masked
+        // attention's rows), so a typo must be refused, not allocated.
         for (key, size) in [("global_size", self.global_size), ("local_size", self.local_size)] {
-            if size == 0 {
-                return bad(key, &size, "must be positive");
+            if !(1..=MAX_VIEW_SIZE).contains(&size) {
+                return bad(key, &size, &format!("must be within 1..={MAX_VIEW_SIZE} pixels"));
             }
         }
-        if self.num_points == 0 {
-            return bad("num_points", &self.num_points, "must be at least 1");
+        if self.num_local > MAX_LOCAL_VIEWS {
+            return bad("num_local", &self.num_local, &format!("at most {MAX_LOCAL_VIEWS}"));
+        }
+        if !(1..=MAX_POINTS).contains(&self.num_points) {
+            return bad("num_points", &self.num_points, &format!("must be within 1..={MAX_POINTS}"));
         }
         if self.sampling_mode == SamplingMode::Grid {
             let k = (self.num_points as f64).sqrt().round() as usize;
@@ -196,15 +216,15 @@ impl ViewsConfig {
         if !(0.0..1.0).contains(&self.min_overlap) {
             return bad("min_overlap", &self.min_overlap, "must lie in [0, 1)");
         }
-        // A range test, so that NaN is refused too.
+        // A range test, so that NaN is refused too; infinity has no meaning as a jitter strength.
         for (key, value) in [
             ("global_overlap_factor", self.global_overlap_factor),
             ("brightness", self.brightness),
             ("contrast", self.contrast),
             ("saturation", self.saturation),
         ] {
-            if !(0.0..).contains(&value) {
-                return bad(key, &value, "must be >= 0");
+            if !(0.0..=1e6).contains(&value) {
+                return bad(key, &value, "must be a finite number >= 0");
             }
         }
         if !(0.0..=0.5).contains(&self.hue) {

@@ -19,6 +19,8 @@ pub fn decode_rgb(bytes: &[u8], out: &mut Vec<u8>) -> Result<(u32, u32)> {
         let mut d = JpegDecoder::new_with_options(std::io::Cursor::new(bytes), options);
         d.decode_headers().map_err(|e| Error::image(format!("JPEG header: {e}")))?;
         let (w, h) = d.dimensions().ok_or_else(|| Error::image("JPEG without dimensions"))?;
+        // The header's size is input: refused before the output buffer is sized from it.
+        common::files::check_pixels(w as u64, h as u64).map_err(Error::image)?;
         let n = d.output_buffer_size().ok_or_else(|| Error::image("JPEG output size unknown"))?;
         if d.output_colorspace() != Some(ColorSpace::RGB) || n != w * h * 3 {
             return Err(Error::image(format!("JPEG decodes to {:?}, not RGB", d.output_colorspace())));
@@ -27,9 +29,14 @@ pub fn decode_rgb(bytes: &[u8], out: &mut Vec<u8>) -> Result<(u32, u32)> {
         d.decode_into(out).map_err(|e| Error::image(format!("JPEG decode: {e}")))?;
         Ok((w as u32, h as u32))
     } else {
-        let img = image::load_from_memory(bytes)
+        let decode_failed = |e: image::ImageError| Error::image(format!("image decode: {e}"));
+        let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format();
+        let (w, h) = reader
             .map_err(|e| Error::image(format!("image decode: {e}")))?
-            .into_rgb8();
+            .into_dimensions()
+            .map_err(decode_failed)?;
+        common::files::check_pixels(w.into(), h.into()).map_err(Error::image)?;
+        let img = image::load_from_memory(bytes).map_err(decode_failed)?.into_rgb8();
         let (w, h) = img.dimensions();
         out.clear();
         out.extend_from_slice(img.as_raw());
@@ -70,5 +77,26 @@ mod tests {
             assert!(p[0] == p[1] && p[1] == p[2] && (p[0] as i32 - l as i32).abs() <= 8, "{p:?} vs {l}");
         }
         assert!(decode_rgb(b"not an image", &mut out).is_err());
+    }
+
+    /// A 16x16 JPEG whose frame header says 30000x30000 (2.7 GB of RGB) is refused from the header:
+    /// the output buffer is never sized from it (it was, then the decode failed on the missing data).
+    #[test]
+    fn a_header_declaring_a_huge_image_allocates_nothing() {
+        let mut jpeg = vec![];
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode(&[128u8; 16 * 16 * 3], 16, 16, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let sof = jpeg.windows(2).position(|m| m == [0xFF, 0xC0]).expect("a baseline SOF0");
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x75, 0x30, 0x75, 0x30]); // 30000, 30000
+        let mut out = vec![];
+        let err = decode_rgb(&jpeg, &mut out).unwrap_err().to_string();
+        assert!(err.contains("30000x30000 is 900000000 pixels, over the limit"), "{err}");
+        assert!(out.capacity() < 1 << 20, "{} bytes reserved", out.capacity());
+        // A PNG declaring the same through the image crate's path.
+        let mut png_bytes = png(image::RgbImage::new(4, 4).into());
+        png_bytes[16..24].copy_from_slice(&[0, 0, 0x75, 0x30, 0, 0, 0x75, 0x30]);
+        let err = decode_rgb(&png_bytes, &mut out).unwrap_err().to_string();
+        assert!(err.contains("over the limit") || err.contains("image decode"), "{err}");
     }
 }

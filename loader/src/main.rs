@@ -32,9 +32,9 @@ struct PipelineArgs {
     #[arg(long, default_value = "paper-main")]
     preset: String,
     /// Decode workers (default: the available cores).
-    #[arg(long)]
+    #[arg(long, value_parser = in_range(1, 1024))]
     workers: Option<usize>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = in_range(1, 65_536))]
     batch_size: usize,
 }
 
@@ -55,16 +55,16 @@ enum Command {
         #[command(flatten)]
         pipeline: PipelineArgs,
         /// Total seconds for each of the two measurements (split over the rounds).
-        #[arg(long, default_value_t = 12.0)]
+        #[arg(long, default_value_t = 12.0, value_parser = positive_seconds)]
         seconds: f64,
         /// Alternating decode/pipeline windows; the median ratio is reported.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = in_range(1, 1000))]
         rounds: usize,
         /// Samples in the shuffle buffer.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = in_range(1, loader::pipeline::MAX_SHUFFLE_BUFFER as u64))]
         shuffle_buffer: usize,
         /// Shards read at once.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = in_range(1, loader::pipeline::MAX_INTERLEAVE as u64))]
         interleave: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -73,7 +73,7 @@ enum Command {
     Soak {
         #[command(flatten)]
         pipeline: PipelineArgs,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = in_range(1, 1_000_000))]
         epochs: usize,
     },
     /// Draw a PNG grid of the first images' views with their reference points.
@@ -85,14 +85,29 @@ enum Command {
         #[arg(long, default_value = "paper-main")]
         preset: String,
         /// Images (rows) to draw.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = in_range(1, 256))]
         count: usize,
         /// Side of each view in the picture, in pixels.
-        #[arg(long, default_value_t = 160)]
+        #[arg(long, default_value_t = 160, value_parser = clap::value_parser!(u32).range(16..=1024))]
         cell: u32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+/// A count option's parser: whole numbers in `lo..=hi`, so that 0 is never silently replaced and a
+/// huge value never becomes an allocation.
+fn in_range(lo: u64, hi: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(lo..=hi)
+}
+
+/// `--seconds`: a positive, finite duration (0 would divide by a zero count into a NaN ratio).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a duration in (0, 86400] seconds")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn preview(

@@ -31,6 +31,13 @@ use crate::error::{Error, Result};
 use crate::plan::epoch_plan;
 use crate::views::{SampleViews, Scratch, make_views};
 
+/// The most samples the shuffle buffer may hold: 100k ImageNet JPEGs are ~11 GB of held bytes, ten
+/// times WebDataset's usual buffer; more is a typo, not a plan.
+pub const MAX_SHUFFLE_BUFFER: usize = 100_000;
+
+/// The most shards read at once (each holds a thread and a small channel).
+pub const MAX_INTERLEAVE: usize = 256;
+
 #[derive(Clone, Debug)]
 pub struct LoaderOptions {
     /// A shard directory or its `index.json`.
@@ -220,16 +227,41 @@ pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
     }
     // A missing shard is a set that is not what its index says: training on the rest would run a
     // different (smaller) data set under the same name, so it is refused before anything starts.
-    let missing: Vec<&str> =
-        index.shards.iter().map(|s| s.name.as_str()).filter(|n| !dir.join(n).is_file()).collect();
+    // So is one that cannot be opened (permissions) or is not a regular file (a link to a device): each
+    // would otherwise pass as damage found mid-run. A size that differs from the index entry is said at
+    // start: a cut shard still gives the samples before its cut (damage costs samples, not the run), but
+    // a replaced one would change the data without a word.
+    let mut missing = vec![];
+    let mut unusable = vec![];
+    for s in &index.shards {
+        let path = dir.join(&s.name);
+        if !path.exists() {
+            missing.push(s.name.as_str());
+            continue;
+        }
+        if let Err(e) = shard::format::open_regular(&path) {
+            unusable.push(e.to_string());
+        }
+    }
+    let total = index.shards.len();
     if !missing.is_empty() {
-        let (n, total) = (missing.len(), index.shards.len());
+        let n = missing.len();
         let verb = if n == 1 { "is" } else { "are" };
         return Err(Error::ShardSet {
             path: dir,
             problem: format!(
                 "{n} of the {total} shards its index.json lists {verb} missing: {}",
                 missing.join(", ")
+            ),
+        });
+    }
+    if !unusable.is_empty() {
+        return Err(Error::ShardSet {
+            path: dir,
+            problem: format!(
+                "{} of the {total} shards its index.json lists cannot be used: {}",
+                unusable.len(),
+                unusable.join("; ")
             ),
         });
     }
@@ -242,6 +274,13 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
     let invalid = |option, problem: String| Err(Error::InvalidOption { option, problem });
     if opts.batch_size == 0 {
         return invalid("batch_size", "must be at least 1, got 0".into());
+    }
+    if !(1..=MAX_SHUFFLE_BUFFER).contains(&opts.shuffle_buffer) {
+        let problem = format!("{} is not within 1..={MAX_SHUFFLE_BUFFER}", opts.shuffle_buffer);
+        return invalid("shuffle_buffer", problem);
+    }
+    if !(1..=MAX_INTERLEAVE).contains(&opts.interleave) {
+        return invalid("interleave", format!("{} is not within 1..={MAX_INTERLEAVE}", opts.interleave));
     }
     if opts.world_size == 0 {
         return invalid("world_size", "must be at least 1, got 0".into());

@@ -234,3 +234,61 @@ fn an_intact_shard_with_fewer_samples_than_its_index_lists_is_reported_too() {
     assert_eq!(keys.len(), 2 * (55 / 8 * 8));
     assert_eq!(stats.problems().unwrap(), "1 damaged shard (5 samples lost)");
 }
+
+#[test]
+fn a_shard_that_is_a_device_or_named_outside_the_set_stops_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_set(tmp.path(), 40);
+    let index_path = tmp.path().join(INDEX_FILE);
+    let good: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let first = good["shards"][0]["name"].as_str().unwrap().to_string();
+    let refusal = || {
+        start(LoaderOptions::new(tmp.path(), small_views(), 8)).err().expect("start must refuse").to_string()
+    };
+    // An index whose shard name leaves the folder (or is absolute) is refused as an index.
+    for name in ["../elsewhere.tar", "/dev/zero"] {
+        let mut bad = good.clone();
+        bad["shards"][0]["name"] = name.into();
+        std::fs::write(&index_path, serde_json::to_vec(&bad).unwrap()).unwrap();
+        let err = refusal();
+        assert!(err.contains("is not a file name in the set's folder"), "{name}: {err}");
+    }
+    // A listed shard that is a link to a device is refused at start, not read forever.
+    std::fs::write(&index_path, serde_json::to_vec(&good).unwrap()).unwrap();
+    std::fs::remove_file(tmp.path().join(&first)).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", tmp.path().join(&first)).unwrap();
+    let err = refusal();
+    assert!(err.contains("cannot be used") && err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn pipeline_sizes_out_of_range_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_set(tmp.path(), 40);
+    for (shuffle, interleave, option) in [
+        (0, 4, "shuffle_buffer"),
+        (usize::MAX, 4, "shuffle_buffer"),
+        (2_000_000_000, 4, "shuffle_buffer"),
+        (16, 0, "interleave"),
+        (16, 1 << 20, "interleave"),
+    ] {
+        let mut o = LoaderOptions::new(tmp.path(), small_views(), 8);
+        o.shuffle_buffer = shuffle;
+        o.interleave = interleave;
+        let err = runtime().block_on(async { start(o).err().expect("start must refuse").to_string() });
+        assert!(err.contains(option) && err.contains("is not within 1..="), "{shuffle} {interleave}: {err}");
+    }
+    let set = tmp.path().to_str().unwrap();
+    for (args, option) in [
+        (&["--workers", "0"][..], "--workers"),
+        (&["--seconds", "0"], "--seconds"),
+        (&["--seconds", "nan"], "--seconds"),
+        (&["--shuffle-buffer", "18446744073709551615"], "--shuffle-buffer"),
+        (&["--rounds", "0"], "--rounds"),
+    ] {
+        let out = loader_cmd(&[&["bench", "--shards", set][..], args].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(option), "{args:?}: {err}");
+    }
+}

@@ -48,7 +48,15 @@ pub fn write_official(
 }
 
 /// `trainer export`: the teacher of a checkpoint (optionally with its heads) in the official layout.
-pub fn export(ckpt: &Path, out: &Path, heads: bool, device: &burn::tensor::Device) -> Result<usize> {
+/// `out` must not exist unless `force`, and is never a training checkpoint, a folder or a device.
+pub fn export(
+    ckpt: &Path,
+    out: &Path,
+    heads: bool,
+    force: bool,
+    device: &burn::tensor::Device,
+) -> Result<usize> {
+    check_export_target(out, force)?;
     let (_, bytes) = checkpoint::latest(ckpt)?;
     let meta = checkpoint::meta(&bytes)?;
     let cfg = meta.config;
@@ -79,6 +87,30 @@ pub fn export(ckpt: &Path, out: &Path, heads: bool, device: &burn::tensor::Devic
     }
 }
 
+/// Where an export may go: not over anything but a regular file (`/dev/full` as root would become a
+/// regular file), not over a run's checkpoint even with `force` (its resume would then fail), and not
+/// over an existing file without `force`.
+fn check_export_target(out: &Path, force: bool) -> Result<()> {
+    common::files::check_replaceable(out).with_context(|| format!("--out {}", out.display()))?;
+    if !out.exists() {
+        return Ok(());
+    }
+    let in_checkpoints = out
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().and_then(|d| d.file_name()).map(|d| d == "checkpoints"))
+        .unwrap_or(false);
+    if in_checkpoints
+        && checkpoint::verify(&common::files::read_regular(out, common::files::MAX_WEIGHTS_BYTES)?).is_ok()
+    {
+        bail!("--out {}: is a training checkpoint of a run; export elsewhere", out.display());
+    }
+    if !force {
+        bail!("--out {}: exists; pass --force to replace it", out.display());
+    }
+    Ok(())
+}
+
 /// Reads official-layout weights from safetensors or a PyTorch `.pth`/`.pt` (read without PyTorch by
 /// burn's `pytorch-reader`; f16, bf16 and f64 become f32, integer tensors such as step counts are left
 /// out). A full training checkpoint of the official code (`student`, `teacher`, `optimizer`, …) gives its
@@ -89,7 +121,8 @@ pub fn import(path: &Path) -> Result<Named> {
     let raw = if ext == "pth" || ext == "pt" {
         read_pytorch(path)?
     } else {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = common::files::read_regular(path, common::files::MAX_WEIGHTS_BYTES)
+            .with_context(|| format!("reading {}", path.display()))?;
         checkpoint::tensors(&bytes)
             .with_context(|| format!("{}: not a safetensors file of f32 tensors", path.display()))?
     };

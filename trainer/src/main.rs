@@ -104,6 +104,9 @@ enum Command {
         /// Include the projection heads (`head.*`, `ref_head.*`).
         #[arg(long)]
         heads: bool,
+        /// Replace an existing file at --out (never a run's checkpoint, a folder or a device).
+        #[arg(long)]
+        force: bool,
     },
     /// Make a step-0 checkpoint from official-layout weights (DINO/DenseDINO `.pth` or safetensors), to
     /// evaluate them or to start a run from them (`train --resume OUT`).
@@ -158,14 +161,16 @@ enum EvalCommand {
         /// Test shards.
         #[arg(long)]
         val: PathBuf,
-        #[arg(long, value_delimiter = ',', default_values_t = [10, 20, 100, 200])]
+        #[arg(long, value_delimiter = ',', default_values_t = [10, 20, 100, 200], value_parser = in_range(1, 100_000))]
         k: Vec<usize>,
-        #[arg(long, default_value_t = 0.07)]
+        /// The softmax temperature of the neighbours' votes (DINO: 0.07).
+        #[arg(long, default_value_t = 0.07, value_parser = positive_finite)]
         temperature: f64,
-        /// Centre-crop size (resize = crop · 256/224); default: the model's training size.
-        #[arg(long)]
+        /// Centre-crop size (resize = crop · 256/224), a multiple of the patch size; default: the
+        /// model's training size.
+        #[arg(long, value_parser = in_range(1, common::config::MAX_VIEW_SIZE as u64))]
         crop: Option<usize>,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = in_range(1, 4096))]
         batch: usize,
         /// Cache extracted features here.
         #[arg(long)]
@@ -186,13 +191,13 @@ enum EvalCommand {
         /// Input side in pixels (a multiple of the patch size). Default: the size of the model's training
         /// views (`views.global_size`), so the probe reads the grid the model learned; the paper's
         /// protocol is 448 for /16 models at 224.
-        #[arg(long)]
+        #[arg(long, value_parser = in_range(1, common::config::MAX_VIEW_SIZE as u64))]
         size: Option<usize>,
-        #[arg(long, default_value_t = 25)]
+        #[arg(long, default_value_t = 25, value_parser = in_range(1, 10_000))]
         epochs: usize,
         /// Train the probe this many times (seeds 0, 1, ...: its initialisation and batch order) and
         /// report the mean and spread.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
         probe_seeds: u64,
         /// Where the packed splits go.
         #[arg(long, default_value = "data")]
@@ -210,7 +215,7 @@ enum EvalCommand {
         #[arg(long)]
         data: PathBuf,
         /// Use the first N images.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = in_range(1, 10_000_000))]
         images: usize,
         /// Seeds the views (the same seed gives every backbone the same view pairs).
         #[arg(long, default_value_t = 0)]
@@ -219,6 +224,21 @@ enum EvalCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+/// A count option's parser: whole numbers in `lo..=hi`, so that 0 is refused with the option named and
+/// a huge value never becomes an allocation.
+fn in_range(lo: u64, hi: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(lo..=hi)
+}
+
+/// A positive, finite number (a temperature: 0 divides by zero, NaN poisons every vote).
+fn positive_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a positive finite number")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The backbone `m` names (a checkpoint's teacher, or a random initialisation), its config, device and
@@ -261,17 +281,25 @@ fn main() -> ExitCode {
         Command::Attention { model, image, out, size, threshold } => {
             attention(&model, &image, &out, size, threshold)
         }
-        Command::Export { checkpoint, out, heads } => export(&checkpoint, &out, heads),
+        Command::Export { checkpoint, out, heads, force } => export(&checkpoint, &out, heads, force),
         Command::Import { weights, config, sets, out, force } => {
             import(&weights, config.as_deref(), &sets, &out, force)
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        // Stopped by a signal, its checkpoint written: 128 + the signal, as a shell reports a process
+        // the signal ended, so that a scheduler or a `&&` chain sees an unfinished job.
+        Err(e) => match e.downcast_ref::<run::Interrupted>() {
+            Some(stop) => {
+                eprintln!("{stop}");
+                ExitCode::from((128 + stop.signal).clamp(0, 255) as u8)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -318,8 +346,17 @@ fn train(args: TrainArgs) -> Result<()> {
             w.abort(101);
         }));
     }
+    run::stop_on_signals()?;
     let summary = match run::train(start, &RunOptions { device, quiet, world: world.clone() }) {
         Ok(s) => s,
+        // Every rank stopped after the same step (they agree on it), the checkpoint written: leave
+        // through MPI_Finalize like a finished run.
+        Err(e) if e.downcast_ref::<run::Interrupted>().is_some() => {
+            if !world.alone() {
+                drop(std::panic::take_hook());
+            }
+            return Err(e);
+        }
         Err(e) if !world.alone() => {
             // The other ranks wait in a collective for this one: end the whole job, not this process.
             eprintln!("error (rank {} of {}): {e:#}", world.rank, world.size);
@@ -436,9 +473,36 @@ fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
     if args.quiet {
         cmd.arg("--quiet");
     }
-    let status = cmd.status().map_err(|e| {
+    // mpirun in a process group of its own: a terminal's Ctrl-C reaches this launcher only, which turns
+    // it (or a scheduler's SIGTERM) into SIGUSR1 for mpirun. Open MPI forwards SIGUSR1 to every rank,
+    // where it asks for a checkpoint at the next step; SIGTERM or SIGINT to mpirun itself would kill
+    // the ranks a few seconds later, checkpoint or not.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    run::stop_on_signals()?;
+    let mut child = cmd.spawn().map_err(|e| {
         anyhow::anyhow!("--nproc-per-node runs `mpirun` (Open MPI: apt install openmpi-bin): {e}")
     })?;
+    let mut forwarded = None;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if let (None, Some(signal)) = (forwarded, run::stop_signal()) {
+            eprintln!("stop asked (signal {signal}): the ranks finish their step, checkpoint and stop");
+            // SAFETY: kill has no memory preconditions; the pid is our live child's.
+            unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+            forwarded = Some(signal);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    if let Some(signal) = forwarded {
+        let run_dir = match &args.resume {
+            Some(r) => r.clone(),
+            None => TrainConfig::load(args.config.as_deref(), &args.sets)?.run_dir(),
+        };
+        let checkpoint = "written by the ranks (above)".to_string();
+        return Err(anyhow::Error::new(run::Interrupted { signal, step: None, checkpoint, run_dir }));
+    }
     if !status.success() {
         anyhow::bail!(
             "the {n} ranks under mpirun ended with {status} (mpirun's message above names the rank)"
@@ -485,7 +549,12 @@ fn knn(
     // The features depend on the backbone's contents (its identity), not on where it lies: a run that
     // moved on gives new features under the same path.
     let (vit, cfg, device, identity) = load_model(model)?;
-    let pre = trainer::eval::Preprocess::for_crop(crop.unwrap_or(cfg.views.global_size));
+    let crop = crop.unwrap_or(cfg.views.global_size);
+    let patch = cfg.model.patch_size;
+    if !crop.is_multiple_of(patch) {
+        anyhow::bail!("--crop {crop}: must be a positive multiple of the model's patch size {patch}");
+    }
+    let pre = trainer::eval::Preprocess::for_crop(crop);
     let feats = |shards: &Path| {
         let key = trainer::eval::feature_key(&identity, pre, shards)?;
         trainer::eval::cached(cache, &key, || trainer::eval::extract_cls(&vit, shards, pre, batch, &device))
@@ -620,7 +689,9 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 fn matching(model: &ModelArgs, data: &Path, images: usize, seed: u64, json: Option<&Path>) -> Result<()> {
     let (vit, cfg, device, identity) = load_model(model)?;
     use trainer::eval::matching;
-    let (c, r, n) = matching::evaluate(&vit, data, &cfg.views, seed, images, &device)?;
+    let report = matching::evaluate(&vit, data, &cfg.views, seed, images, &device)?;
+    let (c, r, n) = (report.patches, report.refs, report.images);
+    let (local, own, uniform) = report.attention.means();
     let grid = cfg.views.global_size / cfg.model.patch_size;
     println!(
         "correspondence ({n} images, two {} px views each, {grid}x{grid} patches, {} points): \
@@ -635,11 +706,20 @@ fn matching(model: &ModelArgs, data: &Path, images: usize, seed: u64, json: Opti
         r.sims().0,
         r.sims().1
     );
+    let per_block = |v: &[f64]| v.iter().map(|x| format!("{:.1}", 100.0 * x)).collect::<Vec<_>>().join(" ");
+    println!(
+        "reference tokens' attention within one patch of their point, per block: {}% (uniform: {:.1}%); on \
+         the point's own patch: {}%",
+        per_block(&local),
+        100.0 * uniform,
+        per_block(&own)
+    );
     write_json(json, || {
         serde_json::json!({"eval": "match", "model": short_identity(&identity), "images": n, "size": cfg.views.global_size,
             "grid": grid, "points": c.points, "within_one": c.within_one_rate(), "exact": c.exact_rate(),
             "ref_points": matching::REF_POINTS, "ref_retrieval": r.rate(), "ref_cos_own": r.sims().0,
-            "ref_cos_other": r.sims().1})
+            "ref_cos_other": r.sims().1, "ref_attn_local": local, "ref_attn_own": own,
+            "ref_attn_uniform": uniform})
     })
 }
 
@@ -660,8 +740,8 @@ fn attention(
 }
 
 /// `trainer export`: a checkpoint's teacher in the official DINO/timm layout.
-fn export(checkpoint: &Path, out: &Path, heads: bool) -> Result<()> {
-    let n = trainer::export::export(checkpoint, out, heads, &Device::flex())?;
+fn export(checkpoint: &Path, out: &Path, heads: bool, force: bool) -> Result<()> {
+    let n = trainer::export::export(checkpoint, out, heads, force, &Device::flex())?;
     println!("wrote {} ({n} tensors, official DINO layout)", out.display());
     Ok(())
 }

@@ -242,3 +242,67 @@ fn the_demo_runs_on_two_ranks_and_resumes() {
     assert_eq!(its, (0..16).collect::<Vec<_>>());
     assert_eq!(last_checkpoint(&run).0, 16);
 }
+
+/// SIGTERM (a scheduler's notice) and SIGINT (Ctrl-C) to the launcher of `--nproc-per-node 2`: it asks
+/// every rank to stop (SIGUSR1 through mpirun), the ranks finish the same step, rank 0 writes its
+/// checkpoint, and all of them are gone; the launcher ends with 128 + the signal. Resumed, the run ends
+/// as an uninterrupted one, bit for bit. Before, SIGTERM ended the launcher and left both ranks training;
+/// SIGINT was ignored.
+#[test]
+fn a_stop_signal_to_the_launcher_checkpoints_every_rank_and_the_resume_is_exact() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let epochs = 12; // 48 global steps
+    run_ok(&["train", "--quiet", "--nproc-per-node", "2"], &sets(&a, epochs), &tmp.path().join("a.log"));
+    let want = history(&a.join("runs/dp"));
+    let run = b.join("runs/dp");
+    let run_s = run.to_str().unwrap().to_string();
+    for (round, signal, code) in [(0, libc::SIGTERM, 143), (1, libc::SIGINT, 130)] {
+        let log = tmp.path().join(format!("b{round}.log"));
+        let mut args = vec!["train", "--quiet", "--nproc-per-node", "2"];
+        let fresh = sets(&b, epochs);
+        let mut cmd = if round == 0 {
+            trainer(&args, &fresh, &log)
+        } else {
+            args.extend(["--resume", run_s.as_str()]);
+            trainer(&args, &[], &log)
+        };
+        let mut child = cmd.stdin(Stdio::null()).spawn().unwrap();
+        // Wait for a few steps of this process.
+        let logged = || history(&run).iter().filter(|r| r["kind"] == "step").count();
+        let start = if round == 0 { 0 } else { logged() };
+        let t0 = Instant::now();
+        while !run.join("metrics.jsonl").exists() || logged() < start + 3 {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no steps after 2 minutes");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "ended early: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: a signal to the launcher this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let sent = Instant::now();
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        eprintln!("signal {signal}: the job ended {:.1} s later, {status}", sent.elapsed().as_secs_f64());
+        assert_eq!(status.code(), Some(code), "{text}");
+        assert!(text.contains("stopped by SIGUSR1 after step"), "every rank said where it stopped:\n{text}");
+        assert!(rank_pid(b.to_str().unwrap(), 0).is_none() && rank_pid(b.to_str().unwrap(), 1).is_none());
+        let steps = logged();
+        assert!(steps < 48, "stopped before the end: {steps}");
+        assert_eq!(last_checkpoint(&run).0, steps, "the checkpoint holds the last step logged");
+    }
+    run_ok(
+        &["train", "--quiet", "--nproc-per-node", "2", "--resume", &run_s],
+        &[],
+        &tmp.path().join("b-end.log"),
+    );
+    assert_eq!(history(&run), want, "the resumed run's history is the uninterrupted one's");
+    let tensors = |dir: &Path| checkpoint::tensors(&std::fs::read(last_checkpoint(dir).1).unwrap()).unwrap();
+    assert!(
+        tensors(&run) == tensors(&a.join("runs/dp")),
+        "the resumed run's weights are the uninterrupted one's"
+    );
+}

@@ -285,6 +285,33 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
     let err = seg::packed_split(&root, seg::SegDataset::Voc, "val", &tmp.path().join("cache2")).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("val.txt: line 2") && msg.contains("2009_999999"), "{msg}");
+
+    // New masks under the same cache are packed again, not read stale: the cache was keyed by the data
+    // set's name alone (a probe then scored new features against old masks).
+    std::fs::write(root.join("ImageSets/Segmentation/val.txt"), "2007_000039\n").unwrap();
+    std::fs::write(root.join("SegmentationClass/2007_000039.png"), voc_mask(44, 30, |_, _| 9)).unwrap();
+    let mask_values = |dir: &std::path::Path| {
+        let mut values = vec![];
+        let pre = trainer::eval::Preprocess { resize: 32, crop: 32, squash: true };
+        trainer::eval::for_each_batch(dir, pre, 8, true, |items| {
+            for it in items {
+                values.extend(it.mask.as_ref().unwrap().pixels().map(|p| p.0[0]));
+            }
+            Ok(())
+        })
+        .unwrap();
+        values.sort();
+        values.dedup();
+        values
+    };
+    let dir = seg::packed_split(&root, seg::SegDataset::Voc, "val", &cache).unwrap();
+    assert_eq!(mask_values(&dir), vec![9], "the new mask, not the cached one");
+    // Unchanged, it is reused as it is (the same shard bytes, not packed again).
+    let index = std::fs::read(dir.join("index.json")).unwrap();
+    let stamp = std::fs::metadata(dir.join("index.json")).unwrap().modified().unwrap();
+    seg::packed_split(&root, seg::SegDataset::Voc, "val", &cache).unwrap();
+    assert_eq!(std::fs::read(dir.join("index.json")).unwrap(), index);
+    assert_eq!(std::fs::metadata(dir.join("index.json")).unwrap().modified().unwrap(), stamp);
 }
 
 /// `.pth` files as the official code writes them (made by `fixtures/make_pth.py` with PyTorch 2.9.0):

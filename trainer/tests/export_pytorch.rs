@@ -67,7 +67,7 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
     // Weights → run → checkpoint → export, the user's path.
     let ckpt = trainer::export::import_run(&cfg, &weights, &tmp.path().join("run"), false).unwrap();
     let exported = tmp.path().join("export.safetensors");
-    trainer::export::export(&ckpt, &exported, true, &dev).unwrap();
+    trainer::export::export(&ckpt, &exported, true, false, &dev).unwrap();
 
     // Our features: the eval backbone from the checkpoint; the heads from the exported file.
     let (vit, ..) = trainer::eval::backbone(Some(&ckpt), None, trainer::eval::Side::Teacher, &dev).unwrap();

@@ -408,12 +408,32 @@ fn bad_config_values_name_the_key_and_their_origin() {
         ("head.out_dim=0", "head.out_dim"),
         ("run.keep_checkpoints=0", "run.keep_checkpoints"),
         ("data.synth_count=0", "data.synth_count"),
+        // Values that size an allocation: a typo must be refused, not allocated.
+        ("views.num_points=5000", "views.num_points"),
+        ("views.global_size=100000", "views.global_size"),
+        ("data.shuffle_buffer=2000000000", "data.shuffle_buffer"),
+        ("views.blur_sigma=[0.1, 1e30]", "views.blur_sigma"),
+        // The run's folder is out_dir/name: nothing may put it elsewhere.
+        ("run.name=../escaped", "run.name"),
+        ("run.name=\"/tmp/abs-run\"", "run.name"),
+        ("run.name=\".\"", "run.name"),
+        ("run.name=\"..\"", "run.name"),
+        ("run.name=\"a/b\"", "run.name"),
     ] {
         let mut s = sets.clone();
         s.push(bad.into());
         let err = fails(&trainer(&with_sets(vec!["train", "--quiet"], &s)));
         assert!(err.contains(key), "{bad}: {err}");
     }
+    assert!(!tmp.path().join("escaped").exists() && !Path::new("/tmp/abs-run").exists());
+    assert!(!tmp.path().join("runs").exists(), "no run folder was made for a refused config");
+    // TOML reads `inf` in a file (a --set refuses bare inf/nan): a jitter of infinite strength panicked
+    // a loader thread.
+    let file = tmp.path().join("inf.toml");
+    std::fs::write(&file, "[views]\nbrightness = inf\n").unwrap();
+    let err =
+        fails(&trainer(&with_sets(vec!["train", "--quiet", "--config", file.to_str().unwrap()], &sets)));
+    assert!(err.contains("views.brightness") && err.contains("finite"), "{err}");
     let file = tmp.path().join("typo.toml");
     std::fs::write(&file, "[run]\nbatch_size = \"32\"\n").unwrap();
     let err = fails(&trainer(&["train", "--quiet", "--config", file.to_str().unwrap()]));
@@ -505,5 +525,98 @@ fn torchrun_style_ranks_meet_at_the_rendezvous_or_stop_within_its_timeout() {
     for out in [r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap()] {
         let err = fails(&out);
         assert!(err.contains("collectives on NCCL: run.device must be cuda"), "{err}");
+    }
+}
+
+// 11. `trainer export --out` onto something that is not a new plain file.
+#[test]
+fn export_never_replaces_a_device_a_folder_a_checkpoint_or_a_file_without_force() {
+    use std::os::unix::fs::FileTypeExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "e", 4);
+    let (_, newest) = checkpoint::list(&dir.join("checkpoints")).pop().unwrap();
+    let before = std::fs::read(&newest).unwrap();
+    let d = dir.to_str().unwrap();
+    let export = |out: &Path, force: bool| {
+        let mut args = vec!["export", "--checkpoint", d, "--out", out.to_str().unwrap()];
+        args.extend(force.then_some("--force"));
+        trainer(&args)
+    };
+    // A FIFO stands in for a device node (a test must not risk /dev/full): before, the export was
+    // renamed onto it and it became a regular file.
+    let fifo = tmp.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let err = fails(&export(&fifo, true));
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    let folder = tmp.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    let err = fails(&export(&folder, true));
+    assert!(err.contains("a folder"), "{err}");
+    assert!(!tmp.path().join("folder.partial").exists(), "no half-written file is left beside it");
+    // A run's checkpoint is never the target, even with --force (its resume would fail).
+    let err = fails(&export(&newest, true));
+    assert!(err.contains("is a training checkpoint"), "{err}");
+    assert_eq!(std::fs::read(&newest).unwrap(), before);
+    // An existing file needs --force.
+    let weights = tmp.path().join("w.safetensors");
+    ok(&export(&weights, false));
+    let err = fails(&export(&weights, false));
+    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    ok(&export(&weights, true));
+}
+
+// 12. Files that are not files, and option values no evaluation can use.
+#[test]
+fn devices_as_inputs_and_evaluation_options_out_of_range_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "o", 2);
+    let d = dir.to_str().unwrap();
+    // Before, `--image /dev/zero` read until memory ran out.
+    let out_dir = tmp.path().join("attn");
+    let err = fails(&trainer(&[
+        "attention",
+        "--checkpoint",
+        d,
+        "--image",
+        "/dev/zero",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]));
+    assert!(err.contains("/dev/zero") && err.contains("not a regular file"), "{err}");
+    let err = fails(&trainer(&["train", "--quiet", "--config", "/dev/zero"]));
+    assert!(err.contains("not a regular file"), "{err}");
+
+    let synth = tmp.path().join("synth");
+    let s = synth.to_str().unwrap();
+    let knn = |extra: &[&str]| {
+        trainer(&[&["eval", "knn", "--checkpoint", d, "--train", s, "--val", s][..], extra].concat())
+    };
+    for (extra, option) in [
+        (&["--temperature", "0"][..], "--temperature"),
+        (&["--temperature", "nan"], "--temperature"),
+        (&["--temperature=-1"], "--temperature"),
+        (&["--k", "0"], "--k"),
+        (&["--crop", "0"], "--crop"),
+        (&["--crop", "100000"], "--crop"),
+        (&["--batch", "0"], "--batch"),
+    ] {
+        let out = knn(extra);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(option), "{extra:?}: {}", stderr(&out));
+    }
+    // A crop the model's patches do not tile: refused before any feature is computed.
+    let err = fails(&knn(&["--crop", "7"]));
+    assert!(err.contains("--crop 7") && err.contains("patch size"), "{err}");
+    for (args, option) in [
+        (&["seg", "--size", "0"][..], "--size"),
+        (&["seg", "--epochs", "0"], "--epochs"),
+        (&["seg", "--probe-seeds", "0"], "--probe-seeds"),
+        (&["match", "--images", "0"], "--images"),
+    ] {
+        let out =
+            trainer(&[&["eval"][..], &args[..1], &["--checkpoint", d, "--data", s], &args[1..]].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(option), "{args:?}: {}", stderr(&out));
     }
 }

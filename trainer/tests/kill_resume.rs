@@ -42,14 +42,19 @@ const STEPS: usize = 30;
 
 /// `train` of the tiny config in `dir`, or `train --resume` of its run once the run has a config.
 fn spawn(dir: &Path, log: &Path) -> Child {
+    spawn_with(dir, log, &[])
+}
+
+/// [`spawn`] with `extra` settings for a fresh run.
+fn spawn_with(dir: &Path, log: &Path, extra: &[&str]) -> Child {
     let run = dir.join("runs/k");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
     cmd.args(["train", "--quiet"]);
     if run.join("config.toml").is_file() {
         cmd.args(["--resume", run.to_str().unwrap()]);
     } else {
-        for s in sets(dir) {
-            cmd.args(["--set", &s]);
+        for s in sets(dir).iter().map(String::as_str).chain(extra.iter().copied()) {
+            cmd.args(["--set", s]);
         }
     }
     let err = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
@@ -306,4 +311,58 @@ fn random_sigkills_then_resume_give_the_history_and_weights_of_an_uninterrupted_
         spans.join(" "),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// SIGTERM at a moment the test does not control (a few steps into each process): the run finishes the
+/// step it is in, writes that step's checkpoint, and exits with 143 (128 + SIGTERM) saying how to
+/// continue; after several such stops the resumed run's history and weights are the uninterrupted run's,
+/// bit for bit. Before, SIGTERM ended the run at once (rc 143, no message), losing every step since the
+/// last periodic checkpoint.
+#[test]
+fn sigterm_checkpoints_the_step_in_progress_and_the_resume_is_exact() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let log = tmp.path().join("stderr.txt");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Checkpoints at epoch ends only (every 5 steps): a stop inside an epoch has none but its own.
+    let extra = ["run.checkpoint_every=1000"];
+    let reference = tmp.path().join("reference");
+    let status = spawn_with(&reference, &log, &extra).wait().unwrap();
+    assert!(status.success(), "the reference run failed: {}", log_text());
+    let ref_run = reference.join("runs/k");
+    let (want_history, want_weights) = (history(&ref_run), weights(&ref_run));
+
+    let dir = tmp.path().join("cut");
+    std::fs::create_dir_all(dir.join("synth")).unwrap();
+    for e in std::fs::read_dir(reference.join("synth")).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.join("synth").join(e.file_name())).unwrap();
+    }
+    let run = dir.join("runs/k");
+    let mut stops = vec![];
+    while steps_logged(&run) + 6 < STEPS {
+        let before = steps_logged(&run);
+        let mut child = spawn_with(&dir, &log, &extra);
+        let t0 = Instant::now();
+        while steps_logged(&run) < before + 3 {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no steps: {}", log_text());
+            assert!(child.try_wait().unwrap().is_none(), "ended before the signal: {}", log_text());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // SAFETY: a signal to the process this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(143), "{}", log_text());
+        let logged = steps_logged(&run);
+        let newest = checkpoint::list(&run.join("checkpoints")).last().map_or(0, |c| c.0);
+        assert_eq!(newest, logged, "the checkpoint holds the last step logged: {}", log_text());
+        assert!(log_text().contains(&format!("stopped by SIGTERM after step {logged}")), "{}", log_text());
+        assert!(partials(&run.join("checkpoints")).is_empty());
+        stops.push(logged);
+    }
+    assert!(spawn(&dir, &log).wait().unwrap().success(), "the resume failed: {}", log_text());
+    assert_eq!(history(&run), want_history, "the history after the stops is the uninterrupted run's");
+    // The last checkpoint (the one before it may be a stop's, which the reference does not have).
+    let last = |w: Weights| w.into_iter().next_back().expect("a checkpoint");
+    assert!(last(weights(&run)) == last(want_weights), "the final weights are the uninterrupted run's");
+    eprintln!("SIGTERM stops after steps {stops:?} (checkpoints at epoch ends, every 5 steps)");
+    assert!(stops.iter().any(|s| s % 5 != 0), "a stop inside an epoch: {stops:?}");
 }

@@ -176,6 +176,7 @@ pub fn clean(bytes: &[u8], opts: &CleanOptions) -> Result<Cleaned> {
     let (pixels, width, height, channels) = match image::guess_format(bytes) {
         Ok(ImageFormat::Jpeg) => {
             let hdr = parse_jpeg_header(bytes)?;
+            common::files::check_pixels(hdr.width.into(), hdr.height.into()).map_err(Error::image)?;
             if !hdr.complete {
                 return Err(Error::image("truncated JPEG (no EOI marker after the scan)"));
             }
@@ -211,8 +212,11 @@ pub fn clean(bytes: &[u8], opts: &CleanOptions) -> Result<Cleaned> {
             }
         }
         Ok(format) => {
-            let img = image::load_from_memory_with_format(bytes, format)
-                .map_err(|e| Error::image(format!("unreadable {format:?}: {e}")))?;
+            let unreadable = |e: image::ImageError| Error::image(format!("unreadable {format:?}: {e}"));
+            let reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+            let (w, h) = reader.into_dimensions().map_err(unreadable)?;
+            common::files::check_pixels(w.into(), h.into()).map_err(Error::image)?;
+            let img = image::load_from_memory_with_format(bytes, format).map_err(unreadable)?;
             cleaning.push(format!("reencoded_from_{}", format!("{format:?}").to_lowercase()));
             let (w, h) = (img.width(), img.height());
             match img {

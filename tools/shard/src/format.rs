@@ -14,6 +14,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// The largest member a shard may hold: what `pack` accepts as an image file. A bigger size in a header
+/// is damage, not a reason to allocate.
+pub const MAX_MEMBER_BYTES: u64 = common::files::MAX_IMAGE_BYTES;
+
 /// Suffix of a shard (or index) while it is being written; renamed away only when complete.
 pub const PARTIAL_SUFFIX: &str = ".partial";
 
@@ -179,16 +183,26 @@ impl ShardWriter {
 }
 
 /// Writes `bytes` to `path` through a temporary name and a rename, so `path` is either absent, the old
-/// file, or the whole new one.
+/// file, or the whole new one. A `path` that exists as anything but a regular file (a folder, a device
+/// such as `/dev/full`) is refused before anything is written; a failed write leaves no temporary file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    common::files::check_replaceable(path).map_err(|e| Error::io(path, "cannot replace", e))?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(PARTIAL_SUFFIX);
     let tmp = PathBuf::from(tmp);
-    let cannot_write = |e| Error::io(&tmp, "cannot write", e);
-    let mut f = File::create(&tmp).map_err(cannot_write)?;
-    f.write_all(bytes).map_err(cannot_write)?;
-    f.sync_all().map_err(cannot_write)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(&tmp, "cannot rename to its final name", e))
+    common::files::check_replaceable(&tmp).map_err(|e| Error::io(&tmp, "cannot replace", e))?;
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    let result = written.map_err(|e| Error::io(&tmp, "cannot write", e)).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(&tmp, "cannot rename to its final name", e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// One sample of a shard: its key and its members (extension, bytes) in archive order.
@@ -206,8 +220,20 @@ impl Sample {
 
 /// Opens a shard for reading, decompressing `.zst` by name.
 pub fn open_shard(path: &Path) -> Result<Box<dyn Read + Send>> {
-    let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+    let file = open_regular(path)?;
     tar_stream(path, io::BufReader::with_capacity(1 << 20, file))
+}
+
+/// Opens a file that must be a regular one (after symlinks): a shard named by an index could otherwise
+/// be a device (`/dev/zero` reads forever) or a FIFO.
+pub fn open_regular(path: &Path) -> Result<File> {
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, "cannot open", e))?;
+    if !meta.is_file() {
+        let problem = std::io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
+        return Err(Error::io(path, "cannot open", problem));
+    }
+    Ok(file)
 }
 
 /// The tar stream of a shard's raw bytes: `raw` itself, or `raw` decompressed for a `.zst` name. The
@@ -256,7 +282,14 @@ pub fn read_samples(reader: impl Read, mut f: impl FnMut(Sample) -> bool) -> Res
             }
         }
         let size = entry.size();
-        let mut data = Vec::with_capacity(size as usize);
+        // The header's size is input: it decides neither the allocation (a header may say 1 TiB in a
+        // 2 KB file) nor, past the limit, whether the member is read at all.
+        if size > MAX_MEMBER_BYTES {
+            let problem =
+                format!("member {name} declares {size} bytes, over the {MAX_MEMBER_BYTES} a member may hold");
+            return Err(damaged(delivered, problem));
+        }
+        let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
         entry
             .read_to_end(&mut data)
             .map_err(|e| damaged(delivered, format!("truncated member {name}: {e}")))?;
@@ -325,6 +358,40 @@ mod tests {
         })
         .unwrap();
         assert_eq!(keys, vec![("a".to_string(), 2), (long_key, 1)]);
+    }
+
+    /// A header that declares a huge member (1 TiB in a file of a few KB) is damage, reported without
+    /// allocating what it declares (which aborted the process before); one just over the limit too.
+    #[test]
+    fn a_member_size_is_not_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::create(dir.path(), "s.tar", None).unwrap();
+        w.append("a", &[("jpg", &[1u8; 700][..]), ("cls", b"1")]).unwrap();
+        w.append("b", &[("jpg", &[2u8; 700][..]), ("cls", b"2")]).unwrap();
+        w.finish().unwrap();
+        let whole = std::fs::read(dir.path().join("s.tar")).unwrap();
+        // Sample b's jpg header starts after a's two members (512 + 1024, 512 + 512).
+        let at = 2560;
+        assert_eq!(&whole[at..at + 5], b"b.jpg");
+        for size in [1u64 << 40, MAX_MEMBER_BYTES + 1] {
+            let mut bad = whole.clone();
+            let mut header = tar::Header::new_gnu();
+            header.as_mut_bytes().copy_from_slice(&bad[at..at + 512]);
+            header.set_size(size);
+            header.set_cksum();
+            bad[at..at + 512].copy_from_slice(header.as_bytes());
+            let mut keys = vec![];
+            match read_samples(&bad[..], |s| {
+                keys.push(s.key);
+                true
+            }) {
+                Err(Error::Shard { samples: 1, problem, .. }) => {
+                    assert!(problem.contains(&format!("b.jpg declares {size} bytes")), "{problem}")
+                }
+                other => panic!("size {size}: {other:?}"),
+            }
+            assert_eq!(keys, ["a"]);
+        }
     }
 
     /// A shard cut anywhere (inside a header, inside a member's data, between members, between samples)

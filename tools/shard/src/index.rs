@@ -82,8 +82,8 @@ impl Index {
     /// Loads an index from its path, or from the directory that holds it.
     pub fn load(path: &Path) -> Result<Index> {
         let file = if path.is_dir() { path.join(INDEX_FILE) } else { path.to_path_buf() };
-        let text =
-            std::fs::read_to_string(&file).map_err(|e| Error::io(&file, "cannot read the shard index", e))?;
+        let text = common::files::read_text(&file, common::files::MAX_TEXT_BYTES)
+            .map_err(|e| Error::io(&file, "cannot read the shard index", e))?;
         let index: Index = serde_json::from_str(&text).map_err(|e| Error::Index {
             path: file.clone(),
             problem: format!("not a valid shard index: {e}"),
@@ -94,7 +94,40 @@ impl Index {
                 problem: format!("format {:?}, expected {FORMAT:?}", index.format),
             });
         }
+        index.check().map_err(|problem| Error::Index { path: file, problem })?;
         Ok(index)
+    }
+
+    /// What `load` refuses in an index that parses: a shard name that is not a plain file name of the
+    /// set's folder (`../x.tar`, `/dev/zero`, `a/b.tar` would be opened outside it, as GNU tar's and
+    /// Python's `tarfile` `data` filter refuse member paths), a shard listed twice (every epoch would
+    /// read it twice), and totals that disagree with the shards.
+    fn check(&self) -> std::result::Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.shards {
+            let plain = !s.name.is_empty()
+                && s.name != "."
+                && s.name != ".."
+                && !s.name.contains(['/', '\\', '\0'])
+                && Path::new(&s.name).file_name().is_some_and(|n| n == s.name.as_str());
+            if !plain {
+                return Err(format!("shard name {:?} is not a file name in the set's folder", s.name));
+            }
+            if !seen.insert(s.name.as_str()) {
+                return Err(format!("shard {:?} is listed twice", s.name));
+            }
+        }
+        let (samples, bytes) = self
+            .shards
+            .iter()
+            .fold((0u64, 0u64), |(n, b), s| (n.saturating_add(s.samples), b.saturating_add(s.bytes)));
+        if samples != self.total_samples || bytes != self.total_bytes {
+            return Err(format!(
+                "total_samples {} and total_bytes {} disagree with the shards' sums ({samples}, {bytes})",
+                self.total_samples, self.total_bytes
+            ));
+        }
+        Ok(())
     }
 
     pub fn to_json(&self) -> Vec<u8> {

@@ -9,7 +9,7 @@
 //!
 //! Files are chosen by place, not by extension; what they contain is decided later, from their bytes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -44,6 +44,10 @@ pub struct LayoutArgs {
     /// A file of `id name…` lines giving human names; found automatically as `classes.txt`,
     /// `LOC_synset_mapping.txt` or `synset_words.txt` in the input folder or its parent.
     pub class_names: Option<PathBuf>,
+    /// Follow symbolic links that lead out of the input folder (a subset made of links into a full
+    /// copy elsewhere). Without it such links are skipped and recorded, so that a link cannot make
+    /// `pack` read (and publish in a shard) what lies outside the folder it was given.
+    pub follow_links_out: bool,
 }
 
 #[derive(Debug)]
@@ -52,6 +56,55 @@ pub struct Plan {
     pub items: Vec<Item>,
     pub classes: Vec<ClassInfo>,
     pub names_file: Option<PathBuf>,
+    /// Inputs left out before reading: (path relative to the input, why): symbolic links out of the
+    /// input, and folders reached a second time through a link (a loop such as `a/up -> ..`).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Where the walk of a class-folder input may go: inside `root` (canonical) unless links out are
+/// allowed, and into each real folder once.
+struct Walk {
+    root: PathBuf,
+    follow_out: bool,
+    visited: HashSet<PathBuf>,
+    skipped: Vec<(String, String)>,
+}
+
+impl Walk {
+    fn new(input: &Path, follow_out: bool) -> Result<Walk> {
+        let root = input.canonicalize().map_err(|e| Error::io(input, "cannot resolve", e))?;
+        Ok(Walk { root, follow_out, visited: HashSet::new(), skipped: vec![] })
+    }
+
+    /// Whether `path` (relative name `rel`) may be read: it resolves inside the input (or links out
+    /// are allowed) and, with `once` (a folder to walk), it was not walked before. Otherwise the reason
+    /// is recorded.
+    fn admit(&mut self, path: &Path, rel: &str, once: bool) -> bool {
+        // A path that does not resolve (absent, a dangling link) is left to the reader, which records
+        // why it cannot be read.
+        let Ok(real) = path.canonicalize() else {
+            return true;
+        };
+        if !self.follow_out && !real.starts_with(&self.root) {
+            let why = format!(
+                "a symbolic link out of the input folder (to {}); --follow-links-out packs it",
+                real.display()
+            );
+            self.skipped.push((rel.to_string(), why));
+            return false;
+        }
+        if once && !self.visited.insert(real.clone()) {
+            let why = format!("a folder reached twice through a symbolic link ({}): a loop", real.display());
+            self.skipped.push((rel.to_string(), why));
+            return false;
+        }
+        true
+    }
+}
+
+/// A user-named text file (a list, a labels or names file), read whole but bounded.
+fn read_text(path: &Path) -> std::io::Result<String> {
+    common::files::read_text(path, common::files::MAX_TEXT_BYTES)
 }
 
 fn is_hidden(name: &str) -> bool {
@@ -76,15 +129,30 @@ fn list_dir(dir: &Path, want_dirs: bool) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// All files below `dir`, recursively, as sorted '/'-joined paths relative to `dir`.
-fn walk_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
+/// All files below `dir`, recursively, as sorted '/'-joined paths relative to `dir`, following
+/// symbolic links as ImageFolder does but only where `walk` admits them.
+fn walk_files(dir: &Path, prefix: &str, out: &mut Vec<String>, walk: &mut Walk) -> Result<()> {
     for f in list_dir(dir, false)? {
-        out.push(format!("{prefix}{f}"));
+        let rel = format!("{prefix}{f}");
+        if walk.admit(&dir.join(&f), &rel, false) {
+            out.push(rel);
+        }
     }
     for d in list_dir(dir, true)? {
-        walk_files(&dir.join(&d), &format!("{prefix}{d}/"), out)?;
+        let rel = format!("{prefix}{d}");
+        if walk.admit(&dir.join(&d), &rel, true) {
+            walk_files(&dir.join(&d), &format!("{rel}/"), out, walk)?;
+        }
     }
     Ok(())
+}
+
+/// A list line's path as it may be joined to the input: relative, without `.` or `..` components (a
+/// line `../other/x.jpg` would pack a file outside the input under the line's class).
+fn plain_relative(rel: &str) -> bool {
+    !rel.starts_with('/')
+        && !rel.contains('\\')
+        && rel.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// A key from a relative path: the extension dropped and dots replaced (WebDataset splits the key from
@@ -117,7 +185,7 @@ fn dedupe_keys(items: &mut [Item]) {
 
 /// Reads `id name…` lines (e.g. `n01440764 tench, Tinca tinca`); the name is optional.
 fn read_names_file(path: &Path) -> Result<Vec<(String, Option<String>)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read", e))?;
+    let text = read_text(path).map_err(|e| Error::io(path, "cannot read", e))?;
     Ok(text
         .lines()
         .map(str::trim)
@@ -175,7 +243,11 @@ pub fn plan(input: &Path, args: &LayoutArgs) -> Result<Plan> {
     } else if let Some(labels) = &args.val_labels {
         plan_val(input, labels, args.classes_from.as_deref(), &names)?
     } else {
-        plan_folders(input, args.list.as_deref(), args.classes_from.as_deref(), &names)?
+        let mut walk = Walk::new(input, args.follow_links_out)?;
+        let mut plan =
+            plan_folders(input, args.list.as_deref(), args.classes_from.as_deref(), &names, &mut walk)?;
+        plan.skipped = walk.skipped;
+        plan
     };
     if plan.items.is_empty() {
         return Err(Error::layout(input, format!("no input files found ({} layout)", plan.layout)));
@@ -190,6 +262,7 @@ fn plan_folders(
     list: Option<&Path>,
     classes_from: Option<&Path>,
     names: &HashMap<String, String>,
+    walk: &mut Walk,
 ) -> Result<Plan> {
     let folders = list_dir(input, true)?;
     if folders.is_empty() {
@@ -205,7 +278,7 @@ fn plan_folders(
     let index_of: HashMap<&str, usize> = classes.iter().map(|c| (c.id.as_str(), c.index)).collect();
     let rels: Vec<String> = match list {
         Some(list) => {
-            let text = std::fs::read_to_string(list).map_err(|e| Error::io(list, "cannot read", e))?;
+            let text = read_text(list).map_err(|e| Error::io(list, "cannot read", e))?;
             let mut rels = vec![];
             for (n, line) in text.lines().enumerate() {
                 let rel = line.trim();
@@ -218,14 +291,37 @@ fn plan_folders(
                         format!("line {}: expected `class/file`, got {rel:?}", n + 1),
                     ));
                 }
+                if !plain_relative(rel) {
+                    return Err(Error::layout(
+                        list,
+                        format!(
+                            "line {}: {rel:?} is not a path inside the input (no `..`, `.`, empty or \
+                             absolute parts)",
+                            n + 1
+                        ),
+                    ));
+                }
                 rels.push(rel.to_string());
             }
+            // A listed file is read only where the walk would read it.
+            rels.retain(|rel| walk.admit(&input.join(rel), rel, false));
             rels
         }
         None => {
-            let mut rels = vec![];
+            // The input and its class folders are where every walk starts: a link below that leads
+            // back to one of them is a loop (or a second label for the same files).
+            walk.visited.insert(walk.root.clone());
+            let mut admitted = vec![];
             for folder in &folders {
-                walk_files(&input.join(folder), &format!("{folder}/"), &mut rels)?;
+                let dir = input.join(folder);
+                if walk.admit(&dir, folder, false) {
+                    walk.visited.extend(dir.canonicalize().ok());
+                    admitted.push(folder);
+                }
+            }
+            let mut rels = vec![];
+            for folder in admitted {
+                walk_files(&input.join(folder), &format!("{folder}/"), &mut rels, walk)?;
             }
             rels
         }
@@ -242,13 +338,13 @@ fn plan_folders(
         items.push(Item { key: key_of(&rel), rel, class: Some(class), mask: None });
     }
     let layout = if list.is_some() { "split-list" } else { "class-folders" };
-    Ok(Plan { layout, items, classes, names_file: None })
+    Ok(Plan { layout, items, classes, names_file: None, skipped: vec![] })
 }
 
 /// Parses an ImageNet val labels file: Kaggle's `ImageId,PredictionString` CSV (the first word of the
 /// prediction is the WordNet id) or `file class` lines.
 fn read_val_labels(path: &Path) -> Result<BTreeMap<String, String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read", e))?;
+    let text = read_text(path).map_err(|e| Error::io(path, "cannot read", e))?;
     let mut out = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -312,7 +408,7 @@ fn plan_val(
         };
         items.push(Item { rel, key, class: Some(class), mask: None });
     }
-    Ok(Plan { layout: "imagenet-val", items, classes, names_file: None })
+    Ok(Plan { layout: "imagenet-val", items, classes, names_file: None, skipped: vec![] })
 }
 
 /// Image/mask pairs by stem. With a `list` (Pascal VOC's `ImageSets/Segmentation/train.txt`: one stem
@@ -326,8 +422,7 @@ fn plan_segmentation(input: &Path, masks: &Path, list: Option<&Path>) -> Result<
         None => images,
         Some(list_path) => {
             let image_by_stem: HashMap<String, &String> = images.iter().map(|r| (key_of(r), r)).collect();
-            let text =
-                std::fs::read_to_string(list_path).map_err(|e| Error::io(list_path, "cannot read", e))?;
+            let text = read_text(list_path).map_err(|e| Error::io(list_path, "cannot read", e))?;
             let mut rels = vec![];
             for (n, line) in text.lines().enumerate() {
                 // VOC lists hold bare stems; a `stem.jpg` or a trailing column is accepted too.
@@ -356,7 +451,7 @@ fn plan_segmentation(input: &Path, masks: &Path, list: Option<&Path>) -> Result<
         };
         items.push(Item { rel, key, class: None, mask: Some(mask.clone()) });
     }
-    Ok(Plan { layout: "segmentation", items, classes: vec![], names_file: None })
+    Ok(Plan { layout: "segmentation", items, classes: vec![], names_file: None, skipped: vec![] })
 }
 
 #[cfg(test)]

@@ -47,6 +47,10 @@ enum Command {
         /// synset_words.txt beside the input).
         #[arg(long)]
         class_names: Option<PathBuf>,
+        /// Follow symbolic links that lead out of --input (a subset made of links into a full copy);
+        /// without it they are skipped and recorded in index.json.
+        #[arg(long)]
+        follow_links_out: bool,
         /// Seed of the shuffle that spreads samples over shards.
         #[arg(long, default_value_t = PackOptions::default().seed)]
         seed: u64,
@@ -163,6 +167,7 @@ fn run() -> Result<ExitCode> {
             masks,
             classes_from,
             class_names,
+            follow_links_out,
             seed,
             prefix,
             shard_bytes,
@@ -182,7 +187,7 @@ fn run() -> Result<ExitCode> {
             let opts = PackOptions {
                 input,
                 out,
-                layout: LayoutArgs { list, val_labels, masks, classes_from, class_names },
+                layout: LayoutArgs { list, val_labels, masks, classes_from, class_names, follow_links_out },
                 seed,
                 prefix,
                 shard_bytes,

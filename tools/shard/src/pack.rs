@@ -149,6 +149,10 @@ impl Summary {
 struct Journal {
     options: PackRecord,
     plan_len: usize,
+    /// SHA-256 of the shuffled plan (each input's path, key, class and mask): an input moved, added or
+    /// removed between the crash and the resume changes it, where the length alone may not.
+    #[serde(default)]
+    plan_digest: String,
     /// Plan position of the first item not yet in a finished shard.
     next: usize,
     shards: Vec<ShardInfo>,
@@ -160,6 +164,7 @@ pub struct ShardSet {
     dir: PathBuf,
     record: PackRecord,
     plan_len: usize,
+    plan_digest: String,
     current: Option<ShardWriter>,
     pub shards: Vec<ShardInfo>,
     pub skipped: Vec<Skipped>,
@@ -178,6 +183,7 @@ impl ShardSet {
         dir: &Path,
         record: PackRecord,
         plan_len: usize,
+        plan_digest: String,
         resume: bool,
         force: bool,
     ) -> Result<(Self, usize)> {
@@ -189,6 +195,7 @@ impl ShardSet {
             dir: dir.to_path_buf(),
             record,
             plan_len,
+            plan_digest,
             current: None,
             shards: vec![],
             skipped: vec![],
@@ -199,12 +206,15 @@ impl ShardSet {
         };
         let mut start = 0;
         if resume && journal_path.is_file() {
-            let text = std::fs::read_to_string(&journal_path)
+            let text = common::files::read_text(&journal_path, common::files::MAX_TEXT_BYTES)
                 .map_err(|e| Error::io(&journal_path, "cannot read", e))?;
             let journal: Journal = serde_json::from_str(&text).map_err(|e| {
                 Error::output(&journal_path, format!("damaged journal ({e}); pack again with --force"))
             })?;
-            if journal.options != set.record || journal.plan_len != plan_len {
+            if journal.options != set.record
+                || journal.plan_len != plan_len
+                || journal.plan_digest != set.plan_digest
+            {
                 return Err(Error::output(
                     &journal_path,
                     "the interrupted run used other options or inputs; pack again with --force",
@@ -310,6 +320,7 @@ impl ShardSet {
         let journal = Journal {
             options: self.record.clone(),
             plan_len: self.plan_len,
+            plan_digest: self.plan_digest.clone(),
             next,
             shards: self.shards.clone(),
             skipped: self.skipped.clone(),
@@ -443,7 +454,8 @@ fn process(
     let path = input.join(&item.rel);
     // Every problem here is this input's: unreadable, unusable, or its mask is.
     let unusable = |e: Error| e.in_file(&path);
-    let bytes = std::fs::read(&path).map_err(|e| unusable(Error::image(format!("cannot read: {e}"))))?;
+    let bytes = common::files::read_regular(&path, common::files::MAX_IMAGE_BYTES)
+        .map_err(|e| unusable(Error::image(format!("cannot read: {e}"))))?;
     let cleaned = clean(&bytes, opts).map_err(unusable)?;
     let mut members: Vec<(&'static str, Vec<u8>)> = vec![];
     let class = item.class.and_then(|c| classes.get(c));
@@ -514,7 +526,8 @@ pub fn decode_mask(bytes: &[u8]) -> Result<image::GrayImage> {
 fn clean_mask(path: &Path, width: u32, height: u32) -> Result<Vec<u8>> {
     let bad_mask =
         |problem: &dyn std::fmt::Display| Error::image(format!("mask {}: {problem}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| bad_mask(&format!("cannot read: {e}")))?;
+    let bytes = common::files::read_regular(path, common::files::MAX_IMAGE_BYTES)
+        .map_err(|e| bad_mask(&format!("cannot read: {e}")))?;
     let mut gray = decode_mask(&bytes).map_err(|e| bad_mask(&e))?;
     // The PNG header alone says whether the file is already what we store.
     let is_png_l8 = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().is_ok_and(|r| {
@@ -536,6 +549,17 @@ fn clean_mask(path: &Path, width: u32, height: u32) -> Result<Vec<u8>> {
     gray.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
         .map_err(|e| bad_mask(&format!("cannot encode as PNG: {e}")))?;
     Ok(out)
+}
+
+/// What a resume must find unchanged: every input of the shuffled plan, in order.
+fn plan_digest(items: &[crate::input::Item]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for it in items {
+        let line = format!("{}\0{}\0{:?}\0{:?}\n", it.rel, it.key, it.class, it.mask);
+        h.update(line.as_bytes());
+    }
+    hex::encode(h.finalize())
 }
 
 pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
@@ -560,7 +584,14 @@ pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
     };
     let mut items = plan.items;
     items.shuffle(&mut common::seed::rng(opts.seed, common::seed::Purpose::ShardShuffle, &[]));
-    let (mut set, start) = ShardSet::open(&opts.out, record, items.len(), opts.resume, opts.force)?;
+    let digest = plan_digest(&items);
+    let (mut set, start) = ShardSet::open(&opts.out, record, items.len(), digest, opts.resume, opts.force)?;
+    if start == 0 {
+        for (rel, reason) in plan.skipped {
+            eprintln!("skipped {}: {reason}", opts.input.join(&rel).display());
+            set.skipped.push(Skipped { path: rel, reason });
+        }
+    }
     if start > 0 {
         eprintln!("resuming at image {start} of {} after {} finished shards", items.len(), set.shards.len());
     }

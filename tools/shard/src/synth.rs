@@ -361,7 +361,7 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<(Index, Summary)> {
         extra: serde_json::to_value(SynthRecord::of(opts))
             .map_err(|e| Error::output(out, format!("cannot record the generator settings: {e}")))?,
     };
-    let (mut set, start) = ShardSet::open(out, record, opts.count, false, opts.force)?;
+    let (mut set, start) = ShardSet::open(out, record, opts.count, String::new(), false, opts.force)?;
     let mut progress = Progress::new("synth", opts.count as u64, opts.quiet);
     let ids: Vec<u64> = (start as u64..opts.count as u64).collect();
     for chunk in ids.chunks(256) {

@@ -39,11 +39,12 @@ impl<R: Read> Read for HashingReader<R> {
 fn check_shard(dir: &Path, shard: &ShardInfo, index: &Index, decode: bool) -> (u64, u64, Vec<String>) {
     let path = dir.join(&shard.name);
     let mut problems = vec![];
-    let file = match std::fs::File::open(&path) {
+    let file = match crate::format::open_regular(&path) {
         Ok(f) => f,
-        Err(e) => {
-            return (0, 0, vec![format!("{}: missing or unreadable: {e}", path.display())]);
+        Err(Error::Io { cause, .. }) => {
+            return (0, 0, vec![format!("{}: missing or unreadable: {cause}", path.display())]);
         }
+        Err(e) => return (0, 0, vec![e.to_string()]),
     };
     let mut raw = HashingReader { inner: file, hasher: Sha256::new(), bytes: 0 };
     let (mut decoded, mut keys) = (0u64, std::collections::HashSet::new());

@@ -94,13 +94,16 @@ pub fn draw(
     device: &Device,
 ) -> Result<Vec<PathBuf>> {
     let p = vit.cfg.patch_size;
-    if size == 0 || !size.is_multiple_of(p) {
+    if size == 0 || !size.is_multiple_of(p) || size > common::config::MAX_VIEW_SIZE {
         bail!(
-            "image size {size} (--size) must be a positive multiple of the model's patch size {p}, e.g. {}",
-            (size.div_ceil(p)).max(1) * p
+            "image size {size} (--size) must be a positive multiple of the model's patch size {p} up to {}, \
+             e.g. {}",
+            common::config::MAX_VIEW_SIZE,
+            (size.div_ceil(p)).clamp(1, common::config::MAX_VIEW_SIZE / p) * p
         );
     }
-    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let bytes = common::files::read_regular(image, common::files::MAX_IMAGE_BYTES)
+        .with_context(|| format!("reading {}", image.display()))?;
     // The largest centred square, resized to `size`.
     let pre = eval::Preprocess { resize: size, crop: size, squash: false };
     let mut prep = eval::Prep::default();

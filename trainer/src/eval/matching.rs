@@ -14,6 +14,11 @@
 //! loader's own draw), each made a reference token in both views; a hit is a token of view A whose most
 //! similar token of view B is its own point's (chance 1 in [`REF_POINTS`]). That is what the reference
 //! loss trains; the patch metric is what a dense probe reads.
+//!
+//! And where those tokens look: in every block, the share of a reference token's attention over the
+//! patches that falls within one patch of its point ([`RefAttention`]), against the share a uniform
+//! attention would give the same patches. A token that reads its point has the first well above the
+//! second; one that reads the whole image has them close.
 
 use std::path::Path;
 
@@ -86,6 +91,53 @@ impl RefCounts {
         self.own_sim += o.own_sim;
         self.other_sim += o.other_sim;
     }
+}
+
+/// Where the reference tokens attend, summed over tokens (see [`locality`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RefAttention {
+    /// Per block: the share of a token's patch attention within one patch of its point.
+    pub local: Vec<f64>,
+    /// Per block: the share on the patch that holds the point.
+    pub own: Vec<f64>,
+    /// The share a uniform attention would give the patches within one patch of the point.
+    pub uniform: f64,
+    pub tokens: usize,
+}
+
+impl RefAttention {
+    /// Means over tokens: (local share per block, own-patch share per block, uniform share).
+    pub fn means(&self) -> (Vec<f64>, Vec<f64>, f64) {
+        let n = self.tokens.max(1) as f64;
+        (
+            self.local.iter().map(|v| v / n).collect(),
+            self.own.iter().map(|v| v / n).collect(),
+            self.uniform / n,
+        )
+    }
+}
+
+/// The patch (row, col) of a `grid`×`grid` view that holds the normalised point `(x, y)` ([-1, 1],
+/// pixel edges at ±1, as the reference points are placed).
+fn patch_of(grid: usize, x: f32, y: f32) -> (usize, usize) {
+    let at = |v: f32| ((((v as f64 + 1.0) * 0.5 * grid as f64).floor()).max(0.0) as usize).min(grid - 1);
+    (at(y), at(x))
+}
+
+/// One token's attention over the `grid²` patches (row-major, any total): the share within one patch
+/// (Chebyshev) of its point's patch, the share on that patch, and the share a uniform attention would
+/// give the same neighbourhood (fewer patches at the view's edge).
+pub fn locality(attn: &[f32], grid: usize, point: (f32, f32)) -> (f64, f64, f64) {
+    let (pr, pc) = patch_of(grid, point.0, point.1);
+    let total: f64 = attn.iter().map(|&a| a as f64).sum::<f64>().max(1e-30);
+    let (mut near, mut count) = (0f64, 0usize);
+    for r in pr.saturating_sub(1)..(pr + 2).min(grid) {
+        for c in pc.saturating_sub(1)..(pc + 2).min(grid) {
+            near += attn[r * grid + c] as f64;
+            count += 1;
+        }
+    }
+    (near / total, attn[pr * grid + pc] as f64 / total, count as f64 / (grid * grid) as f64)
 }
 
 /// Row-wise L2 normalisation of `[n, dim]`.
@@ -167,9 +219,18 @@ pub fn score(
     counts
 }
 
+/// What [`evaluate`] measures.
+#[derive(Clone, Debug, Default)]
+pub struct MatchReport {
+    pub patches: MatchCounts,
+    pub refs: RefCounts,
+    pub attention: RefAttention,
+    pub images: usize,
+}
+
 /// The metric over the first `limit` images of a shard set: both global views of the training `views`
-/// config at their own size, `seed` choosing the views. Returns the patch counts, the reference-token
-/// retrieval and the images used.
+/// config at their own size, `seed` choosing the views: the patch counts, the reference-token retrieval
+/// and where the reference tokens attend.
 pub fn evaluate(
     vit: &Vit,
     shards: &Path,
@@ -177,7 +238,7 @@ pub fn evaluate(
     seed: u64,
     limit: usize,
     device: &Device,
-) -> Result<(MatchCounts, RefCounts, usize)> {
+) -> Result<MatchReport> {
     let size = views.global_size;
     let patch = vit.cfg.patch_size;
     if !size.is_multiple_of(patch) {
@@ -188,6 +249,11 @@ pub fn evaluate(
     let views = ViewsConfig { num_local: 0, num_points: REF_POINTS, ..views.clone() };
     let m = REF_POINTS;
     let mut refs = RefCounts::default();
+    let mut attention = RefAttention {
+        local: vec![0.0; vit.blocks.len()],
+        own: vec![0.0; vit.blocks.len()],
+        ..Default::default()
+    };
     let (dir, index) = loader::pipeline::open_index(shards)?;
     let mut scratch = loader::views::Scratch::default();
     let mut batch: Vec<loader::views::SampleViews> = Vec::new();
@@ -208,6 +274,18 @@ pub fn evaluate(
             .chain(batch.iter().flat_map(|s| s.points.student[1][..m * 2].iter().copied()))
             .collect();
         let weights = vit::ref_weights(&points, vit.cfg.grid(), device);
+        for (block, a) in vit.ref_attention(x.clone(), weights.clone()).into_iter().enumerate() {
+            let a = host(a); // [2·B, m, g²]
+            for (t, row) in a.chunks_exact(grid * grid).enumerate() {
+                let (local, own, uniform) = locality(row, grid, (points[2 * t], points[2 * t + 1]));
+                attention.local[block] += local;
+                attention.own[block] += own;
+                if block == 0 {
+                    attention.uniform += uniform;
+                    attention.tokens += 1;
+                }
+            }
+        }
         let out = vit.forward(x, Some(weights), &[], false);
         let feats = host(out.patches); // [2·B, g², D]
         let tokens = host(out.refs.expect("reference tokens were given")); // [2·B, m, D]
@@ -264,7 +342,7 @@ pub fn evaluate(
     if images == 0 {
         bail!("{}: no usable images", shards.display());
     }
-    Ok((counts, refs, images))
+    Ok(MatchReport { patches: counts, refs, attention, images })
 }
 
 #[cfg(test)]
@@ -286,6 +364,27 @@ mod tests {
             }
         }
         f
+    }
+
+    /// A hand-made case: attention all on the point's patch is local and own; uniform attention gives
+    /// the uniform share (9 of 16 patches around an inner point, 4 of 16 at a corner).
+    #[test]
+    fn locality_of_hand_made_attention() {
+        let g = 4;
+        // The point (-0.3, 0.1) lies in column floor(0.35·4) = 1, row floor(0.55·4) = 2.
+        let mut one_hot = vec![0f32; g * g];
+        one_hot[2 * g + 1] = 0.5; // any total: shares are of the row's patch mass
+        assert_eq!(locality(&one_hot, g, (-0.3, 0.1)), (1.0, 1.0, 9.0 / 16.0));
+        let uniform = vec![1f32; g * g];
+        let (local, own, base) = locality(&uniform, g, (-0.3, 0.1));
+        assert!((local - 9.0 / 16.0).abs() < 1e-12 && (own - 1.0 / 16.0).abs() < 1e-12 && base == local);
+        // A corner point: its neighbourhood is clipped to 2x2.
+        let (local, _, base) = locality(&uniform, g, (-0.99, -0.99));
+        assert!((local - 0.25).abs() < 1e-12 && (base - 0.25).abs() < 1e-12);
+        // Mass two patches away is not local.
+        let mut far = vec![0f32; g * g];
+        far[0] = 1.0;
+        assert_eq!(locality(&far, g, (0.9, 0.9)).0, 0.0);
     }
 
     #[test]

@@ -231,6 +231,17 @@ pub fn extract_cls(
     if let Some(n) = Some(labels.iter().filter(|&&l| l < 0).count()).filter(|&n| n > 0) {
         bail!("{}: {n} of {} samples have no class label (no .cls member)", shards.display(), labels.len());
     }
+    // A label past the index's class list would open a class of its own in the vote (and in the
+    // per-class mean); `shard verify` refuses it, so does k-NN.
+    let classes = shard::Index::load(shards)?.classes.len() as i64;
+    if let Some(bad) = labels.iter().find(|&&l| l >= classes) {
+        let n = labels.iter().filter(|&&l| l >= classes).count();
+        bail!(
+            "{}: {n} samples have a class label (e.g. {bad}) outside the {classes} classes its index lists \
+             (shard verify names them)",
+            shards.display()
+        );
+    }
     Ok((feats, labels))
 }
 
@@ -268,7 +279,8 @@ pub fn check_knn_sets(train: &Path, val: &Path) -> Result<()> {
 pub fn feature_key(model: &str, pre: Preprocess, set: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let index_file = if set.is_dir() { set.join(shard::index::INDEX_FILE) } else { set.to_path_buf() };
-    let index = std::fs::read(&index_file).with_context(|| format!("reading {}", index_file.display()))?;
+    let index = common::files::read_regular(&index_file, common::files::MAX_TEXT_BYTES)
+        .with_context(|| format!("reading {}", index_file.display()))?;
     let mut h = Sha256::new();
     h.update(model.as_bytes());
     h.update(format!("{}/{}/{}", pre.resize, pre.crop, pre.squash).as_bytes());

@@ -76,8 +76,11 @@ pub struct SegSet {
 pub fn probe_size(cfg: &TrainConfig, size: Option<usize>) -> Result<usize> {
     let size = size.unwrap_or(cfg.views.global_size);
     let patch = cfg.model.patch_size;
-    if size == 0 || !size.is_multiple_of(patch) {
-        bail!("--size {size}: must be a positive multiple of the patch size {patch}");
+    if size == 0 || !size.is_multiple_of(patch) || size > common::config::MAX_VIEW_SIZE {
+        bail!(
+            "--size {size}: must be a positive multiple of the patch size {patch}, at most {}",
+            common::config::MAX_VIEW_SIZE
+        );
     }
     Ok(size)
 }
@@ -374,13 +377,39 @@ pub const CAMVID_CLASSES: [&str; 11] = [
     "bicyclist",
 ];
 
+/// The file recording which source a packed split came from (beside its `index.json`).
+const SOURCE_FILE: &str = "source.json";
+
+/// What a packed split depends on: the folders and list it was packed from, and each of their files'
+/// name, size and modification time. New masks, another `--data` folder or an edited list change it;
+/// listing the folders costs a `stat` per file, far less than packing.
+fn source_fingerprint(images: &Path, masks: &Path, list: Option<&Path>) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for dir in [images, masks] {
+        h.update(format!("{}\n", dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).display()));
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Ok(meta) = e.metadata() else { continue };
+            let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            h.update(format!("{:?} {} {:?}\n", e.file_name(), meta.len(), mtime));
+        }
+    }
+    if let Some(list) = list {
+        h.update(std::fs::read(list).unwrap_or_default());
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Where a raw data set's splits are, packed on first use into shards under `cache` (images + masks), so
-/// the probe reads them with the same decoder and crop as the rest.
+/// the probe reads them with the same decoder and crop as the rest. A packed split is reused only while
+/// its source is unchanged (see [`source_fingerprint`]); otherwise it is packed again in place.
 pub fn packed_split(data: &Path, dataset: SegDataset, split: &str, cache: &Path) -> Result<PathBuf> {
     let out = cache.join(format!("{}-{split}", dataset.name()));
-    if out.join("index.json").exists() {
-        return Ok(out);
-    }
     let (images, masks, list) = match dataset {
         SegDataset::Camvid => (data.join(split), data.join(format!("{split}annot")), None),
         SegDataset::Voc => {
@@ -400,14 +429,25 @@ pub fn packed_split(data: &Path, dataset: SegDataset, split: &str, cache: &Path)
     if !images.is_dir() || !masks.is_dir() {
         bail!("{}: expected {} and {}", data.display(), images.display(), masks.display());
     }
+    let source = source_fingerprint(&images, &masks, list.as_deref())?;
+    let packed = out.join("index.json").exists();
+    if packed && std::fs::read_to_string(out.join(SOURCE_FILE)).is_ok_and(|s| s.trim() == source) {
+        return Ok(out);
+    }
+    if packed {
+        eprintln!("{}: packed from another source (or an older one); packing it again", out.display());
+    }
     let opts = shard::pack::PackOptions {
         input: images.clone(),
         out: out.clone(),
         layout: shard::input::LayoutArgs { list, masks: Some(masks), ..Default::default() },
         prefix: split.to_string(),
         quiet: true,
+        force: packed,
         ..Default::default()
     };
+    let _ = std::fs::remove_file(out.join(SOURCE_FILE));
     shard::pack::pack(&opts).with_context(|| format!("packing {}", images.display()))?;
+    shard::format::write_atomic(&out.join(SOURCE_FILE), format!("{source}\n").as_bytes())?;
     Ok(out)
 }

@@ -337,6 +337,14 @@ impl Block {
         self.mlp(x, p, drop.and_then(|d| d.mlp.as_ref()))
     }
 
+    /// The attention probabilities of [`Block::forward_masked`]: `[B, H, S, S]` (for evaluation).
+    fn attention_probs(&self, x: Tensor<3>, heads: usize, bias: &Tensor<4>, p: Precision) -> Tensor<4> {
+        let d = x.dims()[2];
+        let scale = ((d / heads) as f64).powf(-0.5);
+        let [q, k, _] = split_heads(self.qkv.forward(self.norm1.forward(x), p), heads);
+        softmax(f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale) + bias.clone(), 3)
+    }
+
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
         self.norm1.visit(&format!("{prefix}.norm1"), f);
         self.qkv.visit(&format!("{prefix}.attn.qkv"), f);
@@ -527,6 +535,35 @@ impl Vit {
             patches: h.narrow(1, 1 + nr, t - 1),
             attn: None,
         }
+    }
+}
+
+impl Vit {
+    /// Where the reference tokens look: in every block, each token's attention over the patches,
+    /// averaged over the heads, `[B, R, N]` (row sums are 1 minus what the token gives itself). It runs
+    /// the literal masked formulation with the model's mask mode, whose outputs equal the fused path's.
+    pub fn ref_attention(&self, x: Tensor<4>, refs: Tensor<2>) -> Vec<Tensor<3>> {
+        let b = x.dims()[0];
+        let heads = self.cfg.num_heads;
+        let tokens = self.embed(x);
+        let t = tokens.dims()[1];
+        let r = self.ref_tokens(refs, b);
+        let nr = r.dims()[1];
+        let mut h = Tensor::cat(vec![tokens.clone().narrow(1, 0, 1), r, tokens.narrow(1, 1, t - 1)], 1);
+        let s = t + nr;
+        let bias = Tensor::<2>::from_data(
+            TensorData::new(mask_bias(self.cfg.mask_mode, nr, t - 1), [s, s]),
+            &h.device(),
+        )
+        .reshape([1, 1, s, s]);
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let probs = block.attention_probs(h.clone(), heads, &bias, self.precision); // [B,H,S,S]
+            let rows = probs.narrow(2, 1, nr).narrow(3, 1 + nr, t - 1); // [B,H,R,N]
+            out.push(rows.mean_dim(1).squeeze_dim(1)); // [B,R,N]
+            h = block.forward_masked(h, heads, &bias, self.precision, None);
+        }
+        out
     }
 }
 

@@ -268,6 +268,11 @@ impl Policy {
         Self { dir, every: run.checkpoint_every, keep: run.keep_checkpoints, last: None, writes: true }
     }
 
+    /// The run's `checkpoints/` folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Whether the state after step `it` (of `total`) is saved.
     pub fn due(&self, it: usize, epoch_end: bool, total: usize) -> bool {
         epoch_end || it == total || (self.every > 0 && it.is_multiple_of(self.every))

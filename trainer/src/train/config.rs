@@ -181,7 +181,8 @@ impl TrainConfig {
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Self> {
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+                common::files::read_text(p, common::files::MAX_TEXT_BYTES)
+                    .with_context(|| format!("reading {}", p.display()))?,
                 p.display().to_string(),
             ),
             None => (DEFAULT_TOML.to_string(), "the embedded default config".to_string()),
@@ -324,7 +325,40 @@ impl TrainConfig {
             check(v >= 1, key, v, "must be at least 1")?;
         }
         check(d.synth_size >= 16, "data.synth_size", d.synth_size, "must be at least 16 pixels")?;
-        check(!r.name.is_empty(), "run.name", "\"\"", "must not be empty")?;
+        // Upper bounds: each of these sizes an allocation or a thread count, and a typo must not.
+        for (key, v, most) in [
+            ("data.shuffle_buffer", d.shuffle_buffer, loader::pipeline::MAX_SHUFFLE_BUFFER),
+            ("data.interleave", d.interleave, loader::pipeline::MAX_INTERLEAVE),
+            ("data.capacity", d.capacity, 1024),
+            ("data.workers", d.workers, 1024),
+            ("data.synth_count", d.synth_count, 10_000_000),
+            ("run.batch_size", r.batch_size, 65_536),
+            ("head.out_dim", h.out_dim, 1 << 20),
+            ("head.hidden_dim", h.hidden_dim, 1 << 16),
+            ("head.bottleneck_dim", h.bottleneck_dim, 1 << 16),
+            ("head.nlayers", h.nlayers, 64),
+        ] {
+            check(
+                (1..=most).contains(&v) || (key == "data.workers" && v == 0),
+                key,
+                v,
+                &format!("must be within 1..={most}"),
+            )?;
+        }
+        check(d.synth_size <= 4096, "data.synth_size", d.synth_size, "must be at most 4096 pixels")?;
+        // The run's folder is `out_dir/name`: a name with a separator, `..` or an absolute path would
+        // put it (and its checkpoints) outside out_dir, `.` would be out_dir itself.
+        let plain = !r.name.is_empty()
+            && r.name != "."
+            && r.name != ".."
+            && !r.name.contains(['/', '\\', '\0'])
+            && Path::new(&r.name).file_name().is_some_and(|n| n == r.name.as_str());
+        check(
+            plain,
+            "run.name",
+            format!("{:?}", r.name),
+            "must be one folder name (no `/`, not `.` or `..`)",
+        )?;
         for (key, v) in [
             ("loss.student_temp", l.student_temp),
             ("loss.teacher_temp", l.teacher_temp),

@@ -61,6 +61,73 @@ pub struct RunSummary {
     pub teacher: crate::train::step::TeacherMovement,
 }
 
+/// A stop asked for by a signal: SIGTERM (what SLURM and Kubernetes send before a kill, with a grace
+/// period), SIGINT (Ctrl-C) or SIGUSR1 (what Open MPI's `mpirun` forwards to every rank, so the launcher
+/// of `--nproc-per-node` turns its own SIGTERM or SIGINT into it). The run finishes the step it is in,
+/// writes a checkpoint and ends with [`Interrupted`]; a second signal ends the process at once.
+struct StopFlags {
+    asked: Arc<std::sync::atomic::AtomicBool>,
+    signal: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+static STOP: std::sync::OnceLock<StopFlags> = std::sync::OnceLock::new();
+
+/// Installs the stop signals' handlers (once per process). Until this is called, the signals keep their
+/// default action (the process ends).
+pub fn stop_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    if STOP.get().is_some() {
+        return Ok(());
+    }
+    let flags = StopFlags { asked: Default::default(), signal: Default::default() };
+    for sig in [SIGTERM, SIGINT, SIGUSR1] {
+        // Registered first, so it sees the flag as it was before this signal: set means a second signal.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, flags.asked.clone())?;
+        signal_hook::flag::register_usize(sig, flags.signal.clone(), sig as usize)?;
+        signal_hook::flag::register(sig, flags.asked.clone())?;
+    }
+    let _ = STOP.set(flags);
+    Ok(())
+}
+
+/// The signal that asked the run to stop, if one did.
+pub fn stop_signal() -> Option<i32> {
+    let flags = STOP.get()?;
+    let asked = flags.asked.load(std::sync::atomic::Ordering::SeqCst);
+    asked.then(|| flags.signal.load(std::sync::atomic::Ordering::SeqCst) as i32)
+}
+
+/// A run stopped by a signal after writing its checkpoint: the error `train` returns, so that the caller
+/// exits with the conventional status (128 + the signal) and a scheduler sees an unfinished job.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    /// The last step taken (unknown to the launcher of several ranks).
+    pub step: Option<usize>,
+    pub checkpoint: String,
+    pub run_dir: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.signal {
+            signal_hook::consts::SIGTERM => "SIGTERM",
+            signal_hook::consts::SIGINT => "SIGINT",
+            signal_hook::consts::SIGUSR1 => "SIGUSR1",
+            _ => "a signal",
+        };
+        let step = self.step.map_or(String::new(), |s| format!(" after step {s}"));
+        write!(
+            f,
+            "stopped by {name}{step}; checkpoint {}; continue with: trainer train --resume {}",
+            self.checkpoint,
+            self.run_dir.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// Runs (or continues) a pretraining run.
 pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     let world = opts.world.clone();
@@ -217,13 +284,25 @@ fn train_steps(
     mut next_batch: impl FnMut() -> Result<Option<common::Batch>>,
 ) -> Result<Vec<StepMetrics>> {
     let mut steps = Vec::new();
+    // The loader's cursor after the last step's batch: where a checkpoint written now resumes.
+    let mut last_cursor: Option<common::Cursor> = None;
     while trainer.it < total {
         let t0 = Instant::now();
+        let mut stop = stop_signal();
+        if trainer.world.alone()
+            && let Some(signal) = stop
+        {
+            return Err(interrupt(trainer, cfg, ckpt, last_cursor, signal));
+        }
         let next = next_batch().with_context(|| {
             format!("at step {}; the last checkpoint is {}", trainer.it, ckpt.describe_last())
         })?;
         if !trainer.world.alone() {
-            agree_on_data(&trainer.world, next.as_ref(), trainer.it, ckpt)?;
+            // Every rank stops after the same step: a signal may reach the ranks steps apart.
+            stop = agree_on_data(&trainer.world, next.as_ref(), trainer.it, ckpt, stop)?;
+            if let Some(signal) = stop {
+                return Err(interrupt(trainer, cfg, ckpt, last_cursor, signal));
+            }
         }
         let Some(batch) = next else { break };
         let wait = t0.elapsed();
@@ -250,6 +329,7 @@ fn train_steps(
                 &Meta { it: trainer.it, cursor: batch.cursor, config: cfg.clone(), world_size },
             )?;
         }
+        last_cursor = Some(batch.cursor);
         steps.push(m);
     }
     if let (Some(prev), true) = (open_epoch, trainer.it < total) {
@@ -259,19 +339,53 @@ fn train_steps(
     Ok(steps)
 }
 
+/// The checkpoint of a run stopped by `signal` after its last step (none when that step has one already,
+/// or when no step ran in this process), and the error that says so.
+fn interrupt(
+    trainer: &mut Trainer,
+    cfg: &TrainConfig,
+    ckpt: &mut checkpoint::Policy,
+    last_cursor: Option<common::Cursor>,
+    signal: i32,
+) -> anyhow::Error {
+    let saved = ckpt.last.as_ref().is_some_and(|(it, _)| *it == trainer.it);
+    if let (Some(cursor), false) = (last_cursor, saved) {
+        let meta = Meta { it: trainer.it, cursor, config: cfg.clone(), world_size: trainer.world.size };
+        if let Err(e) = ckpt.save(trainer, &meta) {
+            return e.context(format!("writing the checkpoint of step {} after a stop signal", trainer.it));
+        }
+    }
+    let run_dir = ckpt.dir().parent().map_or_else(PathBuf::new, Path::to_path_buf);
+    anyhow::Error::new(Interrupted {
+        signal,
+        step: Some(trainer.it),
+        checkpoint: ckpt.describe_last(),
+        run_dir,
+    })
+}
+
 /// Data-parallel: every rank must step on a batch of the same epoch, or all must have reached the end of
 /// their data. A rank whose epoch ran short (damaged shards or skipped samples) would otherwise leave the
 /// others waiting in the next all-reduce, or feed them gradients of another epoch's recipe (the frozen
 /// last layer, the teacher temperature). Every rank sees the same answer, so all stop together.
+///
+/// The same exchange carries each rank's stop request (bit 23): the ranks stop together.
 fn agree_on_data(
     world: &crate::dist::World,
     next: Option<&common::Batch>,
     it: usize,
     ckpt: &checkpoint::Policy,
-) -> Result<()> {
-    let all = world.gather(next.map_or(0, |b| b.epoch as u32 + 1))?;
+    stop: Option<i32>,
+) -> Result<Option<i32>> {
+    const STOP_BIT: u32 = 1 << 23;
+    let mine = next.map_or(0, |b| (b.epoch as u32 + 1).min(STOP_BIT - 1));
+    let all = world.gather(mine | if stop.is_some() { STOP_BIT } else { 0 })?;
+    if all.iter().any(|&x| x & STOP_BIT != 0) {
+        // This rank's own signal, or SIGTERM's for a rank that got none (the exchange carries one bit).
+        return Ok(Some(stop.unwrap_or(signal_hook::consts::SIGTERM)));
+    }
     if all.iter().all(|&x| x == all[0]) {
-        return Ok(());
+        return Ok(None);
     }
     let state = |x: u32| {
         if x == 0 { "its data had ended".to_string() } else { format!("a batch of epoch {}", x - 1) }

@@ -1,0 +1,123 @@
+//! Reading and replacing the files a user names, so that no name can make a tool read forever, allocate
+//! what a file's size alone demands, or turn a device node or a folder into a regular file. The tools
+//! run as root on shared machines: `--image /dev/zero`, `--out /dev/full` or an index that names a FIFO
+//! must be refused with a message, not followed.
+//!
+//! Errors are `std::io::Error`s of kind `InvalidInput` whose text says what is wrong; callers add the
+//! file name and what they were doing, as they do for every other I/O error.
+
+use std::io::{self, Read};
+use std::path::Path;
+
+/// The most a user-named text file (a config, a class or split list, a shard index) may hold: far
+/// above any real one (ImageNet's train list is 40 MB) and far below what a machine can hold.
+pub const MAX_TEXT_BYTES: u64 = 256 << 20;
+
+/// The most an image file may hold: ImageNet's largest JPEG is ~15 MB, a 100 Mpixel PNG ~300 MB.
+pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
+
+/// The most pixels an image may have: 8192 x 8192, above the largest photos of ImageNet or COCO. A
+/// JPEG of a few KB can declare 30000 x 30000 (2.7 GB decoded), so `pack` refuses such inputs from their
+/// header and the loader refuses them again before it allocates.
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;
+
+/// Refuses image dimensions over [`MAX_IMAGE_PIXELS`]; the message says both.
+pub fn check_pixels(width: u64, height: u64) -> Result<(), String> {
+    let n = width.saturating_mul(height);
+    if n > MAX_IMAGE_PIXELS {
+        return Err(format!("{width}x{height} is {n} pixels, over the limit of {MAX_IMAGE_PIXELS}"));
+    }
+    Ok(())
+}
+
+/// The most a weights file (a checkpoint, an exported or official `.safetensors`) may hold: a ViT-g
+/// with its optimiser state is ~20 GB.
+pub const MAX_WEIGHTS_BYTES: u64 = 64 << 30;
+
+fn invalid(problem: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, problem)
+}
+
+/// The whole of `path`, which must be a regular file (after symlinks) of at most `max_bytes`.
+/// Devices (`/dev/zero`), FIFOs and sockets are refused before a byte is read; a file that grows while
+/// it is read is cut at `max_bytes + 1` and refused.
+pub fn read_regular(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(invalid(format!("not a regular file ({})", kind_of(&meta))));
+    }
+    if meta.len() > max_bytes {
+        return Err(invalid(format!("{} bytes, more than the {max_bytes} this file may hold", meta.len())));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(invalid(format!("grew past the {max_bytes} bytes this file may hold while read")));
+    }
+    Ok(bytes)
+}
+
+/// [`read_regular`] as UTF-8 text.
+pub fn read_text(path: &Path, max_bytes: u64) -> io::Result<String> {
+    String::from_utf8(read_regular(path, max_bytes)?).map_err(|_| invalid("not UTF-8 text".into()))
+}
+
+/// Whether `path` may be replaced by a new regular file: it is absent, or a regular file (after
+/// symlinks). A folder, a device, a FIFO or a socket is refused: renaming a file onto `/dev/full` as
+/// root replaces the device node, and renaming onto a folder fails after the data is written.
+pub fn check_replaceable(path: &Path) -> io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(meta) => Err(invalid(format!("exists and is {}, not a regular file", kind_of(&meta)))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a plain file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_folders_and_oversized_files_are_refused_before_reading() {
+        let dir = std::env::temp_dir().join(format!("common-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let small = dir.join("small.txt");
+        std::fs::write(&small, "abc").unwrap();
+        assert_eq!(read_text(&small, 3).unwrap(), "abc");
+        let e = read_regular(&small, 2).unwrap_err();
+        assert!(e.to_string().contains("3 bytes, more than the 2"), "{e}");
+        // /dev/zero would never end; it is refused from its metadata alone.
+        let e = read_regular(Path::new("/dev/zero"), MAX_TEXT_BYTES).unwrap_err();
+        assert!(e.to_string().contains("not a regular file (a device)"), "{e}");
+        let e = read_regular(&dir, MAX_TEXT_BYTES).unwrap_err();
+        assert!(e.to_string().contains("a folder") || e.kind() == io::ErrorKind::IsADirectory, "{e}");
+        std::fs::write(dir.join("bad.txt"), [0xFFu8, 0xFE]).unwrap();
+        assert!(read_text(&dir.join("bad.txt"), 10).unwrap_err().to_string().contains("UTF-8"));
+
+        check_replaceable(&small).unwrap();
+        check_replaceable(&dir.join("absent")).unwrap();
+        let e = check_replaceable(Path::new("/dev/full")).unwrap_err();
+        assert!(e.to_string().contains("a device"), "{e}");
+        let e = check_replaceable(&dir).unwrap_err();
+        assert!(e.to_string().contains("a folder"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
