@@ -42,7 +42,7 @@ fn invalid(problem: String) -> io::Error {
 /// Devices (`/dev/zero`), FIFOs and sockets are refused before a byte is read; a file that grows while
 /// it is read is cut at `max_bytes + 1` and refused.
 pub fn read_regular(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
-    let file = std::fs::File::open(path)?;
+    let file = open_regular(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(invalid(format!("not a regular file ({})", kind_of(&meta))));
@@ -56,6 +56,24 @@ pub fn read_regular(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
         return Err(invalid(format!("grew past the {max_bytes} bytes this file may hold while read")));
     }
     Ok(bytes)
+}
+
+/// Opens `path` for reading only if it is a regular file (after symlinks). The type is checked before
+/// the open (opening a FIFO blocks until a writer comes; opening some devices acts on them) and again
+/// on the open handle (the name may have been replaced in between); the open itself never blocks.
+pub fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let before = std::fs::metadata(path)?;
+    if !before.is_file() {
+        return Err(invalid(format!("not a regular file ({})", kind_of(&before))));
+    }
+    // O_NONBLOCK: the open never waits (reads of a regular file ignore it).
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(invalid(format!("not a regular file ({})", kind_of(&meta))));
+    }
+    Ok(file)
 }
 
 /// [`read_regular`] as UTF-8 text.
@@ -109,6 +127,11 @@ mod tests {
         assert!(e.to_string().contains("not a regular file (a device)"), "{e}");
         let e = read_regular(&dir, MAX_TEXT_BYTES).unwrap_err();
         assert!(e.to_string().contains("a folder") || e.kind() == io::ErrorKind::IsADirectory, "{e}");
+        // A FIFO is refused without opening it (an open for reading would wait for a writer forever).
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let e = read_regular(&fifo, MAX_TEXT_BYTES).unwrap_err();
+        assert!(e.to_string().contains("not a regular file (a FIFO)"), "{e}");
         std::fs::write(dir.join("bad.txt"), [0xFFu8, 0xFE]).unwrap();
         assert!(read_text(&dir.join("bad.txt"), 10).unwrap_err().to_string().contains("UTF-8"));
 

@@ -93,10 +93,5 @@ mod tests {
         let err = decode_rgb(&jpeg, &mut out).unwrap_err().to_string();
         assert!(err.contains("30000x30000 is 900000000 pixels, over the limit"), "{err}");
         assert!(out.capacity() < 1 << 20, "{} bytes reserved", out.capacity());
-        // A PNG declaring the same through the image crate's path.
-        let mut png_bytes = png(image::RgbImage::new(4, 4).into());
-        png_bytes[16..24].copy_from_slice(&[0, 0, 0x75, 0x30, 0, 0, 0x75, 0x30]);
-        let err = decode_rgb(&png_bytes, &mut out).unwrap_err().to_string();
-        assert!(err.contains("over the limit") || err.contains("image decode"), "{err}");
     }
 }

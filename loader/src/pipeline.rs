@@ -228,9 +228,9 @@ pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
     // A missing shard is a set that is not what its index says: training on the rest would run a
     // different (smaller) data set under the same name, so it is refused before anything starts.
     // So is one that cannot be opened (permissions) or is not a regular file (a link to a device): each
-    // would otherwise pass as damage found mid-run. A size that differs from the index entry is said at
-    // start: a cut shard still gives the samples before its cut (damage costs samples, not the run), but
-    // a replaced one would change the data without a word.
+    // would otherwise pass as damage found mid-run. (A size that differs from the index entry is left to
+    // the reader: a cut shard gives the samples before its cut, reported once; `shard verify` checks
+    // sizes and digests.)
     let mut missing = vec![];
     let mut unusable = vec![];
     for s in &index.shards {

@@ -322,6 +322,8 @@ fn keep_freed_memory() {
 /// the synthetic set the run then scores its teacher by k-NN against a random network.
 fn train(args: TrainArgs) -> Result<()> {
     let TrainArgs { config, sets, resume, branch, device, quiet, .. } = args;
+    // Before MPI's start-up: SIGUSR1 (a stop forwarded by mpirun) would otherwise end the process.
+    run::stop_on_signals(true)?;
     let start = match resume {
         Some(from) => {
             if config.is_some() {
@@ -346,7 +348,6 @@ fn train(args: TrainArgs) -> Result<()> {
             w.abort(101);
         }));
     }
-    run::stop_on_signals()?;
     let summary = match run::train(start, &RunOptions { device, quiet, world: world.clone() }) {
         Ok(s) => s,
         // Every rank stopped after the same step (they agree on it), the checkpoint written: leave
@@ -368,6 +369,15 @@ fn train(args: TrainArgs) -> Result<()> {
     // process that leaves without MPI_Finalize makes mpirun fail the job).
     if !world.alone() {
         drop(std::panic::take_hook());
+    }
+    // A stop asked after the last step: the run is complete (its checkpoint written); what follows (the
+    // synthetic k-NN) is skipped, and the exit status says a signal ended the process.
+    if let Some(signal) = run::stop_signal() {
+        let checkpoint = summary.last_checkpoint.as_ref().map_or("none".into(), |c| c.display().to_string());
+        let run_dir = summary.run_dir.clone();
+        let step = summary.steps.last().map(|m| m.it + 1);
+        let processes = world.size;
+        return Err(anyhow::Error::new(run::Interrupted { signal, step, checkpoint, run_dir, processes }));
     }
     if world.rank != 0 {
         return Ok(());
@@ -475,14 +485,26 @@ fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
     }
     // mpirun in a process group of its own: a terminal's Ctrl-C reaches this launcher only, which turns
     // it (or a scheduler's SIGTERM) into SIGUSR1 for mpirun. Open MPI forwards SIGUSR1 to every rank,
-    // where it asks for a checkpoint at the next step; SIGTERM or SIGINT to mpirun itself would kill
-    // the ranks a few seconds later, checkpoint or not.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    run::stop_on_signals()?;
+    // where it asks for a checkpoint at the next step; SIGTERM or SIGINT to mpirun itself kill the ranks
+    // a few seconds later, checkpoint or not, which is what a second signal here does. If this launcher
+    // dies (SIGKILL, a closed terminal), the kernel sends mpirun SIGTERM: no rank outlives it.
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
+    run::stop_on_signals(false)?;
     let mut child = cmd.spawn().map_err(|e| {
         anyhow::anyhow!("--nproc-per-node runs `mpirun` (Open MPI: apt install openmpi-bin): {e}")
     })?;
-    let mut forwarded = None;
+    let pid = child.id() as i32;
+    let (mut forwarded, mut ended) = (None, false);
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -490,18 +512,38 @@ fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
         if let (None, Some(signal)) = (forwarded, run::stop_signal()) {
             eprintln!("stop asked (signal {signal}): the ranks finish their step, checkpoint and stop");
             // SAFETY: kill has no memory preconditions; the pid is our live child's.
-            unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
             forwarded = Some(signal);
+        }
+        if !ended && run::stop_insisted() {
+            eprintln!("asked again: ending the ranks now (the last checkpoint stays)");
+            // SAFETY: as above; mpirun leads its own process group.
+            unsafe { libc::kill(-pid, libc::SIGTERM) };
+            ended = true;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
+    // The ranks stopped as asked exit with 128 + SIGUSR1, and mpirun with theirs; anything else (a rank
+    // that failed writing its checkpoint, ranks ended by a second signal) is a failure, said as one.
     if let Some(signal) = forwarded {
+        if status.code() != Some(128 + libc::SIGUSR1) {
+            anyhow::bail!(
+                "the {n} ranks under mpirun did not stop cleanly after the stop request (signal {signal}): \
+                 mpirun ended with {status}; resume from the last checkpoint named above"
+            );
+        }
         let run_dir = match &args.resume {
             Some(r) => r.clone(),
             None => TrainConfig::load(args.config.as_deref(), &args.sets)?.run_dir(),
         };
         let checkpoint = "written by the ranks (above)".to_string();
-        return Err(anyhow::Error::new(run::Interrupted { signal, step: None, checkpoint, run_dir }));
+        return Err(anyhow::Error::new(run::Interrupted {
+            signal,
+            step: None,
+            checkpoint,
+            run_dir,
+            processes: n,
+        }));
     }
     if !status.success() {
         anyhow::bail!(
@@ -557,7 +599,11 @@ fn knn(
     let pre = trainer::eval::Preprocess::for_crop(crop);
     let feats = |shards: &Path| {
         let key = trainer::eval::feature_key(&identity, pre, shards)?;
-        trainer::eval::cached(cache, &key, || trainer::eval::extract_cls(&vit, shards, pre, batch, &device))
+        let (f, l) = trainer::eval::cached(cache, &key, || {
+            trainer::eval::extract_cls(&vit, shards, pre, batch, &device)
+        })?;
+        trainer::eval::check_labels(shards, &l)?;
+        anyhow::Ok((f, l))
     };
     let (tf, tl) = feats(train)?;
     let (vf, vl) = feats(val)?;
@@ -691,7 +737,7 @@ fn matching(model: &ModelArgs, data: &Path, images: usize, seed: u64, json: Opti
     use trainer::eval::matching;
     let report = matching::evaluate(&vit, data, &cfg.views, seed, images, &device)?;
     let (c, r, n) = (report.patches, report.refs, report.images);
-    let (local, own, uniform) = report.attention.means();
+    let (local, own, peak, uniform) = report.attention.means();
     let grid = cfg.views.global_size / cfg.model.patch_size;
     println!(
         "correspondence ({n} images, two {} px views each, {grid}x{grid} patches, {} points): \
@@ -709,16 +755,18 @@ fn matching(model: &ModelArgs, data: &Path, images: usize, seed: u64, json: Opti
     let per_block = |v: &[f64]| v.iter().map(|x| format!("{:.1}", 100.0 * x)).collect::<Vec<_>>().join(" ");
     println!(
         "reference tokens' attention within one patch of their point, per block: {}% (uniform: {:.1}%); on \
-         the point's own patch: {}%",
+         the point's own patch: {}%; the largest share on one patch: {}% (uniform: {:.1}%)",
         per_block(&local),
         100.0 * uniform,
-        per_block(&own)
+        per_block(&own),
+        per_block(&peak),
+        100.0 / (grid * grid) as f64
     );
     write_json(json, || {
         serde_json::json!({"eval": "match", "model": short_identity(&identity), "images": n, "size": cfg.views.global_size,
             "grid": grid, "points": c.points, "within_one": c.within_one_rate(), "exact": c.exact_rate(),
             "ref_points": matching::REF_POINTS, "ref_retrieval": r.rate(), "ref_cos_own": r.sims().0,
-            "ref_cos_other": r.sims().1, "ref_attn_local": local, "ref_attn_own": own,
+            "ref_cos_other": r.sims().1, "ref_attn_local": local, "ref_attn_own": own, "ref_attn_peak": peak,
             "ref_attn_uniform": uniform})
     })
 }

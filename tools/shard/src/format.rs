@@ -190,9 +190,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(PARTIAL_SUFFIX);
     let tmp = PathBuf::from(tmp);
-    common::files::check_replaceable(&tmp).map_err(|e| Error::io(&tmp, "cannot replace", e))?;
+    // A stale temporary (a crash's, or a link planted under its name) is removed, never written through:
+    // the new one is created exclusively, so a link made in between fails the create.
+    if std::fs::symlink_metadata(&tmp).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, "cannot remove a stale temporary", e))?;
+    }
     let written = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()
     })();
@@ -227,13 +231,7 @@ pub fn open_shard(path: &Path) -> Result<Box<dyn Read + Send>> {
 /// Opens a file that must be a regular one (after symlinks): a shard named by an index could otherwise
 /// be a device (`/dev/zero` reads forever) or a FIFO.
 pub fn open_regular(path: &Path) -> Result<File> {
-    let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
-    let meta = file.metadata().map_err(|e| Error::io(path, "cannot open", e))?;
-    if !meta.is_file() {
-        let problem = std::io::Error::new(io::ErrorKind::InvalidInput, "not a regular file");
-        return Err(Error::io(path, "cannot open", problem));
-    }
-    Ok(file)
+    common::files::open_regular(path).map_err(|e| Error::io(path, "cannot open", e))
 }
 
 /// The tar stream of a shard's raw bytes: `raw` itself, or `raw` decompressed for a `.zst` name. The
@@ -358,6 +356,21 @@ mod tests {
         })
         .unwrap();
         assert_eq!(keys, vec![("a".to_string(), 2), (long_key, 1)]);
+    }
+
+    /// A temporary name planted as a link to another file is removed, not written through, and the
+    /// target is replaced whole.
+    #[test]
+    fn write_atomic_never_writes_through_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        let out = dir.path().join("out.json");
+        std::os::unix::fs::symlink(&victim, dir.path().join("out.json.partial")).unwrap();
+        write_atomic(&out, b"new").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        assert!(!dir.path().join("out.json.partial").exists());
     }
 
     /// A header that declares a huge member (1 TiB in a file of a few KB) is damage, reported without

@@ -41,6 +41,9 @@ pub struct PackRecord {
     pub max_side: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub zstd_level: Option<i32>,
+    /// `--follow-links-out`: symbolic links out of the input were followed.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub follow_links_out: bool,
     /// Extra settings of generators such as `synth` (count, size).
     #[serde(skip_serializing_if = "serde_json::Value::is_null", default)]
     pub extra: serde_json::Value,

@@ -77,8 +77,9 @@ impl Walk {
     }
 
     /// Whether `path` (relative name `rel`) may be read: it resolves inside the input (or links out
-    /// are allowed) and, with `once` (a folder to walk), it was not walked before. Otherwise the reason
-    /// is recorded.
+    /// are allowed) and, with `once` (a folder to walk), it is not a link to a folder inside the input
+    /// (that folder is walked under its own name, and a link to one of its parents is a loop) nor a
+    /// folder outside walked before. Otherwise the reason is recorded.
     fn admit(&mut self, path: &Path, rel: &str, once: bool) -> bool {
         // A path that does not resolve (absent, a dangling link) is left to the reader, which records
         // why it cannot be read.
@@ -88,6 +89,15 @@ impl Walk {
         if !self.follow_out && !real.starts_with(&self.root) {
             let why = format!(
                 "a symbolic link out of the input folder (to {}); --follow-links-out packs it",
+                real.display()
+            );
+            self.skipped.push((rel.to_string(), why));
+            return false;
+        }
+        let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        if once && is_link && real.starts_with(&self.root) {
+            let why = format!(
+                "a symbolic link to a folder inside the input ({}), packed under its own name (or a loop)",
                 real.display()
             );
             self.skipped.push((rel.to_string(), why));
@@ -239,9 +249,22 @@ pub fn plan(input: &Path, args: &LayoutArgs) -> Result<Plan> {
         None => HashMap::new(),
     };
     let mut plan = if let Some(masks) = &args.masks {
-        plan_segmentation(input, masks, args.list.as_deref())?
+        let mut plan = plan_segmentation(input, masks, args.list.as_deref())?;
+        let (mut walk, mut mask_walk) =
+            (Walk::new(input, args.follow_links_out)?, Walk::new(masks, args.follow_links_out)?);
+        plan.items.retain(|it| {
+            walk.admit(&input.join(&it.rel), &it.rel, false)
+                && it.mask.as_ref().is_none_or(|m| mask_walk.admit(&masks.join(m), m, false))
+        });
+        plan.skipped = walk.skipped;
+        plan.skipped.extend(mask_walk.skipped);
+        plan
     } else if let Some(labels) = &args.val_labels {
-        plan_val(input, labels, args.classes_from.as_deref(), &names)?
+        let mut plan = plan_val(input, labels, args.classes_from.as_deref(), &names)?;
+        let mut walk = Walk::new(input, args.follow_links_out)?;
+        plan.items.retain(|it| walk.admit(&input.join(&it.rel), &it.rel, false));
+        plan.skipped = walk.skipped;
+        plan
     } else {
         let mut walk = Walk::new(input, args.follow_links_out)?;
         let mut plan =
@@ -250,7 +273,14 @@ pub fn plan(input: &Path, args: &LayoutArgs) -> Result<Plan> {
         plan
     };
     if plan.items.is_empty() {
-        return Err(Error::layout(input, format!("no input files found ({} layout)", plan.layout)));
+        let links = match plan.skipped.len() {
+            0 => String::new(),
+            n => format!(
+                "; {n} symbolic links were skipped (e.g. {}: {}); --follow-links-out follows links out of it",
+                plan.skipped[0].0, plan.skipped[0].1
+            ),
+        };
+        return Err(Error::layout(input, format!("no input files found ({} layout){links}", plan.layout)));
     }
     dedupe_keys(&mut plan.items);
     plan.names_file = names_file;

@@ -580,17 +580,23 @@ pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
         quality: opts.quality,
         max_side: opts.max_side,
         zstd_level: opts.zstd_level,
+        follow_links_out: opts.layout.follow_links_out,
         extra: serde_json::Value::Null,
     };
     let mut items = plan.items;
     items.shuffle(&mut common::seed::rng(opts.seed, common::seed::Purpose::ShardShuffle, &[]));
     let digest = plan_digest(&items);
     let (mut set, start) = ShardSet::open(&opts.out, record, items.len(), digest, opts.resume, opts.force)?;
-    if start == 0 {
-        for (rel, reason) in plan.skipped {
-            eprintln!("skipped {}: {reason}", opts.input.join(&rel).display());
-            set.skipped.push(Skipped { path: rel, reason });
+    if start == 0 && !plan.skipped.is_empty() {
+        // One line each up to a few, then a count: a folder of links can hold millions.
+        for (rel, reason) in plan.skipped.iter().take(if opts.quiet { 0 } else { 5 }) {
+            eprintln!("skipped {}: {reason}", opts.input.join(rel).display());
         }
+        eprintln!(
+            "{} inputs skipped before reading (listed in index.json with their reasons)",
+            plan.skipped.len()
+        );
+        set.skipped.extend(plan.skipped.into_iter().map(|(path, reason)| Skipped { path, reason }));
     }
     if start > 0 {
         eprintln!("resuming at image {start} of {} after {} finished shards", items.len(), set.shards.len());

@@ -358,6 +358,7 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<(Index, Summary)> {
         quality: opts.quality,
         max_side: None,
         zstd_level: opts.zstd_level,
+        follow_links_out: false,
         extra: serde_json::to_value(SynthRecord::of(opts))
             .map_err(|e| Error::output(out, format!("cannot record the generator settings: {e}")))?,
     };

@@ -120,6 +120,8 @@ fn symbolic_links_out_of_the_input_or_in_a_loop_are_skipped_and_recorded() {
     write(tmp.path(), "outside/c/secret.jpg", &jpeg_rgb(24, 20, 99));
     symlink("..", input.join("a/up")).unwrap(); // a loop back to the input
     symlink("../b", input.join("a/tob")).unwrap(); // b's images under a's label
+    std::fs::create_dir_all(input.join("b/sub")).unwrap();
+    symlink("../b/sub", input.join("a/tosub")).unwrap(); // a real folder of b, reached from a first
     symlink("../../outside/c/secret.jpg", input.join("b/leak.jpg")).unwrap();
     symlink("../outside/c", input.join("c")).unwrap(); // a class folder out of the input
     symlink("0.jpg", input.join("a/same.jpg")).unwrap(); // a link inside: followed, as ImageFolder does
@@ -140,15 +142,43 @@ fn symbolic_links_out_of_the_input_or_in_a_loop_are_skipped_and_recorded() {
         .map(|s| (s["path"].as_str().unwrap().into(), s["reason"].as_str().unwrap().into()))
         .collect();
     let reason = |p: &str| skipped.iter().find(|(q, _)| q == p).map(|(_, r)| r.clone()).unwrap_or_default();
-    assert!(reason("a/up").contains("a loop"), "{skipped:?}");
-    assert!(reason("a/tob").contains("reached twice"), "{skipped:?}");
+    assert!(reason("a/up").contains("inside the input") && reason("a/up").contains("a loop"), "{skipped:?}");
+    assert!(reason("a/tob").contains("inside the input"), "{skipped:?}");
+    assert!(reason("a/tosub").contains("inside the input"), "{skipped:?}");
+    assert_eq!(reason("b/sub"), "", "the real folder is walked under its own name: {skipped:?}");
     assert!(reason("b/leak.jpg").contains("out of the input folder"), "{skipped:?}");
     assert!(reason("c").contains("--follow-links-out"), "{skipped:?}");
-    assert!(err.contains("skipped") && err.contains("leak.jpg"), "{err}");
+    // Quiet (-q): a count, not a line per link (a folder of links can hold millions).
+    assert!(err.contains("5 inputs skipped before reading (listed in index.json"), "{err}");
+    assert!(!err.contains("leak.jpg"), "{err}");
 
     // Asked for, links out are followed (a subset made of links); the loop is still not.
     let (idx, err) = pack("out2", &["--follow-links-out"]);
     assert_eq!(idx["total_samples"], 7, "{err}\n{idx}");
+    assert_eq!(idx["options"]["follow_links_out"], true);
+
+    // Segmentation pairs: an image or a mask that links out of its folder is skipped too.
+    let (images, masks) = (tmp.path().join("seg/images"), tmp.path().join("seg/masks"));
+    let mask = {
+        let mut png = vec![];
+        image::GrayImage::new(24, 20)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        png
+    };
+    for i in 0..2u8 {
+        write(&images, &format!("{i}.jpg"), &jpeg_rgb(24, 20, i));
+        write(&masks, &format!("{i}.png"), &mask);
+    }
+    write(tmp.path(), "outside/2.png", &mask);
+    write(&images, "2.jpg", &jpeg_rgb(24, 20, 2));
+    symlink("../../outside/2.png", masks.join("2.png")).unwrap();
+    let out = tmp.path().join("seg-out");
+    let args = ["pack", "--input", images.to_str().unwrap(), "--masks", masks.to_str().unwrap()];
+    ok(&run_shard(&[&args[..], &["--out", out.to_str().unwrap(), "-q"]].concat(), &[]));
+    let idx = index(&out);
+    assert_eq!(idx["total_samples"], 2, "{idx}");
+    assert_eq!(idx["skipped"][0]["path"], "2.png");
 }
 
 /// A baseline JPEG whose frame header is rewritten to declare `w` x `h`.

@@ -100,20 +100,21 @@ pub struct RefAttention {
     pub local: Vec<f64>,
     /// Per block: the share on the patch that holds the point.
     pub own: Vec<f64>,
+    /// Per block: the largest share on any one patch (1/g² for a uniform attention): how sharp the
+    /// attention is, wherever it looks.
+    pub peak: Vec<f64>,
     /// The share a uniform attention would give the patches within one patch of the point.
     pub uniform: f64,
     pub tokens: usize,
 }
 
 impl RefAttention {
-    /// Means over tokens: (local share per block, own-patch share per block, uniform share).
-    pub fn means(&self) -> (Vec<f64>, Vec<f64>, f64) {
+    /// Means over tokens: (local share per block, own-patch share per block, peak share per block,
+    /// uniform share).
+    pub fn means(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
         let n = self.tokens.max(1) as f64;
-        (
-            self.local.iter().map(|v| v / n).collect(),
-            self.own.iter().map(|v| v / n).collect(),
-            self.uniform / n,
-        )
+        let mean = |v: &[f64]| v.iter().map(|x| x / n).collect();
+        (mean(&self.local), mean(&self.own), mean(&self.peak), self.uniform / n)
     }
 }
 
@@ -252,6 +253,7 @@ pub fn evaluate(
     let mut attention = RefAttention {
         local: vec![0.0; vit.blocks.len()],
         own: vec![0.0; vit.blocks.len()],
+        peak: vec![0.0; vit.blocks.len()],
         ..Default::default()
     };
     let (dir, index) = loader::pipeline::open_index(shards)?;
@@ -280,6 +282,8 @@ pub fn evaluate(
                 let (local, own, uniform) = locality(row, grid, (points[2 * t], points[2 * t + 1]));
                 attention.local[block] += local;
                 attention.own[block] += own;
+                let total: f32 = row.iter().sum();
+                attention.peak[block] += (row.iter().fold(0f32, |m, &a| m.max(a)) / total.max(1e-30)) as f64;
                 if block == 0 {
                     attention.uniform += uniform;
                     attention.tokens += 1;

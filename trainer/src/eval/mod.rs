@@ -231,8 +231,13 @@ pub fn extract_cls(
     if let Some(n) = Some(labels.iter().filter(|&&l| l < 0).count()).filter(|&n| n > 0) {
         bail!("{}: {n} of {} samples have no class label (no .cls member)", shards.display(), labels.len());
     }
-    // A label past the index's class list would open a class of its own in the vote (and in the
-    // per-class mean); `shard verify` refuses it, so does k-NN.
+    check_labels(shards, &labels)?;
+    Ok((feats, labels))
+}
+
+/// Refuses labels outside the set's class list: such a label would open a class of its own in the vote
+/// (and in the per-class mean); `shard verify` refuses it, so does k-NN (on cached features too).
+pub fn check_labels(shards: &Path, labels: &[i64]) -> Result<()> {
     let classes = shard::Index::load(shards)?.classes.len() as i64;
     if let Some(bad) = labels.iter().find(|&&l| l >= classes) {
         let n = labels.iter().filter(|&&l| l >= classes).count();
@@ -242,7 +247,7 @@ pub fn extract_cls(
             shards.display()
         );
     }
-    Ok((feats, labels))
+    Ok(())
 }
 
 /// Refuses a k-NN whose labels cannot be compared: a train set without class labels, or a train and a

@@ -394,13 +394,14 @@ fn source_fingerprint(images: &Path, masks: &Path, list: Option<&Path>) -> Resul
             .collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
-            let Ok(meta) = e.metadata() else { continue };
+            // Through links: a linked file that changed is a changed source.
+            let Ok(meta) = std::fs::metadata(e.path()) else { continue };
             let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
             h.update(format!("{:?} {} {:?}\n", e.file_name(), meta.len(), mtime));
         }
     }
     if let Some(list) = list {
-        h.update(std::fs::read(list).unwrap_or_default());
+        h.update(common::files::read_regular(list, common::files::MAX_TEXT_BYTES).unwrap_or_default());
     }
     Ok(hex::encode(h.finalize()))
 }
@@ -426,11 +427,16 @@ pub fn packed_split(data: &Path, dataset: SegDataset, split: &str, cache: &Path)
             (data.join("JPEGImages"), masks, Some(data.join(format!("ImageSets/Segmentation/{name}.txt"))))
         }
     };
+    let packed = out.join("index.json").exists();
     if !images.is_dir() || !masks.is_dir() {
+        if packed {
+            // A machine with the packed cache only: nothing to compare it with.
+            eprintln!("{}: the raw split is absent; using the packed copy {}", data.display(), out.display());
+            return Ok(out);
+        }
         bail!("{}: expected {} and {}", data.display(), images.display(), masks.display());
     }
     let source = source_fingerprint(&images, &masks, list.as_deref())?;
-    let packed = out.join("index.json").exists();
     if packed && std::fs::read_to_string(out.join(SOURCE_FILE)).is_ok_and(|s| s.trim() == source) {
         return Ok(out);
     }

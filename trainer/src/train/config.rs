@@ -201,6 +201,7 @@ impl TrainConfig {
             &mut cfg.run.log_every,
             &mut cfg.data.capacity,
             &mut cfg.data.interleave,
+            &mut cfg.data.shuffle_buffer,
         ] {
             *v = (*v).max(1);
         }
@@ -346,18 +347,16 @@ impl TrainConfig {
             )?;
         }
         check(d.synth_size <= 4096, "data.synth_size", d.synth_size, "must be at most 4096 pixels")?;
-        // The run's folder is `out_dir/name`: a name with a separator, `..` or an absolute path would
-        // put it (and its checkpoints) outside out_dir, `.` would be out_dir itself.
-        let plain = !r.name.is_empty()
-            && r.name != "."
-            && r.name != ".."
-            && !r.name.contains(['/', '\\', '\0'])
-            && Path::new(&r.name).file_name().is_some_and(|n| n == r.name.as_str());
+        // The run's folder is `out_dir/name`: `..` or an absolute path would put it (and its checkpoints)
+        // outside out_dir, `.` or an empty part would be out_dir itself. Nested names (`ablation/a`) stay.
+        let inside = !r.name.starts_with('/')
+            && !r.name.contains(['\\', '\0'])
+            && r.name.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
         check(
-            plain,
+            inside,
             "run.name",
             format!("{:?}", r.name),
-            "must be one folder name (no `/`, not `.` or `..`)",
+            "must be a relative folder name inside run.out_dir (no `..`, `.`, empty or absolute parts)",
         )?;
         for (key, v) in [
             ("loss.student_temp", l.student_temp),

@@ -64,37 +64,67 @@ pub struct RunSummary {
 /// A stop asked for by a signal: SIGTERM (what SLURM and Kubernetes send before a kill, with a grace
 /// period), SIGINT (Ctrl-C) or SIGUSR1 (what Open MPI's `mpirun` forwards to every rank, so the launcher
 /// of `--nproc-per-node` turns its own SIGTERM or SIGINT into it). The run finishes the step it is in,
-/// writes a checkpoint and ends with [`Interrupted`]; a second signal ends the process at once.
-struct StopFlags {
-    asked: Arc<std::sync::atomic::AtomicBool>,
-    signal: Arc<std::sync::atomic::AtomicUsize>,
+/// writes a checkpoint and ends with [`Interrupted`]. A second signal at least a second after the first
+/// ends the process at once; one sooner is taken as the same request arriving twice (under SLURM a rank
+/// can get it directly and through mpirun).
+mod stop {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+    use std::time::Instant;
+
+    // Written by the handler: atomics only, and `Instant::now` (clock_gettime), both async-signal-safe.
+    pub static COUNT: AtomicUsize = AtomicUsize::new(0);
+    pub static SIGNAL: AtomicUsize = AtomicUsize::new(0);
+    pub static FIRST_MS: AtomicU64 = AtomicU64::new(0);
+    pub static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    pub static EXIT_ON_SECOND: AtomicBool = AtomicBool::new(true);
+    pub static BASE: OnceLock<Instant> = OnceLock::new();
+
+    pub fn now_ms() -> u64 {
+        BASE.get().map_or(0, |b| b.elapsed().as_millis() as u64)
+    }
+
+    pub fn on_signal(sig: i32) {
+        let now = now_ms();
+        if COUNT.fetch_add(1, SeqCst) == 0 {
+            FIRST_MS.store(now, SeqCst);
+            SIGNAL.store(sig as usize, SeqCst);
+        } else if EXIT_ON_SECOND.load(SeqCst) && now.saturating_sub(FIRST_MS.load(SeqCst)) >= 1000 {
+            signal_hook::low_level::exit(128 + sig);
+        }
+        LAST_MS.store(now, SeqCst);
+    }
 }
 
-static STOP: std::sync::OnceLock<StopFlags> = std::sync::OnceLock::new();
-
 /// Installs the stop signals' handlers (once per process). Until this is called, the signals keep their
-/// default action (the process ends).
-pub fn stop_on_signals() -> Result<()> {
+/// default action (the process ends). `exit_on_second`: whether a later second signal ends the process
+/// at once (the launcher of several ranks handles it itself: it must end `mpirun` first).
+pub fn stop_on_signals(exit_on_second: bool) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-    if STOP.get().is_some() {
+    stop::EXIT_ON_SECOND.store(exit_on_second, std::sync::atomic::Ordering::SeqCst);
+    if stop::BASE.set(Instant::now()).is_err() {
         return Ok(());
     }
-    let flags = StopFlags { asked: Default::default(), signal: Default::default() };
     for sig in [SIGTERM, SIGINT, SIGUSR1] {
-        // Registered first, so it sees the flag as it was before this signal: set means a second signal.
-        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, flags.asked.clone())?;
-        signal_hook::flag::register_usize(sig, flags.signal.clone(), sig as usize)?;
-        signal_hook::flag::register(sig, flags.asked.clone())?;
+        // SAFETY: the action only touches atomics, reads the monotonic clock and may call `_exit`, all
+        // async-signal-safe; it allocates nothing and takes no lock.
+        unsafe { signal_hook::low_level::register(sig, move || stop::on_signal(sig)) }?;
     }
-    let _ = STOP.set(flags);
     Ok(())
 }
 
 /// The signal that asked the run to stop, if one did.
 pub fn stop_signal() -> Option<i32> {
-    let flags = STOP.get()?;
-    let asked = flags.asked.load(std::sync::atomic::Ordering::SeqCst);
-    asked.then(|| flags.signal.load(std::sync::atomic::Ordering::SeqCst) as i32)
+    use std::sync::atomic::Ordering::SeqCst;
+    (stop::COUNT.load(SeqCst) > 0).then(|| stop::SIGNAL.load(SeqCst) as i32)
+}
+
+/// Whether a second stop signal came at least a second after the first (the launcher's cue to end its
+/// ranks now).
+pub fn stop_insisted() -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    stop::COUNT.load(SeqCst) >= 2
+        && stop::LAST_MS.load(SeqCst).saturating_sub(stop::FIRST_MS.load(SeqCst)) >= 1000
 }
 
 /// A run stopped by a signal after writing its checkpoint: the error `train` returns, so that the caller
@@ -106,6 +136,8 @@ pub struct Interrupted {
     pub step: Option<usize>,
     pub checkpoint: String,
     pub run_dir: PathBuf,
+    /// The job's processes: a resume needs as many.
+    pub processes: usize,
 }
 
 impl std::fmt::Display for Interrupted {
@@ -117,9 +149,13 @@ impl std::fmt::Display for Interrupted {
             _ => "a signal",
         };
         let step = self.step.map_or(String::new(), |s| format!(" after step {s}"));
+        let procs = match self.processes {
+            1 => String::new(),
+            n => format!(" under {n} processes (e.g. --nproc-per-node {n})"),
+        };
         write!(
             f,
-            "stopped by {name}{step}; checkpoint {}; continue with: trainer train --resume {}",
+            "stopped by {name}{step}; checkpoint {}; continue with: trainer train --resume {}{procs}",
             self.checkpoint,
             self.run_dir.display()
         )
@@ -355,13 +391,16 @@ fn interrupt(
             return e.context(format!("writing the checkpoint of step {} after a stop signal", trainer.it));
         }
     }
+    // The other ranks wait here for rank 0's write: a launcher (torchrun) that saw a rank leave would
+    // otherwise end rank 0 in the middle of it.
+    if !trainer.world.alone()
+        && let Err(e) = trainer.world.gather(0)
+    {
+        return e.context("waiting for the stop checkpoint of rank 0");
+    }
     let run_dir = ckpt.dir().parent().map_or_else(PathBuf::new, Path::to_path_buf);
-    anyhow::Error::new(Interrupted {
-        signal,
-        step: Some(trainer.it),
-        checkpoint: ckpt.describe_last(),
-        run_dir,
-    })
+    let (checkpoint, processes) = (ckpt.describe_last(), trainer.world.size);
+    anyhow::Error::new(Interrupted { signal, step: Some(trainer.it), checkpoint, run_dir, processes })
 }
 
 /// Data-parallel: every rank must step on a batch of the same epoch, or all must have reached the end of
