@@ -1,8 +1,9 @@
 """The table of bench/dense_gain.sh: one row per variant (random, dino, densedino, refonly), the mean and
 sample sd over seeds of k-NN top-1 (k = 20), CamVid mIoU at the model's view size and at twice it (each
 run's value is already the mean over probe seeds), point correspondence of the patch tokens (within one
-patch, exact) and of the reference tokens (their own point's token found among 16; chance 6.25%), then
-every run on its own line.
+patch, exact) and of the reference tokens (their own point's token found among 16; chance 6.25%), and
+the share of a reference token's attention (last block) within one patch of its point (uniform: 12.3% on
+an 8x8 grid), then every run on its own line.
 
     python3 bench/dense_gain_table.py runs/dense-gain/<config>/eval
 """
@@ -26,7 +27,8 @@ def values(r):
     knn = next((x["top1"] for x in r["knn"]["results"] if x["k"] == 20), None) if "knn" in r else None
     seg = [r[k]["miou"] if k in r else None for k in ("seg", "seg2x")]
     m = r.get("match", {})
-    match = (m.get("within_one"), m.get("exact"), m.get("ref_retrieval"))
+    local = m.get("ref_attn_local")
+    match = (m.get("within_one"), m.get("exact"), m.get("ref_retrieval"), local[-1] if local else None)
     return [knn, *seg, *match]
 
 
@@ -46,7 +48,7 @@ def main():
     if not runs:
         sys.exit(f"{folder}: no evaluations")
     head = ["variant", "seeds", "k-NN top-1 (k=20)", "CamVid mIoU", "mIoU at 2x", "match within 1", "match exact",
-            "ref token finds its point (of 16)"]
+            "ref token finds its point (of 16)", "ref attention near its point"]
     rows = []
     for variant in ["random", "dino", "densedino", "refonly"]:
         labels = [l for l in runs if l == variant or l.startswith(variant + "-s")]
@@ -60,7 +62,7 @@ def main():
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
-    print("\nper run (k-NN, mIoU, mIoU at 2x, match within 1, exact, ref retrieval; %):")
+    print("\nper run (k-NN, mIoU, mIoU at 2x, match within 1, exact, ref retrieval, ref attention local; %):")
     for label in sorted(runs):
         print(f"  {label:<14} " + "  ".join("-" if v is None else f"{100 * v:6.2f}" for v in values(runs[label])))
 

@@ -44,6 +44,7 @@ fn a_short_cpu_run_lowers_the_loss_without_collapse() {
         mask_mode: MaskMode::All2posPos2clsEye,
         learnable_ref_token: false,
         detach_pos_embed: false,
+        sincos_pos_embed: false,
     };
     let head = HeadConfig { out_dim: 256, hidden_dim: 256, bottleneck_dim: 64, ..Default::default() };
     // lr 0.016 at batch 256 scales to 1e-3 at batch 16.

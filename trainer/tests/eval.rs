@@ -349,3 +349,15 @@ fn pth_import_reads_the_official_checkpoints() {
     let err = format!("{:#}", trainer::export::import(&bad).unwrap_err());
     assert!(err.contains("broken.pth"), "{err}");
 }
+
+/// A label past the set's class list (a `.cls` of 7 in a 4-class set, which `shard verify` refuses) is
+/// refused by k-NN too, on fresh or cached features: before, it opened an eighth class in the vote.
+#[test]
+fn knn_refuses_labels_outside_the_class_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = shard::synth::SynthOptions { count: 8, size: 32, quiet: true, ..Default::default() };
+    shard::synth::synth(tmp.path(), &opts).unwrap();
+    trainer::eval::check_labels(tmp.path(), &[0, 1, 2, 3]).unwrap();
+    let err = format!("{:#}", trainer::eval::check_labels(tmp.path(), &[0, 3, 7, 7]).unwrap_err());
+    assert!(err.contains("2 samples have a class label (e.g. 7) outside the 4 classes"), "{err}");
+}

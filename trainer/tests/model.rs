@@ -143,6 +143,7 @@ fn tiny(mask: MaskMode, drop: f64) -> VitConfig {
         mask_mode: mask,
         learnable_ref_token: true,
         detach_pos_embed: false,
+        sincos_pos_embed: false,
     }
 }
 
@@ -324,4 +325,18 @@ fn the_learnable_reference_token_starts_as_the_official_one() {
         all.into_iter().filter(|(name, ..)| !name.contains("ref_token")).collect::<Vec<_>>()
     };
     assert_eq!(rest(&mut with), rest(&mut without));
+}
+
+/// MoCo v3's fixed positions, by hand: D = 8 gives two frequencies, ω = (1, 1/100); the patch at row 1,
+/// column 0 of a 2x2 grid is [sin 0, sin 0, cos 0, cos 0, sin 1, sin 0.01, cos 1, cos 0.01]; CLS is zero.
+#[test]
+fn sincos_positions_by_hand() {
+    let pe = trainer::model::vit::sincos_2d(2, 8);
+    assert_eq!(pe.len(), 5 * 8);
+    assert!(pe[..8].iter().all(|&v| v == 0.0));
+    let row = &pe[(1 + 2) * 8..(1 + 3) * 8];
+    let want = [0.0, 0.0, 1.0, 1.0, 1f64.sin(), 0.01f64.sin(), 1f64.cos(), 0.01f64.cos()];
+    for (a, b) in row.iter().zip(want) {
+        assert!((*a as f64 - b).abs() < 1e-6, "{row:?}");
+    }
 }

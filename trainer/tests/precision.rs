@@ -21,6 +21,7 @@ fn losses(precision: Precision) -> Vec<f64> {
         mask_mode: MaskMode::All2posPos2clsEye,
         learnable_ref_token: false,
         detach_pos_embed: false,
+        sincos_pos_embed: false,
     };
     let head = HeadConfig { out_dim: 4096, hidden_dim: 256, bottleneck_dim: 64, ..Default::default() };
     let optim = OptimConfig { warmup_epochs: 0, freeze_last_layer: 0, ..Default::default() };

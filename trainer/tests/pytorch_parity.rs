@@ -54,6 +54,7 @@ fn configs() -> (VitConfig, HeadConfig) {
         mask_mode: MaskMode::All2posPos2clsEye,
         learnable_ref_token: false,
         detach_pos_embed: false,
+        sincos_pos_embed: false,
     };
     let head = HeadConfig {
         out_dim: K,

@@ -24,6 +24,7 @@ fn tiny_vit() -> VitConfig {
         mask_mode: MaskMode::All2posPos2clsEye,
         learnable_ref_token: false,
         detach_pos_embed: false,
+        sincos_pos_embed: false,
     }
 }
 

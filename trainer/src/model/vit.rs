@@ -78,6 +78,13 @@ pub struct VitConfig {
     pub learnable_ref_token: bool,
     /// `--detach_pos_embed`: no gradient from reference tokens into the positional embedding.
     pub detach_pos_embed: bool,
+    /// Not in the official code: a fixed 2-D sine-cosine positional embedding (MoCo v3's, MAE's) instead
+    /// of the learned one, never trained. Reference tokens are made of the positional embedding alone,
+    /// and a learned one that has not yet grown spatial structure (short runs: it stays at its 0.02
+    /// initial scale, ~30x below the patch content) cannot tell them where they are; a fixed one can
+    /// from the first step. An experiment on that cause, off by default.
+    #[serde(default)]
+    pub sincos_pos_embed: bool,
 }
 
 impl VitConfig {
@@ -93,6 +100,7 @@ impl VitConfig {
             mask_mode: MaskMode::All2posPos2clsEye,
             learnable_ref_token: false,
             detach_pos_embed: false,
+            sincos_pos_embed: false,
         }
     }
     pub fn vit_tiny() -> Self {
@@ -130,6 +138,12 @@ impl VitConfig {
             if v == 0 {
                 anyhow::bail!("{key} = 0: must be at least 1");
             }
+        }
+        if self.sincos_pos_embed && !self.embed_dim.is_multiple_of(4) {
+            anyhow::bail!(
+                "model.sincos_pos_embed needs model.embed_dim a multiple of 4, got {}",
+                self.embed_dim
+            );
         }
         if !self.embed_dim.is_multiple_of(self.num_heads) {
             anyhow::bail!(
@@ -390,7 +404,11 @@ impl Vit {
         let n0 = cfg.grid() * cfg.grid();
         let fan_in = 3 * cfg.patch_size * cfg.patch_size;
         let bound = 1.0 / (fan_in as f64).sqrt(); // PyTorch's Conv2d default init (kaiming-uniform, a=√5)
-        let pos_embed = params::param(params::trunc_normal((1 + n0) * d, 0.02, rng), [1, 1 + n0, d], device);
+        let mut pos_values = params::trunc_normal((1 + n0) * d, 0.02, rng);
+        if cfg.sincos_pos_embed {
+            pos_values = sincos_2d(cfg.grid(), d); // drawn anyway: the other weights stay as they were
+        }
+        let pos_embed = params::param(pos_values, [1, 1 + n0, d], device);
         let cls_token = params::param(params::trunc_normal(d, 0.02, rng), [1, 1, d], device);
         let patch_weight = params::param(
             params::uniform(d * fan_in, bound, rng),
@@ -417,10 +435,17 @@ impl Vit {
         }
     }
 
+    /// The positional embedding `[1, 1+N0, D]` as the forward uses it: detached when it is the fixed
+    /// sine-cosine one, so it gets no gradient and the optimiser (no gradient, no update, no decay)
+    /// leaves it as it is.
+    fn pos(&self) -> Tensor<3> {
+        if self.cfg.sincos_pos_embed { self.pos_embed.clone().detach() } else { self.pos_embed.clone() }
+    }
+
     /// `[N0, D]`: the learned patch positions (no CLS).
     fn patch_pos(&self) -> Tensor<2> {
         let [_, t0, d] = self.pos_embed.dims();
-        self.pos_embed.clone().narrow(1, 1, t0 - 1).reshape([t0 - 1, d])
+        self.pos().narrow(1, 1, t0 - 1).reshape([t0 - 1, d])
     }
 
     /// `[h*w, D]`: the patch positions for an `h x w` patch grid; bicubically resized when it differs from
@@ -448,7 +473,7 @@ impl Vit {
         let patches = f32(conv2d(pr.compute(x), weight, Some(bias), opts)); // [B,D,h,w]
         let patches = patches.reshape([b, d, h * w]).swap_dims(1, 2); // [B, N, D]
         let patches = patches + self.patch_pos_for(h, w).unsqueeze::<3>(); // [B, N, D]
-        let cls_pos = self.pos_embed.clone().narrow(1, 0, 1); // [1,1,D]
+        let cls_pos = self.pos().narrow(1, 0, 1); // [1,1,D]
         let cls = (self.cls_token.clone() + cls_pos).expand([b, 1, d]); // [B,1,D]
         Tensor::cat(vec![cls, patches], 1)
     }
@@ -604,6 +629,27 @@ pub fn mask_bias(mode: MaskMode, r: usize, n: usize) -> Vec<f32> {
         }
     }
     m
+}
+
+/// MoCo v3's fixed 2-D sine-cosine positional embedding `[1 + g², D]` (the CLS position zero): for the
+/// patch at (row, col), `[sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)]` with `ω_k = 10000^(−k/(D/4))`.
+pub fn sincos_2d(grid: usize, d: usize) -> Vec<f32> {
+    let q = d / 4;
+    let mut out = vec![0f32; (1 + grid * grid) * d];
+    for r in 0..grid {
+        for c in 0..grid {
+            let row = &mut out[(1 + r * grid + c) * d..(2 + r * grid + c) * d];
+            for k in 0..q {
+                let omega = 1.0 / 10000f64.powf(k as f64 / q as f64);
+                let (x, y) = (c as f64 * omega, r as f64 * omega);
+                row[k] = x.sin() as f32;
+                row[q + k] = x.cos() as f32;
+                row[2 * q + k] = y.sin() as f32;
+                row[3 * q + k] = y.cos() as f32;
+            }
+        }
+    }
+    out
 }
 
 /// `[P, N0]` bicubic weights for points `(x, y)` interleaved (`P = points.len() / 2`) over the learned grid.

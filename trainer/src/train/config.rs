@@ -486,8 +486,9 @@ mod tests {
             }
         }
         assert_eq!(
-            n, 8,
-            "default, the paper's two runs, the DINO baseline, Caltech-101 in three view settings, palettes"
+            n, 9,
+            "default, the paper's two runs, the DINO baseline, Caltech-101 in three view settings and the \
+             sine-cosine positions experiment, palettes"
         );
     }
 
