@@ -620,3 +620,31 @@ fn devices_as_inputs_and_evaluation_options_out_of_range_are_refused_by_name() {
         assert!(stderr(&out).contains(option), "{args:?}: {}", stderr(&out));
     }
 }
+
+// 13. A history cut by hand or by a crash before the checkpoint it resumes from.
+#[test]
+fn a_damaged_history_is_said_on_resume_not_dropped_silently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "h", 6);
+    let path = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Steps 0-2 whole, step 3 cut in half, the rest gone: the checkpoint (step 6) is past them.
+    let cut = format!("{}\n{}", lines[..3].join("\n"), &lines[3][..lines[3].len() / 2]);
+    std::fs::write(&path, cut).unwrap();
+    let sets = ["run.max_steps=8".to_string()];
+    let out = trainer(&with_sets(vec!["train", "--quiet", "--resume", dir.to_str().unwrap()], &sets));
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("metrics.jsonl: line(s) 4 do not parse") && err.contains("3 of the steps before 6"),
+        "{err}"
+    );
+    // A cut last line past the checkpoint (a crash mid-write) is the normal case: no warning.
+    let dir = run(tmp.path(), "h2", 6);
+    let path = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}{{\"kind\":\"st")).unwrap();
+    let out = trainer(&with_sets(vec!["train", "--quiet", "--resume", dir.to_str().unwrap()], &sets));
+    assert!(out.status.success() && !stderr(&out).contains("do not parse"), "{}", stderr(&out));
+}

@@ -47,10 +47,17 @@ impl MetricsLog {
     pub fn open(path: &Path, resume_from: usize) -> Result<Self> {
         let mut text = String::new();
         let mut kept = Vec::new();
+        let (mut damaged, mut last_kept_line) = (vec![], 0);
         if let Ok(f) = std::fs::File::open(path) {
-            for line in std::io::BufReader::new(f).lines().map_while(|l| l.ok()) {
-                // A line cut by a crash does not parse, and goes.
-                let Ok(record) = serde_json::from_str::<Record>(&line) else { continue };
+            for (n, line) in std::io::BufReader::new(f).split(b'\n').map_while(|l| l.ok()).enumerate() {
+                // A line cut by a crash does not parse, and goes; said below when it held a kept step.
+                let Ok(record) = serde_json::from_slice::<Record>(&line) else {
+                    if !line.iter().all(u8::is_ascii_whitespace) {
+                        damaged.push(n + 1);
+                    }
+                    continue;
+                };
+                let line = String::from_utf8_lossy(&line);
                 let before = match &record {
                     Record::Step { m, .. } => m.it < resume_from,
                     Record::Epoch { steps, .. } => *steps <= resume_from,
@@ -59,8 +66,29 @@ impl MetricsLog {
                     text.push_str(&line);
                     text.push('\n');
                     kept.push(record);
+                    last_kept_line = n + 1;
                 }
             }
+        }
+        // The history must hold every step before the resumed one: a damaged line among them is a step
+        // (or an epoch's summary) the rewrite below drops for good. A cut last line past the checkpoint is
+        // the normal trace of a crash and goes silently.
+        let steps: std::collections::BTreeSet<usize> = kept
+            .iter()
+            .filter_map(|r| match r {
+                Record::Step { m, .. } => Some(m.it),
+                _ => None,
+            })
+            .collect();
+        let missing = (0..resume_from).filter(|s| !steps.contains(s)).count();
+        let inside = damaged.iter().any(|&n| n < last_kept_line);
+        if !damaged.is_empty() && (missing > 0 || inside) {
+            eprintln!(
+                "warning: {}: line(s) {} do not parse and are dropped ({missing} of the steps before {resume_from} \
+                 are not in the history); the checkpoint, and so the run, is unaffected",
+                path.display(),
+                damaged.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+            );
         }
         // The kept lines replace the file in one rename: a crash in between leaves the old history whole,
         // never a truncated one.
