@@ -648,3 +648,27 @@ fn a_damaged_history_is_said_on_resume_not_dropped_silently() {
     let out = trainer(&with_sets(vec!["train", "--quiet", "--resume", dir.to_str().unwrap()], &sets));
     assert!(out.status.success() && !stderr(&out).contains("do not parse"), "{}", stderr(&out));
 }
+
+// 14. A run's config.toml edited by hand, then resumed.
+#[test]
+fn an_edited_config_toml_is_kept_and_said_not_overwritten_silently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "c", 4);
+    let path = dir.join("config.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let lr_line = original.lines().find(|l| l.starts_with("lr = ")).expect("an lr line").to_string();
+    let edited = original.replacen(&lr_line, "lr = 0.5", 1);
+    std::fs::write(&path, &edited).unwrap();
+    let sets = ["run.max_steps=6".to_string()];
+    let out = trainer(&with_sets(vec!["train", "--quiet", "--resume", dir.to_str().unwrap()], &sets));
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("config.toml was edited") && err.contains("config.toml.edited"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.join("config.toml.edited")).unwrap(), edited);
+    let now = std::fs::read_to_string(&path).unwrap();
+    assert!(now.contains(&lr_line) && !now.contains("lr = 0.5"), "the run's own config is back:\n{now}");
+    // A resume that only changes run.* (as --set allows) is not an edit: no warning.
+    let sets = ["run.max_steps=8".to_string()];
+    let out = trainer(&with_sets(vec!["train", "--quiet", "--resume", dir.to_str().unwrap()], &sets));
+    assert!(out.status.success() && !stderr(&out).contains("was edited"), "{}", stderr(&out));
+}

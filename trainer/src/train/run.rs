@@ -516,6 +516,8 @@ fn open_across(world: &World, start: Start, opts: &RunOptions) -> Result<Opened>
 /// (held until the file is dropped). Writes the resolved config into the folder.
 fn open(start: Start, opts: &RunOptions, world: &World) -> Result<Opened> {
     // `branch_lock`: a branch's new folder is locked before anything is copied into it.
+    // `continued`: the config of the checkpoint a resume continues from.
+    let mut continued = None;
     let (mut cfg, run_dir, resume, branch_lock) = match start {
         Start::Fresh(cfg) => {
             let dir = fresh_dir(cfg.run_dir());
@@ -549,7 +551,8 @@ fn open(start: Start, opts: &RunOptions, world: &World) -> Result<Opened> {
                     meta.world_size
                 );
             }
-            let cfg = meta.config.with_run_overrides(&sets)?;
+            let cfg = meta.config.clone().with_run_overrides(&sets)?;
+            continued = Some(meta.config.clone());
             // RUN/checkpoints/ckpt-N.safetensors → RUN
             let dir = file.parent().and_then(Path::parent).map_or_else(|| from.clone(), Path::to_path_buf);
             if let Some(new) = branch {
@@ -586,9 +589,29 @@ fn open(start: Start, opts: &RunOptions, world: &World) -> Result<Opened> {
             eprintln!("removed {}, left by an interrupted checkpoint write", p.display());
         }
     }
+    // A config.toml edited by hand since the run wrote it (beyond `run.*`, which a resume may change
+    // with --set) does not change a resumed run, which continues with its checkpoint's config: the edit is
+    // kept beside it and said, not overwritten silently.
+    let stored = run_dir.join("config.toml");
+    if let (Some(ckpt_cfg), Ok(text)) = (&continued, std::fs::read_to_string(&stored)) {
+        let same = TrainConfig::from_resolved(&text)
+            .is_ok_and(|c| TrainConfig { run: ckpt_cfg.run.clone(), ..c } == *ckpt_cfg);
+        if !same {
+            let kept = run_dir.join("config.toml.edited");
+            shard::format::write_atomic(&kept, text.as_bytes())?;
+            eprintln!(
+                "warning: {} was edited since the run wrote it; a resume continues with its checkpoint's \
+                 config (only run.* may change, with --set), so the edit is not used. It is kept in {}; to \
+                 train with it, start a new run with --config {}",
+                stored.display(),
+                kept.display(),
+                kept.display()
+            );
+        }
+    }
     // Through a temporary file and a rename: a run killed here keeps a whole config (the old or the new),
     // which a resume before the first checkpoint reads.
-    shard::format::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    shard::format::write_atomic(&stored, cfg.to_toml().as_bytes())?;
     Ok((cfg, run_dir, resume, Some(lock)))
 }
 
