@@ -672,3 +672,23 @@ fn an_edited_config_toml_is_kept_and_said_not_overwritten_silently() {
     let out = trainer(&with_sets(vec!["train", "--quiet", "--resume", dir.to_str().unwrap()], &sets));
     assert!(out.status.success() && !stderr(&out).contains("was edited"), "{}", stderr(&out));
 }
+
+// 15. Another run's checkpoint copied into a run's checkpoints/.
+#[test]
+fn another_runs_checkpoint_in_the_folder_is_refused_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = run(tmp.path(), "a", 4);
+    let mut sets = tiny_sets(tmp.path(), "b", 8);
+    sets.extend(["model.depth=1".into(), "run.seed=7".into()]);
+    ok(&trainer(&with_sets(vec!["train", "--quiet"], &sets)));
+    let b = tmp.path().join("runs/b");
+    let (it, foreign) = checkpoint::list(&b.join("checkpoints")).pop().unwrap();
+    assert_eq!(it, 8);
+    std::fs::copy(&foreign, a.join("checkpoints").join(foreign.file_name().unwrap())).unwrap();
+    let history = std::fs::read(a.join("metrics.jsonl")).unwrap();
+    let config = std::fs::read(a.join("config.toml")).unwrap();
+    let err = fails(&trainer(&["train", "--quiet", "--resume", a.to_str().unwrap()]));
+    assert!(err.contains("belongs to another run") && err.contains("\"b\""), "{err}");
+    assert_eq!(std::fs::read(a.join("metrics.jsonl")).unwrap(), history, "the history is untouched");
+    assert_eq!(std::fs::read(a.join("config.toml")).unwrap(), config, "the config is untouched");
+}

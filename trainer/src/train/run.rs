@@ -594,8 +594,26 @@ fn open(start: Start, opts: &RunOptions, world: &World) -> Result<Opened> {
     // kept beside it and said, not overwritten silently.
     let stored = run_dir.join("config.toml");
     if let (Some(ckpt_cfg), Ok(text)) = (&continued, std::fs::read_to_string(&stored)) {
-        let same = TrainConfig::from_resolved(&text)
-            .is_ok_and(|c| TrainConfig { run: ckpt_cfg.run.clone(), ..c } == *ckpt_cfg);
+        let parsed = TrainConfig::from_resolved(&text).ok();
+        // Another run's checkpoint copied into this folder: it would switch the model and mix two
+        // histories in one metrics.jsonl. Its name or seed says so (a resume cannot change either).
+        if let (Some(c), Some(file)) = (&parsed, resume.as_ref().map(|(f, _)| f))
+            && (c.run.name != ckpt_cfg.run.name || c.run.seed != ckpt_cfg.run.seed)
+        {
+            bail!(
+                "{} belongs to another run (run.name {:?}, seed {}) than {} (run.name {:?}, seed {}): resuming \
+                 it here would switch the model and mix two histories. Move it out of {}, or resume it in \
+                 its own run folder",
+                file.display(),
+                ckpt_cfg.run.name,
+                ckpt_cfg.run.seed,
+                stored.display(),
+                c.run.name,
+                c.run.seed,
+                run_dir.join("checkpoints").display()
+            );
+        }
+        let same = parsed.is_some_and(|c| TrainConfig { run: ckpt_cfg.run.clone(), ..c } == *ckpt_cfg);
         if !same {
             let kept = run_dir.join("config.toml.edited");
             shard::format::write_atomic(&kept, text.as_bytes())?;
