@@ -108,12 +108,7 @@ impl Index {
     fn check(&self) -> std::result::Result<(), String> {
         let mut seen = std::collections::HashSet::new();
         for s in &self.shards {
-            let plain = !s.name.is_empty()
-                && s.name != "."
-                && s.name != ".."
-                && !s.name.contains(['/', '\\', '\0'])
-                && Path::new(&s.name).file_name().is_some_and(|n| n == s.name.as_str());
-            if !plain {
+            if !common::files::stays_inside(&s.name) || s.name.contains('/') {
                 return Err(format!("shard name {:?} is not a file name in the set's folder", s.name));
             }
             if !seen.insert(s.name.as_str()) {

@@ -57,12 +57,14 @@ pub struct Plan {
     pub classes: Vec<ClassInfo>,
     pub names_file: Option<PathBuf>,
     /// Inputs left out before reading: (path relative to the input, why): symbolic links out of the
-    /// input, and folders reached a second time through a link (a loop such as `a/up -> ..`).
+    /// input, links to folders inside it (a loop such as `a/up -> ..` among them), and folders outside
+    /// reached a second time.
     pub skipped: Vec<(String, String)>,
 }
 
-/// Where the walk of a class-folder input may go: inside `root` (canonical) unless links out are
-/// allowed, and into each real folder once.
+/// Where the walk of an input may go: inside `root` (canonical) unless links out are allowed; never
+/// into a folder inside it through a link (it is walked under its own name); into a folder outside it
+/// (links out allowed) once, so a loop out there ends.
 struct Walk {
     root: PathBuf,
     follow_out: bool,
@@ -155,14 +157,6 @@ fn walk_files(dir: &Path, prefix: &str, out: &mut Vec<String>, walk: &mut Walk) 
         }
     }
     Ok(())
-}
-
-/// A list line's path as it may be joined to the input: relative, without `.` or `..` components (a
-/// line `../other/x.jpg` would pack a file outside the input under the line's class).
-fn plain_relative(rel: &str) -> bool {
-    !rel.starts_with('/')
-        && !rel.contains('\\')
-        && rel.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// A key from a relative path: the extension dropped and dots replaced (WebDataset splits the key from
@@ -321,7 +315,7 @@ fn plan_folders(
                         format!("line {}: expected `class/file`, got {rel:?}", n + 1),
                     ));
                 }
-                if !plain_relative(rel) {
+                if !common::files::stays_inside(rel) {
                     return Err(Error::layout(
                         list,
                         format!(
@@ -338,20 +332,13 @@ fn plan_folders(
             rels
         }
         None => {
-            // The input and its class folders are where every walk starts: a link below that leads
-            // back to one of them is a loop (or a second label for the same files).
-            walk.visited.insert(walk.root.clone());
-            let mut admitted = vec![];
-            for folder in &folders {
-                let dir = input.join(folder);
-                if walk.admit(&dir, folder, false) {
-                    walk.visited.extend(dir.canonicalize().ok());
-                    admitted.push(folder);
-                }
-            }
             let mut rels = vec![];
-            for folder in admitted {
-                walk_files(&input.join(folder), &format!("{folder}/"), &mut rels, walk)?;
+            for folder in &folders {
+                // A class folder may itself be a link (inside the input: a second label for the same
+                // files, as ImageFolder gives it); only the rule on leaving the input applies to it.
+                if walk.admit(&input.join(folder), folder, false) {
+                    walk_files(&input.join(folder), &format!("{folder}/"), &mut rels, walk)?;
+                }
             }
             rels
         }

@@ -125,10 +125,21 @@ fn patch_of(grid: usize, x: f32, y: f32) -> (usize, usize) {
     (at(y), at(x))
 }
 
-/// One token's attention over the `grid²` patches (row-major, any total): the share within one patch
-/// (Chebyshev) of its point's patch, the share on that patch, and the share a uniform attention would
-/// give the same neighbourhood (fewer patches at the view's edge).
-pub fn locality(attn: &[f32], grid: usize, point: (f32, f32)) -> (f64, f64, f64) {
+/// Shares of one token's attention over the `grid²` patches (of the row's total, whatever it is).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Locality {
+    /// Within one patch (Chebyshev) of the point's patch.
+    pub local: f64,
+    /// On the point's patch.
+    pub own: f64,
+    /// The largest on any one patch.
+    pub peak: f64,
+    /// What a uniform attention would give the same neighbourhood (fewer patches at the view's edge).
+    pub uniform: f64,
+}
+
+/// One token's attention `attn` (`[grid²]`, row-major) read around its normalised point.
+pub fn locality(attn: &[f32], grid: usize, point: (f32, f32)) -> Locality {
     let (pr, pc) = patch_of(grid, point.0, point.1);
     let total: f64 = attn.iter().map(|&a| a as f64).sum::<f64>().max(1e-30);
     let (mut near, mut count) = (0f64, 0usize);
@@ -138,7 +149,13 @@ pub fn locality(attn: &[f32], grid: usize, point: (f32, f32)) -> (f64, f64, f64)
             count += 1;
         }
     }
-    (near / total, attn[pr * grid + pc] as f64 / total, count as f64 / (grid * grid) as f64)
+    let peak = attn.iter().fold(0f32, |m, &a| m.max(a)) as f64;
+    Locality {
+        local: near / total,
+        own: attn[pr * grid + pc] as f64 / total,
+        peak: peak / total,
+        uniform: count as f64 / (grid * grid) as f64,
+    }
 }
 
 /// Row-wise L2 normalisation of `[n, dim]`.
@@ -279,13 +296,12 @@ pub fn evaluate(
         for (block, a) in vit.ref_attention(x.clone(), weights.clone()).into_iter().enumerate() {
             let a = host(a); // [2·B, m, g²]
             for (t, row) in a.chunks_exact(grid * grid).enumerate() {
-                let (local, own, uniform) = locality(row, grid, (points[2 * t], points[2 * t + 1]));
-                attention.local[block] += local;
-                attention.own[block] += own;
-                let total: f32 = row.iter().sum();
-                attention.peak[block] += (row.iter().fold(0f32, |m, &a| m.max(a)) / total.max(1e-30)) as f64;
+                let l = locality(row, grid, (points[2 * t], points[2 * t + 1]));
+                attention.local[block] += l.local;
+                attention.own[block] += l.own;
+                attention.peak[block] += l.peak;
                 if block == 0 {
-                    attention.uniform += uniform;
+                    attention.uniform += l.uniform;
                     attention.tokens += 1;
                 }
             }
@@ -378,17 +394,22 @@ mod tests {
         // The point (-0.3, 0.1) lies in column floor(0.35·4) = 1, row floor(0.55·4) = 2.
         let mut one_hot = vec![0f32; g * g];
         one_hot[2 * g + 1] = 0.5; // any total: shares are of the row's patch mass
-        assert_eq!(locality(&one_hot, g, (-0.3, 0.1)), (1.0, 1.0, 9.0 / 16.0));
+        let l = locality(&one_hot, g, (-0.3, 0.1));
+        assert_eq!((l.local, l.own, l.uniform), (1.0, 1.0, 9.0 / 16.0));
         let uniform = vec![1f32; g * g];
-        let (local, own, base) = locality(&uniform, g, (-0.3, 0.1));
-        assert!((local - 9.0 / 16.0).abs() < 1e-12 && (own - 1.0 / 16.0).abs() < 1e-12 && base == local);
+        let l = locality(&uniform, g, (-0.3, 0.1));
+        assert!(
+            (l.local - 9.0 / 16.0).abs() < 1e-12
+                && (l.own - 1.0 / 16.0).abs() < 1e-12
+                && l.uniform == l.local
+        );
         // A corner point: its neighbourhood is clipped to 2x2.
-        let (local, _, base) = locality(&uniform, g, (-0.99, -0.99));
-        assert!((local - 0.25).abs() < 1e-12 && (base - 0.25).abs() < 1e-12);
+        let l = locality(&uniform, g, (-0.99, -0.99));
+        assert!((l.local - 0.25).abs() < 1e-12 && (l.uniform - 0.25).abs() < 1e-12);
         // Mass two patches away is not local.
         let mut far = vec![0f32; g * g];
         far[0] = 1.0;
-        assert_eq!(locality(&far, g, (0.9, 0.9)).0, 0.0);
+        assert_eq!(locality(&far, g, (0.9, 0.9)).local, 0.0);
     }
 
     #[test]

@@ -340,23 +340,27 @@ impl Block {
         p: Precision,
         drop: Option<&BlockDrop>,
     ) -> Tensor<3> {
-        let d = x.dims()[2];
-        let scale = ((d / heads) as f64).powf(-0.5);
-        let [q, k, v] = split_heads(self.qkv.forward(self.norm1.forward(x.clone()), p), heads);
-        // The scores' matmul in the compute dtype, the mask and softmax in f32 (as autocast).
-        let logits = f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale) + bias.clone(); // [B,H,S,S]
-        let o = p.compute(softmax(logits, 3)).matmul(v);
+        let (probs, v) = self.attention_probs(x.clone(), heads, bias, p);
+        let o = p.compute(probs).matmul(v);
         let x =
             drop_residual(x, f32(self.proj.forward(merge_heads(o), p)), drop.and_then(|d| d.attn.as_ref()));
         self.mlp(x, p, drop.and_then(|d| d.mlp.as_ref()))
     }
 
-    /// The attention probabilities of [`Block::forward_masked`]: `[B, H, S, S]` (for evaluation).
-    fn attention_probs(&self, x: Tensor<3>, heads: usize, bias: &Tensor<4>, p: Precision) -> Tensor<4> {
+    /// The attention probabilities of [`Block::forward_masked`], `[B, H, S, S]`, and its values.
+    fn attention_probs(
+        &self,
+        x: Tensor<3>,
+        heads: usize,
+        bias: &Tensor<4>,
+        p: Precision,
+    ) -> (Tensor<4>, Tensor<4>) {
         let d = x.dims()[2];
         let scale = ((d / heads) as f64).powf(-0.5);
-        let [q, k, _] = split_heads(self.qkv.forward(self.norm1.forward(x), p), heads);
-        softmax(f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale) + bias.clone(), 3)
+        let [q, k, v] = split_heads(self.qkv.forward(self.norm1.forward(x), p), heads);
+        // The scores' matmul in the compute dtype, the mask and softmax in f32 (as autocast).
+        let logits = f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale) + bias.clone(); // [B,H,S,S]
+        (softmax(logits, 3), v)
     }
 
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
@@ -535,20 +539,8 @@ impl Vit {
         mode: MaskMode,
         drop: &[BlockDrop],
     ) -> VitOutput {
-        let b = x.dims()[0];
         let heads = self.cfg.num_heads;
-        let tokens = self.embed(x);
-        let t = tokens.dims()[1];
-        let r = refs.map(|w| self.ref_tokens(w, b));
-        let nr = r.as_ref().map_or(0, |r| r.dims()[1]);
-        let seq = match r {
-            Some(r) => Tensor::cat(vec![tokens.clone().narrow(1, 0, 1), r, tokens.narrow(1, 1, t - 1)], 1),
-            None => tokens,
-        }; // [B, 1+R+N, D]
-        let s = t + nr;
-        let bias = Tensor::<2>::from_data(TensorData::new(mask_bias(mode, nr, t - 1), [s, s]), &seq.device())
-            .reshape([1, 1, s, s]);
-        let mut h = seq;
+        let (mut h, bias, t, nr) = self.masked_sequence(x, refs, mode);
         for (i, block) in self.blocks.iter().enumerate() {
             let drop = drop.get(i);
             h = block.forward_masked(h, heads, &bias, self.precision, drop);
@@ -561,29 +553,39 @@ impl Vit {
             attn: None,
         }
     }
-}
 
-impl Vit {
+    /// The official formulation's input: tokens `[CLS, REF.., PATCH..]` `[B, 1+R+N, D]`, the additive
+    /// mask `[1, 1, S, S]` of `mode`, the token count without references `T = 1+N`, and `R`.
+    fn masked_sequence(
+        &self,
+        x: Tensor<4>,
+        refs: Option<Tensor<2>>,
+        mode: MaskMode,
+    ) -> (Tensor<3>, Tensor<4>, usize, usize) {
+        let b = x.dims()[0];
+        let tokens = self.embed(x);
+        let t = tokens.dims()[1];
+        let r = refs.map(|w| self.ref_tokens(w, b));
+        let nr = r.as_ref().map_or(0, |r| r.dims()[1]);
+        let seq = match r {
+            Some(r) => Tensor::cat(vec![tokens.clone().narrow(1, 0, 1), r, tokens.narrow(1, 1, t - 1)], 1),
+            None => tokens,
+        }; // [B, 1+R+N, D]
+        let s = t + nr;
+        let bias = Tensor::<2>::from_data(TensorData::new(mask_bias(mode, nr, t - 1), [s, s]), &seq.device())
+            .reshape([1, 1, s, s]);
+        (seq, bias, t, nr)
+    }
+
     /// Where the reference tokens look: in every block, each token's attention over the patches,
     /// averaged over the heads, `[B, R, N]` (row sums are 1 minus what the token gives itself). It runs
     /// the literal masked formulation with the model's mask mode, whose outputs equal the fused path's.
     pub fn ref_attention(&self, x: Tensor<4>, refs: Tensor<2>) -> Vec<Tensor<3>> {
-        let b = x.dims()[0];
         let heads = self.cfg.num_heads;
-        let tokens = self.embed(x);
-        let t = tokens.dims()[1];
-        let r = self.ref_tokens(refs, b);
-        let nr = r.dims()[1];
-        let mut h = Tensor::cat(vec![tokens.clone().narrow(1, 0, 1), r, tokens.narrow(1, 1, t - 1)], 1);
-        let s = t + nr;
-        let bias = Tensor::<2>::from_data(
-            TensorData::new(mask_bias(self.cfg.mask_mode, nr, t - 1), [s, s]),
-            &h.device(),
-        )
-        .reshape([1, 1, s, s]);
+        let (mut h, bias, t, nr) = self.masked_sequence(x, Some(refs), self.cfg.mask_mode);
         let mut out = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let probs = block.attention_probs(h.clone(), heads, &bias, self.precision); // [B,H,S,S]
+            let (probs, _) = block.attention_probs(h.clone(), heads, &bias, self.precision); // [B,H,S,S]
             let rows = probs.narrow(2, 1, nr).narrow(3, 1 + nr, t - 1); // [B,H,R,N]
             out.push(rows.mean_dim(1).squeeze_dim(1)); // [B,R,N]
             h = block.forward_masked(h, heads, &bias, self.precision, None);

@@ -349,11 +349,8 @@ impl TrainConfig {
         check(d.synth_size <= 4096, "data.synth_size", d.synth_size, "must be at most 4096 pixels")?;
         // The run's folder is `out_dir/name`: `..` or an absolute path would put it (and its checkpoints)
         // outside out_dir, `.` or an empty part would be out_dir itself. Nested names (`ablation/a`) stay.
-        let inside = !r.name.starts_with('/')
-            && !r.name.contains(['\\', '\0'])
-            && r.name.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
         check(
-            inside,
+            common::files::stays_inside(&r.name),
             "run.name",
             format!("{:?}", r.name),
             "must be a relative folder name inside run.out_dir (no `..`, `.`, empty or absolute parts)",
