@@ -224,6 +224,21 @@ enum EvalCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Each loss's share of the student's gradient, per parameter group, on a DenseDINO run's latest
+    /// checkpoint and the batches its data gives next: raw norms, their cosine, and after AdamW's
+    /// preconditioning by the run's second moments.
+    Grads {
+        /// A run folder or checkpoint file of a run with both losses.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 8, value_parser = in_range(1, 10_000))]
+        batches: usize,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
+        /// Also write the results to this file as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// A count option's parser: whole numbers in `lo..=hi`, so that 0 is refused with the option named and
@@ -277,6 +292,9 @@ fn main() -> ExitCode {
         } => seg(&model, &data, dataset, size, epochs, probe_seeds, &cache, json.as_deref()),
         Command::Eval { what: EvalCommand::Match { model, data, images, seed, json } } => {
             matching(&model, &data, images, seed, json.as_deref())
+        }
+        Command::Eval { what: EvalCommand::Grads { checkpoint, batches, device, json } } => {
+            gradients(&checkpoint, batches, device, json.as_deref())
         }
         Command::Attention { model, image, out, size, threshold } => {
             attention(&model, &image, &out, size, threshold)
@@ -769,6 +787,38 @@ fn matching(model: &ModelArgs, data: &Path, images: usize, seed: u64, json: Opti
             "ref_cos_other": r.sims().1, "ref_attn_local": local, "ref_attn_own": own, "ref_attn_peak": peak,
             "ref_attn_uniform": uniform})
     })
+}
+
+/// `trainer eval grads`: the table of [`trainer::eval::gradients::Report`].
+fn gradients(run: &Path, batches: usize, device: DeviceSpec, json: Option<&Path>) -> Result<()> {
+    let report = trainer::eval::gradients::evaluate(run, batches, &device.device()?)?;
+    println!(
+        "{} (step {}), {} batches; each loss weighted as in the total (alpha {}); RMS norms over the batches",
+        report.checkpoint.display(),
+        report.step,
+        report.batches,
+        report.alpha
+    );
+    println!(
+        "{:<12} {:>9} {:>10} {:>10} {:>9} {:>7} {:>10} {:>10} {:>9}",
+        "group", "params", "|g cls|", "|g ref|", "ref share", "cosine", "adam cls", "adam ref", "ref share"
+    );
+    for g in &report.groups {
+        let (raw, adam) = g.ref_share();
+        println!(
+            "{:<12} {:>9} {:>10.3e} {:>10.3e} {:>8.1}% {:>7.3} {:>10.3e} {:>10.3e} {:>8.1}%",
+            g.group,
+            g.params,
+            g.cls_norm,
+            g.ref_norm,
+            100.0 * raw,
+            g.cosine,
+            g.cls_adam,
+            g.ref_adam,
+            100.0 * adam
+        );
+    }
+    write_json(json, || serde_json::json!({"eval": "grads", "report": &report}))
 }
 
 /// `trainer attention`: the last block's CLS attention per head, masks and a PCA of the patch features.

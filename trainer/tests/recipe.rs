@@ -271,3 +271,49 @@ fn centers_move_only_after_the_loss_and_by_the_momentum_rule() {
         assert!((r1[j] as f64 - (0.9 * r0[j] as f64 + 0.1 * sum / cnt as f64)).abs() < 1e-6);
     }
 }
+
+#[test]
+fn the_two_losses_gradients_add_up_to_the_total_losss_gradient() {
+    // `eval grads` splits the step's gradient by loss; the parts must sum to the gradient of the total,
+    // here taken through the public forward and loss as a second formulation (alpha 0.3: the weights show).
+    let dev = Device::flex();
+    let head = HeadConfig { out_dim: 128, hidden_dim: 64, bottleneck_dim: 16, ..Default::default() };
+    let ocfg = OptimConfig::default();
+    let loss_cfg = LossConfig { alpha: 0.3, ..Default::default() };
+    let vit_cfg = VitConfig { drop_path_rate: 0.0, ..tiny_vit() };
+    let mut tr = Trainer::new(&vit_cfg, &head, &loss_cfg, &ocfg, Schedules::new(&ocfg, 3, 2, 256), 5, &dev);
+    let batch = trainer::train::bench::random_batch(4, &[32, 32, 32], 2, 3);
+    let parts = tr.loss_gradients(&batch).expect("a run with both losses");
+
+    let views: Vec<Tensor<4>> =
+        batch.views.iter().map(|v| trainer::model::vit::normalize_pixels(&v.data, 4, v.size, &dev)).collect();
+    let t = tr.teacher.forward(&views[..2], Some(&batch.teacher_points), None);
+    let sv: Vec<Tensor<4>> = views.into_iter().map(Tensor::from_inner).collect();
+    let s = tr.student.forward(&sv, Some(&batch.student_points), None);
+    let layout = Layout { batch: 4, views: 3, points: batch.num_points };
+    let out = tr.loss.forward(t.cls, s.cls, t.refs, s.refs, layout, loss_cfg.teacher_temp_at(0));
+    let grads = out.total.backward();
+    let mut total = std::collections::HashMap::new();
+    tr.student.visit("", &mut |name, p| {
+        if let Some(g) = p.grad_flat(&grads) {
+            total.insert(name.to_string(), host(optim::plain(g)));
+        }
+    });
+
+    assert_eq!(parts.len(), total.len(), "every parameter the total reaches, and no other");
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    for trainer::train::step::LossGradients { name, cls: c, refs: r } in &parts {
+        let want = &total[name];
+        let sum: Vec<f32> = c.iter().zip(r).map(|(a, b)| a + b).collect();
+        let diff: Vec<f32> = sum.iter().zip(want).map(|(a, b)| a - b).collect();
+        assert!(norm(&diff) <= 1e-4 * norm(want) + 1e-9, "{name}: parts sum off by {}", norm(&diff));
+        if name.starts_with("ref_head.") {
+            assert_eq!(norm(c), 0.0, "{name}: the CLS loss reaches the reference head");
+        }
+        if name.starts_with("head.") {
+            assert_eq!(norm(r), 0.0, "{name}: the reference loss reaches the CLS head");
+        }
+    }
+    let pos = parts.iter().find(|g| g.name == "backbone.pos_embed").expect("pos_embed");
+    assert!(norm(&pos.cls) > 0.0 && norm(&pos.refs) > 0.0, "both losses reach the positional embedding");
+}

@@ -6,6 +6,7 @@
 //! the antialias filter's support), so each image is resized exactly once.
 
 pub mod attention;
+pub mod gradients;
 pub mod matching;
 pub mod seg;
 

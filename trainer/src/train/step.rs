@@ -10,12 +10,13 @@ use common::seed::{self, Purpose};
 use serde::{Deserialize, Serialize};
 
 use crate::dist::World;
-use crate::model::DenseDino;
 use crate::model::head::HeadConfig;
+use crate::model::params::Params;
 use crate::model::params::host;
 use crate::model::vit::{self, DropKey, Precision, VitConfig};
+use crate::model::{DenseDino, Logits};
 use crate::train::config::TrainConfig;
-use crate::train::loss::{DenseDinoLoss, Layout, LossConfig};
+use crate::train::loss::{DenseDinoLoss, Layout, LossConfig, LossOutput};
 use crate::train::optim::{self, AdamW, StepOptions};
 use crate::train::schedule::Cosine;
 
@@ -98,6 +99,13 @@ pub struct StepMetrics {
     /// Entropy of the batch-mean teacher target (near 0: every sample on one prototype, the other collapse).
     /// Data-parallel: each rank's batch, averaged over the ranks, like every number here.
     pub teacher_batch_entropy: f64,
+}
+
+/// One student parameter's gradient from each loss, as it enters the step's total (host values).
+pub struct LossGradients {
+    pub name: String,
+    pub cls: Vec<f32>,
+    pub refs: Vec<f32>,
 }
 
 /// Everything a step reads and writes.
@@ -209,21 +217,12 @@ impl Trainer {
         Ok(t)
     }
 
-    /// One optimisation step on `batch`. Returns `Err` with the metrics when the loss is not finite; nothing
-    /// was updated then (the official code exits at that point).
-    pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, StepMetrics> {
-        let it = self.it;
-        // The data's epoch, as the official loop variable (an epoch may run short of iters_per_epoch when
-        // bad images were skipped; the schedules stay indexed by the global iteration).
-        let epoch = batch.epoch as usize;
+    /// The forward half of a step on `batch`: the teacher's logits (the centers' update reads them) and
+    /// the losses on the student's graph, at teacher temperature `temp`.
+    fn forward(&self, batch: &Batch, temp: f64) -> (LossOutput, Logits, Layout) {
         let (b, v, m) = (batch.batch_size, batch.num_views(), batch.num_points);
-        let lr = self.schedules.lr.at(it);
-        let wd = self.schedules.wd.at(it);
-        let momentum = self.schedules.momentum.at(it);
-        let temp = self.loss.cfg.teacher_temp_at(epoch);
         let refs_on = self.loss.cfg.use_ref_loss;
         let layout = Layout { batch: b, views: v, points: m };
-
         // u8 → normalised f32 once on the device; the student reads the same tensors as autodiff constants.
         let views: Vec<Tensor<4>> = batch
             .views
@@ -233,10 +232,9 @@ impl Trainer {
         let teacher_out =
             self.teacher.forward(&views[..2], refs_on.then_some(&batch.teacher_points[..]), None);
         let student_views: Vec<Tensor<4>> = views.into_iter().map(Tensor::from_inner).collect();
-        let drop = DropKey { seed: self.seed, it: it as u64, first: (self.world.rank * b) as u64 };
+        let drop = DropKey { seed: self.seed, it: self.it as u64, first: (self.world.rank * b) as u64 };
         let student_out =
             self.student.forward(&student_views, refs_on.then_some(&batch.student_points[..]), Some(drop));
-
         let out = self.loss.forward(
             teacher_out.cls.clone(),
             student_out.cls,
@@ -245,6 +243,59 @@ impl Trainer {
             layout,
             temp,
         );
+        (out, teacher_out, layout)
+    }
+
+    /// Each loss's own gradient on `batch`, as it enters the step's total (the CLS loss times `alpha`, the
+    /// reference loss times `1 − alpha`), per student parameter, on the host. Nothing is updated. Two forwards, one per loss: a backward pass consumes its graph.
+    /// `None` when the run trains only one of the two losses.
+    pub fn loss_gradients(&mut self, batch: &Batch) -> Option<Vec<LossGradients>> {
+        let temp = self.loss.cfg.teacher_temp_at(batch.epoch as usize);
+        let alpha = self.loss.cfg.alpha;
+        let mut parts = Vec::new();
+        for cls_part in [true, false] {
+            let (out, _, _) = self.forward(batch, temp);
+            let loss = if cls_part { out.cls?.mul_scalar(alpha) } else { out.refs?.mul_scalar(1.0 - alpha) };
+            let grads = loss.backward();
+            let mut part = std::collections::HashMap::new();
+            self.student.visit("", &mut |name, p| {
+                if let Some(g) = p.grad_flat(&grads) {
+                    part.insert(name.to_string(), host(optim::plain(g)));
+                }
+            });
+            parts.push(part);
+        }
+        // In the model's order; a parameter one loss never reaches (the other loss's head) has a zero
+        // gradient from it.
+        let (mut cls, mut refs) = (parts.remove(0), parts.remove(0));
+        let mut out = Vec::new();
+        self.student.visit("", &mut |name, p| {
+            let n = p.dims().iter().product();
+            let (c, r) = (cls.remove(name), refs.remove(name));
+            if c.is_some() || r.is_some() {
+                let zeros = || vec![0.0; n];
+                out.push(LossGradients {
+                    name: name.to_string(),
+                    cls: c.unwrap_or_else(zeros),
+                    refs: r.unwrap_or_else(zeros),
+                });
+            }
+        });
+        Some(out)
+    }
+
+    /// One optimisation step on `batch`. Returns `Err` with the metrics when the loss is not finite; nothing
+    /// was updated then (the official code exits at that point).
+    pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, StepMetrics> {
+        let it = self.it;
+        // The data's epoch, as the official loop variable (an epoch may run short of iters_per_epoch when
+        // bad images were skipped; the schedules stay indexed by the global iteration).
+        let epoch = batch.epoch as usize;
+        let lr = self.schedules.lr.at(it);
+        let wd = self.schedules.wd.at(it);
+        let momentum = self.schedules.momentum.at(it);
+        let temp = self.loss.cfg.teacher_temp_at(epoch);
+        let (out, teacher_out, layout) = self.forward(batch, temp);
         // One host read for every number the step reports: each read is a device sync.
         let mut scalars = vec![optim::plain(out.total.clone())];
         scalars.extend(out.cls.clone().map(optim::plain));
