@@ -18,6 +18,15 @@ use crate::error::{Error, Result};
 /// is damage, not a reason to allocate.
 pub const MAX_MEMBER_BYTES: u64 = common::files::MAX_IMAGE_BYTES;
 
+/// The longest member name a GNU long-name or PAX header may carry (Linux's `PATH_MAX`, and PAX records
+/// beside it): what such a header may make the reader hold.
+pub const MAX_NAME_BYTES: u64 = 8192;
+
+/// The most members, and bytes, one sample may hold: an image and its label files (or an image and its
+/// mask) with room to spare, and never more than two images' worth of memory.
+pub const MAX_SAMPLE_MEMBERS: usize = 64;
+pub const MAX_SAMPLE_BYTES: u64 = 2 * MAX_MEMBER_BYTES;
+
 /// Suffix of a shard (or index) while it is being written; renamed away only when complete.
 pub const PARTIAL_SUFFIX: &str = ".partial";
 
@@ -259,15 +268,55 @@ pub fn read_samples(reader: impl Read, mut f: impl FnMut(Sample) -> bool) -> Res
     let mut archive = tar::Archive::new(&mut spy);
     let mut delivered = 0u64;
     let mut pending: Option<Sample> = None;
+    let mut pending_bytes = 0u64;
     let damaged = |samples: u64, problem: String| Error::Shard { path: None, samples, problem };
-    let entries = archive.entries().map_err(|e| damaged(0, e.to_string()))?;
+    // Raw: the tar crate would read a GNU long name or a PAX header whole, whatever size it declares (a
+    // zstd stream can make gigabytes of one); here each is read only up to MAX_NAME_BYTES.
+    let entries = archive.entries().map_err(|e| damaged(0, e.to_string()))?.raw(true);
+    // The next member's name from a GNU long-name ('L') or PAX ('x') header before it.
+    let mut long_name: Option<Vec<u8>> = None;
     for entry in entries {
         let mut entry = entry.map_err(|e| damaged(delivered, format!("damaged tar: {e}")))?;
-        if entry.header().entry_type() != tar::EntryType::Regular {
+        let kind = entry.header().entry_type();
+        if kind.is_gnu_longname() || kind.is_pax_local_extensions() {
+            let size = entry.size();
+            if size > MAX_NAME_BYTES {
+                let problem = format!(
+                    "a member name header of {size} bytes, over the {MAX_NAME_BYTES} a name may take"
+                );
+                return Err(damaged(delivered, problem));
+            }
+            let mut data = Vec::with_capacity(size as usize);
+            entry
+                .read_to_end(&mut data)
+                .map_err(|e| damaged(delivered, format!("truncated member name header: {e}")))?;
+            if data.len() as u64 != size {
+                return Err(damaged(delivered, "truncated member name header".into()));
+            }
+            long_name = if kind.is_gnu_longname() {
+                let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+                data.truncate(end);
+                Some(data)
+            } else {
+                tar::PaxExtensions::new(&data)
+                    .filter_map(|e| e.ok())
+                    .find(|e| e.key() == Ok("path"))
+                    .map(|e| e.value_bytes().to_vec())
+                    .or(long_name)
+            };
             continue;
         }
-        let path = entry.path().map_err(|e| damaged(delivered, format!("bad member name: {e}")))?;
-        let name = path.to_string_lossy().into_owned();
+        let long_name = long_name.take();
+        if kind != tar::EntryType::Regular {
+            continue;
+        }
+        let name = match long_name {
+            Some(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            None => {
+                let path = entry.path().map_err(|e| damaged(delivered, format!("bad member name: {e}")))?;
+                path.to_string_lossy().into_owned()
+            }
+        };
         let Some((key, ext)) = split_member(&name) else {
             continue;
         };
@@ -275,6 +324,7 @@ pub fn read_samples(reader: impl Read, mut f: impl FnMut(Sample) -> bool) -> Res
         // A new key: the sample before it is complete.
         if let Some(done) = pending.take_if(|s| s.key != key) {
             delivered += 1;
+            pending_bytes = 0;
             if !f(done) {
                 return Ok(delivered);
             }
@@ -287,6 +337,16 @@ pub fn read_samples(reader: impl Read, mut f: impl FnMut(Sample) -> bool) -> Res
                 format!("member {name} declares {size} bytes, over the {MAX_MEMBER_BYTES} a member may hold");
             return Err(damaged(delivered, problem));
         }
+        // Nor do a sample's members add up without bound: members of one key are held until the sample
+        // is complete.
+        let members = pending.as_ref().map_or(0, |s| s.members.len());
+        if members >= MAX_SAMPLE_MEMBERS || pending_bytes + size > MAX_SAMPLE_BYTES {
+            let problem = format!(
+                "sample {key} grows past {MAX_SAMPLE_MEMBERS} members or {MAX_SAMPLE_BYTES} bytes at member {name}"
+            );
+            return Err(damaged(delivered, problem));
+        }
+        pending_bytes += size;
         let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
         entry
             .read_to_end(&mut data)
@@ -405,6 +465,85 @@ mod tests {
             }
             assert_eq!(keys, ["a"]);
         }
+    }
+
+    /// Long member names come in GNU long-name or PAX headers (our writer makes the first for keys over
+    /// 100 bytes, Python's tarfile the second); both are read, and neither may declare or hold more than
+    /// MAX_NAME_BYTES.
+    #[test]
+    fn long_names_are_read_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "k".repeat(300);
+        let mut w = ShardWriter::create(dir.path(), "s.tar", None).unwrap();
+        w.append(&long, &[("jpg", &[1u8; 10][..]), ("cls", b"1")]).unwrap();
+        w.finish().unwrap();
+        let whole = std::fs::read(dir.path().join("s.tar")).unwrap();
+        let mut keys = vec![];
+        read_samples(&whole[..], |s| {
+            keys.push((s.key, s.members.len()));
+            true
+        })
+        .unwrap();
+        assert_eq!(keys, [(long.clone(), 2)]);
+
+        let mut b = tar::Builder::new(Vec::new());
+        let pax_name = format!("{}.jpg", "p".repeat(250));
+        b.append_pax_extensions([("path", pax_name.as_bytes())]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "short.jpg", &b"abc"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut keys = vec![];
+        read_samples(&tar[..], |s| {
+            keys.push(s.key);
+            true
+        })
+        .unwrap();
+        assert_eq!(keys, ["p".repeat(250)]);
+
+        // The long-name header (the first block) declaring 1 TiB, or holding MAX_NAME_BYTES + 1 bytes.
+        let mut bad = whole.clone();
+        let mut header = tar::Header::new_gnu();
+        header.as_mut_bytes().copy_from_slice(&bad[..512]);
+        assert!(header.entry_type().is_gnu_longname());
+        header.set_size(1 << 40);
+        header.set_cksum();
+        bad[..512].copy_from_slice(header.as_bytes());
+        let err = read_samples(&bad[..], |_| true).unwrap_err().to_string();
+        assert!(err.contains("name header of 1099511627776 bytes"), "{err}");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(MAX_NAME_BYTES + 1);
+        b.append_data(&mut h, "././@LongLink", &vec![b'n'; MAX_NAME_BYTES as usize + 1][..]).unwrap();
+        let err = read_samples(&b.into_inner().unwrap()[..], |_| true).unwrap_err().to_string();
+        assert!(err.contains(&format!("name header of {} bytes", MAX_NAME_BYTES + 1)), "{err}");
+    }
+
+    #[test]
+    fn a_sample_cannot_grow_without_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::create(dir.path(), "s.tar", None).unwrap();
+        w.append("a", &[("jpg", &[1u8; 10][..])]).unwrap();
+        let exts: Vec<String> = (0..=MAX_SAMPLE_MEMBERS).map(|i| format!("m{i}")).collect();
+        let members: Vec<(&str, &[u8])> = exts.iter().map(|e| (e.as_str(), &b"x"[..])).collect();
+        w.append("b", &members).unwrap();
+        w.finish().unwrap();
+        let mut keys = vec![];
+        match read_samples(std::fs::File::open(dir.path().join("s.tar")).unwrap(), |s| {
+            keys.push(s.key);
+            true
+        }) {
+            Err(Error::Shard { samples: 1, problem, .. }) => {
+                assert!(
+                    problem.contains(&format!("sample b grows past {MAX_SAMPLE_MEMBERS} members")),
+                    "{problem}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(keys, ["a"]);
     }
 
     /// A shard cut anywhere (inside a header, inside a member's data, between members, between samples)
