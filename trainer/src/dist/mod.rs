@@ -252,7 +252,8 @@ impl World {
         } else {
             port
         };
-        let store = store::Store::connect(&host, port, env.rank, rendezvous_timeout()?)?;
+        let job = store::Job::from_env(var, env.size, &host);
+        let store = store::Store::connect(&host, port, env.rank, rendezvous_timeout()?, &job)?;
         let world = Self::with(env.rank, env.size, env.local_rank, Control::Store(Mutex::new((store, 0))));
         // The rendezvous is complete when every rank has arrived.
         world.barrier()?;
