@@ -61,6 +61,11 @@ pub struct LoaderOptions {
     /// that epoch's shard deal, which varies from epoch to epoch when shards differ in size; a
     /// data-parallel trainer caps every epoch at the smallest, so that all epochs have one length.
     pub epoch_samples: Option<u64>,
+    /// Complete an epoch's last batch, when skipped samples left it short, with copies of its own
+    /// samples (in order, cycling), as `DistributedSampler` pads an epoch with repeated indices: the
+    /// ranks of a data-parallel run each need the same number of batches, and a rank that skipped an
+    /// undecodable image would otherwise have one fewer. Off, the short tail is dropped.
+    pub pad_epochs: bool,
     /// Where to start: (epoch, samples of that epoch already consumed).
     pub start: Cursor,
 }
@@ -80,6 +85,7 @@ impl LoaderOptions {
             interleave: 4,
             end_epoch: None,
             epoch_samples: None,
+            pad_epochs: false,
             start: Cursor::default(),
         }
     }
@@ -103,6 +109,8 @@ pub struct Stats {
     pub truncated_shards: AtomicU64,
     /// Samples those shards lack against their index entry (once per shard, not per epoch).
     pub lost_samples: AtomicU64,
+    /// Copies that completed a short last batch ([`LoaderOptions::pad_epochs`]).
+    pub repeated: AtomicU64,
     /// Set once the collator has passed the last position of the last epoch (`end_epoch`): the batch
     /// channel then closes because the data ended, not because a stage failed.
     pub finished: std::sync::atomic::AtomicBool,
@@ -137,6 +145,10 @@ impl Stats {
         }
         if skipped > 0 {
             parts.push(format!("{} skipped", plural(skipped, "sample")));
+        }
+        let repeated = self.repeated.load(Ordering::Relaxed);
+        if repeated > 0 {
+            parts.push(format!("{} repeated to complete an epoch's last batch", plural(repeated, "sample")));
         }
         (!parts.is_empty()).then(|| parts.join(", "))
     }
@@ -228,8 +240,8 @@ pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
     // A missing shard is a set that is not what its index says: training on the rest would run a
     // different (smaller) data set under the same name, so it is refused before anything starts.
     // So is one that cannot be opened (permissions) or is not a regular file (a link to a device): each
-    // would otherwise pass as damage found mid-run. (A size that differs from the index entry is left to
-    // the reader: a cut shard gives the samples before its cut, reported once; `shard verify` checks
+    // would otherwise pass as damage found mid-run; so is one longer than its entry. (A shorter one is left
+    // to the reader: a cut shard gives the samples before its cut, reported once; `shard verify` checks
     // sizes and digests.)
     let mut missing = vec![];
     let mut unusable = vec![];
@@ -239,8 +251,22 @@ pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
             missing.push(s.name.as_str());
             continue;
         }
-        if let Err(e) = shard::format::open_regular(&path) {
-            unusable.push(e.to_string());
+        let bytes = match shard::format::open_regular(&path) {
+            Ok(f) => f.metadata().map_or(0, |m| m.len()),
+            Err(e) => {
+                unusable.push(e.to_string());
+                continue;
+            }
+        };
+        // Longer than its entry: not the shard the index describes (a shorter one is a cut shard, which
+        // gives the samples before its cut, reported by its reader).
+        if bytes > s.bytes {
+            unusable.push(format!(
+                "{}: {bytes} bytes where its index entry lists {} (replaced or repacked without its index; \
+                 `shard verify` checks it)",
+                path.display(),
+                s.bytes
+            ));
         }
     }
     let total = index.shards.len();
@@ -336,12 +362,30 @@ fn spawn_shard_reader(
     let (tx, rx) = std::sync::mpsc::sync_channel(8);
     let path = dir.join(&*name);
     std::thread::spawn(move || {
-        let mut stopped = false;
+        let (mut stopped, mut sent, mut over) = (false, 0u64, false);
         let (error, delivered) = match open_shard(&path) {
             Ok(reader) => match read_samples(reader, |s| {
+                // The epoch plan is the index's: a shard holding more than its entry lists gives only
+                // those, or it would crowd the other shards out of the epoch.
+                if sent == listed {
+                    over = true;
+                    return false;
+                }
+                sent += 1;
                 stopped = tx.send(s).is_err();
                 !stopped
             }) {
+                Ok(_) if over => {
+                    if stats.shard_damaged(&name, 0) {
+                        eprintln!(
+                            "warning: {}: it holds more samples than the {listed} its index.json lists; only \
+                             those are read (the index is not this shard's: `shard verify` names the \
+                             difference; repack the set to use them all)",
+                            path.display()
+                        );
+                    }
+                    return;
+                }
                 // Whole, or left early by its reader: nothing to report.
                 Ok(n) if n >= listed || stopped => return,
                 // An intact tar with fewer samples than the index lists: replaced, or packed by another tool.
@@ -554,6 +598,47 @@ impl Pending {
         self.seq.push(seq);
     }
 
+    /// Fills up to `b` samples with copies of the ones held, in order, cycling; the number of copies.
+    fn repeat_to(&mut self, b: usize) -> usize {
+        let n = self.labels.len();
+        if n == 0 || n >= b {
+            return 0;
+        }
+        fn cycle<T: Clone>(v: &mut Vec<T>, n: usize, b: usize) {
+            let chunk = v.len() / n;
+            for j in 0..b - n {
+                let i = j % n;
+                v.extend_from_within(i * chunk..(i + 1) * chunk);
+            }
+        }
+        self.views.iter_mut().for_each(|v| cycle(v, n, b));
+        self.teacher.iter_mut().chain(self.student.iter_mut()).for_each(|v| cycle(v, n, b));
+        cycle(&mut self.labels, n, b);
+        cycle(&mut self.keys, n, b);
+        cycle(&mut self.seq, n, b);
+        b - n
+    }
+
+    fn into_batch(self, cfg: &ViewsConfig, b: usize, epoch: u64, cursor: Cursor) -> Batch {
+        Batch {
+            batch_size: b,
+            num_points: cfg.num_points,
+            views: self
+                .views
+                .into_iter()
+                .enumerate()
+                .map(|(v, data)| ViewPixels { size: cfg.view_size(v), data })
+                .collect(),
+            teacher_points: self.teacher,
+            student_points: self.student,
+            labels: self.labels,
+            keys: self.keys,
+            seq: self.seq,
+            epoch,
+            cursor,
+        }
+    }
+
     /// Drops the samples but keeps the buffers (the incomplete tail of an epoch).
     fn clear(&mut self) {
         self.views.iter_mut().for_each(Vec::clear);
@@ -598,31 +683,25 @@ async fn collate_loop(
                 Err(Missing) => {}
             }
             next = (epoch, seq + 1);
+            let left = epoch_len - (seq + 1);
+            let mut batch = None;
             if pending.labels.len() == b {
-                let full = std::mem::replace(&mut pending, Pending::new(cfg, b));
-                let batch = Batch {
-                    batch_size: b,
-                    num_points: cfg.num_points,
-                    views: full
-                        .views
-                        .into_iter()
-                        .enumerate()
-                        .map(|(v, data)| ViewPixels { size: cfg.view_size(v), data })
-                        .collect(),
-                    teacher_points: full.teacher,
-                    student_points: full.student,
-                    labels: full.labels,
-                    keys: full.keys,
-                    seq: full.seq,
-                    epoch,
-                    // Fewer positions than a batch left: the epoch's tail can never fill a batch and is
-                    // dropped, so the cursor already points at the next epoch.
-                    cursor: if epoch_len - (seq + 1) < b as u64 {
-                        Cursor { epoch: epoch + 1, samples: 0 }
-                    } else {
-                        Cursor { epoch, samples: seq + 1 }
-                    },
+                // Fewer positions than a batch left: unless it is padded, the epoch's tail can never fill
+                // a batch and is dropped, so the cursor already points at the next epoch.
+                let cursor = if left == 0 || (!opts.pad_epochs && left < b as u64) {
+                    Cursor { epoch: epoch + 1, samples: 0 }
+                } else {
+                    Cursor { epoch, samples: seq + 1 }
                 };
+                let full = std::mem::replace(&mut pending, Pending::new(cfg, b));
+                batch = Some(full.into_batch(cfg, b, epoch, cursor));
+            } else if left == 0 && opts.pad_epochs && !pending.labels.is_empty() {
+                let copies = pending.repeat_to(b);
+                stats.repeated.fetch_add(copies as u64, Ordering::Relaxed);
+                let full = std::mem::replace(&mut pending, Pending::new(cfg, b));
+                batch = Some(full.into_batch(cfg, b, epoch, Cursor { epoch: epoch + 1, samples: 0 }));
+            }
+            if let Some(batch) = batch {
                 stats.images.fetch_add(b as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 if tx.send(batch).await.is_err() {
@@ -630,8 +709,8 @@ async fn collate_loop(
                     return;
                 }
             }
-            if seq + 1 == epoch_len {
-                // Epoch end: the incomplete tail batch is dropped.
+            if left == 0 {
+                // Epoch end: the incomplete tail batch (if not padded) is dropped.
                 pending.clear();
                 next = (epoch + 1, 0);
                 if opts.end_epoch == Some(epoch + 1) {

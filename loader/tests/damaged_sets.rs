@@ -162,13 +162,18 @@ fn soak_warns_once_about_a_truncated_shard_and_ends_with_the_summary() {
 
 /// Rewrites a synthetic set with every third sample's image replaced by junk (the tar stays intact).
 fn corrupt_every_third_image(src: &Path, dst: &Path) -> u64 {
+    corrupt_images(src, dst, |n| n % 3 == 0)
+}
+
+/// A copy of the set at `src` in `dst` whose `n`-th image (in shard order) is junk where `bad(n)`.
+fn corrupt_images(src: &Path, dst: &Path, bad_at: impl Fn(u64) -> bool) -> u64 {
     let index = Index::load(src).unwrap();
     std::fs::create_dir_all(dst).unwrap();
     let (mut shards, mut n, mut bad) = (vec![], 0u64, 0u64);
     for s in &index.shards {
         let mut w = ShardWriter::create(dst, &s.name, None).unwrap();
         read_samples(open_shard(&src.join(&s.name)).unwrap(), |sample| {
-            let junk = n % 3 == 0;
+            let junk = bad_at(n);
             bad += junk as u64;
             n += 1;
             let members: Vec<(&str, &[u8])> = sample
@@ -290,5 +295,97 @@ fn pipeline_sizes_out_of_range_are_refused_by_name() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(option), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn an_index_under_stating_a_shard_is_said_and_the_plan_kept() {
+    // Totals that agree, one shard's count under-stated (8 of its 20) and the next over-stated: the
+    // under-stated shard gives only its 8 (it would otherwise crowd the others out of the epoch), said
+    // once; the over-stated one is short, said as before.
+    let tmp = tempfile::tempdir().unwrap();
+    make_set(tmp.path(), 60);
+    let path = tmp.path().join(INDEX_FILE);
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    index["shards"][0]["samples"] = 8.into();
+    index["shards"][1]["samples"] = 32.into();
+    std::fs::write(&path, serde_json::to_string(&index).unwrap()).unwrap();
+    let (keys, stats) = run_epochs(tmp.path(), 1);
+    let shard0: Vec<String> = {
+        let mut v = vec![];
+        read_samples(open_shard(&tmp.path().join("train-000000.tar")).unwrap(), |s| {
+            v.push(s.key);
+            true
+        })
+        .unwrap();
+        v
+    };
+    let read0 = keys.iter().filter(|k| shard0.contains(k)).count();
+    assert_eq!(read0, 8, "shard 0 gives the 8 its entry lists");
+    assert_eq!(stats.problems().unwrap(), "2 damaged shards (12 samples lost)");
+    // A shard longer than its entry is not the index's shard: refused at start-up, named.
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    index["shards"][0]["samples"] = 20.into();
+    index["shards"][1]["samples"] = 20.into();
+    let bytes = index["shards"][2]["bytes"].as_u64().unwrap();
+    index["shards"][2]["bytes"] = (bytes - 512).into();
+    index["total_bytes"] = (index["total_bytes"].as_u64().unwrap() - 512).into();
+    std::fs::write(&path, serde_json::to_string(&index).unwrap()).unwrap();
+    let err = runtime().block_on(async { start(LoaderOptions::new(tmp.path(), small_views(), 8)).err() });
+    let err = err.expect("refused").to_string();
+    assert!(err.contains("train-000002.tar") && err.contains(&format!("{bytes} bytes where")), "{err}");
+}
+
+#[test]
+fn a_padded_epoch_keeps_its_batch_count_and_replays_from_a_cursor() {
+    // A data-parallel rank's epoch of 64 positions with one undecodable image: padded, it still gives 8
+    // batches of 8, the last completed by a copy of its own first sample; from a cursor inside the epoch
+    // the same batches come again.
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("bad"));
+    make_set(&src, 64);
+    assert_eq!(corrupt_images(&src, &dst, |n| n == 10), 1);
+    let batches = |from: common::Cursor| {
+        runtime().block_on(async {
+            let mut o = LoaderOptions::new(&dst, small_views(), 8);
+            (o.workers, o.shuffle_buffer, o.end_epoch, o.epoch_samples, o.pad_epochs) =
+                (2, 16, Some(1), Some(64), true);
+            o.start = from;
+            let l = start(o).unwrap();
+            let mut out = vec![];
+            while let Ok(b) = l.batches.recv().await {
+                out.push(b);
+            }
+            let stats = l.stats.clone();
+            l.shutdown().await;
+            (out, stats)
+        })
+    };
+    let (all, stats) = batches(common::Cursor::default());
+    assert_eq!(all.len(), 8, "the epoch keeps its 8 batches");
+    let last = &all[7];
+    assert_eq!(last.keys.len(), 8);
+    assert_eq!(last.keys[7], last.keys[0], "the copy is of the batch's first sample");
+    assert_eq!(last.cursor, common::Cursor { epoch: 1, samples: 0 });
+    let px = last.views[0].data.len() / 8;
+    assert_eq!(last.views[0].data[7 * px..], last.views[0].data[..px], "its pixels too");
+    assert_eq!(stats.repeated.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        stats.problems().unwrap(),
+        "1 sample skipped, 1 sample repeated to complete an epoch's last batch"
+    );
+    // Without padding the short tail is dropped, as one process does.
+    let (kept, _) = run_epochs(&dst, 1);
+    assert_eq!(kept.len(), 56);
+    // From the cursor after batch 5: batches 6 and 7 again, bit for bit.
+    let (again, _) = batches(all[5].cursor);
+    assert_eq!(again.len(), 2);
+    for (a, b) in again.iter().zip(&all[6..]) {
+        assert_eq!(
+            (&a.keys, &a.views, &a.teacher_points, &a.cursor),
+            (&b.keys, &b.views, &b.teacher_points, &b.cursor)
+        );
     }
 }

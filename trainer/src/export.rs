@@ -233,7 +233,7 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) ->
     };
     load_side(&mut trainer.student, &device.clone().autodiff())?;
     load_side(&mut trainer.teacher, &device)?;
-    let meta = Meta { it: 0, cursor: Cursor::default(), config: cfg.clone(), world_size: 1 };
+    let meta = Meta { it: 0, cursor: Cursor::default(), config: cfg.clone(), world_size: 1, data: None };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // Held until the import is written: a trainer running in `out` is never pulled from under itself.
     let _lock = crate::train::run::lock_run(out)?;

@@ -60,7 +60,13 @@ fn train(cfg: &TrainConfig, world: Arc<World>, out: &Path) {
         let mine = batch.slice(world.rank * per..(world.rank + 1) * per);
         trainer.step(&mine).unwrap_or_else(|m| panic!("non-finite loss {m:?}"));
     }
-    let meta = Meta { it: STEPS, cursor: Default::default(), config: cfg.clone(), world_size: world.size };
+    let meta = Meta {
+        it: STEPS,
+        cursor: Default::default(),
+        config: cfg.clone(),
+        world_size: world.size,
+        data: None,
+    };
     checkpoint::save(&out.join(format!("rank{}", world.rank)), &mut trainer, &meta, 1).unwrap();
 }
 

@@ -306,3 +306,80 @@ fn a_stop_signal_to_the_launcher_checkpoints_every_rank_and_the_resume_is_exact(
         "the resumed run's weights are the uninterrupted one's"
     );
 }
+
+/// One undecodable image in a 2-rank run costs that sample, not the job: the rank that reads it completes
+/// its epoch's last batch with a copy (the loader's `pad_epochs`), so both ranks keep every epoch's 4
+/// steps; the run finishes all 12, and a run stopped at step 5 and resumed ends bit-identical to it.
+#[test]
+fn one_undecodable_image_costs_its_sample_not_the_job_and_the_resume_is_exact() {
+    use shard::format::ShardWriter;
+    use shard::index::{INDEX_FILE, Index};
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (src, set) = (tmp.path().join("src"), tmp.path().join("set"));
+    let opts = shard::synth::SynthOptions {
+        count: 256,
+        size: 48,
+        per_shard: 128,
+        quiet: true,
+        ..Default::default()
+    };
+    shard::synth::synth(&src, &opts).unwrap();
+    // Sample 40 of shard 1 (read by one rank in every epoch's deal) gets junk for its JPEG.
+    let index = Index::load(&src).unwrap();
+    std::fs::create_dir_all(&set).unwrap();
+    let mut shards = vec![];
+    for (i, s) in index.shards.iter().enumerate() {
+        let mut w = ShardWriter::create(&set, &s.name, None).unwrap();
+        let mut n = 0;
+        shard::read_samples(shard::open_shard(&src.join(&s.name)).unwrap(), |sample| {
+            let junk = i == 1 && n == 40;
+            n += 1;
+            let members: Vec<(&str, &[u8])> = sample
+                .members
+                .iter()
+                .map(|(e, d)| (e.as_str(), if junk && e == "jpg" { &b"junk"[..] } else { d.as_slice() }))
+                .collect();
+            w.append(&sample.key, &members).unwrap();
+            true
+        })
+        .unwrap();
+        shards.push(w.finish().unwrap());
+    }
+    let out = Index::new(shards, index.classes, index.members, index.options, vec![]);
+    std::fs::write(set.join(INDEX_FILE), out.to_json()).unwrap();
+    let with_set = |dir: &Path, epochs: usize| {
+        let mut s = sets(dir, epochs);
+        s.push(format!("data.shards=\"{}\"", set.display()));
+        s
+    };
+
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let log = tmp.path().join("a.log");
+    run_ok(&["train", "--nproc-per-node", "2"], &with_set(&a, 3), &log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("warning: skipped sample") && text.contains("of shard train-000001.tar"), "{text}");
+    assert!(!text.contains("the data ended") && !text.contains("disagree"), "{text}");
+    let want = history(&a.join("runs/dp"));
+    let its: Vec<u64> =
+        want.iter().filter(|r| r["kind"] == "step").map(|r| r["it"].as_u64().unwrap()).collect();
+    assert_eq!(its, (0..12).collect::<Vec<_>>(), "every step of every epoch ran");
+
+    let mut stop = with_set(&b, 3);
+    stop.push("run.max_steps=5".into());
+    run_ok(&["train", "--quiet", "--nproc-per-node", "2"], &stop, &tmp.path().join("b1.log"));
+    let run = b.join("runs/dp");
+    assert_eq!(last_checkpoint(&run).0, 5);
+    let resume = ["run.max_steps=0".to_string()];
+    let run_s = run.to_str().unwrap();
+    run_ok(
+        &["train", "--quiet", "--nproc-per-node", "2", "--resume", run_s],
+        &resume,
+        &tmp.path().join("b2.log"),
+    );
+    assert_eq!(history(&run), want, "the resumed run's history is the uninterrupted one's");
+    let tensors = |dir: &Path| checkpoint::tensors(&std::fs::read(last_checkpoint(dir).1).unwrap()).unwrap();
+    assert!(
+        tensors(&run) == tensors(&a.join("runs/dp")),
+        "the resumed run's weights are the uninterrupted one's"
+    );
+}

@@ -692,3 +692,56 @@ fn another_runs_checkpoint_in_the_folder_is_refused_on_resume() {
     assert_eq!(std::fs::read(a.join("metrics.jsonl")).unwrap(), history, "the history is untouched");
     assert_eq!(std::fs::read(a.join("config.toml")).unwrap(), config, "the config is untouched");
 }
+
+// 16. A run's checkpoints/ deleted, then resumed.
+#[test]
+fn a_history_without_its_checkpoints_is_refused_not_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = run(tmp.path(), "d", 4); // checkpoints at steps 2 and 4
+    std::fs::remove_dir_all(dir.join("checkpoints")).unwrap();
+    let history = std::fs::read(dir.join("metrics.jsonl")).unwrap();
+    let err = fails(&trainer(&["train", "--quiet", "--resume", dir.to_str().unwrap()]));
+    assert!(err.contains("has no checkpoint") && err.contains("step 2 (checkpoints every 2 steps)"), "{err}");
+    assert_eq!(std::fs::read(dir.join("metrics.jsonl")).unwrap(), history, "the history is untouched");
+    // A run killed before its first checkpoint (only step 0 logged) still starts over.
+    let first = String::from_utf8(history).unwrap().lines().next().unwrap().to_string() + "\n";
+    std::fs::write(dir.join("metrics.jsonl"), first).unwrap();
+    let out = trainer(&["train", "--quiet", "--resume", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(steps_logged(&dir), (0..4).collect::<Vec<_>>());
+}
+
+// 17. The data set regenerated in place between a checkpoint and its resume.
+#[test]
+fn a_data_set_changed_since_the_checkpoint_is_refused_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = tmp.path().join("set");
+    let make = |count: usize| {
+        let opts = shard::synth::SynthOptions {
+            count,
+            size: 48,
+            per_shard: 16,
+            force: true,
+            quiet: true,
+            ..Default::default()
+        };
+        shard::synth::synth(&set, &opts).unwrap();
+    };
+    make(40);
+    let mut sets = tiny_sets(tmp.path(), "s", 4);
+    sets.push(format!("data.shards=\"{}\"", set.display()));
+    ok(&trainer(&with_sets(vec!["train", "--quiet"], &sets)));
+    let dir = tmp.path().join("runs/s");
+    let history = std::fs::read(dir.join("metrics.jsonl")).unwrap();
+    make(56);
+    let resume = ["train", "--quiet", "--resume", dir.to_str().unwrap(), "--set", "run.max_steps=6"];
+    let err = fails(&trainer(&resume));
+    assert!(err.contains("a set of 40 samples in 3 shards") && err.contains("now holds 56 samples"), "{err}");
+    assert_eq!(std::fs::read(dir.join("metrics.jsonl")).unwrap(), history, "the history is untouched");
+    assert_eq!(checkpoints(&dir), vec![2, 4]);
+    // The same set made again (same images, same shards) is the same set: the resume goes on.
+    make(40);
+    let out = trainer(&resume);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(checkpoints(&dir).last(), Some(&6), "the run went on to step 6");
+}

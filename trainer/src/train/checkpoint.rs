@@ -18,6 +18,7 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::model::params::{self, host};
 use crate::train::config::{RunConfig, TrainConfig};
+use crate::train::data::DataIdentity;
 use crate::train::optim::AdamState;
 use crate::train::step::Trainer;
 
@@ -34,6 +35,8 @@ pub struct Meta {
     /// The processes of the job that wrote it: the loader's cursor counts one rank's samples, so the run
     /// continues only with as many (checkpoints before data parallelism hold none: one).
     pub world_size: usize,
+    /// The data set the run trained on (checkpoints before this was recorded hold none).
+    pub data: Option<DataIdentity>,
 }
 
 pub fn file_name(it: usize) -> String {
@@ -83,6 +86,9 @@ pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Resu
         ("config".to_string(), meta.config.to_toml()),
         ("world_size".to_string(), meta.world_size.to_string()),
     ]);
+    if let Some(data) = &meta.data {
+        info.insert("data".to_string(), serde_json::to_string(data)?);
+    }
     let le: Vec<std::borrow::Cow<[u8]>> = tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
     let sum = digest(tensors.iter().zip(&le).map(|((n, d, _), b)| (n.as_str(), d.as_slice(), &b[..])), &info);
     drop(le);
@@ -261,11 +267,20 @@ pub struct Policy {
     pub last: Option<(usize, PathBuf)>,
     /// False on the ranks other than 0 of a data-parallel run: they hold the same state, rank 0 saves it.
     pub writes: bool,
+    /// The run's data set, recorded in every checkpoint it writes.
+    pub data: Option<DataIdentity>,
 }
 
 impl Policy {
     pub fn new(dir: PathBuf, run: &RunConfig) -> Self {
-        Self { dir, every: run.checkpoint_every, keep: run.keep_checkpoints, last: None, writes: true }
+        Self {
+            dir,
+            every: run.checkpoint_every,
+            keep: run.keep_checkpoints,
+            last: None,
+            writes: true,
+            data: None,
+        }
     }
 
     /// The run's `checkpoints/` folder.
@@ -279,6 +294,7 @@ impl Policy {
     }
 
     pub fn save(&mut self, trainer: &mut Trainer, meta: &Meta) -> Result<()> {
+        let meta = &Meta { data: self.data.clone(), ..meta.clone() };
         let path = match self.writes {
             true => save(&self.dir, trainer, meta, self.keep)?,
             false => self.dir.join(file_name(meta.it)),
@@ -355,6 +371,7 @@ pub fn meta(bytes: &[u8]) -> Result<Meta> {
         cursor: serde_json::from_str(&get("cursor")?)?,
         config: TrainConfig::from_resolved(&get("config")?)?,
         world_size: info.get("world_size").map_or(Ok(1), |w| w.parse())?,
+        data: info.get("data").map(|d| serde_json::from_str(d)).transpose()?,
     })
 }
 

@@ -20,6 +20,32 @@ pub fn shards(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// What a checkpoint records of the set its run trained on: the sample count (which sets the steps per
+/// epoch, and through them the lr, weight decay and momentum schedules) and a digest of the index's
+/// shards (names, counts, content digests), so that a set repacked or regenerated in place between a
+/// checkpoint and its resume is seen, not trained on silently with another schedule.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataIdentity {
+    pub samples: u64,
+    pub shards: usize,
+    pub digest: String,
+}
+
+/// The [`DataIdentity`] of the shard set at `shards`.
+pub fn identity(shards: &Path) -> Result<DataIdentity> {
+    use sha2::{Digest, Sha256};
+    let index = shard::Index::load(shards)?;
+    let mut h = Sha256::new();
+    for s in &index.shards {
+        h.update(format!("{}\t{}\t{}\n", s.name, s.samples, s.sha256).as_bytes());
+    }
+    Ok(DataIdentity {
+        samples: index.total_samples,
+        shards: index.shards.len(),
+        digest: hex::encode(&h.finalize()[..16]),
+    })
+}
+
 /// The held-out synthetic set of a config (another seed, half the size, at least 64 images), made on
 /// first use: what the demo's k-NN is scored on.
 pub fn synthetic_val(cfg: &TrainConfig) -> Result<PathBuf> {

@@ -180,6 +180,27 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     }
     let (cfg, run_dir, resume, _lock) = open_across(&world, start, opts)?;
     let shards = data::shards(&cfg, quiet)?;
+    let identity = data::identity(&shards)?;
+    if let Some((file, bytes)) = &resume
+        && let Some(then) = checkpoint::meta(bytes)?.data
+        && then != identity
+    {
+        let now = &identity;
+        bail!(
+            "{} was written by a run on a set of {} samples in {} shards (digest {}); {} now holds {} samples in \
+             {} shards (digest {}). Resumed on it, the run's steps per epoch, and with them its lr, weight-decay \
+             and momentum schedules, would change silently. Restore the set the run trained on, or start a new \
+             run on this one",
+            file.display(),
+            then.samples,
+            then.shards,
+            then.digest,
+            shards.display(),
+            now.samples,
+            now.shards,
+            now.digest
+        );
+    }
     let ipe = data::iters_per_epoch(&cfg, &shards, world.rank, world.size)?;
     let total = match cfg.run.max_steps {
         0 => cfg.run.epochs * ipe,
@@ -244,10 +265,14 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     (loader_opts.rank, loader_opts.world_size) = (world.rank, world.size);
     if !world.alone() {
         loader_opts.epoch_samples = Some((ipe * cfg.run.batch_size) as u64);
+        // A rank that skips an undecodable image completes its epoch's last batch with copies, so that
+        // every rank has the epoch's `ipe` batches (the skip costs that sample, not the job).
+        loader_opts.pad_epochs = true;
     }
     let loader = rt.block_on(async { loader::start(loader_opts) })?;
     let mut ckpt = checkpoint::Policy::new(run_dir.join("checkpoints"), &cfg.run);
     ckpt.writes = world.rank == 0;
+    ckpt.data = Some(identity);
     // A resumed run's last good checkpoint is the one it resumed from, until it writes another.
     ckpt.last = resume.map(|(file, _)| (first, file));
     // Resumed inside an epoch: that epoch's end is still to be reported (unless an earlier process
@@ -362,7 +387,7 @@ fn train_steps(
             let world_size = trainer.world.size;
             ckpt.save(
                 trainer,
-                &Meta { it: trainer.it, cursor: batch.cursor, config: cfg.clone(), world_size },
+                &Meta { it: trainer.it, cursor: batch.cursor, config: cfg.clone(), world_size, data: None },
             )?;
         }
         last_cursor = Some(batch.cursor);
@@ -386,7 +411,8 @@ fn interrupt(
 ) -> anyhow::Error {
     let saved = ckpt.last.as_ref().is_some_and(|(it, _)| *it == trainer.it);
     if let (Some(cursor), false) = (last_cursor, saved) {
-        let meta = Meta { it: trainer.it, cursor, config: cfg.clone(), world_size: trainer.world.size };
+        let meta =
+            Meta { it: trainer.it, cursor, config: cfg.clone(), world_size: trainer.world.size, data: None };
         if let Err(e) = ckpt.save(trainer, &meta) {
             return e.context(format!("writing the checkpoint of step {} after a stop signal", trainer.it));
         }
@@ -458,7 +484,7 @@ fn close_epoch(
     if ckpt.due(trainer.it, true, total) {
         let cursor = Cursor { epoch: epoch + 1, samples: 0 };
         let world_size = trainer.world.size;
-        ckpt.save(trainer, &Meta { it: trainer.it, cursor, config: cfg.clone(), world_size })?;
+        ckpt.save(trainer, &Meta { it: trainer.it, cursor, config: cfg.clone(), world_size, data: None })?;
     }
     Ok(())
 }
@@ -532,6 +558,13 @@ fn open(start: Start, opts: &RunOptions, world: &World) -> Result<Opened> {
             let cfg = TrainConfig::from_resolved(&text)
                 .and_then(|c| c.with_run_overrides(&sets))
                 .with_context(|| stored.display().to_string())?;
+            if let Some(past) = history_past_a_checkpoint(&from, &cfg) {
+                bail!(
+                    "{} has no checkpoint, but its metrics.jsonl records {past}, where the run wrote one: were                      its checkpoints deleted or moved? Starting over would overwrite that history. Put the                      checkpoints back in {}, or move metrics.jsonl aside to start the run over",
+                    from.display(),
+                    from.join("checkpoints").display()
+                );
+            }
             if !opts.quiet {
                 eprintln!("{}: no checkpoint yet; starting the run over from step 0", from.display());
             }
@@ -664,6 +697,22 @@ pub(crate) fn lock_run(run_dir: &Path) -> Result<std::fs::File> {
 /// none; a damaged one is, and is `checkpoint::latest`'s to report).
 fn not_yet_checkpointed(from: &Path) -> bool {
     from.join("config.toml").is_file() && checkpoint::list(&from.join("checkpoints")).is_empty()
+}
+
+/// What in `run`'s history shows that a checkpoint was written (an epoch's end, or a step at or past
+/// `run.checkpoint_every`; both always save), said for an error; `None` for a run killed before its
+/// first checkpoint, whose history the start-over rewrites with the same steps.
+fn history_past_a_checkpoint(run: &Path, cfg: &TrainConfig) -> Option<String> {
+    use crate::train::metrics::Record;
+    let records = crate::train::metrics::read(&run.join("metrics.jsonl")).ok()?;
+    let every = cfg.run.checkpoint_every;
+    records.iter().find_map(|r| match r {
+        Record::Epoch { epoch, steps, .. } => Some(format!("the end of epoch {epoch} (step {steps})")),
+        Record::Step { m, .. } if every > 0 && m.it + 1 >= every => {
+            Some(format!("step {} (checkpoints every {every} steps)", m.it + 1))
+        }
+        _ => None,
+    })
 }
 
 /// The step of the newest checkpoint in `dir` that is intact. Damaged checkpoints newer than `from`
