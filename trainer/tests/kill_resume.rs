@@ -366,3 +366,34 @@ fn sigterm_checkpoints_the_step_in_progress_and_the_resume_is_exact() {
     eprintln!("SIGTERM stops after steps {stops:?} (checkpoints at epoch ends, every 5 steps)");
     assert!(stops.iter().any(|s| s % 5 != 0), "a stop inside an epoch: {stops:?}");
 }
+
+/// SIGTERM during start-up (here: while a large synthetic set is being made) ends the process at once,
+/// 128 + 15, saying so: there is nothing to checkpoint, and waiting for the first step could take minutes.
+#[test]
+fn sigterm_during_start_up_ends_the_process_at_once() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let log = tmp.path().join("stderr.txt");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    cmd.arg("train");
+    for s in sets(tmp.path()).iter().map(String::as_str).chain(["data.synth_count=50000"]) {
+        cmd.args(["--set", s]);
+    }
+    let err = std::fs::File::create(&log).unwrap();
+    let mut child = cmd.stdout(Stdio::null()).stderr(err).spawn().unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let t0 = Instant::now();
+    while !log_text().contains("making a synthetic data set") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no start-up: {}", log_text());
+        assert!(child.try_wait().unwrap().is_none(), "ended early: {}", log_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: a signal to the process this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t1 = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(t1.elapsed() < Duration::from_secs(3), "took {:?} to stop", t1.elapsed());
+    assert_eq!(status.code(), Some(143), "{}", log_text());
+    assert!(log_text().contains("during start-up, before the first step: nothing to save"), "{}", log_text());
+    assert!(checkpoint::list(&tmp.path().join("runs/k/checkpoints")).is_empty());
+}

@@ -78,6 +78,11 @@ mod stop {
     pub static FIRST_MS: AtomicU64 = AtomicU64::new(0);
     pub static LAST_MS: AtomicU64 = AtomicU64::new(0);
     pub static EXIT_ON_SECOND: AtomicBool = AtomicBool::new(true);
+    /// Set when the first step begins: before it there is nothing to checkpoint, so a signal during
+    /// start-up (a synthetic set being made, the shards' plan, MPI's start) ends the process at once
+    /// instead of waiting for a step that may be minutes away. Everything start-up writes is written
+    /// atomically (or, a synthetic set, marked and remade), so nothing half-written is left to look whole.
+    pub static IN_STEPS: AtomicBool = AtomicBool::new(false);
     pub static BASE: OnceLock<Instant> = OnceLock::new();
 
     pub fn now_ms() -> u64 {
@@ -85,6 +90,13 @@ mod stop {
     }
 
     pub fn on_signal(sig: i32) {
+        // The launcher of several ranks (no exit on a second signal) always handles its signals itself.
+        if !IN_STEPS.load(SeqCst) && EXIT_ON_SECOND.load(SeqCst) {
+            let msg = b"stopped by a signal during start-up, before the first step: nothing to save\n";
+            // SAFETY: write(2) on stderr is async-signal-safe; the buffer is static.
+            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+            signal_hook::low_level::exit(128 + sig);
+        }
         let now = now_ms();
         if COUNT.fetch_add(1, SeqCst) == 0 {
             FIRST_MS.store(now, SeqCst);
@@ -345,6 +357,7 @@ fn train_steps(
     mut next_batch: impl FnMut() -> Result<Option<common::Batch>>,
 ) -> Result<Vec<StepMetrics>> {
     let mut steps = Vec::new();
+    stop::IN_STEPS.store(true, std::sync::atomic::Ordering::SeqCst);
     // The loader's cursor after the last step's batch: where a checkpoint written now resumes.
     let mut last_cursor: Option<common::Cursor> = None;
     while trainer.it < total {
