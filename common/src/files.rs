@@ -51,7 +51,24 @@ fn invalid(problem: String) -> io::Error {
 /// Devices (`/dev/zero`), FIFOs and sockets are refused before a byte is read; a file that grows while
 /// it is read is cut at `max_bytes + 1` and refused.
 pub fn read_regular(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    read_open(open_regular(path)?, max_bytes)
+}
+
+/// [`read_regular`] of a file that must lie inside the folder `root` (canonical). The check is made on
+/// the open handle (its `/proc/self/fd` link), not on the name: a file swapped for a link out of the
+/// folder between the listing that admitted it and this read is refused, not read.
+pub fn read_regular_inside(path: &Path, root: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
     let file = open_regular(path)?;
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .or_else(|_| std::fs::canonicalize(path))?;
+    if !real.starts_with(root) {
+        return Err(invalid(format!("resolves to {}, outside {}", real.display(), root.display())));
+    }
+    read_open(file, max_bytes)
+}
+
+fn read_open(file: std::fs::File, max_bytes: u64) -> io::Result<Vec<u8>> {
     let meta = file.metadata()?;
     if meta.len() > max_bytes {
         return Err(invalid(format!("{} bytes, more than the {max_bytes} this file may hold", meta.len())));
@@ -118,6 +135,26 @@ fn kind_of(meta: &std::fs::Metadata) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_inside_a_folder_refuses_what_resolves_outside_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("in");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(tmp.path().join("secret"), b"outside").unwrap();
+        std::fs::write(root.join("a/x.jpg"), b"inside").unwrap();
+        let root = std::fs::canonicalize(&root).unwrap();
+        assert_eq!(read_regular_inside(&root.join("a/x.jpg"), &root, 100).unwrap(), b"inside");
+        // The name admitted by the listing, swapped for a link out before the read.
+        std::fs::remove_file(root.join("a/x.jpg")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("secret"), root.join("a/x.jpg")).unwrap();
+        let err = read_regular_inside(&root.join("a/x.jpg"), &root, 100).unwrap_err().to_string();
+        assert!(err.contains("outside"), "{err}");
+        // A link to a file inside is inside.
+        std::fs::write(root.join("b.jpg"), b"b").unwrap();
+        std::os::unix::fs::symlink(root.join("b.jpg"), root.join("a/y.jpg")).unwrap();
+        assert_eq!(read_regular_inside(&root.join("a/y.jpg"), &root, 100).unwrap(), b"b");
+    }
 
     #[test]
     fn devices_folders_and_oversized_files_are_refused_before_reading() {

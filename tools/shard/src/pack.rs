@@ -447,6 +447,7 @@ type Processed = Result<Vec<(&'static str, Vec<u8>)>>;
 fn process(
     item: &Item,
     input: &Path,
+    confine: Option<&Path>,
     masks: Option<&Path>,
     classes: &[ClassInfo],
     opts: &CleanOptions,
@@ -454,8 +455,13 @@ fn process(
     let path = input.join(&item.rel);
     // Every problem here is this input's: unreadable, unusable, or its mask is.
     let unusable = |e: Error| e.in_file(&path);
-    let bytes = common::files::read_regular(&path, common::files::MAX_IMAGE_BYTES)
-        .map_err(|e| unusable(Error::image(format!("cannot read: {e}"))))?;
+    // Without --follow-links-out the file read must still lie in the input (the walk checked the name;
+    // this checks what is opened, after any swap since).
+    let bytes = match confine {
+        Some(root) => common::files::read_regular_inside(&path, root, common::files::MAX_IMAGE_BYTES),
+        None => common::files::read_regular(&path, common::files::MAX_IMAGE_BYTES),
+    }
+    .map_err(|e| unusable(Error::image(format!("cannot read: {e}"))))?;
     let cleaned = clean(&bytes, opts).map_err(unusable)?;
     let mut members: Vec<(&'static str, Vec<u8>)> = vec![];
     let class = item.class.and_then(|c| classes.get(c));
@@ -609,13 +615,22 @@ pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
     })?;
     let clean_opts = CleanOptions { quality: opts.quality, max_side: opts.max_side };
     let masks = opts.layout.masks.as_deref();
+    let confine = match opts.layout.follow_links_out {
+        true => None,
+        false => Some(
+            std::fs::canonicalize(&opts.input).map_err(|e| Error::io(&opts.input, "cannot resolve", e))?,
+        ),
+    };
     let mut progress = Progress::new("pack", (items.len() - start) as u64, opts.quiet);
     let chunk = 64 * opts.workers;
     let mut pos = start;
     let mut written = 0u64;
     for batch in items[start..].chunks(chunk) {
         let results: Vec<Processed> = pool.install(|| {
-            batch.par_iter().map(|it| process(it, &opts.input, masks, &plan.classes, &clean_opts)).collect()
+            batch
+                .par_iter()
+                .map(|it| process(it, &opts.input, confine.as_deref(), masks, &plan.classes, &clean_opts))
+                .collect()
         });
         let mut bytes = 0;
         for (item, result) in batch.iter().zip(results) {
