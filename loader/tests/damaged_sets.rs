@@ -389,3 +389,34 @@ fn a_padded_epoch_keeps_its_batch_count_and_replays_from_a_cursor() {
         );
     }
 }
+
+#[test]
+fn a_shard_that_cannot_be_read_stops_start_up_as_a_missing_one_does() {
+    // Permissions bind only a user other than root: as root the loader runs as `nobody` (setpriv).
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    make_set(tmp.path(), 60);
+    let shard = tmp.path().join("train-000001.tar");
+    std::fs::set_permissions(&shard, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let (dir, bin) = (tmp.path().to_str().unwrap(), env!("CARGO_BIN_EXE_loader"));
+    let args = ["soak", "--shards", dir, "--epochs", "1", "--batch-size", "8", "--workers", "1"];
+    // SAFETY: geteuid has no preconditions.
+    let out = if unsafe { libc::geteuid() } == 0 {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", bin])
+            .args(args)
+            .output()
+            .expect("setpriv (util-linux)")
+    } else {
+        loader_cmd(&args)
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("1 of the 3 shards its index.json lists cannot be used")
+            && err.contains("train-000001.tar")
+            && err.contains("ermission denied"),
+        "{err}"
+    );
+}
