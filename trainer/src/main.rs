@@ -780,12 +780,21 @@ fn matching(model: &ModelArgs, data: &Path, images: usize, seed: u64, json: Opti
         per_block(&peak),
         100.0 / (grid * grid) as f64
     );
+    let (mass, patch_local, patch_uniform) = report.attention.control_means();
+    println!(
+        "reference tokens' attention on the patches at all (the rest on themselves), per block: {}%; the \
+         control, patches' attention within one patch of themselves: {}% (uniform: {:.1}%)",
+        per_block(&mass),
+        per_block(&patch_local),
+        100.0 * patch_uniform
+    );
     write_json(json, || {
         serde_json::json!({"eval": "match", "model": short_identity(&identity), "images": n, "size": cfg.views.global_size,
             "grid": grid, "points": c.points, "within_one": c.within_one_rate(), "exact": c.exact_rate(),
             "ref_points": matching::REF_POINTS, "ref_retrieval": r.rate(), "ref_cos_own": r.sims().0,
             "ref_cos_other": r.sims().1, "ref_attn_local": local, "ref_attn_own": own, "ref_attn_peak": peak,
-            "ref_attn_uniform": uniform})
+            "ref_attn_uniform": uniform, "ref_attn_mass": mass,
+            "patch_attn_local": patch_local, "patch_attn_uniform": patch_uniform})
     })
 }
 

@@ -340,3 +340,38 @@ fn sincos_positions_by_hand() {
         assert!((*a as f64 - b).abs() < 1e-6, "{row:?}");
     }
 }
+
+/// With the query and key weights zero every logit is equal, so each token attends uniformly over the
+/// keys its mask row allows (`all2pos_pos2cls_eye`): a reference token over the N patches and itself
+/// (N/(N+1) on the patches), a patch over CLS and the N patches (N/(N+1) on the patches), evenly.
+#[test]
+fn attention_rows_of_an_attention_without_logits_are_uniform_over_the_allowed_keys() {
+    use trainer::model::params::{ParamMut, Params};
+    let dev = device();
+    let cfg = tiny(MaskMode::All2posPos2clsEye, 0.0);
+    let mut vit = Vit::new(&cfg, &mut seed::rng(1, Purpose::Model, &[0]), &dev);
+    let d = cfg.embed_dim;
+    vit.visit("", &mut |name, p| {
+        // qkv's weight is [in, 3·D] (burn's layout) and its bias [3·D]: zero the q and k thirds.
+        if let (true, ParamMut::R2(w)) = (name.ends_with("attn.qkv.weight"), p) {
+            let v = w.clone().slice([0..d, 2 * d..3 * d]);
+            *w = Tensor::cat(vec![Tensor::zeros([d, 2 * d], &dev), v], 1);
+        }
+    });
+    vit.visit("", &mut |name, p| {
+        if let (true, ParamMut::R1(b)) = (name.ends_with("attn.qkv.bias"), p) {
+            let v = b.clone().narrow(0, 2 * d, d);
+            *b = Tensor::cat(vec![Tensor::zeros([2 * d], &dev), v], 0);
+        }
+    });
+    let (b, r, n) = (2, 3, cfg.grid() * cfg.grid());
+    let (x, pts) = inputs(b, 32, r, &dev);
+    let blocks = vit.ref_attention(x, vit::ref_weights(&pts, cfg.grid(), &dev));
+    assert_eq!(blocks.len(), cfg.depth);
+    let even = 1.0 / (n as f32 + 1.0);
+    for (refs, patches) in blocks {
+        assert_eq!((refs.dims(), patches.dims()), ([b, r, n], [b, n, n]));
+        close(&host(refs), &vec![even; b * r * n], 1e-6, "a reference token's row");
+        close(&host(patches), &vec![even; b * n * n], 1e-6, "a patch's row");
+    }
+}

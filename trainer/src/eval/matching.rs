@@ -106,6 +106,16 @@ pub struct RefAttention {
     /// The share a uniform attention would give the patches within one patch of the point.
     pub uniform: f64,
     pub tokens: usize,
+    /// Per block: how much of a reference token's attention goes to the patches at all (the rest it
+    /// gives itself): a token that reads no patch carries only its positional embedding.
+    pub mass: Vec<f64>,
+    /// The control: per block, the share of a patch's attention within one patch of itself, and the
+    /// uniform share for the same neighbourhoods. Patches that attend locally while the reference tokens
+    /// do not would put the fault in the tokens' queries; neither attending locally puts it in the
+    /// backbone's training.
+    pub patch_local: Vec<f64>,
+    pub patch_uniform: f64,
+    pub patches: usize,
 }
 
 impl RefAttention {
@@ -115,6 +125,14 @@ impl RefAttention {
         let n = self.tokens.max(1) as f64;
         let mean = |v: &[f64]| v.iter().map(|x| x / n).collect();
         (mean(&self.local), mean(&self.own), mean(&self.peak), self.uniform / n)
+    }
+
+    /// Means of the control and the patch mass: (reference tokens' patch mass per block, patches'
+    /// local share per block, its uniform share).
+    pub fn control_means(&self) -> (Vec<f64>, Vec<f64>, f64) {
+        let (n, p) = (self.tokens.max(1) as f64, self.patches.max(1) as f64);
+        let mass = self.mass.iter().map(|x| x / n).collect();
+        (mass, self.patch_local.iter().map(|x| x / p).collect(), self.patch_uniform / p)
     }
 }
 
@@ -271,7 +289,14 @@ pub fn evaluate(
         local: vec![0.0; vit.blocks.len()],
         own: vec![0.0; vit.blocks.len()],
         peak: vec![0.0; vit.blocks.len()],
+        mass: vec![0.0; vit.blocks.len()],
+        patch_local: vec![0.0; vit.blocks.len()],
         ..Default::default()
+    };
+    // Each patch's centre, normalised as the points are.
+    let centre = |k: usize| {
+        let at = |i: usize| ((i as f64 + 0.5) / grid as f64 * 2.0 - 1.0) as f32;
+        (at(k % grid), at(k / grid))
     };
     let (dir, index) = loader::pipeline::open_index(shards)?;
     let mut scratch = loader::views::Scratch::default();
@@ -293,16 +318,26 @@ pub fn evaluate(
             .chain(batch.iter().flat_map(|s| s.points.student[1][..m * 2].iter().copied()))
             .collect();
         let weights = vit::ref_weights(&points, vit.cfg.grid(), device);
-        for (block, a) in vit.ref_attention(x.clone(), weights.clone()).into_iter().enumerate() {
+        for (block, (a, p)) in vit.ref_attention(x.clone(), weights.clone()).into_iter().enumerate() {
             let a = host(a); // [2·B, m, g²]
             for (t, row) in a.chunks_exact(grid * grid).enumerate() {
                 let l = locality(row, grid, (points[2 * t], points[2 * t + 1]));
                 attention.local[block] += l.local;
                 attention.own[block] += l.own;
                 attention.peak[block] += l.peak;
+                attention.mass[block] += row.iter().map(|&v| v as f64).sum::<f64>();
                 if block == 0 {
                     attention.uniform += l.uniform;
                     attention.tokens += 1;
+                }
+            }
+            let p = host(p); // [2·B, g², g²]
+            for (q, row) in p.chunks_exact(grid * grid).enumerate() {
+                let l = locality(row, grid, centre(q % (grid * grid)));
+                attention.patch_local[block] += l.local;
+                if block == 0 {
+                    attention.patch_uniform += l.uniform;
+                    attention.patches += 1;
                 }
             }
         }

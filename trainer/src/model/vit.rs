@@ -577,17 +577,20 @@ impl Vit {
         (seq, bias, t, nr)
     }
 
-    /// Where the reference tokens look: in every block, each token's attention over the patches,
-    /// averaged over the heads, `[B, R, N]` (row sums are 1 minus what the token gives itself). It runs
-    /// the literal masked formulation with the model's mask mode, whose outputs equal the fused path's.
-    pub fn ref_attention(&self, x: Tensor<4>, refs: Tensor<2>) -> Vec<Tensor<3>> {
+    /// Where the tokens look: in every block, each reference token's attention over the patches `[B, R,
+    /// N]` (row sums are 1 minus what the token gives itself) and each patch's attention over the patches
+    /// `[B, N, N]` (1 minus what it gives the CLS token), averaged over the heads. It runs the literal
+    /// masked formulation with the model's mask mode, whose outputs equal the fused path's.
+    pub fn ref_attention(&self, x: Tensor<4>, refs: Tensor<2>) -> Vec<(Tensor<3>, Tensor<3>)> {
         let heads = self.cfg.num_heads;
         let (mut h, bias, t, nr) = self.masked_sequence(x, Some(refs), self.cfg.mask_mode);
         let mut out = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let (probs, _) = block.attention_probs(h.clone(), heads, &bias, self.precision); // [B,H,S,S]
-            let rows = probs.narrow(2, 1, nr).narrow(3, 1 + nr, t - 1); // [B,H,R,N]
-            out.push(rows.mean_dim(1).squeeze_dim(1)); // [B,R,N]
+            let patches = probs.clone().narrow(3, 1 + nr, t - 1); // [B,H,S,N]
+            let refs = patches.clone().narrow(2, 1, nr).mean_dim(1).squeeze_dim(1); // [B,R,N]
+            let own = patches.narrow(2, 1 + nr, t - 1).mean_dim(1).squeeze_dim(1); // [B,N,N]
+            out.push((refs, own));
             h = block.forward_masked(h, heads, &bias, self.precision, None);
         }
         out
