@@ -701,10 +701,15 @@ fn a_history_without_its_checkpoints_is_refused_not_overwritten() {
     std::fs::remove_dir_all(dir.join("checkpoints")).unwrap();
     let history = std::fs::read(dir.join("metrics.jsonl")).unwrap();
     let err = fails(&trainer(&["train", "--quiet", "--resume", dir.to_str().unwrap()]));
-    assert!(err.contains("has no checkpoint") && err.contains("step 2 (checkpoints every 2 steps)"), "{err}");
+    assert!(
+        err.contains("has no checkpoint") && err.contains("step 2, logged after the checkpoint at step 2"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(dir.join("metrics.jsonl")).unwrap(), history, "the history is untouched");
-    // A run killed before its first checkpoint (only step 0 logged) still starts over.
-    let first = String::from_utf8(history).unwrap().lines().next().unwrap().to_string() + "\n";
+    // A run killed before its first checkpoint (steps 0 and 1 logged, killed before the step-2 save)
+    // still starts over.
+    let first: String =
+        String::from_utf8(history).unwrap().lines().take(2).map(|l| l.to_string() + "\n").collect();
     std::fs::write(dir.join("metrics.jsonl"), first).unwrap();
     let out = trainer(&["train", "--quiet", "--resume", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -573,7 +573,9 @@ fn open(start: Start, opts: &RunOptions, world: &World) -> Result<Opened> {
                 .with_context(|| stored.display().to_string())?;
             if let Some(past) = history_past_a_checkpoint(&from, &cfg) {
                 bail!(
-                    "{} has no checkpoint, but its metrics.jsonl records {past}, where the run wrote one: were                      its checkpoints deleted or moved? Starting over would overwrite that history. Put the                      checkpoints back in {}, or move metrics.jsonl aside to start the run over",
+                    "{} has no checkpoint, but its metrics.jsonl records {past}: were its checkpoints deleted \
+                     or moved? Starting over would overwrite that history. Put the checkpoints back in {}, or \
+                     move metrics.jsonl aside to start the run over",
                     from.display(),
                     from.join("checkpoints").display()
                 );
@@ -712,17 +714,23 @@ fn not_yet_checkpointed(from: &Path) -> bool {
     from.join("config.toml").is_file() && checkpoint::list(&from.join("checkpoints")).is_empty()
 }
 
-/// What in `run`'s history shows that a checkpoint was written (an epoch's end, or a step at or past
-/// `run.checkpoint_every`; both always save), said for an error; `None` for a run killed before its
-/// first checkpoint, whose history the start-over rewrites with the same steps.
+/// What in `run`'s history shows that a checkpoint was written, said for an error: a step logged after
+/// the run's first checkpoint (at `run.checkpoint_every`, or the first epoch's end, whichever came first;
+/// a step runs only once the checkpoint before it is saved). `None` for a run killed before its first
+/// checkpoint (even between the step's log line and that checkpoint), whose history the start-over
+/// rewrites with the same steps.
 fn history_past_a_checkpoint(run: &Path, cfg: &TrainConfig) -> Option<String> {
     use crate::train::metrics::Record;
     let records = crate::train::metrics::read(&run.join("metrics.jsonl")).ok()?;
-    let every = cfg.run.checkpoint_every;
+    let epoch_end = records.iter().find_map(|r| match r {
+        Record::Epoch { steps, .. } => Some(*steps),
+        _ => None,
+    });
+    let every = (cfg.run.checkpoint_every > 0).then_some(cfg.run.checkpoint_every);
+    let first = every.into_iter().chain(epoch_end).min()?;
     records.iter().find_map(|r| match r {
-        Record::Epoch { epoch, steps, .. } => Some(format!("the end of epoch {epoch} (step {steps})")),
-        Record::Step { m, .. } if every > 0 && m.it + 1 >= every => {
-            Some(format!("step {} (checkpoints every {every} steps)", m.it + 1))
+        Record::Step { m, .. } if m.it >= first => {
+            Some(format!("step {}, logged after the checkpoint at step {first}", m.it))
         }
         _ => None,
     })
