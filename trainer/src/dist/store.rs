@@ -48,7 +48,7 @@ pub struct Job {
     /// What every rank of this job presents first (empty when the launcher gives no run id: then only
     /// the loopback binding and the bounds protect a local job).
     pub token: String,
-    /// Every rank on this machine: the server listens on 127.0.0.1 only.
+    /// Every rank on this machine: the server listens on 127.0.0.1 only, and the ranks connect there.
     pub local: bool,
     /// Connections served at once; further ones are closed as they arrive.
     pub max_connections: usize,
@@ -104,6 +104,10 @@ impl Store {
                 .spawn(move || serve(listener, table, job))
                 .context("starting the rendezvous server")?;
             format!("127.0.0.1:{local}")
+        } else if job.local {
+            // Every rank on this machine, where rank 0 listens on loopback only: MASTER_ADDR may name the
+            // machine by an address that is not loopback.
+            format!("127.0.0.1:{port}")
         } else {
             addr.clone()
         };
@@ -437,7 +441,9 @@ mod tests {
         // The real rank 1 still gets in (the flood's slots freed, or its hello timeout passed).
         let late = std::thread::spawn(move || {
             let j = Job { token: "job-42".into(), local: true, max_connections: 12 };
-            let mut s1 = Store::connect("127.0.0.1", port, 1, Duration::from_secs(30), &j).unwrap();
+            // MASTER_ADDR naming the machine by a non-loopback address (TEST-NET-1, never routed): a
+            // local job's ranks still meet on loopback.
+            let mut s1 = Store::connect("192.0.2.1", port, 1, Duration::from_secs(30), &j).unwrap();
             s1.set("barrier/1/1", b"").unwrap();
             s1.get("barrier/1/0").unwrap()
         });
