@@ -62,6 +62,14 @@ fn last_checkpoint(run: &Path) -> (usize, PathBuf) {
     checkpoint::list(&run.join("checkpoints")).pop().expect("a checkpoint")
 }
 
+/// The run in `run` (resumed to its end) is the uninterrupted one in `reference`: the same history
+/// (without timings) and the same final weights.
+fn same_run(run: &Path, reference: &Path) {
+    assert_eq!(history(run), history(reference), "the resumed run's history is the uninterrupted one's");
+    let tensors = |dir: &Path| checkpoint::tensors(&std::fs::read(last_checkpoint(dir).1).unwrap()).unwrap();
+    assert!(tensors(run) == tensors(reference), "the resumed run's weights are the uninterrupted one's");
+}
+
 #[test]
 fn two_ranks_stop_resume_and_end_as_an_uninterrupted_run() {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -103,12 +111,7 @@ fn two_ranks_stop_resume_and_end_as_an_uninterrupted_run() {
         &resume,
         &tmp.path().join("b2.log"),
     );
-    assert_eq!(history(&run), want, "the resumed run's history is the uninterrupted one's");
-    let tensors = |dir: &Path| checkpoint::tensors(&std::fs::read(last_checkpoint(dir).1).unwrap()).unwrap();
-    assert!(
-        tensors(&run) == tensors(&a.join("runs/dp")),
-        "the resumed run's weights are the uninterrupted one's"
-    );
+    same_run(&run, &a.join("runs/dp"));
 }
 
 /// The trainer process that is rank `rank` of a job whose command line mentions `marker`.
@@ -254,7 +257,6 @@ fn a_stop_signal_to_the_launcher_checkpoints_every_rank_and_the_resume_is_exact(
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let epochs = 12; // 48 global steps
     run_ok(&["train", "--quiet", "--nproc-per-node", "2"], &sets(&a, epochs), &tmp.path().join("a.log"));
-    let want = history(&a.join("runs/dp"));
     let run = b.join("runs/dp");
     let run_s = run.to_str().unwrap().to_string();
     for (round, signal, code) in [(0, libc::SIGTERM, 143), (1, libc::SIGINT, 130)] {
@@ -299,12 +301,7 @@ fn a_stop_signal_to_the_launcher_checkpoints_every_rank_and_the_resume_is_exact(
         &[],
         &tmp.path().join("b-end.log"),
     );
-    assert_eq!(history(&run), want, "the resumed run's history is the uninterrupted one's");
-    let tensors = |dir: &Path| checkpoint::tensors(&std::fs::read(last_checkpoint(dir).1).unwrap()).unwrap();
-    assert!(
-        tensors(&run) == tensors(&a.join("runs/dp")),
-        "the resumed run's weights are the uninterrupted one's"
-    );
+    same_run(&run, &a.join("runs/dp"));
 }
 
 /// One undecodable image in a 2-rank run costs that sample, not the job: the rank that reads it completes
@@ -376,10 +373,5 @@ fn one_undecodable_image_costs_its_sample_not_the_job_and_the_resume_is_exact() 
         &resume,
         &tmp.path().join("b2.log"),
     );
-    assert_eq!(history(&run), want, "the resumed run's history is the uninterrupted one's");
-    let tensors = |dir: &Path| checkpoint::tensors(&std::fs::read(last_checkpoint(dir).1).unwrap()).unwrap();
-    assert!(
-        tensors(&run) == tensors(&a.join("runs/dp")),
-        "the resumed run's weights are the uninterrupted one's"
-    );
+    same_run(&run, &a.join("runs/dp"));
 }

@@ -15,7 +15,7 @@ use anyhow::{Result, anyhow, bail};
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::model::params::host;
+use crate::model::params::{Params, host};
 use crate::train::checkpoint;
 use crate::train::data;
 use crate::train::step::{Schedules, Trainer};
@@ -66,6 +66,12 @@ pub fn group_of(name: &str) -> String {
     }
 }
 
+/// The groups a parameter is counted in: its own ([`group_of`]), the whole backbone's, and everything's.
+fn groups_of(name: &str) -> impl Iterator<Item = String> {
+    let backbone = name.starts_with("backbone.").then(|| "backbone".to_string());
+    [group_of(name)].into_iter().chain(backbone).chain(["all".to_string()])
+}
+
 /// Sums of squares and products over the batches, per group.
 #[derive(Default, Clone)]
 struct Sums {
@@ -103,7 +109,7 @@ impl Sums {
 /// One tensor's contribution: the two gradients `c`, `r` and Adam's denominator `sqrt(v_hat) + eps`
 /// (`None` before the tensor's first update: no preconditioning to report).
 fn tensor_sums(c: &[f32], r: &[f32], denom: Option<&[f32]>) -> Sums {
-    let mut s = Sums { params: c.len(), ..Default::default() };
+    let mut s = Sums::default();
     for (i, (&c, &r)) in c.iter().zip(r).enumerate() {
         let (c, r) = (f64::from(c), f64::from(r));
         s.cc += c * c;
@@ -157,45 +163,35 @@ pub fn evaluate(run: &Path, batches: usize, device: &Device) -> Result<Report> {
         c => c,
     };
     let loader = rt.block_on(async { loader::start(data::loader_options(&cfg, &shards, cursor)) })?;
+    // The groups in the model's order (the backbone's and everything's last), with their sizes.
     let mut order: Vec<String> = Vec::new();
     let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
-    let mut total = (Sums::default(), Sums::default()); // the backbone, everything
+    trainer.student.visit("", &mut |name, p| {
+        for g in groups_of(name) {
+            if !sums.contains_key(&g) && g != "backbone" && g != "all" {
+                order.push(g.clone());
+            }
+            sums.entry(g).or_default().params += p.dims().iter().product::<usize>();
+        }
+    });
+    order.extend(["backbone".to_string(), "all".to_string()]);
     let mut seen = 0;
     while seen < batches {
         let Ok(batch) = rt.block_on(loader.batches.recv()) else { break };
         let parts = trainer.loss_gradients(&batch).ok_or_else(|| anyhow!("the run has no reference loss"))?;
-        let (mut backbone, mut all) = (Sums::default(), Sums::default());
         for crate::train::step::LossGradients { name, cls, refs } in &parts {
             let s = tensor_sums(cls, refs, denoms.get(name).map(Vec::as_slice));
-            let group = group_of(name);
-            if !sums.contains_key(&group) {
-                order.push(group.clone());
+            for g in groups_of(name) {
+                sums.entry(g).or_default().add(&s);
             }
-            let g = sums.entry(group).or_default();
-            g.add(&s);
-            if seen == 0 {
-                g.params += s.params;
-                if name.starts_with("backbone.") {
-                    total.0.params += s.params;
-                }
-                total.1.params += s.params;
-            }
-            if name.starts_with("backbone.") {
-                backbone.add(&s);
-            }
-            all.add(&s);
         }
-        total.0.add(&backbone);
-        total.1.add(&all);
         seen += 1;
     }
     rt.block_on(loader.shutdown());
     if seen == 0 {
         bail!("{}: the data gave no batch", shards.display());
     }
-    let mut groups: Vec<GroupShare> = order.iter().map(|g| sums[g].share(g, seen)).collect();
-    groups.push(total.0.share("backbone", seen));
-    groups.push(total.1.share("all", seen));
+    let groups = order.iter().map(|g| sums[g].share(g, seen)).collect();
     Ok(Report { checkpoint: file, step: meta.it, batches: seen, alpha: cfg.loss.alpha, groups })
 }
 

@@ -154,12 +154,15 @@ pub struct Locality {
     pub peak: f64,
     /// What a uniform attention would give the same neighbourhood (fewer patches at the view's edge).
     pub uniform: f64,
+    /// The row's total: the token's attention on the patches at all.
+    pub mass: f64,
 }
 
 /// One token's attention `attn` (`[grid²]`, row-major) read around its normalised point.
 pub fn locality(attn: &[f32], grid: usize, point: (f32, f32)) -> Locality {
     let (pr, pc) = patch_of(grid, point.0, point.1);
-    let total: f64 = attn.iter().map(|&a| a as f64).sum::<f64>().max(1e-30);
+    let mass: f64 = attn.iter().map(|&a| a as f64).sum();
+    let total = mass.max(1e-30);
     let (mut near, mut count) = (0f64, 0usize);
     for r in pr.saturating_sub(1)..(pr + 2).min(grid) {
         for c in pc.saturating_sub(1)..(pc + 2).min(grid) {
@@ -173,6 +176,7 @@ pub fn locality(attn: &[f32], grid: usize, point: (f32, f32)) -> Locality {
         own: attn[pr * grid + pc] as f64 / total,
         peak: peak / total,
         uniform: count as f64 / (grid * grid) as f64,
+        mass,
     }
 }
 
@@ -325,7 +329,7 @@ pub fn evaluate(
                 attention.local[block] += l.local;
                 attention.own[block] += l.own;
                 attention.peak[block] += l.peak;
-                attention.mass[block] += row.iter().map(|&v| v as f64).sum::<f64>();
+                attention.mass[block] += l.mass;
                 if block == 0 {
                     attention.uniform += l.uniform;
                     attention.tokens += 1;

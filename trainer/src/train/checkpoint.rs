@@ -293,8 +293,16 @@ impl Policy {
         epoch_end || it == total || (self.every > 0 && it.is_multiple_of(self.every))
     }
 
-    pub fn save(&mut self, trainer: &mut Trainer, meta: &Meta) -> Result<()> {
-        let meta = &Meta { data: self.data.clone(), ..meta.clone() };
+    /// Saves the trainer's state after its last step, with the loader at `cursor`, under `config`; the
+    /// step, the job's size and the data set are the trainer's and this policy's.
+    pub fn save(&mut self, trainer: &mut Trainer, cursor: Cursor, config: &TrainConfig) -> Result<()> {
+        let meta = &Meta {
+            it: trainer.it,
+            cursor,
+            config: config.clone(),
+            world_size: trainer.world.size,
+            data: self.data.clone(),
+        };
         let path = match self.writes {
             true => save(&self.dir, trainer, meta, self.keep)?,
             false => self.dir.join(file_name(meta.it)),

@@ -12,7 +12,7 @@ use common::Cursor;
 
 use crate::dist::World;
 use crate::model::params;
-use crate::train::checkpoint::{self, Meta};
+use crate::train::checkpoint;
 use crate::train::config::{DeviceSpec, TrainConfig};
 use crate::train::data;
 use crate::train::report::Reporter;
@@ -397,11 +397,7 @@ fn train_steps(
             open_epoch = Some(batch.epoch);
         }
         if ckpt.due(trainer.it, epoch_end, total) {
-            let world_size = trainer.world.size;
-            ckpt.save(
-                trainer,
-                &Meta { it: trainer.it, cursor: batch.cursor, config: cfg.clone(), world_size, data: None },
-            )?;
+            ckpt.save(trainer, batch.cursor, cfg)?;
         }
         last_cursor = Some(batch.cursor);
         steps.push(m);
@@ -423,12 +419,10 @@ fn interrupt(
     signal: i32,
 ) -> anyhow::Error {
     let saved = ckpt.last.as_ref().is_some_and(|(it, _)| *it == trainer.it);
-    if let (Some(cursor), false) = (last_cursor, saved) {
-        let meta =
-            Meta { it: trainer.it, cursor, config: cfg.clone(), world_size: trainer.world.size, data: None };
-        if let Err(e) = ckpt.save(trainer, &meta) {
-            return e.context(format!("writing the checkpoint of step {} after a stop signal", trainer.it));
-        }
+    if let (Some(cursor), false) = (last_cursor, saved)
+        && let Err(e) = ckpt.save(trainer, cursor, cfg)
+    {
+        return e.context(format!("writing the checkpoint of step {} after a stop signal", trainer.it));
     }
     // The other ranks wait here for rank 0's write: a launcher (torchrun) that saw a rank leave would
     // otherwise end rank 0 in the middle of it.
@@ -496,8 +490,7 @@ fn close_epoch(
     report.epoch_end(epoch as usize, trainer.it)?;
     if ckpt.due(trainer.it, true, total) {
         let cursor = Cursor { epoch: epoch + 1, samples: 0 };
-        let world_size = trainer.world.size;
-        ckpt.save(trainer, &Meta { it: trainer.it, cursor, config: cfg.clone(), world_size, data: None })?;
+        ckpt.save(trainer, cursor, cfg)?;
     }
     Ok(())
 }

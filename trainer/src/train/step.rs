@@ -247,33 +247,32 @@ impl Trainer {
     }
 
     /// Each loss's own gradient on `batch`, as it enters the step's total (the CLS loss times `alpha`, the
-    /// reference loss times `1 − alpha`), per student parameter, on the host. Nothing is updated. Two forwards, one per loss: a backward pass consumes its graph.
-    /// `None` when the run trains only one of the two losses.
+    /// reference loss times `1 − alpha`), per student parameter, on the host. Nothing is updated. Two
+    /// forwards, one per loss: a backward pass consumes its graph. `None` when the run trains only one of
+    /// the two losses.
     pub fn loss_gradients(&mut self, batch: &Batch) -> Option<Vec<LossGradients>> {
         let temp = self.loss.cfg.teacher_temp_at(batch.epoch as usize);
         let alpha = self.loss.cfg.alpha;
-        let mut parts = Vec::new();
-        for cls_part in [true, false] {
+        let mut grads_of = |cls: bool| {
             let (out, _, _) = self.forward(batch, temp);
-            let loss = if cls_part { out.cls?.mul_scalar(alpha) } else { out.refs?.mul_scalar(1.0 - alpha) };
+            let loss = if cls { out.cls?.mul_scalar(alpha) } else { out.refs?.mul_scalar(1.0 - alpha) };
             let grads = loss.backward();
-            let mut part = std::collections::HashMap::new();
+            let mut by_name = std::collections::HashMap::new();
             self.student.visit("", &mut |name, p| {
                 if let Some(g) = p.grad_flat(&grads) {
-                    part.insert(name.to_string(), host(optim::plain(g)));
+                    by_name.insert(name.to_string(), host(optim::plain(g)));
                 }
             });
-            parts.push(part);
-        }
+            Some(by_name)
+        };
+        let (mut cls, mut refs) = (grads_of(true)?, grads_of(false)?);
         // In the model's order; a parameter one loss never reaches (the other loss's head) has a zero
         // gradient from it.
-        let (mut cls, mut refs) = (parts.remove(0), parts.remove(0));
         let mut out = Vec::new();
         self.student.visit("", &mut |name, p| {
-            let n = p.dims().iter().product();
+            let zeros = || vec![0.0; p.dims().iter().product()];
             let (c, r) = (cls.remove(name), refs.remove(name));
             if c.is_some() || r.is_some() {
-                let zeros = || vec![0.0; n];
                 out.push(LossGradients {
                     name: name.to_string(),
                     cls: c.unwrap_or_else(zeros),
