@@ -68,16 +68,12 @@ pub fn contrast(px: &mut [u8], factor: f32) {
 
 #[inline(always)]
 pub fn saturation(px: &mut [u8], factor: f32) {
-    // PIL blends each channel toward the pixel's luma, in f32, truncated: trunc(L + f·(v − L)).
-    // The luma plane first, then one two-stream loop per channel: simple loops vectorise.
-    let lumas: Vec<u8> = {
-        let (r, g, b) = planes(px);
-        r.iter().zip(g.iter()).zip(b.iter()).map(|((&r, &g), &b)| luma(r, g, b)).collect()
-    };
-    for plane in px.chunks_exact_mut(lumas.len().max(1)) {
-        for (v, &l) in plane.iter_mut().zip(&lumas) {
-            *v = blend(l as f32, *v, factor);
-        }
+    // PIL blends each channel toward the pixel's luma, in f32, truncated: trunc(L + f·(v − L)). One pass
+    // over the three planes at once: the luma of each pixel is taken before any of its channels changes.
+    let (r, g, b) = planes(px);
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let l = luma(*r, *g, *b) as f32;
+        (*r, *g, *b) = (blend(l, *r, factor), blend(l, *g, factor), blend(l, *b, factor));
     }
 }
 
@@ -88,8 +84,8 @@ pub fn saturation(px: &mut [u8], factor: f32) {
 /// Pillow's HSV → RGB. The conversions are `rgb2hsv_row` and `hsv2rgb` of Pillow's
 /// `src/libImaging/Convert.c` ([`pil_rgb_to_hsv`], [`pil_hsv_to_rgb`]), computed in the precisions the C
 /// code uses. `tests/pil_parity.rs` checks each conversion against Pillow on all 2^24 inputs, and this
-/// function against torchvision's code on every colour for several factors. A per-pixel loop without
-/// branches, so it vectorises, and without allocation.
+/// function against torchvision's code on every colour for several factors. The work is done by
+/// [`crate::hue::shift`], the same conversions in exact integer arithmetic, vectorised.
 ///
 /// The round trip is not the identity (it changes 82 % of all colours, by up to 7 levels: hue and
 /// saturation are truncated to 8 bits), so a factor of 0 still changes the image, as torchvision's
@@ -104,12 +100,7 @@ pub fn saturation(px: &mut [u8], factor: f32) {
 #[inline(always)]
 pub fn hue(px: &mut [u8], factor: f32) {
     // `as i32` truncates toward zero (NaN → 0), `as u8` wraps: numpy's cast on x86-64.
-    let shift = (factor as f64 * 255.0) as i32 as u8;
-    let (r, g, b) = planes(px);
-    for ((pr, pg), pb) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
-        let (h, s, v) = pil_rgb_to_hsv(*pr, *pg, *pb);
-        (*pr, *pg, *pb) = pil_hsv_to_rgb(h.wrapping_add(shift), s, v);
-    }
+    crate::hue::shift(px, (factor as f64 * 255.0) as i32 as u8);
 }
 
 /// Pillow's `rgb2hsv_row` (libImaging/Convert.c), the 8-bit RGB → HSV of `Image.convert("HSV")`: the
@@ -122,9 +113,9 @@ pub fn hue(px: &mut [u8], factor: f32) {
 /// - `h / 6.0` is `h * (1.0 / 6.0)` (equal for every h a colour produces);
 /// - `fmod(x, 1.0)` is x or x − 1: x ∈ [5/6, 11/6], and x − 1 is exact (Sterbenz).
 ///
-/// Branch-free (selects only), so the loop vectorises. A gray (maxc = minc), for which the C code
-/// returns h = s = 0 without dividing, gets divisors of 1, so every lane stays finite, and is selected
-/// to 0, 0 at the end.
+/// The reference for [`crate::hue`]'s integer form (which the pipeline runs). A gray (maxc = minc), for
+/// which the C code returns h = s = 0 without dividing, gets divisors of 1 and is selected to 0, 0 at
+/// the end.
 #[inline(always)]
 pub fn pil_rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let maxc = r.max(g).max(b);
@@ -161,7 +152,7 @@ pub fn pil_rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
 /// the rest double, C's `round` (half away from zero, as `f64::round`). Rewritten without divisions,
 /// with the same values for all 256 h and all 256 s: the sector i = floor(h · 6.0 / 255.0) is the
 /// integer quotient 6h / 255, and f = (float)(h · 6.0 / 255.0 − i) and fs = (float)(s / 255.0) are
-/// (6h mod 255) and s times (1.0 / 255.0), rounded to float. Branch-free like `pil_rgb_to_hsv`.
+/// (6h mod 255) and s times (1.0 / 255.0), rounded to float. The reference for [`crate::hue`].
 #[inline(always)]
 pub fn pil_hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     let six_h = 6 * h as u16;
