@@ -171,6 +171,32 @@ fn dino_cross_entropy_matches_the_decomposed_formulation_forward_and_backward() 
     }
 }
 
+/// Against burn's own GELU (on flex: libm's `erff` per element; on LibTorch: LibTorch's), forward and
+/// backward, over [−6, 6] and beyond, at a length that is no multiple of a task's chunk or the lanes.
+#[test]
+fn gelu_matches_burns_gelu_forward_and_backward() {
+    for dev in devices() {
+        let n = 3 * 16_384 + 1_001;
+        let xs: Vec<f32> =
+            (0..n).map(|i| (i as f32 / n as f32 - 0.5) * 12.0).chain([-30.0, 0.0, 30.0]).collect();
+        let n = xs.len();
+        let run = |fused_op: bool| {
+            let x = leaf(&xs, [1, n], &dev);
+            let y = if fused_op { fused::gelu(x.clone()) } else { burn::tensor::activation::gelu(x.clone()) };
+            let grads = weighted_sum(y.clone(), 9).backward();
+            (host(y), host(x.grad(&grads).expect("dx")))
+        };
+        let (ours, theirs) = (run(true), run(false));
+        // Both are within ~2e-7 of x·Φ(x) (see `fused::flex::normal_cdf`); scaled by |x| ≤ 30.
+        for (what, a, b) in [("y", &ours.0, &theirs.0), ("dx", &ours.1, &theirs.1)] {
+            for (i, (a, b)) in a.iter().zip(b.iter()).enumerate() {
+                let tol = 1e-6 * xs[i].abs().max(1.0);
+                assert!((a - b).abs() <= tol, "gelu on {dev:?}: {what} at x = {}: {a} vs {b}", xs[i]);
+            }
+        }
+    }
+}
+
 /// The CUDA path of the optimiser (LibTorch ops over one flat buffer), run on the CPU, against the host
 /// kernel: the same AdamW step with the per-tensor clip and the same EMA.
 #[cfg(feature = "tch")]

@@ -1,5 +1,5 @@
 //! Fused ops with their own backward passes: LayerNorm, DenseDINO's attention (reference rows included),
-//! and DINO's cross-entropy. Under burn's autodiff each would otherwise be a chain of five to fifteen
+//! DINO's cross-entropy, and GELU. Under burn's autodiff each would otherwise be a chain of five to fifteen
 //! elementwise kernels forward and as many backward, each a full pass over memory (burn 0.22 decomposes
 //! `layer_norm`, `softmax`, `log_softmax` and, under autodiff, `attention`).
 //!
@@ -110,6 +110,9 @@ pub trait Kernels: Backend {
         inv_tau: f64,
         weight: f64,
     ) -> FloatTensor<Self>;
+    /// GELU (erf form), elementwise; the state is the input.
+    fn gelu_fwd(x: FloatTensor<Self>, track: bool) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>);
+    fn gelu_bwd(saved: Vec<FloatTensor<Self>>, dy: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The ops as burn sees them: routed by the inputs' backend, autodiff included.
@@ -129,6 +132,7 @@ pub trait FusedOps: Backend {
         inv_tau: f64,
         weight: f64,
     ) -> FloatTensor<Self>;
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The plain backends: forward only.
@@ -154,6 +158,9 @@ macro_rules! forward_only {
                 weight: f64,
             ) -> FloatTensor<Self> {
                 <Self as Kernels>::dino_ce_fwd(s, p, &pairs, inv_tau, weight, false).0
+            }
+            fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+                <Self as Kernels>::gelu_fwd(x, false).0
             }
         }
     };
@@ -214,6 +221,21 @@ impl<B: Kernels> Backward<B, 2> for DinoCeBackward {
     }
 }
 
+#[derive(Debug)]
+struct GeluBackward;
+
+impl<B: Kernels> Backward<B, 1> for GeluBackward {
+    type State = Vec<FloatTensor<B>>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        if let Some(node) = x {
+            grads.register::<B>(node.id, B::gelu_bwd(ops.state, dy));
+        }
+    }
+}
+
 impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn fused_layer_norm(
         x: FloatTensor<Self>,
@@ -262,6 +284,18 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::dino_ce_fwd(s, p, &pairs, inv_tau, weight, false).0),
         }
     }
+
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [x.node()];
+        let x = x.into_primitive();
+        match GeluBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (y, saved) = B::gelu_fwd(x, true);
+                prep.finish(saved, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gelu_fwd(x, false).0),
+        }
+    }
 }
 
 /// LayerNorm over the last dimension: `(x − mean)/sqrt(var + eps)·γ + β` (biased variance, as PyTorch).
@@ -302,6 +336,13 @@ pub fn dino_ce(s: Tensor<2>, p: Tensor<2>, pairs: &Pairs, inv_tau: f64, weight: 
         inv_tau,
         weight,
     ))
+}
+
+/// GELU in its exact form, `x·Φ(x)` (PyTorch's `nn.GELU()`, DINO's MLP activation). On flex a
+/// vectorised kernel replaces burn's, which calls libm's `erff` per element (see [`flex::normal_cdf`]);
+/// on LibTorch it is LibTorch's own.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
 }
 
 impl Kernels for Flex {
@@ -426,6 +467,20 @@ impl Kernels for Flex {
             (-weight) as f32 * g,
         );
         flex::tensor(ds, &dims)
+    }
+
+    fn gelu_fwd(x: FloatTensor<Self>, track: bool) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>) {
+        let dims = flex::dims(&x);
+        let x = flex::contiguous(x);
+        let y = flex::tensor(flex::gelu(flex::slice(&x)), &dims);
+        (y, if track { vec![x] } else { Vec::new() })
+    }
+
+    fn gelu_bwd(saved: Vec<FloatTensor<Self>>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [x] = <[_; 1]>::try_from(saved).expect("gelu state");
+        let dims = flex::dims(&x);
+        let dy = flex::contiguous(dy);
+        flex::tensor(flex::gelu_backward(flex::slice(&x), flex::slice(&dy)), &dims)
     }
 }
 

@@ -11,6 +11,7 @@
 #![allow(deprecated)] // burn-tch, as in `fused`
 
 use burn::backend::libtorch::{LibTorch, TchTensor};
+use burn::backend::ops::ActivationOps;
 use burn::backend::tensor::FloatTensor;
 use tch::Tensor;
 
@@ -155,6 +156,20 @@ impl Kernels for LibTorch {
         _weight: f64,
     ) -> FloatTensor<Self> {
         backward(saved, dloss).pop().expect("one gradient")
+    }
+
+    // LibTorch's own GELU forward and backward (one kernel each), as burn's autodiff would call them.
+    fn gelu_fwd(x: FloatTensor<Self>, track: bool) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>) {
+        if !track {
+            return (<LibTorch as ActivationOps<LibTorch>>::gelu(x), Vec::new());
+        }
+        // The clone shares x's storage, so burn-tch does not compute the GELU in place over the saved x.
+        (<LibTorch as ActivationOps<LibTorch>>::gelu(x.clone()), vec![x])
+    }
+
+    fn gelu_bwd(saved: Vec<FloatTensor<Self>>, dy: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [x] = <[_; 1]>::try_from(saved).expect("gelu state");
+        <LibTorch as ActivationOps<LibTorch>>::gelu_backward(x, dy)
     }
 }
 

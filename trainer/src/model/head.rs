@@ -1,7 +1,6 @@
 //! DINO's projection head (`DINOHead` in `vision_transformer.py`): a 3-layer MLP, L2 normalisation, and a
 //! weight-normalised last layer without bias whose gain is fixed at 1 when `norm_last_layer`.
 
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -87,7 +86,7 @@ impl DinoHead {
         for (i, layer) in self.mlp.iter().enumerate() {
             h = layer.forward(h, p);
             if i < last {
-                h = gelu(h);
+                h = crate::fused::gelu(h);
             }
         }
         let h = vit::f32(h); // [n, bottleneck]

@@ -13,7 +13,7 @@
 //!
 //! Shapes: B batch, T = 1 + N tokens, R reference tokens, D width, H heads, dh = D / H.
 
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::module::{conv2d, linear};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
@@ -308,7 +308,7 @@ impl Block {
     /// `drop`: the MLP branch's residual scales ([`BlockDrop::mlp`]).
     fn mlp(&self, x: Tensor<3>, p: Precision, drop: Option<&Tensor<3>>) -> Tensor<3> {
         let h = self.fc1.forward(self.norm2.forward(x.clone()), p); // [B, S, 4D]
-        let h = f32(self.fc2.forward(gelu(h), p)); // [B, S, D]
+        let h = f32(self.fc2.forward(fused::gelu(h), p)); // [B, S, D]
         drop_residual(x, h, drop)
     }
 
