@@ -32,6 +32,9 @@ pub struct Batch {
     pub teacher_points: Vec<Vec<f32>>,
     /// `student_points[v]`: `[B, 2, M, 2]`, pair (g, v) in view v's frame.
     pub student_points: Vec<Vec<f32>>,
+    /// `[B, V]`: whether each view was flipped horizontally (its points already are; for pictures and
+    /// checks).
+    pub flips: Vec<bool>,
     /// `[B]`: class index, or -1 where the shard has none.
     pub labels: Vec<i64>,
     pub keys: Vec<String>,
@@ -53,6 +56,7 @@ impl Batch {
         assert!(range.end <= self.batch_size, "samples {range:?} of a batch of {}", self.batch_size);
         let cut = |v: &[u8], per: usize| v[range.start * per..range.end * per].to_vec();
         let cut_f = |v: &[f32], per: usize| v[range.start * per..range.end * per].to_vec();
+        let (v_n, start, end) = (self.num_views(), range.start, range.end);
         let (v, m) = (self.num_views(), self.num_points);
         Batch {
             batch_size: range.len(),
@@ -64,6 +68,7 @@ impl Batch {
                 .collect(),
             teacher_points: self.teacher_points.iter().map(|p| cut_f(p, v * m * 2)).collect(),
             student_points: self.student_points.iter().map(|p| cut_f(p, 2 * m * 2)).collect(),
+            flips: self.flips[start * v_n..end * v_n].to_vec(),
             labels: self.labels[range.clone()].to_vec(),
             keys: self.keys[range.clone()].to_vec(),
             seq: self.seq[range].to_vec(),
@@ -92,6 +97,7 @@ mod tests {
             views: vec![px(2), px(2), px(1)],
             teacher_points: vec![pts(v * m * 2), pts(v * m * 2)],
             student_points: (0..v).map(|_| pts(2 * m * 2)).collect(),
+            flips: vec![false, false, false, true, false, true, false, true, true],
             labels: vec![10, 11, 12],
             keys: vec!["a".into(), "b".into(), "c".into()],
             seq: vec![5, 6, 7],
@@ -104,6 +110,7 @@ mod tests {
         assert_eq!(s.views[2].data, [1u8, 1, 1, 2, 2, 2]);
         assert_eq!(s.teacher_points[1], [vec![1f32; 12], vec![2f32; 12]].concat());
         assert_eq!(s.student_points[2], [vec![1f32; 8], vec![2f32; 8]].concat());
+        assert_eq!(s.flips, [true, false, true, false, true, true]);
         assert_eq!((s.labels, s.keys, s.seq), (vec![11, 12], vec!["b".to_string(), "c".into()], vec![6, 7]));
         assert_eq!(s.cursor, batch.cursor);
     }

@@ -76,7 +76,9 @@ enum Command {
         #[arg(long, default_value_t = 20, value_parser = in_range(1, 1_000_000))]
         epochs: usize,
     },
-    /// Draw a PNG grid of the first images' views with their reference points.
+    /// Draw the first images' view pairs with their reference points (a PNG): one pair per row, a global
+    /// view and the view it is matched to, each point numbered in one colour in both, joined by a line;
+    /// flipped views framed in orange.
     Preview {
         #[arg(long)]
         shards: PathBuf,
@@ -84,12 +86,18 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "paper-main")]
         preset: String,
-        /// Images (rows) to draw.
-        #[arg(long, default_value_t = 4, value_parser = in_range(1, 256))]
+        /// Images to draw (each gives one row per view pair).
+        #[arg(long, default_value_t = 2, value_parser = in_range(1, 256))]
         count: usize,
+        /// Reference points drawn per pair (at most the preset's).
+        #[arg(long, default_value_t = 4, value_parser = in_range(1, 1024))]
+        points: usize,
         /// Side of each view in the picture, in pixels.
-        #[arg(long, default_value_t = 160, value_parser = clap::value_parser!(u32).range(16..=1024))]
+        #[arg(long, default_value_t = 320, value_parser = clap::value_parser!(u32).range(16..=1024))]
         cell: u32,
+        /// The dense grid instead: one row per image, all its views, every point of every pair.
+        #[arg(long)]
+        grid: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -110,12 +118,15 @@ fn positive_seconds(s: &str) -> Result<f64, String> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn preview(
     shards: PathBuf,
     out: &std::path::Path,
     preset: &str,
     count: usize,
+    points: usize,
     cell: u32,
+    grid: bool,
     seed: u64,
 ) -> Result<()> {
     let views = ViewsConfig::preset(preset)?;
@@ -126,7 +137,11 @@ fn preview(
         let loader = start(opts)?;
         anyhow::Ok(loader.batches.recv().await?)
     })?;
-    let img = loader::preview::render(&batch, cell);
+    let img = if grid {
+        loader::preview::render(&batch, cell)
+    } else {
+        loader::preview::render_pairs(&batch, cell, points)
+    };
     img.save(out).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
     println!(
         "wrote {} ({} images x {} views; keys: {})",
@@ -325,8 +340,8 @@ fn main() -> ExitCode {
             })
         }
         Command::Soak { pipeline, epochs } => pipeline.options().and_then(|opts| soak(opts, epochs.max(1))),
-        Command::Preview { shards, out, preset, count, cell, seed } => {
-            preview(shards, &out, &preset, count, cell, seed)
+        Command::Preview { shards, out, preset, count, points, cell, grid, seed } => {
+            preview(shards, &out, &preset, count, points, cell, grid, seed)
         }
     };
     match result {

@@ -565,6 +565,7 @@ struct Pending {
     views: Vec<Vec<u8>>,
     teacher: Vec<Vec<f32>>,
     student: Vec<Vec<f32>>,
+    flips: Vec<bool>,
     labels: Vec<i64>,
     keys: Vec<String>,
     seq: Vec<u64>,
@@ -577,6 +578,7 @@ impl Pending {
             views: (0..v).map(|i| Vec::with_capacity(b * 3 * cfg.view_size(i).pow(2))).collect(),
             teacher: vec![Vec::with_capacity(b * v * m * 2); g],
             student: vec![Vec::with_capacity(b * g * m * 2); v],
+            flips: Vec::with_capacity(b * v),
             labels: Vec::with_capacity(b),
             keys: Vec::with_capacity(b),
             seq: Vec::with_capacity(b),
@@ -593,6 +595,7 @@ impl Pending {
         for (dst, src) in self.student.iter_mut().zip(&s.points.student) {
             dst.extend_from_slice(src);
         }
+        self.flips.extend_from_slice(&s.flips);
         self.labels.push(label);
         self.keys.push(key);
         self.seq.push(seq);
@@ -613,6 +616,7 @@ impl Pending {
         }
         self.views.iter_mut().for_each(|v| cycle(v, n, b));
         self.teacher.iter_mut().chain(self.student.iter_mut()).for_each(|v| cycle(v, n, b));
+        cycle(&mut self.flips, n, b);
         cycle(&mut self.labels, n, b);
         cycle(&mut self.keys, n, b);
         cycle(&mut self.seq, n, b);
@@ -631,6 +635,7 @@ impl Pending {
                 .collect(),
             teacher_points: self.teacher,
             student_points: self.student,
+            flips: self.flips,
             labels: self.labels,
             keys: self.keys,
             seq: self.seq,
@@ -643,6 +648,7 @@ impl Pending {
     fn clear(&mut self) {
         self.views.iter_mut().for_each(Vec::clear);
         self.teacher.iter_mut().chain(self.student.iter_mut()).for_each(Vec::clear);
+        self.flips.clear();
         self.labels.clear();
         self.keys.clear();
         self.seq.clear();

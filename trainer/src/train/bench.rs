@@ -85,6 +85,7 @@ pub fn random_batch(b: usize, sizes: &[usize], m: usize, seed: u64) -> Batch {
         views,
         teacher_points,
         student_points,
+        flips: vec![false; b * v],
         labels: vec![-1; b],
         keys: (0..b).map(|i| format!("generated-{i}")).collect(),
         seq: (0..b as u64).collect(),
