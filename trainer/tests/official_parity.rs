@@ -15,10 +15,19 @@
 //! so that sixty steps move both networks well away from their start (a parity test of parameters that
 //! barely moved would prove little).
 //!
+//! A second scenario makes DINO's per-tensor gradient clip act: the default clip of 3 never does in the
+//! first (its largest per-tensor norm is ~1.2), and 0.3 cuts only the first 14 steps as the gradients
+//! shrink, so the clip is 0.02, which cuts tensors at every step (the official `clip_gradients` norms
+//! are recorded to show it), over three epochs (across the frozen last layer's end and the lr warmup's).
+//!
 //! Needs PyTorch and torchvision, so it is ignored by default; `.ci/run` runs it with the venv of
 //! `scripts/torch-venv.sh` (about ten minutes on two cores):
 //!
 //!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --release -p trainer --test official_parity -- --ignored --nocapture
+//!
+//! `DENSEDINO_PARITY_MUTANT=KEY=VALUE` (a `--set` of our config) changes our side only, the official
+//! loop keeping the scenario's settings: the way to see what the comparison catches, e.g.
+//! `optim.clip_grad=0` (our clip removed) must fail the clip scenario.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -30,7 +39,6 @@ use trainer::train::config::TrainConfig;
 use trainer::train::step::{Schedules, Trainer};
 use trainer::train::{checkpoint, data};
 
-const EPOCHS: usize = 6;
 const ITERS_PER_EPOCH: usize = 10;
 const BATCH: usize = 8;
 /// One epoch's worth: 10 full batches.
@@ -40,13 +48,22 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").to_path_buf()
 }
 
-/// The run: `EPOCHS` x `ITERS_PER_EPOCH` steps of `BATCH` on the shards at `shards`.
-fn config(shards: &Path) -> String {
+/// One comparison: how many epochs, what its config adds to `[optim]`, and whether the clip must cut
+/// tensors at every step.
+struct Scenario {
+    epochs: usize,
+    optim: &'static str,
+    clip_acts: bool,
+}
+
+/// The run: `epochs` x `ITERS_PER_EPOCH` steps of `BATCH` on the shards at `shards`.
+fn config(shards: &Path, s: &Scenario) -> String {
+    let (epochs, extra) = (s.epochs, s.optim);
     format!(
         r#"
 [run]
 seed = 3
-epochs = {EPOCHS}
+epochs = {epochs}
 batch_size = {BATCH}
 [data]
 shards = "{}"
@@ -73,6 +90,7 @@ lr = 0.01
 warmup_epochs = 2
 freeze_last_layer = 1
 momentum_teacher = 0.9
+{extra}
 "#,
         shards.display()
     )
@@ -102,6 +120,17 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 #[test]
 #[ignore = "needs PyTorch + torchvision: DENSEDINO_PYTHON=$(scripts/torch-venv.sh) ... -- --ignored (run by .ci/run)"]
 fn sixty_steps_match_the_official_training_loop() {
+    parity(Scenario { epochs: 6, optim: "", clip_acts: false });
+}
+
+#[test]
+#[ignore = "needs PyTorch + torchvision: DENSEDINO_PYTHON=$(scripts/torch-venv.sh) ... -- --ignored (run by .ci/run)"]
+fn a_gradient_clip_that_cuts_every_step_matches_the_official_clip() {
+    parity(Scenario { epochs: 3, optim: "clip_grad = 0.02", clip_acts: true });
+}
+
+fn parity(scenario: Scenario) {
+    let epochs = scenario.epochs;
     let python = std::env::var("DENSEDINO_PYTHON")
         .expect("DENSEDINO_PYTHON: a python with torch, torchvision and safetensors (scripts/torch-venv.sh)");
     let official_dir = repo().join("../shared/reference/official-densedino");
@@ -144,8 +173,13 @@ fn sixty_steps_match_the_official_training_loop() {
     };
     shard::pack::pack(&pack).unwrap();
 
-    std::fs::write(dir.join("config.toml"), config(&shards)).unwrap();
+    std::fs::write(dir.join("config.toml"), config(&shards, &scenario)).unwrap();
     let cfg = TrainConfig::load(Some(&dir.join("config.toml")), &[]).unwrap();
+    let mutant: Vec<String> = std::env::var("DENSEDINO_PARITY_MUTANT").into_iter().collect();
+    let ours_cfg = TrainConfig::load(Some(&dir.join("config.toml")), &mutant).unwrap();
+    if !mutant.is_empty() {
+        eprintln!("MUTANT: our side runs with --set {mutant:?}; the official loop does not");
+    }
     assert_eq!(data::iters_per_epoch(&cfg, &shards, 0, 1).unwrap(), ITERS_PER_EPOCH);
 
     // The batches, once, for both sides.
@@ -158,7 +192,7 @@ fn sixty_steps_match_the_official_training_loop() {
         batches.push(batch);
     }
     rt.block_on(loader.shutdown());
-    assert_eq!(batches.len(), EPOCHS * ITERS_PER_EPOCH);
+    assert_eq!(batches.len(), epochs * ITERS_PER_EPOCH);
     let sizes: Vec<usize> = batches[0].views.iter().map(|v| v.size).collect();
     let mut pixels = std::io::BufWriter::new(std::fs::File::create(dir.join("pixels.u8")).unwrap());
     let mut points = Vec::new();
@@ -181,12 +215,12 @@ fn sixty_steps_match_the_official_training_loop() {
         .unwrap();
 
     let device = Device::flex();
-    let schedules = Schedules::new(&cfg.optim, EPOCHS, ITERS_PER_EPOCH, BATCH);
-    let mut trainer = Trainer::from_config(&cfg, schedules, &device).unwrap();
+    let schedules = Schedules::new(&ours_cfg.optim, epochs, ITERS_PER_EPOCH, BATCH);
+    let mut trainer = Trainer::from_config(&ours_cfg, schedules, &device).unwrap();
     let init = write_wrapper(&mut trainer.student, "", &dir.join("init.safetensors"));
     let (o, l, h) = (&cfg.optim, &cfg.loss, &cfg.head);
     let meta = serde_json::json!({
-        "steps": batches.len(), "iters_per_epoch": ITERS_PER_EPOCH, "epochs": EPOCHS, "batch": BATCH,
+        "steps": batches.len(), "iters_per_epoch": ITERS_PER_EPOCH, "epochs": epochs, "batch": BATCH,
         "view_sizes": sizes, "num_points": cfg.views.num_points,
         "arch": "vit_tiny", "patch_size": cfg.model.patch_size, "mask_mode": "all2pos_pos2cls_eye",
         "out_dim": h.out_dim, "hidden_dim": h.hidden_dim, "bottleneck_dim": h.bottleneck_dim,
@@ -229,6 +263,26 @@ fn sixty_steps_match_the_official_training_loop() {
     let get = |name: &str| &theirs.get(name).unwrap_or_else(|| panic!("theirs lacks {name}")).1;
     let (losses, centers, ref_centers) = (get("losses"), get("center"), get("ref_center"));
     let k = h.out_dim;
+    if o.clip_grad > 0.0 {
+        // The clip acted at every step: some tensors' norms (the official ones, before the cut) exceed it.
+        let norms = get("clip_norms");
+        let p = norms.len() / ours.len();
+        let cut: Vec<usize> =
+            norms.chunks(p).map(|step| step.iter().filter(|&&n| n as f64 > o.clip_grad).count()).collect();
+        let largest: Vec<f32> =
+            norms.chunks(p).map(|step| step.iter().fold(0f32, |m, &n| m.max(n))).collect();
+        println!(
+            "clip {}: tensors cut per step (of {p}) min {}, max {}; the step's largest norm from {:.3} to {:.3}",
+            o.clip_grad,
+            cut.iter().min().unwrap(),
+            cut.iter().max().unwrap(),
+            largest.iter().fold(f32::INFINITY, |m, &n| m.min(n)),
+            largest.iter().fold(0f32, |m, &n| m.max(n)),
+        );
+        if scenario.clip_acts {
+            assert!(cut.iter().all(|&c| c > 0), "the clip did not act at every step: {cut:?}");
+        }
+    }
 
     // Per step: the losses (absolute, they are ~5-8 nats) and the centers (relative to their largest entry).
     println!("step  epoch  |Δ loss|   |Δ cls|    |Δ ref|    Δcenter   Δref_center  (our loss)");

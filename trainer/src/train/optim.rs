@@ -29,6 +29,18 @@ pub fn is_decayed(name: &str, rank: usize) -> bool {
     rank > 1 && !name.ends_with(".bias")
 }
 
+/// Where the per-tensor clip sees two tensors in one of ours: the official DenseDINO ViT holds its
+/// positional embedding as two parameters, `cls_pos_embed` `[1, 1, D]` and `patch_pos_embed` `[1, N, D]`,
+/// and `clip_gradients` clips each by its own norm; ours is DINO's joined `pos_embed` `[1, 1 + N, D]` (one
+/// tensor for checkpoints and export), so its first `D` values (the CLS row) are clipped apart from the
+/// rest. `None` for every other tensor. (Only the clip differs: AdamW and the decay are elementwise.)
+pub fn clip_split(name: &str, dims: &[usize]) -> Option<usize> {
+    match dims {
+        &[1, rows, d] if rows > 1 && (name == "pos_embed" || name.ends_with(".pos_embed")) => Some(d),
+        _ => None,
+    }
+}
+
 /// DINO's `cancel_gradients_last_layer` matches by name.
 pub fn is_last_layer(name: &str) -> bool {
     name.contains("last_layer")
@@ -73,6 +85,8 @@ struct Update {
     param: Tensor<1>,
     grad: Tensor<1>,
     weight_decay: f64,
+    /// [`clip_split`]: clipped as two tensors, the first this many values and the rest.
+    split: Option<usize>,
 }
 
 impl AdamW {
@@ -96,7 +110,14 @@ impl AdamW {
                 return;
             };
             let weight_decay = if is_decayed(name, p.rank()) { o.weight_decay } else { 0.0 };
-            updates.push(Update { name: name.to_string(), param: plain(p.flat()), grad, weight_decay });
+            let split = clip_split(name, &p.dims());
+            updates.push(Update {
+                name: name.to_string(),
+                param: plain(p.flat()),
+                grad,
+                weight_decay,
+                split,
+            });
         });
         if !world.alone() {
             let mut g: Vec<Tensor<1>> = updates.iter().map(|u| u.grad.clone()).collect();
@@ -151,25 +172,35 @@ impl AdamW {
         }
         let mut outs: Vec<Host> = params.iter().map(|p| p.output(p.slice().len())).collect();
         let (b1, b2) = (self.beta1, self.beta2);
-        let mut slots: Vec<AdamSlot<'_>> = updates
-            .iter()
-            .zip(&params)
-            .zip(&grads)
-            .zip(moments.iter_mut().zip(outs.iter_mut()))
-            .map(|(((u, param), grad), ((m, v), out))| {
-                let t = self.state[&u.name].step as i32;
-                AdamSlot {
-                    param: param.slice(),
-                    grad: grad.slice(),
-                    m: m.slice_mut(),
-                    v: v.slice_mut(),
-                    out: out.slice_mut(),
-                    decay: (1.0 - o.lr * u.weight_decay) as f32,
-                    step_size: (o.lr / (1.0 - b1.powi(t))) as f32,
-                    bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+        let mut slots: Vec<AdamSlot<'_>> = Vec::with_capacity(updates.len() + 1);
+        for (((u, param), grad), ((m, v), out)) in
+            updates.iter().zip(&params).zip(&grads).zip(moments.iter_mut().zip(outs.iter_mut()))
+        {
+            let t = self.state[&u.name].step as i32;
+            let slot = |param, grad, m, v, out| AdamSlot {
+                param,
+                grad,
+                m,
+                v,
+                out,
+                decay: (1.0 - o.lr * u.weight_decay) as f32,
+                step_size: (o.lr / (1.0 - b1.powi(t))) as f32,
+                bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+            };
+            let (param, grad, m, v, out) =
+                (param.slice(), grad.slice(), m.slice_mut(), v.slice_mut(), out.slice_mut());
+            match u.split {
+                // Two slots over the two halves of the same buffers: two clip norms, one update.
+                Some(d) => {
+                    let ((p0, p1), (g0, g1)) = (param.split_at(d), grad.split_at(d));
+                    let ((m0, m1), (v0, v1), (o0, o1)) =
+                        (m.split_at_mut(d), v.split_at_mut(d), out.split_at_mut(d));
+                    slots.push(slot(p0, g0, m0, v0, o0));
+                    slots.push(slot(p1, g1, m1, v1, o1));
                 }
-            })
-            .collect();
+                None => slots.push(slot(param, grad, m, v, out)),
+            }
+        }
         multi_tensor::adamw(
             &mut slots,
             AdamScalars { beta1: b1, beta2: b2, eps: self.eps, clip: o.clip_grad },
@@ -191,23 +222,38 @@ impl AdamW {
         for u in updates {
             let st = self.state.get_mut(&u.name).expect("state made by step");
             let t = st.step as i32;
-            per.push(crate::fused::tch::AdamConsts {
+            let consts = crate::fused::tch::AdamConsts {
                 decay: (1.0 - o.lr * u.weight_decay) as f32,
                 step_size: (o.lr / (1.0 - b1.powi(t))) as f32,
                 bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
-            });
-            params.push(libtorch::primitive(u.param.clone()));
-            grads.push(libtorch::primitive(u.grad.clone()));
-            ms.push(libtorch::primitive(st.m.clone()));
-            vs.push(libtorch::primitive(st.v.clone()));
+            };
+            // A `clip_split` tensor goes in as its two parts (two clip norms) and is joined again below.
+            let parts = |t: &Tensor<1>| -> Vec<Tensor<1>> {
+                match u.split {
+                    Some(d) => vec![t.clone().slice(0..d), t.clone().slice(d..t.dims()[0])],
+                    None => vec![t.clone()],
+                }
+            };
+            for (list, t) in
+                [(&mut params, &u.param), (&mut grads, &u.grad), (&mut ms, &st.m), (&mut vs, &st.v)]
+            {
+                list.extend(parts(t).into_iter().map(libtorch::primitive));
+            }
+            per.extend(std::iter::repeat_n(consts, if u.split.is_some() { 2 } else { 1 }));
         }
         let k = AdamScalars { beta1: b1, beta2: b2, eps: self.eps, clip: o.clip_grad };
         let [x, m, v] = crate::fused::tch::adamw(&params, &grads, &ms, &vs, &per, k);
-        for ((u, m), v) in updates.iter().zip(m).zip(v) {
+        let mut joined =
+            [x, m, v].map(|list| list.into_iter().map(libtorch::tensor).collect::<Vec<_>>().into_iter());
+        let mut out = Vec::with_capacity(updates.len());
+        for u in updates {
+            let n = if u.split.is_some() { 2 } else { 1 };
+            let [x, m, v] = joined.each_mut().map(|it| Tensor::cat(it.by_ref().take(n).collect(), 0));
             let st = self.state.get_mut(&u.name).expect("state made by step");
-            (st.m, st.v) = (libtorch::tensor(m), libtorch::tensor(v));
+            (st.m, st.v) = (m, v);
+            out.push(x);
         }
-        x.into_iter().map(libtorch::tensor).collect()
+        out
     }
 }
 
@@ -269,5 +315,20 @@ mod libtorch {
     }
     pub fn tensor(t: TchTensor) -> Tensor<1> {
         Tensor::from_primitive::<LibTorch>(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_backbone_positional_embedding_is_clipped_as_two_tensors() {
+        assert_eq!(clip_split("backbone.pos_embed", &[1, 197, 384]), Some(384));
+        assert_eq!(clip_split("pos_embed", &[1, 65, 192]), Some(192));
+        for (name, dims) in [("backbone.cls_token", [1, 1, 384]), ("backbone.pos_embed", [1, 1, 384])] {
+            assert_eq!(clip_split(name, &dims), None, "{name}");
+        }
+        assert_eq!(clip_split("backbone.blocks.0.attn.qkv.weight", &[1152, 384]), None);
     }
 }
