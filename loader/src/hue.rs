@@ -37,8 +37,9 @@ pub fn shift(px: &mut [u8], shift: u8) {
         unsafe { shift_avx2(r, g, b, shift) };
         return;
     }
+    let down = down_set();
     for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
-        (*r, *g, *b) = shift_pixel(*r, *g, *b, shift);
+        (*r, *g, *b) = shift_pixel(*r, *g, *b, shift, &down);
     }
 }
 
@@ -68,9 +69,10 @@ pub fn down_set() -> [u32; 8] {
     *SET
 }
 
-/// One pixel, the integer form of the module docs; the reference for the vectorised kernel.
+/// One pixel, the integer form of the module docs; the reference for the vectorised kernel. `down` is
+/// [`down_set`], taken once per image by the caller.
 #[inline(always)]
-pub fn shift_pixel(r: u8, g: u8, b: u8, shift: u8) -> (u8, u8, u8) {
+pub fn shift_pixel(r: u8, g: u8, b: u8, shift: u8, down: &[u32; 8]) -> (u8, u8, u8) {
     let (r, g, b) = (r as i32, g as i32, b as i32);
     let v = r.max(g).max(b);
     let cr = v - r.min(g).min(b);
@@ -87,7 +89,6 @@ pub fn shift_pixel(r: u8, g: u8, b: u8, shift: u8) -> (u8, u8, u8) {
     };
     let hh = if hh < 0 { hh + 6 * cr } else { hh };
     let k = 255 * hh / (6 * cr);
-    let down = down_set();
     let exact = k * 6 * cr == 255 * hh;
     let h = k - (exact && (down[(k / 32) as usize] >> (k % 32)) & 1 == 1) as i32;
     let six = 6 * ((h + shift as i32) & 255);
@@ -200,7 +201,7 @@ fn shift_avx2(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
         i += 16;
     }
     for j in n..r.len() {
-        (r[j], g[j], b[j]) = shift_pixel(r[j], g[j], b[j], shift);
+        (r[j], g[j], b[j]) = shift_pixel(r[j], g[j], b[j], shift, &set);
     }
 }
 
@@ -221,6 +222,7 @@ mod tests {
     fn the_integer_forms_equal_pillows_float_round_trip_on_every_colour() {
         let cube = cube();
         let n = cube.len() / 3;
+        let down = down_set();
         for shift in [0u8, 1, 25, 127, 129, 231, 255] {
             let mut want = cube.clone();
             let (r, rest) = want.split_at_mut(n);
@@ -233,7 +235,7 @@ mod tests {
             let (r, rest) = scalar.split_at_mut(n);
             let (g, b) = rest.split_at_mut(n);
             for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
-                (*r, *g, *b) = shift_pixel(*r, *g, *b, shift);
+                (*r, *g, *b) = shift_pixel(*r, *g, *b, shift, &down);
             }
             let mut fast = cube.clone();
             super::shift(&mut fast, shift);
@@ -267,7 +269,8 @@ mod tests {
             shift(&mut fast, 40);
             let mut want = px.clone();
             for i in 0..n {
-                (want[i], want[n + i], want[2 * n + i]) = shift_pixel(px[i], px[n + i], px[2 * n + i], 40);
+                (want[i], want[n + i], want[2 * n + i]) =
+                    shift_pixel(px[i], px[n + i], px[2 * n + i], 40, &down_set());
             }
             assert_eq!(fast, want, "{n} pixels");
         }

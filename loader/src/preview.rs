@@ -7,7 +7,7 @@
 
 use image::{Rgb, RgbImage};
 
-use common::Batch;
+use common::{Batch, ViewPixels};
 
 /// A colour per (pair, point): golden-angle hues, so neighbours differ.
 fn colour(i: usize) -> Rgb<u8> {
@@ -43,6 +43,20 @@ fn mark(img: &mut RgbImage, cx: f32, cy: f32, radius: f32, c: Rgb<u8>) {
     }
 }
 
+/// Image `i` of `view` scaled (nearest neighbour) to `cell` pixels square, its top left at `origin`.
+fn blit(img: &mut RgbImage, view: &ViewPixels, i: usize, (ox, oy): (u32, u32), cell: u32) {
+    let s = view.size;
+    let plane = s * s;
+    let px = &view.data[i * 3 * plane..(i + 1) * 3 * plane];
+    for y in 0..cell {
+        for x in 0..cell {
+            let (sx, sy) = ((x as usize * s) / cell as usize, (y as usize * s) / cell as usize);
+            let k = sy * s + sx;
+            img.put_pixel(ox + x, oy + y, Rgb([px[k], px[plane + k], px[2 * plane + k]]));
+        }
+    }
+}
+
 /// The dense grid: one row per image, all its views side by side, every point of every pair, `cell`
 /// pixels per view side.
 pub fn render(batch: &Batch, cell: u32) -> RgbImage {
@@ -56,17 +70,8 @@ pub fn render(batch: &Batch, cell: u32) -> RgbImage {
     let origin = |i: usize, v: usize| (gap + v as u32 * (cell + gap), gap + i as u32 * (cell + gap));
     for i in 0..b {
         for (v, view) in batch.views.iter().enumerate() {
-            let s = view.size;
-            let plane = s * s;
-            let px = &view.data[i * 3 * plane..(i + 1) * 3 * plane];
             let (ox, oy) = origin(i, v);
-            for y in 0..cell {
-                for x in 0..cell {
-                    let (sx, sy) = ((x as usize * s) / cell as usize, (y as usize * s) / cell as usize);
-                    let k = sy * s + sx;
-                    img.put_pixel(ox + x, oy + y, Rgb([px[k], px[plane + k], px[2 * plane + k]]));
-                }
-            }
+            blit(&mut img, view, i, (ox, oy), cell);
         }
         // Point j of pair (g, v): teacher frame in view g, student frame in view v.
         let to_px = |p: &[f32], v: usize| {
@@ -175,16 +180,7 @@ pub fn render_pairs(batch: &Batch, cell: u32, points: usize) -> RgbImage {
         let left = gap;
         let right = gap + cell + middle;
         for (view, ox) in [(g, left), (v, right)] {
-            let s = batch.views[view].size;
-            let plane = s * s;
-            let px = &batch.views[view].data[i * 3 * plane..(i + 1) * 3 * plane];
-            for y in 0..cell {
-                for x in 0..cell {
-                    let (sx, sy) = ((x as usize * s) / cell as usize, (y as usize * s) / cell as usize);
-                    let k = sy * s + sx;
-                    img.put_pixel(ox + x, oy + y, Rgb([px[k], px[plane + k], px[2 * plane + k]]));
-                }
-            }
+            blit(&mut img, &batch.views[view], i, (ox, oy), cell);
             if batch.flips[i * v_n + view] {
                 for t in 0..3i64 {
                     let (x0, y0, x1, y1) = (
@@ -249,7 +245,7 @@ pub fn render_pairs(batch: &Batch, cell: u32, points: usize) -> RgbImage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::{Cursor, ViewPixels};
+    use common::Cursor;
 
     /// Two images, three gray views of 8 px (view 2 of image 1 flipped), one point per pair at a known
     /// place: the top-left quarter's centre in the teacher's frame, the bottom-right's in the student's.

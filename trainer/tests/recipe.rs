@@ -104,6 +104,39 @@ fn clipping_is_per_tensor_not_global() {
     assert!((m2[0] as f64 - c).abs() < 1e-7 && m2[1..] == [0.0; 3], "{m2:?}");
 }
 
+/// The positional embedding alone, under the backbone's name.
+struct PosEmbed(Tensor<3>);
+impl Params for PosEmbed {
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
+        f(&format!("{prefix}backbone.pos_embed"), ParamMut::R3(&mut self.0));
+    }
+}
+
+#[test]
+fn the_positional_embeddings_cls_row_is_clipped_apart_from_its_patch_rows() {
+    // [1, 1 + 2, 2]: the CLS row's gradient (3, 4) has norm 5 > 3, the patch rows' (1, 0, 0, 0) norm 1.
+    // As the official cls_pos_embed and patch_pos_embed, each part gets its own coefficient, read in
+    // the first moment (1 − β1)·g·coef after one step: 3/5 for the CLS row, 1 for the patch rows (the
+    // joined tensor, norm √26, would have scaled the patch rows by 3/√26 too).
+    let dev = Device::flex().autodiff();
+    let mut p = PosEmbed(params::param(vec![0.0; 6], [1, 3, 2], &dev));
+    let g = [3.0f32, 4.0, 1.0, 0.0, 0.0, 0.0];
+    let loss = (p.0.clone() * Tensor::<3>::from_data(TensorData::new(g.to_vec(), [1, 3, 2]), &dev)).sum();
+    let grads = loss.backward();
+    let mut opt = AdamW::default();
+    opt.step(
+        &mut p,
+        &grads,
+        StepOptions { lr: 0.01, weight_decay: 0.0, clip_grad: 3.0, freeze_last_layer: false },
+    );
+    let m = host(opt.state["backbone.pos_embed"].m.clone());
+    let k = 3.0 / (5.0 + 1e-6);
+    let want = [0.3 * k, 0.4 * k, 0.1, 0.0, 0.0, 0.0];
+    for (i, (&got, want)) in m.iter().zip(want).enumerate() {
+        assert!((got as f64 - want).abs() < 1e-6, "m[{i}] = {got}, want {want}: {m:?}");
+    }
+}
+
 /// One weight matrix and one bias: enough to see both parameter groups.
 struct Pair {
     w: Tensor<2>,

@@ -166,24 +166,29 @@ pub fn normal_cdf(x: f32) -> f32 {
     0.5 * (1.0 + erf)
 }
 
-/// GELU's derivative's second term's density, φ(x) = e^{−x²/2}/√(2π).
+/// The standard normal density φ(x) = e^{−x²/2}/√(2π), in GELU's derivative Φ(x) + x·φ(x).
 #[inline(always)]
 fn normal_pdf(x: f32) -> f32 {
     // 1/√(2π)
     0.398_942_3 * exp(-0.5 * x * x)
 }
 
+/// A new vector of `n` values written once, chunk by chunk over rayon, by `fill(start, slots)` (which must
+/// write every slot of its chunk): no zero-fill pass before the real one.
+fn par_fill(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(GELU_CHUNK)
+        .enumerate()
+        .for_each(|(c, slots)| fill(c * GELU_CHUNK, slots));
+    // SAFETY: the chunks cover the first n slots, and `fill` writes every slot of each.
+    unsafe { out.set_len(n) };
+    out
+}
+
 /// GELU in its exact (erf) form, `x·Φ(x)`: PyTorch's `nn.GELU()` default, DINO's MLP activation.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    // Written once, straight into the new buffer: no zero-fill pass first.
-    let mut y = Vec::with_capacity(x.len());
-    y.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(GELU_CHUNK)
-        .zip(x.par_chunks(GELU_CHUNK))
-        .for_each(|(y, x)| gelu_chunk(x, y));
-    // SAFETY: the chunks above cover the first x.len() slots, and gelu_chunk writes every one.
-    unsafe { y.set_len(x.len()) };
-    y
+    par_fill(x.len(), |start, y| gelu_chunk(&x[start..start + y.len()], y))
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
@@ -196,14 +201,10 @@ fn gelu_chunk(x: &[f32], y: &mut [MaybeUninit<f32>]) {
 /// `dy·(Φ(x) + x·φ(x))`, GELU's backward from its input.
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), dy.len(), "gelu_backward: x and dy differ in length");
-    let mut dx = Vec::with_capacity(x.len());
-    dx.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(GELU_CHUNK)
-        .zip(x.par_chunks(GELU_CHUNK).zip(dy.par_chunks(GELU_CHUNK)))
-        .for_each(|(dx, (x, dy))| gelu_backward_chunk(x, dy, dx));
-    // SAFETY: as in `gelu`: every one of the first x.len() slots is written above.
-    unsafe { dx.set_len(x.len()) };
-    dx
+    par_fill(x.len(), |start, dx| {
+        let end = start + dx.len();
+        gelu_backward_chunk(&x[start..end], &dy[start..end], dx)
+    })
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
@@ -681,8 +682,8 @@ fn dino_ce_backward_row(
 mod tests {
     use super::*;
 
-    /// Φ(x) in f64 from two formulas independent of the one under test: erf's Taylor series where it converges quickly, the
-    /// continued fraction of erfc in the tails (both exact to ~1e-13 on their ranges).
+    /// Φ(x) in f64 from two formulas independent of the one under test: erf's Taylor series where it
+    /// converges quickly, the continued fraction of erfc in the tails (both exact to ~1e-13 there).
     fn normal_cdf_f64(x: f64) -> f64 {
         let z = x.abs() / std::f64::consts::SQRT_2;
         let erfc = if z < 3.0 {
