@@ -248,6 +248,9 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) ->
         for plot in ["loss.png", "schedules.png", "entropy.png"] {
             let _ = std::fs::remove_file(out.join(plot)); // drawn from the metrics just removed
         }
+        for events in crate::train::tensorboard::files(out) {
+            let _ = std::fs::remove_file(events); // the same history, as TensorBoard shows it
+        }
     }
     // The checkpoint first: a folder with a config and no checkpoint reads as a run killed before its first
     // step, which `--resume` would start over from random weights.

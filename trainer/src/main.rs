@@ -73,7 +73,8 @@ enum Command {
         #[arg(long)]
         device: Option<DeviceSpec>,
     },
-    /// Draw a run's metrics as PNG plots (loss, schedules, teacher entropy).
+    /// Draw a run's metrics as PNG plots (loss, schedules, teacher entropy); for a run from before
+    /// TensorBoard's event files, also write one from its metrics.
     Plot { run_dir: PathBuf },
     /// Evaluate a backbone: weighted k-NN classification or the linear segmentation probe.
     Eval {
@@ -433,7 +434,9 @@ fn train(args: TrainArgs) -> Result<()> {
         }
     );
     println!("outputs in {}:", summary.run_dir.display());
-    println!("  metrics.jsonl, loss.png, schedules.png, entropy.png, config.toml");
+    println!(
+        "  metrics.jsonl, loss.png, schedules.png, entropy.png, config.toml, TensorBoard's events.out.tfevents.*"
+    );
     if let Some(c) = &summary.last_checkpoint {
         println!("  checkpoint {}", c.display());
     }
@@ -444,6 +447,11 @@ fn train(args: TrainArgs) -> Result<()> {
             100.0 * trained.top1,
             100.0 * random.top1
         );
+        // Beside the run's curves in TensorBoard, at its last step.
+        let step = summary.steps.last().map_or(0, |m| m.it);
+        let scalars = [("knn/top1_trained", trained.top1), ("knn/top1_random", random.top1)];
+        trainer::train::tensorboard::EventWriter::create(&summary.run_dir, None)?
+            .scalars(step, &scalars.map(|(k, v)| (k.to_string(), 100.0 * v)))?;
     }
     Ok(())
 }
@@ -587,6 +595,9 @@ fn bench(
 /// `trainer plot`: a run's metrics as PNG plots.
 fn plot(run_dir: &Path) -> Result<()> {
     for p in trainer::train::metrics::plot(run_dir)? {
+        println!("{}", p.display());
+    }
+    if let Some(p) = trainer::train::tensorboard::from_history(run_dir)? {
         println!("{}", p.display());
     }
     Ok(())

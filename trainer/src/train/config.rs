@@ -240,6 +240,20 @@ impl TrainConfig {
     }
 
     fn resolve(mut user: toml::Table, sets: &[String], origin: &str) -> Result<Self> {
+        // `--set model.arch=…` names a whole shape: the file's own sizes give way to it, or `--set
+        // model.arch=vit_base` on a file that narrows its ViT would silently train the narrow one. The
+        // file's other model keys (patch size, image size) still refine it, as do sizes also `--set`.
+        let set_keys: Vec<&str> =
+            sets.iter().filter_map(|s| s.split_once('=')).map(|(k, _)| k.trim()).collect();
+        if set_keys.contains(&"model.arch")
+            && let Some(model) = user.get_mut("model").and_then(|v| v.as_table_mut())
+        {
+            for size in ["embed_dim", "depth", "num_heads"] {
+                if !set_keys.contains(&format!("model.{size}").as_str()) {
+                    model.remove(size);
+                }
+            }
+        }
         apply_sets(&mut user, sets)?;
         let mut base = toml::Table::try_from(Self::default_values())?;
         // Presets replace their whole table before the user's keys refine it.
@@ -487,6 +501,24 @@ mod tests {
             "default, the paper's two runs, the DINO baseline, Caltech-101 in three view settings and the \
              sine-cosine positions experiment, palettes"
         );
+    }
+
+    #[test]
+    fn an_arch_set_on_the_command_line_replaces_the_files_sizes() {
+        // The embedded default narrows a vit_tiny to 96 wide, 6 deep, 3 heads, with 8 px patches at 64 px.
+        let sets = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cfg = TrainConfig::load(None, &sets(&["model.arch=vit_base"])).unwrap();
+        let shape =
+            |c: &TrainConfig| (c.model.embed_dim, c.model.depth, c.model.num_heads, c.model.patch_size);
+        assert_eq!(
+            (shape(&cfg), cfg.model.img_size),
+            ((768, 12, 12, 8), 64),
+            "sizes from the arch, grid from the file"
+        );
+        let cfg = TrainConfig::load(None, &sets(&["model.depth=4", "model.arch=vit_small"])).unwrap();
+        assert_eq!(shape(&cfg), (384, 4, 6, 8), "a size also set refines the arch");
+        let cfg = TrainConfig::load(None, &[]).unwrap();
+        assert_eq!(shape(&cfg), (96, 6, 3, 8), "without --set the file's refinements stand");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Training: the recipe (config, loss, schedules, optimiser, one step) and the run around it (data, the
-//! loop, reporting, checkpoints), plus the benchmark of one step.
+//! loop, reporting and TensorBoard's files, checkpoints), plus the benchmark of one step.
 
 pub mod bench;
 pub mod checkpoint;
@@ -12,3 +12,4 @@ pub mod report;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;

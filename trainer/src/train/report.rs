@@ -1,5 +1,6 @@
 //! What a run tells as it goes: a progress bar on a terminal (a stats line every `run.log_every` steps
-//! otherwise), one record per step and per epoch in `metrics.jsonl`, and the run's throughput at the end.
+//! otherwise), one record per step and per epoch in `metrics.jsonl` and the same numbers in TensorBoard's
+//! event file, and the run's throughput at the end.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -11,12 +12,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::train::config::RunConfig;
 use crate::train::metrics::{MetricsLog, Record};
 use crate::train::step::StepMetrics;
+use crate::train::tensorboard::EventWriter;
 
 /// The run's voice: the progress bar or stats lines, the metrics file, the epoch's running sums and the
 /// run's throughput.
 pub struct Reporter {
     /// None on the ranks other than 0 of a data-parallel run (rank 0 writes the run's history).
     log: Option<MetricsLog>,
+    /// This process's TensorBoard event file (rank 0, as the log).
+    events: Option<EventWriter>,
     bar: Option<ProgressBar>,
     quiet: bool,
     log_every: usize,
@@ -31,7 +35,8 @@ pub struct Reporter {
 
 impl Reporter {
     /// Appends to `run_dir/metrics.jsonl` (cut back to `first_step` on resume; no file when `run_dir` is
-    /// `None`) and shows progress from `first_step` to `total_steps` unless `quiet`. Images are counted
+    /// `None`), writes a new TensorBoard event file there that drops earlier processes' steps from
+    /// `first_step` on, and shows progress from `first_step` to `total_steps` unless `quiet`. Images are counted
     /// over the `ranks` processes of the job (each step is `run.batch_size` images on each).
     pub fn new(
         run_dir: Option<&Path>,
@@ -53,6 +58,7 @@ impl Reporter {
             bar
         });
         let log = run_dir.map(|d| MetricsLog::open(&d.join("metrics.jsonl"), first_step)).transpose()?;
+        let events = run_dir.map(|d| EventWriter::create(d, Some(first_step))).transpose()?;
         // A run resumed inside an epoch continues that epoch's sums from the steps it logged before, so
         // the epoch's record is the same as an uninterrupted run's (its timings excepted).
         let mut epoch = EpochAccumulator::new();
@@ -64,6 +70,7 @@ impl Reporter {
         }
         Ok(Self {
             log,
+            events,
             bar,
             quiet,
             log_every: run.log_every.max(1),
@@ -88,14 +95,12 @@ impl Reporter {
         self.wait += wait;
         self.images += images;
         self.epoch.add(m, wait);
-        if let Some(log) = &mut self.log {
-            log.write(&Record::Step {
-                m: m.clone(),
-                step_time,
-                data_wait: wait.as_secs_f64(),
-                images_per_s: images as f64 / step_time,
-            })?;
-        }
+        self.write(&Record::Step {
+            m: m.clone(),
+            step_time,
+            data_wait: wait.as_secs_f64(),
+            images_per_s: images as f64 / step_time,
+        })?;
         let (ips, wait_fraction) = self.throughput();
         let line = stats_line(m, ips, step_time, wait_fraction);
         let done = m.it + 1;
@@ -124,10 +129,18 @@ impl Reporter {
     pub fn epoch_end(&mut self, epoch: usize, steps: usize) -> Result<()> {
         let record = self.epoch.record(epoch, steps, self.batch_size);
         self.epoch = EpochAccumulator::new();
-        match &mut self.log {
-            Some(log) => log.write(&record),
-            None => Ok(()),
+        self.write(&record)
+    }
+
+    /// A record into the history and TensorBoard's file (where this process writes them).
+    fn write(&mut self, record: &Record) -> Result<()> {
+        if let Some(log) = &mut self.log {
+            log.write(record)?;
         }
+        if let Some(events) = &mut self.events {
+            events.record(record)?;
+        }
+        Ok(())
     }
 
     /// Images per second and the fraction of the time spent waiting for data, over the run so far.

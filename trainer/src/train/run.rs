@@ -753,7 +753,7 @@ fn newest_intact(dir: &Path, from: usize, quiet: bool) -> Result<Option<usize>> 
 }
 
 /// A new run folder `new` that continues `run` from its checkpoint `file` (step `it`): the checkpoint and
-/// the metrics up to it are copied (the metrics log drops the later steps when it opens). Returns the
+/// the metrics (and TensorBoard's files) up to it are copied (the metrics log drops the later steps when it opens). Returns the
 /// copied checkpoint and the new folder's lock, taken before anything is copied.
 fn start_branch(run: &Path, file: &Path, it: usize, new: &Path) -> Result<(PathBuf, std::fs::File)> {
     std::fs::create_dir_all(new).with_context(|| format!("creating {}", new.display()))?;
@@ -770,6 +770,11 @@ fn start_branch(run: &Path, file: &Path, it: usize, new: &Path) -> Result<(PathB
     if metrics.exists() {
         let to = new.join("metrics.jsonl");
         std::fs::copy(&metrics, &to).with_context(|| format!("copying {}", metrics.display()))?;
+    }
+    // TensorBoard's files too: the branch's own file drops their steps from `it` on, as the metrics log does.
+    for events in crate::train::tensorboard::files(run) {
+        let to = new.join(events.file_name().expect("a file"));
+        std::fs::copy(&events, &to).with_context(|| format!("copying {}", events.display()))?;
     }
     let copy = ckpt_dir.join(checkpoint::file_name(it));
     let partial = copy.with_extension("safetensors.partial");
