@@ -448,7 +448,7 @@ fn train(args: TrainArgs) -> Result<()> {
             100.0 * random.top1
         );
         // Beside the run's curves in TensorBoard, at its last step.
-        let step = summary.steps.last().map_or(0, |m| m.it);
+        let step = summary.trained_steps.saturating_sub(1);
         let scalars = [("knn/top1_trained", trained.top1), ("knn/top1_random", random.top1)];
         trainer::train::tensorboard::EventWriter::create(&summary.run_dir, None)?
             .scalars(step, &scalars.map(|(k, v)| (k.to_string(), 100.0 * v)))?;

@@ -20,8 +20,18 @@
 //! shrink, so the clip is 0.02, which cuts tensors at every step (the official `clip_gradients` norms
 //! are recorded to show it), over three epochs (across the frozen last layer's end and the lr warmup's).
 //!
+//! A third scenario turns on, at once, every switch the first leaves at its default: stochastic depth
+//! (our per-sample masks fed to the official `drop_path` in place of its `torch.rand`), the learnable
+//! reference token (the official `ref_learn_token`), `norm_last_layer = false`, `use_all_crop_global`,
+//! `use_all_crop_ref` and the `all_query` mask; a fourth runs ten steps of each other official mask mode.
+//! Every scenario also compares AdamW's two moments of every tensor and its per-tensor step counts at the
+//! end. `bench/parity_mutants.sh` injects one bug at a time (on the official side through
+//! `DENSEDINO_PARITY_OFFICIAL_MUTANT`, or on ours) and checks that the scenario meant to see it fails.
+//!
+//! `DENSEDINO_PARITY_DEVICE=tch-cpu` (with `--features tch`) runs our side on LibTorch instead of flex.
+//!
 //! Needs PyTorch and torchvision, so it is ignored by default; `.ci/run` runs it with the venv of
-//! `scripts/torch-venv.sh` (about ten minutes on two cores):
+//! `scripts/torch-venv.sh` (about fifteen minutes on two cores):
 //!
 //!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --release -p trainer --test official_parity -- --ignored --nocapture
 //!
@@ -35,7 +45,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use trainer::model::params::{self, Params};
-use trainer::train::config::TrainConfig;
+use trainer::model::vit::{self, DropKey, MaskMode};
+use trainer::train::config::{DeviceSpec, TrainConfig};
 use trainer::train::step::{Schedules, Trainer};
 use trainer::train::{checkpoint, data};
 
@@ -48,17 +59,16 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").to_path_buf()
 }
 
-/// One comparison: how many epochs, what its config adds to `[optim]`, and whether the clip must cut
-/// tensors at every step.
-struct Scenario {
+/// One comparison: how many epochs, what it sets on top of [`config`] (`--set` syntax, for both sides),
+/// and whether the clip must cut tensors at every step.
+struct Scenario<'a> {
     epochs: usize,
-    optim: &'static str,
+    sets: &'a [&'a str],
     clip_acts: bool,
 }
 
 /// The run: `epochs` x `ITERS_PER_EPOCH` steps of `BATCH` on the shards at `shards`.
-fn config(shards: &Path, s: &Scenario) -> String {
-    let (epochs, extra) = (s.epochs, s.optim);
+fn config(shards: &Path, epochs: usize) -> String {
     format!(
         r#"
 [run]
@@ -90,10 +100,20 @@ lr = 0.01
 warmup_epochs = 2
 freeze_last_layer = 1
 momentum_teacher = 0.9
-{extra}
 "#,
         shards.display()
     )
+}
+
+/// The official `--mask_mode` string of ours.
+fn official_mask_mode(m: MaskMode) -> &'static str {
+    match m {
+        MaskMode::None => "020",
+        MaskMode::All2pos => "all2pos",
+        MaskMode::All2posPos2cls => "all2pos_pos2cls",
+        MaskMode::All2posPos2clsEye => "all2pos_pos2cls_eye",
+        MaskMode::AllQuery => "all_query",
+    }
 }
 
 /// Writes a student or teacher to `path` under `MultiCropWrapper`'s names (`{prefix}backbone.…`,
@@ -120,16 +140,51 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 #[test]
 #[ignore = "needs PyTorch + torchvision: DENSEDINO_PYTHON=$(scripts/torch-venv.sh) ... -- --ignored (run by .ci/run)"]
 fn sixty_steps_match_the_official_training_loop() {
-    parity(Scenario { epochs: 6, optim: "", clip_acts: false });
+    parity(Scenario { epochs: 6, sets: &[], clip_acts: false });
 }
 
 #[test]
 #[ignore = "needs PyTorch + torchvision: DENSEDINO_PYTHON=$(scripts/torch-venv.sh) ... -- --ignored (run by .ci/run)"]
 fn a_gradient_clip_that_cuts_every_step_matches_the_official_clip() {
-    parity(Scenario { epochs: 3, optim: "clip_grad = 0.02", clip_acts: true });
+    parity(Scenario { epochs: 3, sets: &["optim.clip_grad=0.02"], clip_acts: true });
 }
 
-fn parity(scenario: Scenario) {
+/// The switches the first scenario leaves at their defaults, all on at once over two epochs (across the
+/// end of the frozen last layer): stochastic depth (our per-sample masks fed to the official `drop_path`
+/// in place of its `torch.rand`), the learnable reference token (exported as the official
+/// `ref_learn_token`), a trainable last-layer norm (`norm_last_layer = false`: `weight_g` learns and is
+/// frozen with `weight_v`), the CLS and reference losses over every crop pair (`use_all_crop_*`), and
+/// the `all_query` mask.
+#[test]
+#[ignore = "needs PyTorch + torchvision: DENSEDINO_PYTHON=$(scripts/torch-venv.sh) ... -- --ignored (run by .ci/run)"]
+fn every_switch_the_first_scenario_leaves_off_matches_the_official_loop() {
+    let sets = &[
+        "model.drop_path_rate=0.3",
+        "model.learnable_ref_token=true",
+        "head.norm_last_layer=false",
+        "loss.use_all_crop_global=true",
+        "loss.use_all_crop_ref=true",
+        "model.mask_mode=\"all_query\"",
+        // The official DINOLoss needs the teacher's temperature warmup inside the run.
+        "loss.warmup_teacher_temp_epochs=1",
+    ];
+    parity(Scenario { epochs: 2, sets, clip_acts: false });
+}
+
+/// The official code's other attention masks (`020`, `all2pos`, `all2pos_pos2cls`), ten steps each.
+#[test]
+#[ignore = "needs PyTorch + torchvision: DENSEDINO_PYTHON=$(scripts/torch-venv.sh) ... -- --ignored (run by .ci/run)"]
+fn the_other_mask_modes_match_the_official_loop() {
+    for mode in ["none", "all2pos", "all2pos_pos2cls"] {
+        eprintln!("mask mode: {mode}");
+        let mask = format!("model.mask_mode=\"{mode}\"");
+        // One epoch: the warmups fit inside it (the official schedules and loss need them to).
+        let sets = [mask.as_str(), "optim.warmup_epochs=1", "loss.warmup_teacher_temp_epochs=1"];
+        parity(Scenario { epochs: 1, sets: &sets, clip_acts: false });
+    }
+}
+
+fn parity(scenario: Scenario<'_>) {
     let epochs = scenario.epochs;
     let python = std::env::var("DENSEDINO_PYTHON")
         .expect("DENSEDINO_PYTHON: a python with torch, torchvision and safetensors (scripts/torch-venv.sh)");
@@ -173,10 +228,12 @@ fn parity(scenario: Scenario) {
     };
     shard::pack::pack(&pack).unwrap();
 
-    std::fs::write(dir.join("config.toml"), config(&shards, &scenario)).unwrap();
-    let cfg = TrainConfig::load(Some(&dir.join("config.toml")), &[]).unwrap();
+    std::fs::write(dir.join("config.toml"), config(&shards, epochs)).unwrap();
+    let sets: Vec<String> = scenario.sets.iter().map(|s| s.to_string()).collect();
+    let cfg = TrainConfig::load(Some(&dir.join("config.toml")), &sets).unwrap();
     let mutant: Vec<String> = std::env::var("DENSEDINO_PARITY_MUTANT").into_iter().collect();
-    let ours_cfg = TrainConfig::load(Some(&dir.join("config.toml")), &mutant).unwrap();
+    let ours_cfg =
+        TrainConfig::load(Some(&dir.join("config.toml")), &[sets.clone(), mutant.clone()].concat()).unwrap();
     if !mutant.is_empty() {
         eprintln!("MUTANT: our side runs with --set {mutant:?}; the official loop does not");
     }
@@ -213,8 +270,41 @@ fn parity(scenario: Scenario) {
     drop(pixels);
     std::fs::write(dir.join("points.safetensors"), checkpoint::serialize(&points, HashMap::new()).unwrap())
         .unwrap();
+    // The student's stochastic depth, as our step draws it (seed, step, global-batch row, view), in the
+    // official call order: per run of same-size views, per block, attention branch then MLP branch.
+    // DENSEDINO_PARITY_DEVICE=tch-cpu (a build with the `tch` feature): our side on LibTorch's CPU kernels
+    // and our fused ops' LibTorch paths instead of flex.
+    let spec = std::env::var("DENSEDINO_PARITY_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = spec.parse::<DeviceSpec>().and_then(DeviceSpec::device).expect("DENSEDINO_PARITY_DEVICE");
+    println!("our side on {spec}");
+    if cfg.model.drop_path_rate > 0.0 {
+        let mut masks = Vec::new();
+        let (mut dropped, mut draws) = (0usize, 0usize);
+        for s in 0..batches.len() {
+            let mut k = 0;
+            let mut start = 0;
+            while start < sizes.len() {
+                let end = (start..sizes.len()).find(|&i| sizes[i] != sizes[start]).unwrap_or(sizes.len());
+                let key = DropKey { seed: cfg.run.seed, it: s as u64, first: 0 };
+                for block in vit::drop_path_scales(&cfg.model, key, start..end, BATCH, &device) {
+                    for scale in [block.attn, block.mlp].into_iter().flatten() {
+                        let mask: Vec<f32> =
+                            params::host(scale).iter().map(|&v| (v > 0.0) as u8 as f32).collect();
+                        dropped += mask.iter().filter(|&&m| m == 0.0).count();
+                        draws += mask.len();
+                        masks.push((format!("drop.{s}.{k}"), vec![mask.len()], mask));
+                        k += 1;
+                    }
+                }
+                start = end;
+            }
+        }
+        println!("drop path: {dropped} of {draws} residual branches dropped");
+        assert!(dropped > 0, "no path dropped: the comparison would not see the drop");
+        std::fs::write(dir.join("drop.safetensors"), checkpoint::serialize(&masks, HashMap::new()).unwrap())
+            .unwrap();
+    }
 
-    let device = Device::flex();
     let schedules = Schedules::new(&ours_cfg.optim, epochs, ITERS_PER_EPOCH, BATCH);
     let mut trainer = Trainer::from_config(&ours_cfg, schedules, &device).unwrap();
     let init = write_wrapper(&mut trainer.student, "", &dir.join("init.safetensors"));
@@ -222,7 +312,9 @@ fn parity(scenario: Scenario) {
     let meta = serde_json::json!({
         "steps": batches.len(), "iters_per_epoch": ITERS_PER_EPOCH, "epochs": epochs, "batch": BATCH,
         "view_sizes": sizes, "num_points": cfg.views.num_points,
-        "arch": "vit_tiny", "patch_size": cfg.model.patch_size, "mask_mode": "all2pos_pos2cls_eye",
+        "arch": "vit_tiny", "patch_size": cfg.model.patch_size, "mask_mode": official_mask_mode(cfg.model.mask_mode),
+        "drop_path_rate": cfg.model.drop_path_rate, "learnable_ref_token": cfg.model.learnable_ref_token,
+        "norm_last_layer": h.norm_last_layer,
         "out_dim": h.out_dim, "hidden_dim": h.hidden_dim, "bottleneck_dim": h.bottleneck_dim,
         "lr": o.lr, "min_lr": o.min_lr, "warmup_epochs": o.warmup_epochs,
         "weight_decay": o.weight_decay, "weight_decay_end": o.weight_decay_end,
@@ -234,7 +326,7 @@ fn parity(scenario: Scenario) {
     });
     std::fs::write(dir.join("meta.json"), meta.to_string()).unwrap();
     // The settings the official code cannot take from meta.json must be its defaults on our side too.
-    assert!(h.norm_last_layer && !h.shared_ref_head && h.nlayers == 3);
+    assert!(!h.shared_ref_head && h.nlayers == 3);
     assert_eq!((l.student_temp, l.center_momentum, o.betas, o.eps), (0.1, 0.9, (0.9, 0.999), 1e-8));
     assert!(l.use_global_loss && l.use_ref_loss);
 
@@ -328,8 +420,8 @@ fn parity(scenario: Scenario) {
     let (mut moved_sq, mut init_sq) = (0.0f64, 0.0f64);
     for (name, (_, values)) in &mine {
         let (side, short) = name.split_once('.').unwrap();
-        // `weight_g` is fixed at 1 on both sides (`norm_last_layer`): written for PyTorch, not a parameter.
-        if short.ends_with("last_layer.weight_g") {
+        // `weight_g` is fixed at 1 on both sides with `norm_last_layer`: written for PyTorch, not a parameter.
+        if short.ends_with("last_layer.weight_g") && h.norm_last_layer {
             continue;
         }
         let theirs = get(name);
@@ -362,6 +454,50 @@ fn parity(scenario: Scenario) {
         rows.len()
     );
 
+    // AdamW's state at the end: both moments of every student tensor against the official optimizer's,
+    // on their own scale (the key biases left out, as above), and each tensor's step count exactly (a
+    // tensor frozen for a while counts from its first update, in PyTorch and here).
+    let dims: HashMap<String, Vec<usize>> =
+        params::to_host(&mut trainer.student).into_iter().map(|(n, d, _)| (n, d)).collect();
+    let mut worst_moment = [(0.0f64, String::new()), (0.0f64, String::new())];
+    let mut counts_differ = Vec::new();
+    for (name, st) in &trainer.optim.state {
+        let official = params::official_name(name).unwrap_or_else(|| name.clone());
+        let dims = &dims[name];
+        for (i, (ours, key)) in
+            [(st.m.clone(), "exp_avg"), (st.v.clone(), "exp_avg_sq")].into_iter().enumerate()
+        {
+            let mut ours = params::host(ours);
+            if dims.len() == 2 {
+                ours = params::transpose(&ours, dims[0], dims[1]);
+            }
+            let mut theirs = get(&format!("{key}.{official}")).clone();
+            if official.ends_with("attn.qkv.bias") {
+                for v in [&mut ours, &mut theirs] {
+                    v.drain(d..2 * d);
+                }
+            }
+            let r = rel(&ours, &theirs);
+            if r > worst_moment[i].0 {
+                worst_moment[i] = (r, official.clone());
+            }
+        }
+        let their_count = get(&format!("step.{official}"))[0] as u64;
+        if their_count != st.step {
+            counts_differ.push(format!("{official}: {} here, {their_count} there", st.step));
+        }
+    }
+    let their_tensors = theirs.keys().filter(|k| k.starts_with("exp_avg.")).count();
+    println!(
+        "AdamW: {} tensors with moments here, {their_tensors} there; worst first moment {:.2e} ({}), second {:.2e} \
+         ({}) of scale; step counts differ: {counts_differ:?}",
+        trainer.optim.state.len(),
+        worst_moment[0].0,
+        worst_moment[0].1,
+        worst_moment[1].0,
+        worst_moment[1].1,
+    );
+
     // Tolerances about 5-10x the drift measured on the CPU (flex against PyTorch 2.9, two threads): losses
     // 7e-6 nats, centers 1.2e-6 of scale, parameters 5e-5 of their movement and 1.1e-4 of their scale.
     assert!(worst[..3].iter().all(|d| *d < 5e-5), "losses drifted: {worst:?}");
@@ -369,4 +505,9 @@ fn parity(scenario: Scenario) {
     assert!(rows[0].0 < 1e-3, "parameters drifted: {:?}", rows[0]);
     assert!(worst_scale < 5e-4, "parameters drifted: {worst_scale}");
     assert!(moved > 1e-2, "the student barely moved ({moved}): the comparison proves little");
+    // Moments: 5x the largest drift measured (the clip scenario's second moment, 4.0e-4 of scale: a clip
+    // that cuts every tensor scales each gradient by clip / norm, and the norms' round-off enters squared).
+    assert!(worst_moment.iter().all(|(r, _)| *r < 2e-3), "AdamW moments drifted: {worst_moment:?}");
+    assert_eq!(trainer.optim.state.len(), their_tensors, "tensors with AdamW state");
+    assert!(counts_differ.is_empty(), "AdamW step counts differ: {counts_differ:?}");
 }

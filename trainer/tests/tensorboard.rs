@@ -1,6 +1,6 @@
 //! TensorBoard's view of a killed and resumed run: the `trainer` binary is killed (SIGKILL) twice, once
-//! early (usually before its first checkpoint: the run starts over) and once after its second checkpoint
-//! with steps logged past it (the resume runs them again), then resumed to the end. TensorBoard's own
+//! early (usually before its first checkpoint: the run starts over) and once with steps logged past its
+//! checkpoint (the resume runs them again), then resumed to the end. TensorBoard's own
 //! `EventAccumulator` (`fixtures/read_events.py`) must then find every number of `metrics.jsonl` at its
 //! step, each step once, though the event files hold the repeated steps.
 //!
@@ -61,8 +61,8 @@ fn tensorboard_shows_every_metric_of_a_killed_and_resumed_run_once() {
     let dir = tempfile::tempdir().unwrap();
     // 20 steps (4 epochs of 5), checkpoints after 3, 5 (the epoch's end), 6, 9, 10, ...
     run_until(dir.path(), Some(2));
-    // Killed with step 8 logged: the last checkpoint is at most 6 or 7 steps in, so the resume repeats steps.
-    run_until(dir.path(), Some(8));
+    // Killed with 7 steps logged, two steps before the checkpoint after 9: the resume repeats step 6 on.
+    run_until(dir.path(), Some(7));
     run_until(dir.path(), None);
 
     let run = dir.path().join("runs/tb");
@@ -81,7 +81,7 @@ fn tensorboard_shows_every_metric_of_a_killed_and_resumed_run_once() {
     let (raw, kept) = (number_before("events"), number_before("after"));
     assert_eq!(kept, 20, "{counts}");
     assert!(raw > kept, "no step was repeated, so nothing was purged: {counts}");
-    assert!(counts.starts_with("4 event files") || counts.starts_with("5 event files"), "{counts}");
+    assert!(counts.starts_with("4 event files"), "three training processes and the k-NN's: {counts}");
 
     // A run from before event files: `trainer plot` writes one from its metrics.jsonl.
     let old = dir.path().join("old");

@@ -171,7 +171,13 @@ pub fn load(
     model.visit("", &mut |name, mut p| {
         let key = format!("{prefix}{name}");
         let dims = p.dims();
-        let Some((shape, values)) = get(&key) else {
+        // Official files name the learnable reference token as the official code does; our own earlier
+        // exports used our name.
+        let found = match official_name(name) {
+            Some(theirs) if official => get(&format!("{prefix}{theirs}")).or_else(|| get(&key)),
+            _ => get(&key),
+        };
+        let Some((shape, values)) = found else {
             errors.push(format!("{key}: missing"));
             return;
         };
@@ -189,11 +195,21 @@ pub fn load(
     if errors.is_empty() { Ok(()) } else { Err(anyhow::anyhow!(errors.join("; "))) }
 }
 
-/// Every parameter in the official PyTorch layout (rank-2 tensors transposed to `[out, in]`).
+/// The official code's name where it differs from ours: the learnable reference token is the official
+/// `VisionTransformer.ref_learn_token` (`--with_learnable_token`), `ref_token` here.
+pub fn official_name(name: &str) -> Option<String> {
+    name.strip_suffix("ref_token")
+        .filter(|head| head.is_empty() || head.ends_with('.'))
+        .map(|head| format!("{head}ref_learn_token"))
+}
+
+/// Every parameter in the official PyTorch layout (rank-2 tensors transposed to `[out, in]`) under the
+/// official names.
 pub fn to_official(model: &mut dyn Params) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     to_host(model)
         .into_iter()
         .map(|(name, dims, values)| {
+            let name = official_name(&name).unwrap_or(name);
             if dims.len() == 2 {
                 (name, vec![dims[1], dims[0]], transpose(&values, dims[0], dims[1]))
             } else {
@@ -212,4 +228,31 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::vit::{Vit, VitConfig};
+
+    #[test]
+    fn the_learnable_reference_token_goes_out_and_comes_back_under_the_official_name() {
+        let cfg = VitConfig { depth: 1, learnable_ref_token: true, ..VitConfig::vit_tiny() };
+        let dev = Device::flex();
+        let mut rng = common::seed::rng(1, common::seed::Purpose::Model, &[0]);
+        let mut a = Vit::new(&cfg, &mut rng, &dev);
+        let official: Named = to_official(&mut a).into_iter().map(|(n, d, v)| (n, (d, v))).collect();
+        assert!(official.contains_key("ref_learn_token") && !official.contains_key("ref_token"));
+        let token = official["ref_learn_token"].1.clone();
+        for name in ["ref_learn_token", "ref_token"] {
+            // Our earlier exports wrote `ref_token`: both names load.
+            let mut map = official.clone();
+            let t = map.remove("ref_learn_token").unwrap();
+            map.insert(name.to_string(), t);
+            let mut b = Vit::new(&cfg, &mut rng, &dev);
+            load_official(&mut b, "", &|n| map.get(n).cloned(), &dev).unwrap();
+            let back: Named = to_official(&mut b).into_iter().map(|(n, d, v)| (n, (d, v))).collect();
+            assert_eq!(back["ref_learn_token"].1, token, "loaded from {name}");
+        }
+    }
 }

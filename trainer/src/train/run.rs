@@ -52,6 +52,8 @@ pub struct RunSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// The steps the run was to reach; it stops short of them only when damaged data shortened its epochs.
     pub planned_steps: usize,
+    /// The steps trained in all, by this process and the ones it resumed from.
+    pub trained_steps: usize,
     pub images_per_s: f64,
     pub data_wait_fraction: f64,
     /// Damaged shards and skipped samples met on the way (`None`: the data was read whole).
@@ -333,6 +335,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
         steps,
         last_checkpoint: ckpt.last.map(|(_, p)| p),
         planned_steps: total,
+        trained_steps: trainer.it,
         images_per_s,
         data_wait_fraction,
         data_problems,
@@ -752,8 +755,9 @@ fn newest_intact(dir: &Path, from: usize, quiet: bool) -> Result<Option<usize>> 
     Ok(newest)
 }
 
-/// A new run folder `new` that continues `run` from its checkpoint `file` (step `it`): the checkpoint and
-/// the metrics (and TensorBoard's files) up to it are copied (the metrics log drops the later steps when it opens). Returns the
+/// A new run folder `new` that continues `run` from its checkpoint `file` (step `it`): the checkpoint, the
+/// metrics and TensorBoard's files are copied (the metrics log drops the later steps when it opens, and
+/// TensorBoard the later events at the branch's restart marker). Returns the
 /// copied checkpoint and the new folder's lock, taken before anything is copied.
 fn start_branch(run: &Path, file: &Path, it: usize, new: &Path) -> Result<(PathBuf, std::fs::File)> {
     std::fs::create_dir_all(new).with_context(|| format!("creating {}", new.display()))?;

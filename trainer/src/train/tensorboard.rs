@@ -9,12 +9,15 @@
 //! of the length, the bytes, masked CRC-32C of the bytes), each holding one `Event` protobuf: first the
 //! file version `brain.Event:2`, then the scalars (`Summary.Value.simple_value`, f32).
 //!
-//! Resume: one file per process. Every training process starts its file with a `SessionLog` START at its
-//! first step, and TensorBoard (its event accumulator purges orphaned data by default) then drops what
-//! the earlier files hold at or after that step: the steps a killed process ran past its checkpoint, which
-//! `metrics.jsonl` drops too, appear once. This is what PyTorch's `SummaryWriter(purge_step=...)` writes;
-//! at step 0 it also clears a run started over. TensorBoard reads a folder's files in name order, and a
-//! START must come after the events it drops, so a new file's seconds are bumped past any existing one's.
+//! Resume: one file per process (rank 0 of a data-parallel job). Every training process starts its file
+//! with a `SessionLog` START at its first step, and TensorBoard's Python loader (its event accumulator
+//! purges orphaned data by default) then drops what the earlier files hold at or after that step: the
+//! steps a killed process ran past its checkpoint, which `metrics.jsonl` drops too, appear once. This is
+//! what PyTorch's `SummaryWriter(purge_step=...)` writes; at step 0 it also clears a run started over.
+//! TensorBoard's Rust data server (its default loader on Linux x86-64) ignores the marker and drops a
+//! series' points from a step that arrives again, which the resumed steps do: checked on a killed run, it
+//! serves each step once too. TensorBoard reads a folder's files in name order, and a START must come
+//! after the events it drops, so a new file's seconds are bumped past any existing one's.
 //!
 //! A crash mid-write leaves a cut last frame, which readers see by its length and CRC and stop before.
 
@@ -253,10 +256,12 @@ mod tests {
     fn files_sort_in_creation_order_and_a_records_numbers_are_its_scalars() {
         let dir = tempfile::tempdir().unwrap();
         // A file from "the future" (a clock set back, or two starts in one second): the next sorts after it.
-        std::fs::write(dir.path().join(format!("{PREFIX}9999999999.host.1.densedino")), b"").unwrap();
+        let earlier = dir.path().join(format!("{PREFIX}9000000000.host.99999.densedino"));
+        std::fs::write(&earlier, b"").unwrap();
         let mut w = EventWriter::create(dir.path(), Some(4)).unwrap();
         let name = w.path.file_name().unwrap().to_str().unwrap().to_string();
-        assert!(name.starts_with(&format!("{PREFIX}10000000000.")), "{name}");
+        assert!(name.starts_with(&format!("{PREFIX}9000000001.")), "{name}");
+        assert_eq!(files(dir.path()), [earlier, w.path.clone()], "name order is creation order");
         let epoch = Record::Epoch {
             epoch: 1,
             steps: 10,
