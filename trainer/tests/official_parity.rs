@@ -43,7 +43,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
 use trainer::model::params::{self, Params};
 use trainer::model::vit::{self, DropKey, MaskMode};
 use trainer::train::config::{DeviceSpec, TrainConfig};
