@@ -3,8 +3,9 @@
 # mutant injects one bug, on the official side (DENSEDINO_PARITY_OFFICIAL_MUTANT: a wrapper in
 # fixtures/official_steps.py, the official files untouched) or on ours (DENSEDINO_PARITY_MUTANT: a --set
 # of our config only), and runs the scenario that must catch it. A mutant is "caught" when that scenario
-# fails on a comparison (drift, AdamW state), not on a crash. Prints one line per mutant and exits non-zero
-# if any got through. About two to four minutes a mutant on two cores.
+# fails on a comparison (drift, AdamW state), not on a crash, and only after the same scenario passed
+# without it. Prints one line per scenario and mutant and exits non-zero if any mutant got through. About
+# two to four minutes a run on two cores.
 #
 #   bench/parity_mutants.sh            # every mutant
 #   bench/parity_mutants.sh noclip     # the ones named
@@ -24,10 +25,24 @@ MUTANTS=(
   "our-mask-eye|every_switch_the_first_scenario_leaves_off_matches_the_official_loop|DENSEDINO_PARITY_MUTANT=model.mask_mode=\"all2pos_pos2cls_eye\""
 )
 cargo build --release -p trainer --tests >/dev/null 2>&1 || { echo "build failed" >&2; exit 1; }
-escaped=0
+selected=()
 for m in "${MUTANTS[@]}"; do
+  IFS='|' read -r name _ _ <<<"$m"
+  if [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; then selected+=("$m"); fi
+done
+# Each scenario once without a mutant first: one that already fails here would make every mutant look caught.
+for test in $(printf '%s\n' "${selected[@]}" | cut -d'|' -f2 | sort -u); do
+  start=$(date +%s)
+  if ! DENSEDINO_PYTHON="$PY" cargo test --release -p trainer --test official_parity -- --ignored --nocapture \
+      --test-threads=1 --exact "$test" >/dev/null 2>&1; then
+    echo "baseline $test fails without a mutant: the mutants would prove nothing" >&2
+    exit 2
+  fi
+  printf '%-22s %-14s %4ss  %s\n' "(no mutant)" passes "$(($(date +%s) - start))" "$test"
+done
+escaped=0
+for m in "${selected[@]}"; do
   IFS='|' read -r name test var <<<"$m"
-  if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
   log=$(mktemp)
   start=$(date +%s)
   env "$var" DENSEDINO_PYTHON="$PY" cargo test --release -p trainer --test official_parity -- --ignored \

@@ -20,10 +20,11 @@
 //! shrink, so the clip is 0.02, which cuts tensors at every step (the official `clip_gradients` norms
 //! are recorded to show it), over three epochs (across the frozen last layer's end and the lr warmup's).
 //!
-//! A third scenario turns on, at once, every switch the first leaves at its default: stochastic depth
-//! (our per-sample masks fed to the official `drop_path` in place of its `torch.rand`), the learnable
+//! A third scenario turns on, at once, every switch the first leaves off: stochastic depth (our
+//! per-sample masks fed to a copy of the official `drop_path` in place of its `torch.rand`), the learnable
 //! reference token (the official `ref_learn_token`), `norm_last_layer = false`, `use_all_crop_global`,
-//! `use_all_crop_ref` and the `all_query` mask; a fourth runs ten steps of each other official mask mode.
+//! `use_all_crop_ref` and the `all_query` mask; a fourth runs ten steps of each other official mask mode
+//! (one epoch: the last layer stays frozen there, so its moments are compared only in the others).
 //! Every scenario also compares AdamW's two moments of every tensor and its per-tensor step counts at the
 //! end. `bench/parity_mutants.sh` injects one bug at a time (on the official side through
 //! `DENSEDINO_PARITY_OFFICIAL_MUTANT`, or on ours) and checks that the scenario meant to see it fails.
@@ -31,9 +32,9 @@
 //! `DENSEDINO_PARITY_DEVICE=tch-cpu` (with `--features tch`) runs our side on LibTorch instead of flex.
 //!
 //! Needs PyTorch and torchvision, so it is ignored by default; `.ci/run` runs it with the venv of
-//! `scripts/torch-venv.sh` (about fifteen minutes on two cores):
+//! `scripts/torch-venv.sh` (about fifteen minutes on two cores; one test at a time, each uses both):
 //!
-//!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --release -p trainer --test official_parity -- --ignored --nocapture
+//!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --release -p trainer --test official_parity -- --ignored --nocapture --test-threads=1
 //!
 //! `DENSEDINO_PARITY_MUTANT=KEY=VALUE` (a `--set` of our config) changes our side only, the official
 //! loop keeping the scenario's settings: the way to see what the comparison catches, e.g.
@@ -129,11 +130,16 @@ fn write_wrapper(model: &mut trainer::model::DenseDino, prefix: &str, path: &Pat
     checkpoint::tensors(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// Largest |a − b| over the largest |b| (at least 1e-12): a difference on the tensor's own scale.
+/// Largest |a − b| over the largest |b| (at least 1e-12): a difference on the tensor's own scale. A NaN
+/// on either side is an infinite difference (`f64::max` would drop it).
 fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1e-12f64, |m, v| m.max(v.abs() as f64));
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max) / scale
+    let diff = |(x, y): (&f32, &f32)| {
+        let d = (*x as f64 - *y as f64).abs();
+        if d.is_nan() { f64::INFINITY } else { d }
+    };
+    a.iter().zip(b).map(diff).fold(0.0, f64::max) / scale
 }
 
 #[test]
@@ -269,13 +275,15 @@ fn parity(scenario: Scenario<'_>) {
     drop(pixels);
     std::fs::write(dir.join("points.safetensors"), checkpoint::serialize(&points, HashMap::new()).unwrap())
         .unwrap();
-    // The student's stochastic depth, as our step draws it (seed, step, global-batch row, view), in the
-    // official call order: per run of same-size views, per block, attention branch then MLP branch.
     // DENSEDINO_PARITY_DEVICE=tch-cpu (a build with the `tch` feature): our side on LibTorch's CPU kernels
     // and our fused ops' LibTorch paths instead of flex.
     let spec = std::env::var("DENSEDINO_PARITY_DEVICE").unwrap_or_else(|_| "cpu".into());
     let device = spec.parse::<DeviceSpec>().and_then(DeviceSpec::device).expect("DENSEDINO_PARITY_DEVICE");
     println!("our side on {spec}");
+    // The student's stochastic depth, as our step draws it (seed, step, global-batch row, view), in the
+    // official call order: per run of same-size views, per block, attention branch then MLP branch. A
+    // kept DENSEDINO_PARITY_DIR may hold an earlier scenario's masks: they go first.
+    let _ = std::fs::remove_file(dir.join("drop.safetensors"));
     if cfg.model.drop_path_rate > 0.0 {
         let mut masks = Vec::new();
         let (mut dropped, mut draws) = (0usize, 0usize);
@@ -326,6 +334,8 @@ fn parity(scenario: Scenario<'_>) {
     std::fs::write(dir.join("meta.json"), meta.to_string()).unwrap();
     // The settings the official code cannot take from meta.json must be its defaults on our side too.
     assert!(!h.shared_ref_head && h.nlayers == 3);
+    let m = &cfg.model;
+    assert!(!m.detach_pos_embed && !m.sincos_pos_embed, "official_steps.py builds neither");
     assert_eq!((l.student_temp, l.center_momentum, o.betas, o.eps), (0.1, 0.9, (0.9, 0.999), 1e-8));
     assert!(l.use_global_loss && l.use_ref_loss);
 
