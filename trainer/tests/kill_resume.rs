@@ -114,12 +114,6 @@ fn epoch_records(run: &Path) -> usize {
     text.lines().filter(|l| l.contains("\"kind\":\"epoch\"")).count()
 }
 
-/// Step records in `metrics.jsonl`, a line cut by a kill excepted.
-fn steps_logged(run: &Path) -> usize {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
-    text.lines().filter(|l| l.contains("\"kind\":\"step\"") && l.ends_with('}')).count()
-}
-
 /// The `steps` of the last line of `metrics.jsonl` if that is a (whole) epoch record.
 fn last_epoch_end(run: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).ok()?;
@@ -248,7 +242,7 @@ fn random_sigkills_then_resume_give_the_history_and_weights_of_an_uninterrupted_
         let mut child = spawn(&dir, &log);
         let status = kill_on(&mut child, trigger, &run);
         if status.signal() == Some(9) {
-            kills.push((trigger, from, steps_logged(&run)));
+            kills.push((trigger, from, util::steps_logged(&run)));
             continue;
         }
         assert!(
@@ -338,11 +332,11 @@ fn sigterm_checkpoints_the_step_in_progress_and_the_resume_is_exact() {
     }
     let run = dir.join("runs/k");
     let mut stops = vec![];
-    while steps_logged(&run) + 6 < STEPS {
-        let before = steps_logged(&run);
+    while util::steps_logged(&run) + 6 < STEPS {
+        let before = util::steps_logged(&run);
         let mut child = spawn_with(&dir, &log, &extra);
         let t0 = Instant::now();
-        while steps_logged(&run) < before + 3 {
+        while util::steps_logged(&run) < before + 3 {
             assert!(t0.elapsed() < Duration::from_secs(120), "no steps: {}", log_text());
             assert!(child.try_wait().unwrap().is_none(), "ended before the signal: {}", log_text());
             std::thread::sleep(Duration::from_millis(2));
@@ -351,7 +345,7 @@ fn sigterm_checkpoints_the_step_in_progress_and_the_resume_is_exact() {
         assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(143), "{}", log_text());
-        let logged = steps_logged(&run);
+        let logged = util::steps_logged(&run);
         let newest = checkpoint::list(&run.join("checkpoints")).last().map_or(0, |c| c.0);
         assert_eq!(newest, logged, "the checkpoint holds the last step logged: {}", log_text());
         assert!(log_text().contains(&format!("stopped by SIGTERM after step {logged}")), "{}", log_text());

@@ -15,12 +15,6 @@ use std::time::{Duration, Instant};
 
 mod util;
 
-/// Step records whole in `metrics.jsonl` (a line cut by a kill excepted).
-fn steps_logged(run: &Path) -> usize {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
-    text.lines().filter(|l| l.ends_with('}') && l.contains("\"kind\":\"step\"")).count()
-}
-
 /// Starts the run (or resumes it once it has a config) and SIGKILLs it once `kill_at` steps are logged;
 /// `None` runs it to the end.
 fn run_until(dir: &Path, kill_at: Option<usize>) {
@@ -43,7 +37,7 @@ fn run_until(dir: &Path, kill_at: Option<usize>) {
             assert!(kill_at.is_none() && status.success(), "the trainer ended on its own: {status}");
             return;
         }
-        if kill_at.is_some_and(|n| steps_logged(&run) >= n) {
+        if kill_at.is_some_and(|n| util::steps_logged(&run) >= n) {
             child.kill().unwrap();
             child.wait().unwrap();
             return;

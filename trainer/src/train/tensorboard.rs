@@ -44,11 +44,10 @@ impl EventWriter {
     /// adds to the run (the k-NN at its end).
     pub fn create(run_dir: &Path, purge_from: Option<usize>) -> Result<Self> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let latest = std::fs::read_dir(run_dir)
-            .with_context(|| format!("listing {}", run_dir.display()))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name().to_str()?.strip_prefix(PREFIX)?.split('.').next()?.parse::<u64>().ok()
+        let latest = files(run_dir)
+            .iter()
+            .filter_map(|p| {
+                p.file_name()?.to_str()?.strip_prefix(PREFIX)?.split('.').next()?.parse::<u64>().ok()
             })
             .max();
         let seconds = latest.map_or(now.as_secs(), |t| now.as_secs().max(t + 1));

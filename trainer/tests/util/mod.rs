@@ -1,4 +1,4 @@
-//! What the trainer's end-to-end tests share: one tiny run.
+//! What the trainer's end-to-end tests share: one tiny run, and how far its history has come.
 
 use std::path::Path;
 
@@ -28,4 +28,11 @@ pub fn tiny_sets(dir: &Path, name: &str) -> Vec<String> {
         "head.bottleneck_dim=16".into(),
         "optim.warmup_epochs=1".into(),
     ]
+}
+
+/// Step records in `run/metrics.jsonl`, a line cut by a kill excepted.
+#[allow(dead_code)] // not every test binary that includes `util` watches a run's history
+pub fn steps_logged(run: &Path) -> usize {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    text.lines().filter(|l| l.contains("\"kind\":\"step\"") && l.ends_with('}')).count()
 }
