@@ -6,11 +6,15 @@
 #
 # PyTorch runs the official formulation: the literal (1+R+N)^2 masked attention of every block, where we
 # run the fused attention with the reference rows; the ratios include that saving.
-# DEVICE cpu: flex f32, tch-cpu f32 and bf16, PyTorch eager f32 and AMP bf16. Our binary keeps freed memory
+# DEVICE cpu: flex f32, tch-cpu f32, bf16 and fp16, PyTorch eager f32, AMP bf16 and AMP fp16 + GradScaler
+# (the official --use_fp16; on a CPU without native fp16 or bf16 the half rows run ~25x slower than f32
+# and take ~10 minutes each at 5 steps: ROWS picks rows; there both fp16 rows time steps from GradScaler's
+# first scale on, skipped ones included). Our binary keeps freed memory
 # (mimalloc, and glibc's malloc for LibTorch's tensors; trainer/src/main.rs); PyTorch runs twice in f32,
 # as installed and with the same glibc policy (GLIBC_TUNABLES), so both comparisons are on the table.
-# DEVICE cuda: tch on cuda:0 in f32 and bf16, PyTorch eager f32, AMP bf16 and AMP fp16 + GradScaler (the
-# official --use_fp16).
+# DEVICE cuda: tch on cuda:0 in f32, bf16 and fp16, PyTorch eager f32, AMP bf16 and AMP fp16 + GradScaler.
+# Both fp16 rows start at GradScaler's 2^16 and skip the steps that overflow until the scale has come
+# down; a skipped step saves AdamW's pass, so on CUDA they warm up for 20 steps first.
 # ROWS="flex-f32 torch-f32 torch-f32-same-malloc" runs only the rows named (all by default).
 # COUNT_OPS=1 adds the LibTorch ops of one step: PyTorch's from torch.profiler, ours from ltrace on the
 # entry points of LibTorch's operators (`at::_ops::*::call`, nested ones included, as the profiler counts
@@ -46,13 +50,16 @@ if [ "$DEVICE" = cpu ]; then
   run flex-f32 "$TRAINER" bench "${COMMON[@]}" --device cpu
   run tch-f32 "$TRAINER" bench "${COMMON[@]}" --device tch-cpu
   run tch-bf16 "$TRAINER" bench "${COMMON[@]}" --device tch-cpu --set run.precision=bf16
+  run tch-fp16 "$TRAINER" bench "${COMMON[@]}" --device tch-cpu --set run.precision=fp16
   run torch-f32 "$PY" "${TORCH[@]}"
   run torch-f32-same-malloc env GLIBC_TUNABLES=$SAME_MALLOC "$PY" "${TORCH[@]}"
   run torch-amp-bf16 "$PY" "${TORCH[@]}" --amp bf16
+  run torch-amp-fp16 "$PY" "${TORCH[@]}" --amp fp16
   TCH_DEVICE=tch-cpu
 else
   run tch-f32 "$TRAINER" bench "${COMMON[@]}" --device cuda:0
   run tch-bf16 "$TRAINER" bench "${COMMON[@]}" --device cuda:0 --set run.precision=bf16
+  run tch-fp16 "$TRAINER" bench "${MODEL[@]}" --steps "$STEPS" --warmup 20 --device cuda:0 --set run.precision=fp16
   run torch-f32 "$PY" "${TORCH[@]}"
   run torch-amp-bf16 "$PY" "${TORCH[@]}" --amp bf16
   # GradScaler starts at 2^16 and skips the steps that overflow until it has come down: warm it up.
@@ -81,7 +88,7 @@ def secs(name):
         return float(m.group(1)) if m else None
     except OSError:
         return None
-rows = [("flex f32", "flex-f32"), ("tch f32", "tch-f32"), ("tch bf16", "tch-bf16"),
+rows = [("flex f32", "flex-f32"), ("tch f32", "tch-f32"), ("tch bf16", "tch-bf16"), ("tch fp16", "tch-fp16"),
         ("PyTorch eager f32", "torch-f32"), ("PyTorch eager f32, our malloc policy", "torch-f32-same-malloc"),
         ("PyTorch AMP bf16", "torch-amp-bf16"), ("PyTorch AMP fp16 + GradScaler", "torch-amp-fp16")]
 batch = int(os.environ["BATCH"])

@@ -5,7 +5,8 @@
 # of our config only), and runs the scenario that must catch it. A mutant is "caught" when that scenario
 # fails on a comparison (drift, AdamW state), not on a crash, and only after the same scenario passed
 # without it. Prints one line per scenario and mutant and exits non-zero if any mutant got through. About
-# two to four minutes a run on two cores.
+# two to five minutes a run on two cores. The fp16 scenario runs our side on LibTorch (the `tch` feature,
+# LibTorch from scripts/libtorch.sh).
 #
 #   bench/parity_mutants.sh            # every mutant
 #   bench/parity_mutants.sh noclip     # the ones named
@@ -23,7 +24,12 @@ MUTANTS=(
   "our-norm-last-layer|every_switch_the_first_scenario_leaves_off_matches_the_official_loop|DENSEDINO_PARITY_MUTANT=head.norm_last_layer=true"
   "our-all-crop-ref-off|every_switch_the_first_scenario_leaves_off_matches_the_official_loop|DENSEDINO_PARITY_MUTANT=loss.use_all_crop_ref=false"
   "our-mask-eye|every_switch_the_first_scenario_leaves_off_matches_the_official_loop|DENSEDINO_PARITY_MUTANT=model.mask_mode=\"all2pos_pos2cls_eye\""
+  "scaler_noskip|fp16_with_overflows_matches_the_official_gradscaler|DENSEDINO_PARITY_OFFICIAL_MUTANT=scaler_noskip"
+  "scaler_count|fp16_with_overflows_matches_the_official_gradscaler|DENSEDINO_PARITY_OFFICIAL_MUTANT=scaler_count"
 )
+CAUGHT="drifted|AdamW step counts differ|tensors with AdamW state|loss scales or the skipped steps differ"
+eval "$(scripts/libtorch.sh)"
+features() { case $1 in fp16_*|bf16_*) echo "--features tch" ;; esac; }
 cargo build --release -p trainer --tests >/dev/null 2>&1 || { echo "build failed" >&2; exit 1; }
 selected=()
 for m in "${MUTANTS[@]}"; do
@@ -33,8 +39,9 @@ done
 # Each scenario once without a mutant first: one that already fails here would make every mutant look caught.
 for test in $(printf '%s\n' "${selected[@]}" | cut -d'|' -f2 | sort -u); do
   start=$(date +%s)
-  if ! DENSEDINO_PYTHON="$PY" cargo test --release -p trainer --test official_parity -- --ignored --nocapture \
-      --test-threads=1 --exact "$test" >/dev/null 2>&1; then
+  # shellcheck disable=SC2046
+  if ! DENSEDINO_PYTHON="$PY" cargo test --release -p trainer $(features "$test") --test official_parity -- \
+      --ignored --nocapture --test-threads=1 --exact "$test" >/dev/null 2>&1; then
     echo "baseline $test fails without a mutant: the mutants would prove nothing" >&2
     exit 2
   fi
@@ -45,12 +52,13 @@ for m in "${selected[@]}"; do
   IFS='|' read -r name test var <<<"$m"
   log=$(mktemp)
   start=$(date +%s)
-  env "$var" DENSEDINO_PYTHON="$PY" cargo test --release -p trainer --test official_parity -- --ignored \
-    --nocapture --test-threads=1 --exact "$test" >"$log" 2>&1
+  # shellcheck disable=SC2046
+  env "$var" DENSEDINO_PYTHON="$PY" cargo test --release -p trainer $(features "$test") --test official_parity \
+    -- --ignored --nocapture --test-threads=1 --exact "$test" >"$log" 2>&1
   rc=$?
-  why=$(grep -m1 -E "drifted|AdamW step counts differ|tensors with AdamW state" "$log" | sed 's/^.*panicked at [^:]*:[0-9]*:[0-9]*: *//')
+  why=$(grep -m1 -E "$CAUGHT" "$log" | sed 's/^.*panicked at [^:]*:[0-9]*:[0-9]*: *//')
   [ -n "$why" ] || why=$(grep -m1 -A1 "panicked at" "$log" | tail -1)
-  if [ $rc -ne 0 ] && grep -qE "drifted|AdamW step counts differ|tensors with AdamW state" "$log"; then
+  if [ $rc -ne 0 ] && grep -qE "$CAUGHT" "$log"; then
     verdict=caught
   else
     verdict="NOT CAUGHT (rc $rc)"; escaped=1

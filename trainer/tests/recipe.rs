@@ -127,7 +127,7 @@ fn the_positional_embeddings_cls_row_is_clipped_apart_from_its_patch_rows() {
     opt.step(
         &mut p,
         &grads,
-        StepOptions { lr: 0.01, weight_decay: 0.0, clip_grad: 3.0, freeze_last_layer: false },
+        StepOptions { lr: 0.01, weight_decay: 0.0, clip_grad: 3.0, freeze_last_layer: false, unscale: None },
     );
     let m = host(opt.state["backbone.pos_embed"].m.clone());
     let k = 3.0 / (5.0 + 1e-6);
@@ -163,7 +163,11 @@ fn adamw_first_step_matches_its_closed_form_and_decays_only_group_0() {
     let grads = loss.backward();
     let (lr, wd) = (0.01, 0.1);
     let mut opt = AdamW::default();
-    opt.step(&mut p, &grads, StepOptions { lr, weight_decay: wd, clip_grad: 0.0, freeze_last_layer: false });
+    opt.step(
+        &mut p,
+        &grads,
+        StepOptions { lr, weight_decay: wd, clip_grad: 0.0, freeze_last_layer: false, unscale: None },
+    );
     // Step 1: m̂ = g, v̂ = g², so θ ← θ(1 − lr·wd) − lr·g/(|g| + ε).
     let first =
         |t: f32, g: f32, wd: f64| t as f64 * (1.0 - lr * wd) - lr * g as f64 / (g.abs() as f64 + 1e-8);
@@ -349,4 +353,53 @@ fn the_two_losses_gradients_add_up_to_the_total_losss_gradient() {
     }
     let pos = parts.iter().find(|g| g.name == "backbone.pos_embed").expect("pos_embed");
     assert!(norm(&pos.cls) > 0.0 && norm(&pos.refs) > 0.0, "both losses reach the positional embedding");
+}
+
+/// A weight and a head's last layer.
+struct WithLastLayer {
+    w: Tensor<1>,
+    last: Tensor<1>,
+}
+impl Params for WithLastLayer {
+    fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
+        f(&format!("{prefix}fc.bias"), ParamMut::R1(&mut self.w));
+        f(&format!("{prefix}head.last_layer.weight_v"), ParamMut::R1(&mut self.last));
+    }
+}
+
+/// fp16's overflow check sees the frozen last layer exactly where the official loop's `scaler.unscale_`
+/// does: with a clip it runs before `cancel_gradients_last_layer`, so an overflow in the frozen layer
+/// alone skips the step; without a clip `scaler.step` unscales after the cancel, and the step goes on.
+#[test]
+fn an_overflow_in_the_frozen_last_layer_skips_the_step_only_with_a_clip() {
+    let dev = Device::flex().autodiff();
+    for (clip, steps) in [(3.0, false), (0.0, true)] {
+        let mut p = WithLastLayer {
+            w: params::param(vec![1.0; 2], [2], &dev),
+            last: params::param(vec![1.0; 2], [2], &dev),
+        };
+        // The scaled gradients: finite for the weight, past f32 for the last layer.
+        let g = |v: f32| Tensor::<1>::from_data(TensorData::new(vec![v, v], [2]), &dev);
+        let loss = (p.w.clone() * g(1024.0)).sum() + (p.last.clone() * g(3e38)).sum().mul_scalar(4.0);
+        let grads = loss.backward();
+        let mut opt = AdamW::default();
+        let o = StepOptions {
+            lr: 0.01,
+            weight_decay: 0.0,
+            clip_grad: clip,
+            freeze_last_layer: true,
+            unscale: Some(1.0 / 1024.0),
+        };
+        assert_eq!(opt.step(&mut p, &grads, o), steps, "clip {clip}");
+        assert_eq!(host(p.last.clone()), [1.0, 1.0], "clip {clip}: the frozen layer moved");
+        let w = host(p.w.clone());
+        if steps {
+            // The unscaled gradient is 1: AdamW's first step moves by lr.
+            assert!(w.iter().all(|&x| (x as f64 - 0.99).abs() < 1e-6), "clip {clip}: {w:?}");
+            assert_eq!(opt.state.keys().collect::<Vec<_>>(), ["fc.bias"]);
+        } else {
+            assert_eq!(w, [1.0, 1.0], "a skipped step moved the weight");
+            assert!(opt.state.is_empty(), "a skipped step made AdamW state");
+        }
+    }
 }

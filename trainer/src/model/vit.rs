@@ -166,17 +166,21 @@ impl VitConfig {
     }
 }
 
-/// The dtype matmuls and convolutions compute in (`run.precision`), as `torch.autocast` splits it: with
-/// `Bf16` the linear layers, the patch convolution, attention and the head's last matmul run in bf16 on
-/// bf16 casts of f32 master weights, while LayerNorm, the residual stream, the L2 and weight
-/// normalisations, softmax, the loss and the centers stay f32. Gradients reach the f32 weights through the
-/// casts. LibTorch only: flex would emulate bf16 in f32, slower than f32 itself.
+/// The dtype matmuls and convolutions compute in (`run.precision`), as `torch.autocast` splits it on CUDA:
+/// with `Bf16` or `Fp16` the linear layers, the patch convolution, attention and the head's last matmul
+/// run in that dtype on casts of the f32 master weights, while LayerNorm, the residual stream, the L2 and
+/// weight normalisations, softmax, the loss and the centers stay f32. Gradients reach the f32 weights
+/// through the casts. `Fp16` also scales the loss ([`crate::train::scaler`]). LibTorch only: flex would
+/// emulate both in f32, slower than f32 itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
     #[default]
     F32,
     Bf16,
+    /// `"fp16"` (the official `--use_fp16`), or `"f16"`.
+    #[serde(rename = "fp16", alias = "f16")]
+    Fp16,
 }
 
 impl std::fmt::Display for Precision {
@@ -184,6 +188,7 @@ impl std::fmt::Display for Precision {
         f.write_str(match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
         })
     }
 }
@@ -194,6 +199,7 @@ impl Precision {
         match self {
             Precision::F32 => x,
             Precision::Bf16 => x.cast(DType::BF16),
+            Precision::Fp16 => x.cast(DType::F16),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Checkpoints: one safetensors file per save holding the student, the teacher, AdamW's moments, both
-//! centers, and (as string metadata) the step, the loader cursor, the per-tensor AdamW step counts and the
-//! resolved config. That is the whole state: every random draw derives from (seed, step), so no RNG state
-//! needs saving.
+//! centers, and (as string metadata) the step, the loader cursor, the per-tensor AdamW step counts, fp16's
+//! loss-scaler state and the resolved config. That is the whole state: every random draw derives from
+//! (seed, step), so no RNG state needs saving.
 //!
 //! Crash safety: a checkpoint is written to `*.partial`, flushed to disk, then renamed; a reader never
 //! sees a half-written file under the final name, and `latest` skips anything that does not parse. The
@@ -20,6 +20,7 @@ use crate::model::params::{self, host};
 use crate::train::config::{RunConfig, TrainConfig};
 use crate::train::data::DataIdentity;
 use crate::train::optim::AdamState;
+use crate::train::scaler::GradScaler;
 use crate::train::step::Trainer;
 
 const FORMAT: &str = "densedino-checkpoint/1";
@@ -88,6 +89,9 @@ pub fn save(dir: &Path, trainer: &mut Trainer, meta: &Meta, keep: usize) -> Resu
     ]);
     if let Some(data) = &meta.data {
         info.insert("data".to_string(), serde_json::to_string(data)?);
+    }
+    if let Some(scaler) = &trainer.scaler {
+        info.insert("grad_scaler".to_string(), serde_json::to_string(scaler)?);
     }
     let le: Vec<std::borrow::Cow<[u8]>> = tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
     let sum = digest(tensors.iter().zip(&le).map(|((n, d, _), b)| (n.as_str(), d.as_slice(), &b[..])), &info);
@@ -424,6 +428,15 @@ pub fn restore(trainer: &mut Trainer, bytes: &[u8]) -> Result<Meta> {
     let ref_center =
         map.get("loss.ref_center").ok_or_else(|| anyhow!("checkpoint lacks loss.ref_center"))?.1.clone();
     trainer.loss.set_centers(center, ref_center, &device);
+    // fp16: the scale and its tracker go on where they were (the constants are the run's, which may have
+    // changed on resume). A checkpoint of an f32 or bf16 run resumed in fp16 starts a fresh scaler.
+    let stored = header.metadata().as_ref().and_then(|m| m.get("grad_scaler").cloned());
+    if let (Some(scaler), Some(stored)) = (trainer.scaler.as_mut(), stored) {
+        let stored: GradScaler =
+            serde_json::from_str(&stored).context("reading the checkpoint's grad_scaler state")?;
+        (scaler.scale, scaler.growth_tracker, scaler.skipped) =
+            (stored.scale, stored.growth_tracker, stored.skipped);
+    }
     trainer.it = meta.it;
     Ok(meta)
 }

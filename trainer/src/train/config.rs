@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::head::HeadConfig;
 use crate::model::vit::{Precision, VitConfig};
 use crate::train::loss::LossConfig;
+use crate::train::scaler::GradScalerConfig;
 use crate::train::step::OptimConfig;
 
 /// The embedded default: the CPU demo (`cargo run --release -p trainer` with no arguments).
@@ -37,11 +38,17 @@ pub struct RunConfig {
     pub max_steps: usize,
     /// `cpu` (burn's flex backend), `tch-cpu`, or `cuda:N` (LibTorch; the `tch` feature).
     pub device: DeviceSpec,
-    /// `f32`, or `bf16`: mixed precision as `torch.autocast` does it (matmuls, convolutions and attention
-    /// in bf16; f32 master weights, optimiser state, LayerNorm, softmax, loss and centers). LibTorch
-    /// devices only (`tch-cpu` is fast with AVX-512 BF16 or AMX; `cuda:N` with tensor cores).
+    /// `f32`, `bf16` or `fp16`: mixed precision as `torch.autocast` does it on CUDA (matmuls, convolutions
+    /// and attention in bf16 or fp16; f32 master weights, optimiser state, LayerNorm, softmax, loss and
+    /// centers). `fp16` is the official code's `--use_fp16` (its default), with a dynamic loss scale
+    /// (`grad_scaler`); it is for GPUs without bf16 (V100, T4, RTX 20xx) and for comparisons with official
+    /// fp16 runs. LibTorch devices only (`cuda:N` with tensor cores; on `tch-cpu` both are fast only with
+    /// AVX-512 BF16/FP16 or AMX).
     #[serde(default)]
     pub precision: Precision,
+    /// fp16's loss scale (PyTorch's `GradScaler`; its defaults are the official code's).
+    #[serde(default)]
+    pub grad_scaler: GradScalerConfig,
     /// Checkpoint every N steps (0: only at epoch ends), keeping the last `keep_checkpoints`.
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
@@ -293,6 +300,7 @@ impl TrainConfig {
                 max_steps: 0,
                 device: DeviceSpec::Cpu,
                 precision: Precision::F32,
+                grad_scaler: GradScalerConfig::default(),
                 checkpoint_every: 0,
                 keep_checkpoints: 3,
                 log_every: 10,
@@ -322,6 +330,7 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.views.validate()?;
         self.model.validate()?;
+        self.run.grad_scaler.validate()?;
         let (r, d, h, l, o) = (&self.run, &self.data, &self.head, &self.loss, &self.optim);
         for (key, v) in [
             ("run.epochs", r.epochs),

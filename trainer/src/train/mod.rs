@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod optim;
 pub mod report;
 pub mod run;
+pub mod scaler;
 pub mod schedule;
 pub mod step;
 pub mod tensorboard;

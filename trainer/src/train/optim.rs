@@ -56,6 +56,9 @@ pub struct StepOptions {
     pub clip_grad: f64,
     /// Epoch < `freeze_last_layer`: the last layers get no gradient at all.
     pub freeze_last_layer: bool,
+    /// fp16's loss scale: the gradients carry it, and are multiplied by this (`1 / scale`) before the
+    /// clip; a non-finite one skips the step ([`crate::train::scaler`]). `None`: unscaled gradients.
+    pub unscale: Option<f32>,
 }
 
 pub struct AdamState {
@@ -94,21 +97,41 @@ impl AdamW {
     ///
     /// One multi-tensor kernel: [`multi_tensor::adamw`] where the values live in host memory (flex,
     /// LibTorch on the CPU), [`crate::fused::tch::adamw`] over flat buffers elsewhere (CUDA).
-    pub fn step(&mut self, model: &mut dyn Params, grads: &Gradients, o: StepOptions) {
-        self.step_across(&World::single(), model, grads, o);
+    pub fn step(&mut self, model: &mut dyn Params, grads: &Gradients, o: StepOptions) -> bool {
+        self.step_across(&World::single(), model, grads, o)
     }
 
     /// The same with the gradients averaged over the ranks of `world` first (DDP's all-reduce, before
     /// the clip as in the official code). The frozen last layer is left out on every rank alike.
-    pub fn step_across(&mut self, world: &World, model: &mut dyn Params, grads: &Gradients, o: StepOptions) {
+    ///
+    /// With `o.unscale` (fp16) the gradients are unscaled first and the step is skipped when any of them
+    /// is not finite; returns whether it stepped. Which gradients that check sees follows the official
+    /// loop, where `scaler.unscale_` reads every gradient present when it runs: with a clip it runs
+    /// before `cancel_gradients_last_layer`, so a frozen last layer's overflow skips the step too;
+    /// without one `scaler.step` unscales after the cancel, and the frozen layer is not looked at.
+    pub fn step_across(
+        &mut self,
+        world: &World,
+        model: &mut dyn Params,
+        grads: &Gradients,
+        o: StepOptions,
+    ) -> bool {
+        let checks_frozen = o.unscale.is_some() && o.clip_grad > 0.0;
         let mut updates = Vec::new();
+        // Gradients that only the overflow check reads (the frozen last layer, see above).
+        let mut frozen = Vec::new();
         model.visit("", &mut |name, p: ParamMut<'_>| {
-            if o.freeze_last_layer && is_last_layer(name) {
+            let is_frozen = o.freeze_last_layer && is_last_layer(name);
+            if is_frozen && !checks_frozen {
                 return;
             }
             let Some(grad) = p.grad_flat(grads) else {
                 return;
             };
+            if is_frozen {
+                frozen.push(grad);
+                return;
+            }
             let weight_decay = if is_decayed(name, p.rank()) { o.weight_decay } else { 0.0 };
             let split = clip_split(name, &p.dims());
             updates.push(Update {
@@ -120,10 +143,22 @@ impl AdamW {
             });
         });
         if !world.alone() {
-            let mut g: Vec<Tensor<1>> = updates.iter().map(|u| u.grad.clone()).collect();
+            let mut g: Vec<Tensor<1>> =
+                updates.iter().map(|u| u.grad.clone()).chain(frozen.clone()).collect();
             crate::dist::must(world.average(&mut g));
+            frozen = g.split_off(updates.len());
             for (u, g) in updates.iter_mut().zip(g) {
                 u.grad = g;
+            }
+        }
+        if let Some(inv) = o.unscale {
+            let mut g: Vec<Tensor<1>> = updates.iter().map(|u| u.grad.clone()).chain(frozen).collect();
+            let finite = unscale(&mut g, inv);
+            for (u, g) in updates.iter_mut().zip(g) {
+                u.grad = g;
+            }
+            if !finite {
+                return false;
             }
         }
         for u in &updates {
@@ -148,6 +183,7 @@ impl AdamW {
             }
         });
         assert!(pending.next().is_none(), "AdamW: the model's parameters changed during the step");
+        true
     }
 
     /// The multi-tensor step over host memory; `None` (nothing changed) when some tensor is elsewhere.
@@ -255,6 +291,35 @@ impl AdamW {
         }
         out
     }
+}
+
+/// `g ← g · inv` for every gradient; whether all of them were finite before (as
+/// `torch._amp_foreach_non_finite_check_and_unscale_` tests the scaled values). In host memory one pass per
+/// tensor; elsewhere (CUDA) a multiply per tensor and one read of every tensor's largest magnitude (`max`
+/// carries a NaN through on LibTorch).
+fn unscale(grads: &mut [Tensor<1>], inv: f32) -> bool {
+    let hosts: Option<Vec<Host>> = grads.iter().map(|g| Host::new(g.clone())).collect();
+    if let Some(hosts) = hosts {
+        let mut finite = true;
+        for (g, h) in grads.iter_mut().zip(&hosts) {
+            let mut out = h.output(h.slice().len());
+            for (o, &x) in out.slice_mut().iter_mut().zip(h.slice()) {
+                finite &= x.is_finite();
+                *o = x * inv;
+            }
+            *g = out.into_tensor();
+        }
+        return finite;
+    }
+    let largest: Vec<Tensor<1>> = grads
+        .iter_mut()
+        .map(|g| {
+            let largest = g.clone().abs().max();
+            *g = g.clone().mul_scalar(inv);
+            largest
+        })
+        .collect();
+    largest.is_empty() || crate::model::params::host(Tensor::cat(largest, 0)).iter().all(|v| v.is_finite())
 }
 
 /// `θ_t ← m·θ_t + (1−m)·θ_s` over every (student, teacher) pair, backbone and heads: one multi-tensor

@@ -218,8 +218,12 @@ impl EpochAccumulator {
 /// The one-line summary of a step.
 fn stats_line(m: &StepMetrics, images_per_s: f64, step_time: f64, wait_fraction: f64) -> String {
     let part = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    let scale = match (m.loss_scale, m.skipped_steps) {
+        (Some(scale), Some(skipped)) => format!(" scale {scale} ({skipped} skipped)"),
+        _ => String::new(),
+    };
     format!(
-        "ep {} it {} loss {:.4} (cls {} ref {}) lr {:.2e} wd {:.3} mom {:.5} T {:.3} H {:.2} | {:.1} img/s, \
+        "ep {} it {} loss {:.4} (cls {} ref {}) lr {:.2e} wd {:.3} mom {:.5} T {:.3} H {:.2}{scale} | {:.1} img/s, \
          {:.3} s/step, data wait {:.0}%",
         m.epoch,
         m.it,

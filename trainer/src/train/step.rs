@@ -18,6 +18,7 @@ use crate::model::{DenseDino, Logits};
 use crate::train::config::TrainConfig;
 use crate::train::loss::{DenseDinoLoss, Layout, LossConfig, LossOutput};
 use crate::train::optim::{self, AdamW, StepOptions};
+use crate::train::scaler::GradScaler;
 use crate::train::schedule::Cosine;
 
 /// The optimisation recipe of DINO; every default is `main_dino.py`'s.
@@ -99,6 +100,12 @@ pub struct StepMetrics {
     /// Entropy of the batch-mean teacher target (near 0: every sample on one prototype, the other collapse).
     /// Data-parallel: each rank's batch, averaged over the ranks, like every number here.
     pub teacher_batch_entropy: f64,
+    /// fp16: the loss scale this step's backward ran with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// fp16: the steps skipped for a non-finite gradient since the run began, this one included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
 }
 
 /// One student parameter's gradient from each loss, as it enters the step's total (host values).
@@ -124,6 +131,8 @@ pub struct Trainer {
     pub it: usize,
     /// The job this trainer is one rank of: its batches are its slice of the global batch.
     pub world: Arc<World>,
+    /// fp16's loss scale (`None` in f32 and bf16).
+    pub scaler: Option<GradScaler>,
 }
 
 /// How far the teacher has come from its random initialisation.
@@ -197,23 +206,24 @@ impl Trainer {
             schedules,
             it: 0,
             world: Arc::new(World::single()),
+            scaler: None,
         }
     }
 
     /// The trainer `cfg` describes on the plain device `device` (student and teacher equal, fresh
     /// optimiser and centers).
     pub fn from_config(cfg: &TrainConfig, schedules: Schedules, device: &Device) -> Result<Self> {
-        if cfg.run.precision == Precision::Bf16
-            && matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
-        {
+        let p = cfg.run.precision;
+        if p != Precision::F32 && matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_)) {
             bail!(
-                "run.precision = \"bf16\" needs a LibTorch device (tch-cpu or cuda:N): the flex backend computes \
-                 bf16 through f32 and would be slower than f32"
+                "run.precision = \"{p}\" needs a LibTorch device (tch-cpu or cuda:N): the flex backend computes \
+                 {p} through f32 and would be slower than f32"
             );
         }
         let mut t = Self::new(&cfg.model, &cfg.head, &cfg.loss, &cfg.optim, schedules, cfg.run.seed, device);
-        t.student.set_precision(cfg.run.precision);
-        t.teacher.set_precision(cfg.run.precision);
+        t.student.set_precision(p);
+        t.teacher.set_precision(p);
+        t.scaler = (p == Precision::Fp16).then(|| GradScaler::new(&cfg.run.grad_scaler));
         Ok(t)
     }
 
@@ -253,14 +263,18 @@ impl Trainer {
     pub fn loss_gradients(&mut self, batch: &Batch) -> Option<Vec<LossGradients>> {
         let temp = self.loss.cfg.teacher_temp_at(batch.epoch as usize);
         let alpha = self.loss.cfg.alpha;
+        // fp16: through the loss scale as the step, or the small gradients would flush to zero.
+        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+        let inv = self.scaler.as_ref().map_or(1.0, GradScaler::inv_scale);
         let mut grads_of = |cls: bool| {
             let (out, _, _) = self.forward(batch, temp);
             let loss = if cls { out.cls?.mul_scalar(alpha) } else { out.refs?.mul_scalar(1.0 - alpha) };
-            let grads = loss.backward();
+            let grads = loss.mul_scalar(scale).backward();
             let mut by_name = std::collections::HashMap::new();
             self.student.visit("", &mut |name, p| {
                 if let Some(g) = p.grad_flat(&grads) {
-                    by_name.insert(name.to_string(), host(optim::plain(g)));
+                    let g: Vec<f32> = host(optim::plain(g)).into_iter().map(|v| v * inv).collect();
+                    by_name.insert(name.to_string(), g);
                 }
             });
             Some(by_name)
@@ -284,8 +298,10 @@ impl Trainer {
     }
 
     /// One optimisation step on `batch`. Returns `Err` with the metrics when the loss is not finite; nothing
-    /// was updated then (the official code exits at that point).
-    pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, StepMetrics> {
+    /// was updated then (the official code exits at that point). With fp16's scaler, a step whose scaled
+    /// gradients overflowed leaves the student and AdamW as they were and still moves the teacher, the
+    /// centers and the schedules' index, as the official loop does around `scaler.step`.
+    pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, Box<StepMetrics>> {
         let it = self.it;
         // The data's epoch, as the official loop variable (an epoch may run short of iters_per_epoch when
         // bad images were skipped; the schedules stay indexed by the global iteration).
@@ -318,19 +334,31 @@ impl Trainer {
             teacher_temp: temp,
             teacher_entropy: v[n - 2],
             teacher_batch_entropy: v[n - 1],
+            loss_scale: self.scaler.as_ref().map(|s| s.scale as f64),
+            skipped_steps: None,
         };
         if !metrics.loss.is_finite() {
-            return Err(metrics);
+            return Err(Box::new(metrics));
         }
 
-        let grads = out.total.backward();
+        // fp16: the backward runs on the loss times the scale (a power of two: exact in f32).
+        let grads = match &self.scaler {
+            Some(s) => out.total.mul_scalar(s.scale).backward(),
+            None => out.total.backward(),
+        };
         let opts = StepOptions {
             lr,
             weight_decay: wd,
             clip_grad: self.optim_cfg.clip_grad,
             freeze_last_layer: epoch < self.optim_cfg.freeze_last_layer,
+            unscale: self.scaler.as_ref().map(GradScaler::inv_scale),
         };
-        self.optim.step_across(&self.world, &mut self.student, &grads, opts);
+        let stepped = self.optim.step_across(&self.world, &mut self.student, &grads, opts);
+        let mut metrics = metrics;
+        if let Some(s) = &mut self.scaler {
+            s.update(!stepped);
+            metrics.skipped_steps = Some(s.skipped);
+        }
         optim::ema_update(&mut self.teacher, &mut self.student, momentum);
         self.loss.update_centers_across(&self.world, teacher_out.cls, teacher_out.refs, layout);
         self.it += 1;
