@@ -397,6 +397,7 @@ fn parity(scenario: Scenario<'_>) {
     // Ours.
     let mut ours = Vec::new();
     let mut our_scales = Vec::new(); // fp16: (the step's scale, skipped)
+    let mut skipped_before = 0;
     for (s, batch) in batches.iter().enumerate() {
         if s % 10 == 0 {
             eprintln!("ours: step {s} of {}", batches.len());
@@ -405,8 +406,8 @@ fn parity(scenario: Scenario<'_>) {
         let (center, ref_center) = trainer.loss.centers_to_host();
         ours.push(([m.loss, m.cls_loss.unwrap(), m.ref_loss.unwrap()], center, ref_center));
         if let (Some(scale), Some(skipped)) = (m.loss_scale, m.skipped_steps) {
-            let before = our_scales.iter().filter(|(_, s)| *s).count() as u64;
-            our_scales.push((scale, skipped > before));
+            our_scales.push((scale, skipped > skipped_before));
+            skipped_before = skipped;
         }
     }
     let mut mine = write_wrapper(&mut trainer.student, "student.", &dir.join("student.safetensors"));

@@ -434,8 +434,7 @@ pub fn restore(trainer: &mut Trainer, bytes: &[u8]) -> Result<Meta> {
     if let (Some(scaler), Some(stored)) = (trainer.scaler.as_mut(), stored) {
         let stored: GradScaler =
             serde_json::from_str(&stored).context("reading the checkpoint's grad_scaler state")?;
-        (scaler.scale, scaler.growth_tracker, scaler.skipped) =
-            (stored.scale, stored.growth_tracker, stored.skipped);
+        *scaler = GradScaler { cfg: scaler.cfg.clone(), ..stored };
     }
     trainer.it = meta.it;
     Ok(meta)

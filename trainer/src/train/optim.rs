@@ -142,18 +142,13 @@ impl AdamW {
                 split,
             });
         });
-        if !world.alone() {
-            let mut g: Vec<Tensor<1>> =
-                updates.iter().map(|u| u.grad.clone()).chain(frozen.clone()).collect();
-            crate::dist::must(world.average(&mut g));
-            frozen = g.split_off(updates.len());
-            for (u, g) in updates.iter_mut().zip(g) {
-                u.grad = g;
-            }
-        }
-        if let Some(inv) = o.unscale {
+        if !world.alone() || o.unscale.is_some() {
+            // Every gradient the step reads, the frozen ones (read by the overflow check only) last.
             let mut g: Vec<Tensor<1>> = updates.iter().map(|u| u.grad.clone()).chain(frozen).collect();
-            let finite = unscale(&mut g, inv);
+            if !world.alone() {
+                crate::dist::must(world.average(&mut g));
+            }
+            let finite = o.unscale.is_none_or(|inv| unscale(&mut g, inv));
             for (u, g) in updates.iter_mut().zip(g) {
                 u.grad = g;
             }

@@ -57,9 +57,12 @@ impl GradScalerConfig {
     }
 }
 
-/// The scaler's state: what a checkpoint keeps so that a resumed run scales as the uninterrupted one.
+/// The scaler: its constants (the run's config) and its state, which is what a checkpoint keeps so that a
+/// resumed run scales as the uninterrupted one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GradScaler {
+    /// Not stored: a resumed run takes its constants from its config, which may have changed.
+    #[serde(skip)]
     pub cfg: GradScalerConfig,
     /// The current scale, an f32 as PyTorch keeps it (`_scale`).
     pub scale: f32,

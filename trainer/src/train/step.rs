@@ -264,16 +264,21 @@ impl Trainer {
         let temp = self.loss.cfg.teacher_temp_at(batch.epoch as usize);
         let alpha = self.loss.cfg.alpha;
         // fp16: through the loss scale as the step, or the small gradients would flush to zero.
-        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-        let inv = self.scaler.as_ref().map_or(1.0, GradScaler::inv_scale);
+        let scale = self.scaler.as_ref().map(|s| (s.scale, s.inv_scale()));
         let mut grads_of = |cls: bool| {
             let (out, _, _) = self.forward(batch, temp);
             let loss = if cls { out.cls?.mul_scalar(alpha) } else { out.refs?.mul_scalar(1.0 - alpha) };
-            let grads = loss.mul_scalar(scale).backward();
+            let grads = match scale {
+                Some((s, _)) => loss.mul_scalar(s).backward(),
+                None => loss.backward(),
+            };
             let mut by_name = std::collections::HashMap::new();
             self.student.visit("", &mut |name, p| {
                 if let Some(g) = p.grad_flat(&grads) {
-                    let g: Vec<f32> = host(optim::plain(g)).into_iter().map(|v| v * inv).collect();
+                    let mut g = host(optim::plain(g));
+                    if let Some((_, inv)) = scale {
+                        g.iter_mut().for_each(|v| *v *= inv);
+                    }
                     by_name.insert(name.to_string(), g);
                 }
             });
@@ -322,7 +327,7 @@ impl Trainer {
         let v: Vec<f64> = v.into_iter().map(|x| f64::from(x) / self.world.size as f64).collect();
         let (has_cls, has_ref) = (out.cls.is_some(), out.refs.is_some());
         let n = v.len();
-        let metrics = StepMetrics {
+        let mut metrics = StepMetrics {
             it,
             epoch,
             loss: v[0],
@@ -354,7 +359,6 @@ impl Trainer {
             unscale: self.scaler.as_ref().map(GradScaler::inv_scale),
         };
         let stepped = self.optim.step_across(&self.world, &mut self.student, &grads, opts);
-        let mut metrics = metrics;
         if let Some(s) = &mut self.scaler {
             s.update(!stepped);
             metrics.skipped_steps = Some(s.skipped);
