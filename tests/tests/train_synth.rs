@@ -7,8 +7,10 @@ use loader::{LoaderOptions, start};
 use shard::synth::{SynthOptions, synth};
 use trainer::model::head::HeadConfig;
 use trainer::model::vit::{MaskMode, VitConfig};
-use trainer::train::loss::LossConfig;
-use trainer::train::step::{OptimConfig, Schedules, Trainer};
+use trainer::recipe::loss::LossConfig;
+use trainer::recipe::optim::OptimConfig;
+use trainer::recipe::schedule::Schedules;
+use trainer::recipe::step::Trainer;
 
 #[test]
 fn a_short_cpu_run_lowers_the_loss_without_collapse() {

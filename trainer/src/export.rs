@@ -17,9 +17,10 @@ use burn::tensor::Device;
 use common::Cursor;
 
 use crate::model::params::{self, Params};
-use crate::train::checkpoint::{self, Meta};
-use crate::train::config::TrainConfig;
-use crate::train::step::{Schedules, Trainer};
+use crate::recipe::config::TrainConfig;
+use crate::recipe::schedule::Schedules;
+use crate::recipe::step::Trainer;
+use crate::run::checkpoint::{self, Meta};
 
 pub use crate::model::params::Named;
 
@@ -214,7 +215,7 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) ->
     }
     let device = Device::flex();
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1, cfg.run.batch_size);
-    let mut trainer = Trainer::from_config(cfg, schedules, &device)?;
+    let mut trainer = Trainer::from_config(cfg, schedules, &device, &Default::default())?;
     // `import` has stripped `backbone.`: backbone tensors sit at the top level, heads under their prefix.
     let get = |n: &str| named.get(n).cloned();
     let load_side = |model: &mut crate::model::DenseDino, dev: &burn::tensor::Device| -> Result<()> {
@@ -236,7 +237,7 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) ->
     let meta = Meta { it: 0, cursor: Cursor::default(), config: cfg.clone(), world_size: 1, data: None };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // Held until the import is written: a trainer running in `out` is never pulled from under itself.
-    let _lock = crate::train::run::lock_run(out)?;
+    let _lock = crate::run::lock_run(out)?;
     if holds_run {
         // Only now, with the new weights read and loaded: a failed import leaves the old run as it was.
         for f in &run_files {
@@ -248,7 +249,7 @@ pub fn import_run(cfg: &TrainConfig, weights: &Path, out: &Path, force: bool) ->
         for plot in ["loss.png", "schedules.png", "entropy.png"] {
             let _ = std::fs::remove_file(out.join(plot)); // drawn from the metrics just removed
         }
-        for events in crate::train::tensorboard::files(out) {
+        for events in crate::run::tensorboard::files(out) {
             let _ = std::fs::remove_file(events); // the same history, as TensorBoard shows it
         }
     }

@@ -8,15 +8,20 @@
 //! - [`fused`]: the fused ops the model and the loss run on (LayerNorm, attention with reference rows,
 //!   DINO's cross-entropy, each with its own backward pass) and the optimiser's multi-tensor kernels, on
 //!   flex and on LibTorch.
-//! - [`train`]: how a network is trained. The config ([`train::config`]), the dual loss and its centers
-//!   ([`train::loss`]), the schedules, AdamW and the EMA teacher ([`train::schedule`], [`train::optim`]),
-//!   one step ([`train::step`]), and around it the run: data ([`train::data`]), the loop ([`train::run`]),
-//!   what it reports ([`train::report`], [`train::metrics`]), checkpoints ([`train::checkpoint`]), and the
-//!   step's benchmark ([`train::bench`]).
+//! - [`recipe`]: how a network is trained, one step of it. The config ([`recipe::config`]), the dual loss
+//!   and its centers ([`recipe::loss`]), the schedules ([`recipe::schedule`]), AdamW, the EMA teacher and
+//!   their config ([`recipe::optim`]), fp16's loss scale ([`recipe::scaler`]), and the step itself
+//!   ([`recipe::step`]), which reads like the body of DINO's `train_one_epoch`.
+//! - [`run`]: the run around the recipe, which reads like DINO's `train_dino`: its folder (fresh, resumed or
+//!   branched), the data ([`run::data`]), the loop, what it reports ([`run::report`], [`run::metrics`],
+//!   [`run::tensorboard`]), checkpoints ([`run::checkpoint`]), stop signals, and the step's benchmark
+//!   ([`run::bench`]).
 //! - [`eval`]: what a trained backbone is worth: k-NN, the linear segmentation probe ([`eval::seg`]),
 //!   attention maps ([`eval::attention`]).
 //! - [`export`]: the official DINO/timm weight layout, out and in.
-//! - [`dist`]: data parallelism: the job's ranks and their collectives (Open MPI on the CPU).
+//! - [`parallel`]: data parallelism: the job's ranks, how they were launched (mpirun, srun, torchrun, or
+//!   `--nproc-per-node`), and their collectives: Open MPI or a TCP rendezvous store for the control plane,
+//!   NCCL on CUDA and Open MPI on the host for the tensors.
 //!
 //! burn 0.22's tensors carry no backend generic: the `Device` picks the backend at run time and autodiff is
 //! `device.autodiff()`. The student's parameters live on the autodiff device; the teacher, the centers and
@@ -26,9 +31,10 @@
 //! Errors: this crate is the application, so it reports with `anyhow` and a context that names the file or
 //! the setting; the library crates below it (`common`, `shard`, `loader`) return typed errors.
 
-pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod fused;
 pub mod model;
-pub mod train;
+pub mod parallel;
+pub mod recipe;
+pub mod run;

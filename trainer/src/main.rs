@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use anyhow::Result;
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
-use trainer::dist::World;
 use trainer::eval::seg::SegDataset;
 use trainer::model::vit::Vit;
-use trainer::train::config::{DeviceSpec, TrainConfig};
-use trainer::train::run::{self, RunOptions, Start};
+use trainer::parallel::World;
+use trainer::recipe::config::{DeviceSpec, TrainConfig};
+use trainer::run::{self, RunOptions, Start};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -23,8 +23,8 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// `trainer train`'s options (the demo: all defaults).
-#[derive(clap::Args, Default)]
+/// `trainer train`'s options (`trainer` alone runs the demo: `TrainArgs::default()`, the embedded config).
+#[derive(clap::Args)]
 struct TrainArgs {
     /// A TOML config (see configs/); without it, the embedded CPU demo.
     #[arg(long)]
@@ -49,6 +49,20 @@ struct TrainArgs {
     /// run.batch_size images per step. Other launches: `mpirun -n N trainer train ...`, `srun` (README).
     #[arg(long, value_name = "N", default_value_t = 1)]
     nproc_per_node: usize,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        Self {
+            config: None,
+            sets: Vec::new(),
+            resume: None,
+            branch: None,
+            device: None,
+            quiet: false,
+            nproc_per_node: 1,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -277,7 +291,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    let demo = Command::Train(TrainArgs { nproc_per_node: 1, ..Default::default() });
+    let demo = Command::Train(TrainArgs::default());
     let result = match cli.command.unwrap_or(demo) {
         Command::Train(args) if args.nproc_per_node == 1 => train(args),
         Command::Train(args) => spawn_local_ranks(&args),
@@ -342,7 +356,7 @@ fn keep_freed_memory() {
 fn train(args: TrainArgs) -> Result<()> {
     let TrainArgs { config, sets, resume, branch, device, quiet, .. } = args;
     // Before MPI's start-up: SIGUSR1 (a stop forwarded by mpirun) would otherwise end the process.
-    run::stop_on_signals(true)?;
+    run::stop::install(true)?;
     let start = match resume {
         Some(from) => {
             if config.is_some() {
@@ -356,42 +370,10 @@ fn train(args: TrainArgs) -> Result<()> {
         None => Start::Fresh(TrainConfig::load(config.as_deref(), &sets)?),
     };
     let world = std::sync::Arc::new(World::from_env()?);
-    if !world.alone() {
-        // A panic on one rank (a failed collective, an out-of-memory GPU) must end the job: unwinding would
-        // finalise MPI or NCCL while the other ranks wait in a collective for this one.
-        let w = world.clone();
-        let report = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            report(info);
-            eprintln!("rank {} of {} panicked: ending the job", w.rank, w.size);
-            w.abort(101);
-        }));
-    }
-    let summary = match run::train(start, &RunOptions { device, quiet, world: world.clone() }) {
-        Ok(s) => s,
-        // Every rank stopped after the same step (they agree on it), the checkpoint written: leave
-        // through MPI_Finalize like a finished run.
-        Err(e) if e.downcast_ref::<run::Interrupted>().is_some() => {
-            if !world.alone() {
-                drop(std::panic::take_hook());
-            }
-            return Err(e);
-        }
-        Err(e) if !world.alone() => {
-            // The other ranks wait in a collective for this one: end the whole job, not this process.
-            eprintln!("error (rank {} of {}): {e:#}", world.rank, world.size);
-            world.abort(1)
-        }
-        Err(e) => return Err(e),
-    };
-    // The hook holds the World: dropped with it, the World finalises MPI when this function returns (a
-    // process that leaves without MPI_Finalize makes mpirun fail the job).
-    if !world.alone() {
-        drop(std::panic::take_hook());
-    }
+    let summary = run_rank(start, RunOptions { device, quiet, world: world.clone() })?;
     // A stop asked after the last step: the run is complete (its checkpoint written); what follows (the
     // synthetic k-NN) is skipped, and the exit status says a signal ended the process.
-    if let Some(signal) = run::stop_signal() {
+    if let Some(signal) = run::stop::requested() {
         let checkpoint = summary.last_checkpoint.as_ref().map_or("none".into(), |c| c.display().to_string());
         let run_dir = summary.run_dir.clone();
         let step = summary.steps.last().map(|m| m.it + 1);
@@ -401,8 +383,49 @@ fn train(args: TrainArgs) -> Result<()> {
     if world.rank != 0 {
         return Ok(());
     }
+    print_summary(&summary);
+    if let (None, Some(c)) = (&summary.config.data.shards, &summary.last_checkpoint) {
+        synthetic_knn(&summary, c)?;
+    }
+    Ok(())
+}
+
+/// This process's run. In a job of several processes, a failure here ends the whole job, the others
+/// waiting in a collective for this one: an error (a collective that failed included) aborts every rank
+/// through the launcher, and so does a panic (an out-of-memory GPU; unwinding would finalise MPI or NCCL
+/// under them). The one place where a rank's failure becomes the job's.
+fn run_rank(start: Start, opts: RunOptions) -> Result<run::RunSummary> {
+    let world = opts.world.clone();
+    if world.alone() {
+        return run::train(start, &opts);
+    }
+    let w = world.clone();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("rank {} of {} panicked: ending the job", w.rank, w.size);
+        w.abort(101);
+    }));
+    let result = run::train(start, &opts);
+    // The hook holds the World: dropped with it, the World finalises MPI when the caller returns (a
+    // process that leaves without MPI_Finalize makes mpirun fail the job).
+    drop(std::panic::take_hook());
+    match result {
+        Ok(summary) => Ok(summary),
+        // Every rank stopped after the same step (they agree on it), the checkpoint written: leave
+        // through MPI_Finalize like a finished run.
+        Err(e) if e.downcast_ref::<run::Interrupted>().is_some() => Err(e),
+        Err(e) => {
+            eprintln!("error (rank {} of {}): {e:#}", world.rank, world.size);
+            world.abort(1)
+        }
+    }
+}
+
+/// A finished run's summary on stdout: its loss, speed, data, teacher and files.
+fn print_summary(summary: &run::RunSummary) {
     let loss =
-        |m: Option<&trainer::train::step::StepMetrics>| m.map_or("-".into(), |m| format!("{:.4}", m.loss));
+        |m: Option<&trainer::recipe::step::StepMetrics>| m.map_or("-".into(), |m| format!("{:.4}", m.loss));
     println!(
         "done: {} steps, loss {} -> {}, {:.1} images/s, data wait {:.0}%",
         summary.steps.len(),
@@ -440,25 +463,27 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(c) = &summary.last_checkpoint {
         println!("  checkpoint {}", c.display());
     }
-    if let (None, Some(c)) = (&summary.config.data.shards, &summary.last_checkpoint) {
-        let (trained, random) = trainer::eval::synthetic_knn(&summary.config, c)?;
-        println!(
-            "k-NN (k=20) on a held-out synthetic set: trained teacher top-1 {:.1}%, randomly initialised {:.1}%",
-            100.0 * trained.top1,
-            100.0 * random.top1
-        );
-        // Beside the run's curves in TensorBoard, at its last step.
-        let step = summary.trained_steps.saturating_sub(1);
-        let scalars = [("knn/top1_trained", trained.top1), ("knn/top1_random", random.top1)];
-        trainer::train::tensorboard::EventWriter::create(&summary.run_dir, None)?
-            .scalars(step, &scalars.map(|(k, v)| (k.to_string(), 100.0 * v)))?;
-    }
+}
+
+/// A run on the synthetic set: its teacher (checkpoint `c`) against a random network by k-NN on a held-out
+/// synthetic set, printed and written beside the run's curves in TensorBoard, at its last step.
+fn synthetic_knn(summary: &run::RunSummary, c: &Path) -> Result<()> {
+    let (trained, random) = trainer::eval::synthetic_knn(&summary.config, c)?;
+    println!(
+        "k-NN (k=20) on a held-out synthetic set: trained teacher top-1 {:.1}%, randomly initialised {:.1}%",
+        100.0 * trained.top1,
+        100.0 * random.top1
+    );
+    let step = summary.trained_steps.saturating_sub(1);
+    let scalars = [("knn/top1_trained", trained.top1), ("knn/top1_random", random.top1)];
+    trainer::run::tensorboard::EventWriter::create(&summary.run_dir, None)?
+        .scalars(step, &scalars.map(|(k, v)| (k.to_string(), 100.0 * v)))?;
     Ok(())
 }
 
-/// `trainer train --nproc-per-node N`: the same command, N times under Open MPI's `mpirun` on this
-/// machine (which ends the whole job when one rank fails). Each rank gets an even share of the cores for
-/// its thread pools unless RAYON_NUM_THREADS says otherwise.
+/// `trainer train --nproc-per-node N`: this command, N times under Open MPI's `mpirun` on this machine
+/// (which ends the whole job when one rank fails). Each rank gets an even share of the cores for its
+/// thread pools unless RAYON_NUM_THREADS says otherwise.
 fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
     let n = args.nproc_per_node;
     if n == 0 {
@@ -470,7 +495,7 @@ fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
              (libopenmpi-dev and libclang-dev installed)"
         );
     }
-    if let Some(env) = trainer::dist::launch_env(|k| std::env::var(k).ok())? {
+    if let Some(env) = trainer::parallel::launch_env(|k| std::env::var(k).ok())? {
         anyhow::bail!(
             "--nproc-per-node starts the ranks itself, but this process is already rank {} of {} under {}: \
              drop one of the two",
@@ -479,7 +504,6 @@ fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
             env.launcher
         );
     }
-    let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new("mpirun");
     cmd.args(["-n", &n.to_string(), "--bind-to", "none"]);
     // SAFETY: geteuid has no preconditions.
@@ -490,25 +514,28 @@ fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         cmd.args(["-x", &format!("RAYON_NUM_THREADS={}", (cores / n).max(1))]);
     }
-    cmd.arg(exe).arg("train");
-    if let Some(c) = &args.config {
-        cmd.arg("--config").arg(c);
+    // Every rank runs this very command line, but the launch flag: an option added to `train` reaches
+    // the ranks without being copied here.
+    cmd.arg(std::env::current_exe()?).args(without_launch_flag(std::env::args_os().skip(1)));
+    supervise(cmd, args)
+}
+
+/// Command-line arguments without `--nproc-per-node N` (or `--nproc-per-node=N`).
+fn without_launch_flag(mut args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut kept = Vec::new();
+    while let Some(a) = args.next() {
+        if a == "--nproc-per-node" {
+            args.next();
+        } else if !a.to_str().is_some_and(|s| s.starts_with("--nproc-per-node=")) {
+            kept.push(a);
+        }
     }
-    for s in &args.sets {
-        cmd.arg("--set").arg(s);
-    }
-    if let Some(r) = &args.resume {
-        cmd.arg("--resume").arg(r);
-    }
-    if let Some(b) = &args.branch {
-        cmd.arg("--branch").arg(b);
-    }
-    if let Some(d) = args.device {
-        cmd.arg("--device").arg(d.to_string());
-    }
-    if args.quiet {
-        cmd.arg("--quiet");
-    }
+    kept
+}
+
+/// Runs `mpirun` (`cmd`) to its end, passing a stop request on to the ranks.
+fn supervise(mut cmd: std::process::Command, args: &TrainArgs) -> Result<()> {
+    let n = args.nproc_per_node;
     // mpirun in a process group of its own: a terminal's Ctrl-C reaches this launcher only, which turns
     // it (or a scheduler's SIGTERM) into SIGUSR1 for mpirun. Open MPI forwards SIGUSR1 to every rank,
     // where it asks for a checkpoint at the next step; SIGTERM or SIGINT to mpirun itself kill the ranks
@@ -525,7 +552,7 @@ fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
             });
         }
     }
-    run::stop_on_signals(false)?;
+    run::stop::install(false)?;
     let mut child = cmd.spawn().map_err(|e| {
         anyhow::anyhow!("--nproc-per-node runs `mpirun` (Open MPI: apt install openmpi-bin): {e}")
     })?;
@@ -535,13 +562,13 @@ fn spawn_local_ranks(args: &TrainArgs) -> Result<()> {
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if let (None, Some(signal)) = (forwarded, run::stop_signal()) {
+        if let (None, Some(signal)) = (forwarded, run::stop::requested()) {
             eprintln!("stop asked (signal {signal}): the ranks finish their step, checkpoint and stop");
             // SAFETY: kill has no memory preconditions; the pid is our live child's.
             unsafe { libc::kill(pid, libc::SIGUSR1) };
             forwarded = Some(signal);
         }
-        if !ended && run::stop_insisted() {
+        if !ended && run::stop::insisted() {
             eprintln!("asked again: ending the ranks now (the last checkpoint stays)");
             // SAFETY: as above; mpirun leads its own process group.
             unsafe { libc::kill(-pid, libc::SIGTERM) };
@@ -589,15 +616,15 @@ fn bench(
     device: Option<DeviceSpec>,
 ) -> Result<()> {
     let cfg = TrainConfig::load(config, sets)?;
-    trainer::train::bench::bench(&cfg, steps, warmup, synthetic_batches, device)
+    trainer::run::bench::bench(&cfg, steps, warmup, synthetic_batches, device)
 }
 
 /// `trainer plot`: a run's metrics as PNG plots.
 fn plot(run_dir: &Path) -> Result<()> {
-    for p in trainer::train::metrics::plot(run_dir)? {
+    for p in trainer::run::metrics::plot(run_dir)? {
         println!("{}", p.display());
     }
-    if let Some(p) = trainer::train::tensorboard::from_history(run_dir)? {
+    if let Some(p) = trainer::run::tensorboard::from_history(run_dir)? {
         println!("{}", p.display());
     }
     Ok(())
@@ -875,4 +902,28 @@ fn import(weights: &Path, config: Option<&Path>, sets: &[String], out: &Path, fo
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ranks_get_the_launch_command_line_without_the_launch_flag() {
+        let args = |s: &str| s.split(' ').map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let kept = without_launch_flag(
+            args("train --config c.toml --nproc-per-node 2 --set run.epochs=3 --quiet").into_iter(),
+        );
+        assert_eq!(kept, args("train --config c.toml --set run.epochs=3 --quiet"));
+        let kept = without_launch_flag(args("train --nproc-per-node=4 --resume runs/x").into_iter());
+        assert_eq!(kept, args("train --resume runs/x"));
+        // Every option of `train` reaches the ranks, whatever it is (a new flag needs no forwarding code).
+        let kept = without_launch_flag(args("train --some-future-flag v --nproc-per-node 2").into_iter());
+        assert_eq!(kept, args("train --some-future-flag v"));
+    }
+
+    #[test]
+    fn the_default_train_arguments_are_one_process() {
+        assert_eq!(TrainArgs::default().nproc_per_node, 1);
+    }
 }

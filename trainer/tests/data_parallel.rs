@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use trainer::dist::World;
-use trainer::train::checkpoint::{self, Meta};
-use trainer::train::config::TrainConfig;
-use trainer::train::data;
-use trainer::train::step::{Schedules, Trainer};
+use trainer::parallel::World;
+use trainer::recipe::config::TrainConfig;
+use trainer::recipe::schedule::Schedules;
+use trainer::recipe::step::Trainer;
+use trainer::run::checkpoint::{self, Meta};
+use trainer::run::data;
 
 /// Per-rank batch B: the global batch is 2B.
 const B: usize = 4;
@@ -53,12 +54,11 @@ fn global_batches(cfg: &TrainConfig) -> Vec<common::Batch> {
 fn train(cfg: &TrainConfig, world: Arc<World>, out: &Path) {
     let batches = global_batches(cfg);
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 10, 2 * B);
-    let mut trainer = Trainer::from_config(cfg, schedules, &Device::flex()).unwrap();
-    trainer.world = world.clone();
+    let mut trainer = Trainer::from_config(cfg, schedules, &Device::flex(), &world).unwrap();
     let per = 2 * B / world.size;
     for batch in &batches {
         let mine = batch.slice(world.rank * per..(world.rank + 1) * per);
-        trainer.step(&mine).unwrap_or_else(|m| panic!("non-finite loss {m:?}"));
+        trainer.step(&mine).unwrap_or_else(|e| panic!("{e:#}"));
     }
     let meta = Meta {
         it: STEPS,
@@ -148,7 +148,7 @@ fn two_ranks_on_half_batches_match_one_process_on_the_whole() {
     // The step moved the weights (a test of nothing otherwise).
     let init = {
         let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 10, 2 * B);
-        let mut t = Trainer::from_config(&cfg, schedules, &Device::flex()).unwrap();
+        let mut t = Trainer::from_config(&cfg, schedules, &Device::flex(), &Default::default()).unwrap();
         trainer::model::params::to_host(&mut t.student)
     };
     let (name, _, v0) = &init[init.len() / 2];

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use trainer::train::checkpoint;
+use trainer::run::checkpoint;
 
 mod util;
 

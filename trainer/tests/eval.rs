@@ -117,7 +117,7 @@ fn the_probe_reads_the_grid_each_cpu_config_learned_unless_told_otherwise() {
     let dev = Device::flex();
     for name in ["caltech101-cpu", "caltech101-2views", "caltech101-4views"] {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../configs/{name}.toml"));
-        let cfg = trainer::train::config::TrainConfig::load(Some(&path), &[]).unwrap();
+        let cfg = trainer::recipe::config::TrainConfig::load(Some(&path), &[]).unwrap();
         let size = seg::probe_size(&cfg, None).unwrap();
         let (vit, ..) =
             trainer::eval::backbone(None, Some(&cfg), trainer::eval::Side::Teacher, &dev).unwrap();
@@ -321,8 +321,7 @@ fn voc_reader_packs_the_listed_split_with_palette_indices() {
 fn pth_import_reads_the_official_checkpoints() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pth");
     let expected =
-        trainer::train::checkpoint::tensors(&std::fs::read(dir.join("expected.safetensors")).unwrap())
-            .unwrap();
+        trainer::run::checkpoint::tensors(&std::fs::read(dir.join("expected.safetensors")).unwrap()).unwrap();
     let ckpt = trainer::export::import(&dir.join("checkpoint.pth")).unwrap();
     let mut want: Vec<(String, &trainer::model::params::HostTensor)> = expected
         .iter()

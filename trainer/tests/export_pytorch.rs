@@ -19,7 +19,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use common::seed::{self, Purpose};
 use trainer::model::DenseDino;
 use trainer::model::params::{self, Params, host};
-use trainer::train::config::TrainConfig;
+use trainer::recipe::config::TrainConfig;
 
 #[test]
 #[ignore = "needs PyTorch: DENSEDINO_PYTHON=$(scripts/torch-venv.sh) ... -- --ignored (run by .ci/run)"]
@@ -79,7 +79,7 @@ fn exported_weights_load_into_pytorch_and_give_our_features() {
         expected.push((format!("ref_head{size}"), vec![b, 64], host(ref_logits)));
     }
     let expected_path = tmp.path().join("expected.safetensors");
-    std::fs::write(&expected_path, trainer::train::checkpoint::serialize(&expected, HashMap::new()).unwrap())
+    std::fs::write(&expected_path, trainer::run::checkpoint::serialize(&expected, HashMap::new()).unwrap())
         .unwrap();
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/load_export.py");
@@ -153,7 +153,7 @@ fn exported_backbones_load_into_timm_and_give_our_features() {
             ("patches".to_string(), vec![b, n, d], host(out.patches)),
         ];
         let expected_path = tmp.path().join("expected.safetensors");
-        let bytes = trainer::train::checkpoint::serialize(&expected, HashMap::new()).unwrap();
+        let bytes = trainer::run::checkpoint::serialize(&expected, HashMap::new()).unwrap();
         std::fs::write(&expected_path, bytes).unwrap();
 
         let out = std::process::Command::new(&python)
@@ -201,6 +201,6 @@ fn perturbed_weights(
             tensors.push((format!("{prefix}{name}"), dims, values));
         }
     }
-    std::fs::write(path, trainer::train::checkpoint::serialize(&tensors, HashMap::new()).unwrap()).unwrap();
+    std::fs::write(path, trainer::run::checkpoint::serialize(&tensors, HashMap::new()).unwrap()).unwrap();
     path.to_path_buf()
 }

@@ -6,8 +6,8 @@ use std::process::{Command, Output};
 
 mod util;
 
-use trainer::train::checkpoint;
-use trainer::train::metrics::{self, Record};
+use trainer::run::checkpoint;
+use trainer::run::metrics::{self, Record};
 
 /// [`util::tiny_sets`] for `max_steps` steps (0: the whole 4 epochs), keeping 3 checkpoints.
 fn tiny_sets(dir: &Path, name: &str, max_steps: usize) -> Vec<String> {

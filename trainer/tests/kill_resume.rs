@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 mod util;
 
-use trainer::train::checkpoint;
+use trainer::run::checkpoint;
 
 /// Kills that must interrupt a run.
 const KILLS: usize = 48;

@@ -12,8 +12,8 @@
 
 use std::path::Path;
 
-use trainer::train::config::TrainConfig;
-use trainer::train::run::{self, RunOptions, Start};
+use trainer::recipe::config::TrainConfig;
+use trainer::run::{self, RunOptions, Start};
 
 #[test]
 #[ignore = "six minutes of training: .ci/run runs it with `--test learning -- --ignored`"]

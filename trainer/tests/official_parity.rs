@@ -51,9 +51,10 @@ use std::path::{Path, PathBuf};
 
 use trainer::model::params::{self, Params};
 use trainer::model::vit::{self, DropKey, MaskMode};
-use trainer::train::config::{DeviceSpec, TrainConfig};
-use trainer::train::step::{Schedules, Trainer};
-use trainer::train::{checkpoint, data};
+use trainer::recipe::config::{DeviceSpec, TrainConfig};
+use trainer::recipe::schedule::Schedules;
+use trainer::recipe::step::Trainer;
+use trainer::run::{checkpoint, data};
 
 const ITERS_PER_EPOCH: usize = 10;
 const BATCH: usize = 8;
@@ -367,7 +368,7 @@ fn parity(scenario: Scenario<'_>) {
     }
 
     let schedules = Schedules::new(&ours_cfg.optim, epochs, ITERS_PER_EPOCH, BATCH);
-    let mut trainer = Trainer::from_config(&ours_cfg, schedules, &device).unwrap();
+    let mut trainer = Trainer::from_config(&ours_cfg, schedules, &device, &Default::default()).unwrap();
     let init = write_wrapper(&mut trainer.student, "", &dir.join("init.safetensors"));
     let (o, l, h) = (&cfg.optim, &cfg.loss, &cfg.head);
     let meta = serde_json::json!({
@@ -402,7 +403,7 @@ fn parity(scenario: Scenario<'_>) {
         if s % 10 == 0 {
             eprintln!("ours: step {s} of {}", batches.len());
         }
-        let m = trainer.step(batch).unwrap_or_else(|m| panic!("step {}: loss {}", m.it, m.loss));
+        let m = trainer.step(batch).unwrap_or_else(|e| panic!("{e:#}"));
         let (center, ref_center) = trainer.loss.centers_to_host();
         ours.push(([m.loss, m.cls_loss.unwrap(), m.ref_loss.unwrap()], center, ref_center));
         if let (Some(scale), Some(skipped)) = (m.loss_scale, m.skipped_steps) {

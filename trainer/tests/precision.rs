@@ -7,9 +7,11 @@
 use burn::tensor::Device;
 use trainer::model::head::HeadConfig;
 use trainer::model::vit::{MaskMode, Precision, VitConfig};
-use trainer::train::loss::LossConfig;
-use trainer::train::scaler::{GradScaler, GradScalerConfig};
-use trainer::train::step::{OptimConfig, Schedules, Trainer};
+use trainer::recipe::loss::LossConfig;
+use trainer::recipe::optim::OptimConfig;
+use trainer::recipe::scaler::{GradScaler, GradScalerConfig};
+use trainer::recipe::schedule::Schedules;
+use trainer::recipe::step::Trainer;
 
 fn losses(precision: Precision) -> Vec<f64> {
     let vit = VitConfig {
@@ -38,9 +40,8 @@ fn losses(precision: Precision) -> Vec<f64> {
     t.scaler = (precision == Precision::Fp16).then(|| GradScaler::new(&scaler));
     (0..3)
         .map(|i| {
-            let m = t
-                .step(&trainer::train::bench::random_batch(8, &[32, 32, 16, 16], 3, i))
-                .expect("finite loss");
+            let m =
+                t.step(&trainer::run::bench::random_batch(8, &[32, 32, 16, 16], 3, i)).expect("finite loss");
             assert_eq!(m.skipped_steps.unwrap_or(0), 0, "step {i} was skipped");
             m.loss
         })

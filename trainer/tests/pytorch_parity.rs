@@ -7,7 +7,7 @@ use trainer::model::DenseDino;
 use trainer::model::head::HeadConfig;
 use trainer::model::params::{self, Params, host};
 use trainer::model::vit::{self, MaskMode, VitConfig};
-use trainer::train::loss::{DenseDinoLoss, Layout, LossConfig};
+use trainer::recipe::loss::{DenseDinoLoss, Layout, LossConfig};
 
 const B: usize = 2;
 const M: usize = 3;
@@ -20,7 +20,7 @@ impl Fixture {
     fn load() -> Self {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/reference.safetensors");
         let bytes = std::fs::read(path).expect("fixture (regenerate with make_reference.py)");
-        let map = trainer::train::checkpoint::tensors(&bytes).expect("fixture tensors");
+        let map = trainer::run::checkpoint::tensors(&bytes).expect("fixture tensors");
         Self(map)
     }
     fn get(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {

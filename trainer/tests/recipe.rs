@@ -8,9 +8,11 @@ use trainer::model::DenseDino;
 use trainer::model::head::HeadConfig;
 use trainer::model::params::{self, ParamMut, Params, host};
 use trainer::model::vit::{MaskMode, VitConfig};
-use trainer::train::loss::{DenseDinoLoss, Layout, LossConfig};
-use trainer::train::optim::{self, AdamW, StepOptions};
-use trainer::train::step::{OptimConfig, Schedules, Trainer};
+use trainer::recipe::loss::{DenseDinoLoss, Layout, LossConfig};
+use trainer::recipe::optim::OptimConfig;
+use trainer::recipe::optim::{self, AdamW, StepOptions};
+use trainer::recipe::schedule::Schedules;
+use trainer::recipe::step::Trainer;
 
 fn tiny_vit() -> VitConfig {
     VitConfig {
@@ -35,7 +37,7 @@ fn loss_at_initialisation_is_about_ln_k() {
     let dev = Device::flex();
     let head = HeadConfig::default();
     let model = DenseDino::new(&tiny_vit(), &head, true, &mut seed::rng(3, Purpose::Model, &[0]), &dev);
-    let batch = trainer::train::bench::random_batch(4, &[32, 32, 32, 32], 2, 1);
+    let batch = trainer::run::bench::random_batch(4, &[32, 32, 32, 32], 2, 1);
     let views: Vec<Tensor<4>> =
         batch.views.iter().map(|v| trainer::model::vit::normalize_pixels(&v.data, 4, v.size, &dev)).collect();
     let t = model.forward(&views[..2], Some(&batch.teacher_points), None);
@@ -201,7 +203,7 @@ fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
     ];
     let before: Vec<Vec<f32>> = names.iter().map(|n| named(&mut tr.student, n)).collect();
     for i in 0..2 {
-        tr.step(&trainer::train::bench::random_batch(4, &[32, 32, 32], 2, i)).expect("finite loss");
+        tr.step(&trainer::run::bench::random_batch(4, &[32, 32, 32], 2, i)).expect("finite loss");
     }
     let after0: Vec<Vec<f32>> = names.iter().map(|n| named(&mut tr.student, n)).collect();
     assert_eq!(after0[0], before[0], "CLS last layer moved in epoch 0 (no update, no weight decay)");
@@ -209,7 +211,7 @@ fn last_layer_is_frozen_in_epoch_0_and_moves_after() {
     assert_ne!(after0[2], before[2], "the MLP trains in epoch 0");
     assert_ne!(after0[3], before[3], "the positional embedding trains in epoch 0");
     assert!(!tr.optim.state.contains_key("head.last_layer.weight_v"), "a frozen tensor has no AdamW state");
-    let mut next = trainer::train::bench::random_batch(4, &[32, 32, 32], 2, 9);
+    let mut next = trainer::run::bench::random_batch(4, &[32, 32, 32], 2, 9);
     next.epoch = 1; // the loader's epoch drives the freeze, as the official loop variable does
     tr.step(&next).expect("finite loss");
     assert_ne!(named(&mut tr.student, names[0]), before[0], "the last layer moves from epoch 1");
@@ -319,7 +321,7 @@ fn the_two_losses_gradients_add_up_to_the_total_losss_gradient() {
     let loss_cfg = LossConfig { alpha: 0.3, ..Default::default() };
     let vit_cfg = VitConfig { drop_path_rate: 0.0, ..tiny_vit() };
     let mut tr = Trainer::new(&vit_cfg, &head, &loss_cfg, &ocfg, Schedules::new(&ocfg, 3, 2, 256), 5, &dev);
-    let batch = trainer::train::bench::random_batch(4, &[32, 32, 32], 2, 3);
+    let batch = trainer::run::bench::random_batch(4, &[32, 32, 32], 2, 3);
     let parts = tr.loss_gradients(&batch).expect("a run with both losses");
 
     let views: Vec<Tensor<4>> =
@@ -339,7 +341,7 @@ fn the_two_losses_gradients_add_up_to_the_total_losss_gradient() {
 
     assert_eq!(parts.len(), total.len(), "every parameter the total reaches, and no other");
     let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    for trainer::train::step::LossGradients { name, cls: c, refs: r } in &parts {
+    for trainer::recipe::step::LossGradients { name, cls: c, refs: r } in &parts {
         let want = &total[name];
         let sum: Vec<f32> = c.iter().zip(r).map(|(a, b)| a + b).collect();
         let diff: Vec<f32> = sum.iter().zip(want).map(|(a, b)| a - b).collect();

@@ -6,10 +6,10 @@ use std::path::Path;
 
 mod util;
 
-use trainer::train::checkpoint;
-use trainer::train::config::TrainConfig;
-use trainer::train::metrics::{self, Record};
-use trainer::train::run::{self, RunOptions, Start};
+use trainer::recipe::config::TrainConfig;
+use trainer::run::checkpoint;
+use trainer::run::metrics::{self, Record};
+use trainer::run::{self, RunOptions, Start};
 
 /// [`util::tiny_sets`] as a config, for `max_steps` steps.
 fn demo(dir: &Path, name: &str, max_steps: usize) -> TrainConfig {

@@ -1,4 +1,4 @@
-//! fp16's loss scaler (`trainer::train::scaler`) in the step, on flex in f32: scaling by a power of two
+//! fp16's loss scaler (`trainer::recipe::scaler`) in the step, on flex in f32: scaling by a power of two
 //! and back is exact in f32, so the scaled step must equal the plain one bit for bit, and a scale near
 //! f32's top makes the scaled gradients overflow, which must skip the step as PyTorch's `GradScaler`
 //! does (student and AdamW untouched; teacher EMA, centers and the step index still moving). The fp16
@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use burn::tensor::Device;
 use common::Batch;
 use trainer::model::params;
-use trainer::train::checkpoint::{self, Meta};
-use trainer::train::config::TrainConfig;
-use trainer::train::scaler::{GradScaler, GradScalerConfig};
-use trainer::train::step::{Schedules, StepMetrics, Trainer};
+use trainer::recipe::config::TrainConfig;
+use trainer::recipe::scaler::{GradScaler, GradScalerConfig};
+use trainer::recipe::schedule::Schedules;
+use trainer::recipe::step::{StepMetrics, Trainer};
+use trainer::run::checkpoint::{self, Meta};
 
 const SIZES: [usize; 4] = [32, 32, 16, 16];
 
@@ -43,13 +44,13 @@ fn config() -> TrainConfig {
 fn trainer(scaler: Option<GradScalerConfig>) -> Trainer {
     let cfg = config();
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 20, cfg.run.batch_size);
-    let mut t = Trainer::from_config(&cfg, schedules, &Device::default()).unwrap();
+    let mut t = Trainer::from_config(&cfg, schedules, &Device::default(), &Default::default()).unwrap();
     t.scaler = scaler.as_ref().map(GradScaler::new);
     t
 }
 
 fn batch(i: u64) -> Batch {
-    trainer::train::bench::random_batch(4, &SIZES, 3, 100 + i)
+    trainer::run::bench::random_batch(4, &SIZES, 3, 100 + i)
 }
 
 /// Everything a step may change, on the host: student, teacher, AdamW (moments and counts), centers.
@@ -76,7 +77,7 @@ fn state(t: &mut Trainer) -> State {
 }
 
 fn step(t: &mut Trainer, i: u64) -> StepMetrics {
-    t.step(&batch(i)).unwrap_or_else(|m| panic!("step {i}: loss {}", m.loss))
+    t.step(&batch(i)).unwrap_or_else(|e| panic!("step {i}: {e:#}"))
 }
 
 #[test]

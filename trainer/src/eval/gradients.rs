@@ -16,9 +16,10 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::model::params::{Params, host};
-use crate::train::checkpoint;
-use crate::train::data;
-use crate::train::step::{Schedules, Trainer};
+use crate::recipe::schedule::Schedules;
+use crate::recipe::step::Trainer;
+use crate::run::checkpoint;
+use crate::run::data;
 
 /// One parameter group's numbers (norms summed in quadrature over the group's tensors).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -140,7 +141,7 @@ pub fn evaluate(run: &Path, batches: usize, device: &Device) -> Result<Report> {
     let shards = data::shards(&cfg, true)?;
     let ipe = data::iters_per_epoch(&cfg, &shards, 0, 1)?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, ipe, cfg.run.batch_size * meta.world_size);
-    let mut trainer = Trainer::from_config(&cfg, schedules, device)?;
+    let mut trainer = Trainer::from_config(&cfg, schedules, device, &Default::default())?;
     checkpoint::restore(&mut trainer, &bytes)?;
     let (b2, eps) = (trainer.optim.beta2, trainer.optim.eps);
     // AdamW's denominator per tensor, as its next update would use it (the step count after this one).
@@ -179,7 +180,7 @@ pub fn evaluate(run: &Path, batches: usize, device: &Device) -> Result<Report> {
     while seen < batches {
         let Ok(batch) = rt.block_on(loader.batches.recv()) else { break };
         let parts = trainer.loss_gradients(&batch).ok_or_else(|| anyhow!("the run has no reference loss"))?;
-        for crate::train::step::LossGradients { name, cls, refs } in &parts {
+        for crate::recipe::step::LossGradients { name, cls, refs } in &parts {
             let s = tensor_sums(cls, refs, denoms.get(name).map(Vec::as_slice));
             for g in groups_of(name) {
                 sums.entry(g).or_default().add(&s);

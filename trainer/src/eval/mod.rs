@@ -20,8 +20,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::model::params::{self, host};
 use crate::model::vit::{self, Vit, VitConfig};
-use crate::train::checkpoint;
-use crate::train::config::TrainConfig;
+use crate::recipe::config::TrainConfig;
+use crate::run::checkpoint;
 
 /// DINO's eval transform sizes (224 after 256); smaller models scale both.
 #[derive(Clone, Copy, Debug)]
@@ -408,8 +408,8 @@ pub fn knn(
 /// backbone on the config's held-out synthetic set (made on first use with another seed). Returns
 /// (trained, random).
 pub fn synthetic_knn(cfg: &TrainConfig, checkpoint: &Path) -> Result<(KnnResult, KnnResult)> {
-    let train = crate::train::data::shards(cfg, true)?;
-    let val = crate::train::data::synthetic_val(cfg)?;
+    let train = crate::run::data::shards(cfg, true)?;
+    let val = crate::run::data::synthetic_val(cfg)?;
     let device = Device::flex();
     let pre = Preprocess::for_crop(cfg.views.global_size);
     let mut out = Vec::new();

@@ -21,7 +21,7 @@ use rand::seq::SliceRandom;
 use crate::eval::{self, Item};
 use crate::model::params::host;
 use crate::model::vit::Vit;
-use crate::train::config::TrainConfig;
+use crate::recipe::config::TrainConfig;
 
 /// The probe's recipe; defaults are DenseDINO's `eval_segment.py` at batch 8.
 #[derive(Clone, Debug)]
@@ -222,7 +222,7 @@ pub fn probe(
             }
             let onehot = Tensor::<3>::from_data(TensorData::new(onehot, [bsz, c, r * r]), &ad);
             let loss = (logp * onehot).sum().neg().div_scalar(valid as f64);
-            epoch_loss += host(crate::train::optim::plain(loss.clone()))[0] as f64;
+            epoch_loss += host(crate::recipe::optim::plain(loss.clone()))[0] as f64;
             let grads = loss.backward();
             let gw = wl.grad(&grads).ok_or_else(|| anyhow!("no gradient for the probe weight"))?;
             let gb = bl.grad(&grads).ok_or_else(|| anyhow!("no gradient for the probe bias"))?;

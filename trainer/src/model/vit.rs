@@ -170,7 +170,7 @@ impl VitConfig {
 /// with `Bf16` or `Fp16` the linear layers, the patch convolution, attention and the head's last matmul
 /// run in that dtype on casts of the f32 master weights, while LayerNorm, the residual stream, the L2 and
 /// weight normalisations, softmax, the loss and the centers stay f32. Gradients reach the f32 weights
-/// through the casts. `Fp16` also scales the loss ([`crate::train::scaler`]). LibTorch only: flex would
+/// through the casts. `Fp16` also scales the loss ([`crate::recipe::scaler`]). LibTorch only: flex would
 /// emulate both in f32, slower than f32 itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -3,85 +3,23 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Tensor};
 use common::Batch;
 use common::seed::{self, Purpose};
 use serde::{Deserialize, Serialize};
 
-use crate::dist::World;
 use crate::model::head::HeadConfig;
 use crate::model::params::Params;
 use crate::model::params::host;
 use crate::model::vit::{self, DropKey, Precision, VitConfig};
 use crate::model::{DenseDino, Logits};
-use crate::train::config::TrainConfig;
-use crate::train::loss::{DenseDinoLoss, Layout, LossConfig, LossOutput};
-use crate::train::optim::{self, AdamW, StepOptions};
-use crate::train::scaler::GradScaler;
-use crate::train::schedule::Cosine;
-
-/// The optimisation recipe of DINO; every default is `main_dino.py`'s.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptimConfig {
-    /// Peak learning rate at a total batch of 256; scaled linearly by `total_batch / 256`.
-    pub lr: f64,
-    /// Floor of the cosine decay.
-    pub min_lr: f64,
-    /// Linear warmup from 0 over these epochs.
-    pub warmup_epochs: usize,
-    /// Weight decay of group 0, cosine from `weight_decay` to `weight_decay_end` over the run.
-    pub weight_decay: f64,
-    pub weight_decay_end: f64,
-    /// Teacher EMA momentum, cosine from this to 1 (use 0.9995 for small batches, dino #104).
-    pub momentum_teacher: f64,
-    /// Per-tensor gradient norm clip (0: off).
-    pub clip_grad: f64,
-    /// Epochs during which the heads' last layers get no update.
-    pub freeze_last_layer: usize,
-    /// AdamW betas and epsilon (PyTorch defaults).
-    pub betas: (f64, f64),
-    pub eps: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        Self {
-            lr: 5e-4,
-            min_lr: 1e-6,
-            warmup_epochs: 10,
-            weight_decay: 0.04,
-            weight_decay_end: 0.4,
-            momentum_teacher: 0.996,
-            clip_grad: 3.0,
-            freeze_last_layer: 1,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-        }
-    }
-}
-
-/// The three per-iteration schedules of a run.
-#[derive(Clone, Debug)]
-pub struct Schedules {
-    pub iters_per_epoch: usize,
-    pub lr: Cosine,
-    pub wd: Cosine,
-    pub momentum: Cosine,
-}
-
-impl Schedules {
-    pub fn new(cfg: &OptimConfig, epochs: usize, iters_per_epoch: usize, total_batch: usize) -> Self {
-        let base_lr = cfg.lr * total_batch as f64 / 256.0;
-        Self {
-            iters_per_epoch,
-            lr: Cosine::new(base_lr, cfg.min_lr, epochs, iters_per_epoch, cfg.warmup_epochs, 0.0),
-            wd: Cosine::new(cfg.weight_decay, cfg.weight_decay_end, epochs, iters_per_epoch, 0, 0.0),
-            momentum: Cosine::new(cfg.momentum_teacher, 1.0, epochs, iters_per_epoch, 0, 0.0),
-        }
-    }
-}
+use crate::parallel::World;
+use crate::recipe::config::TrainConfig;
+use crate::recipe::loss::{DenseDinoLoss, Layout, LossConfig, LossOutput};
+use crate::recipe::optim::{self, AdamW, OptimConfig, StepOptions};
+use crate::recipe::scaler::GradScaler;
+use crate::recipe::schedule::Schedules;
 
 /// What one step reports (host numbers).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -164,16 +102,6 @@ impl Trainer {
         TeacherMovement { init_share, distance: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() }
     }
 
-    /// The checkpoints' digest over the teacher's parameters (names, shapes, f32 bits): what the ranks of
-    /// a data-parallel run compare to see that they hold one teacher.
-    pub fn teacher_digest(&mut self) -> Vec<u8> {
-        use crate::train::checkpoint::{digest, le_bytes};
-        let tensors = crate::model::params::to_host(&mut self.teacher);
-        let bytes: Vec<_> = tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
-        let named = tensors.iter().zip(&bytes).map(|((n, d, _), b)| (n.as_str(), d.as_slice(), &b[..]));
-        digest(named, &Default::default()).into_bytes()
-    }
-
     /// `device`: the plain device; the student lives on its autodiff twin. Student and teacher start equal.
     pub fn new(
         vit_cfg: &VitConfig,
@@ -211,8 +139,13 @@ impl Trainer {
     }
 
     /// The trainer `cfg` describes on the plain device `device` (student and teacher equal, fresh
-    /// optimiser and centers).
-    pub fn from_config(cfg: &TrainConfig, schedules: Schedules, device: &Device) -> Result<Self> {
+    /// optimiser and centers), one rank of `world`: its batches are its slice of the global batch.
+    pub fn from_config(
+        cfg: &TrainConfig,
+        schedules: Schedules,
+        device: &Device,
+        world: &Arc<World>,
+    ) -> Result<Self> {
         let p = cfg.run.precision;
         if p != Precision::F32 && matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_)) {
             bail!(
@@ -224,6 +157,7 @@ impl Trainer {
         t.student.set_precision(p);
         t.teacher.set_precision(p);
         t.scaler = (p == Precision::Fp16).then(|| GradScaler::new(&cfg.run.grad_scaler));
+        t.world = world.clone();
         Ok(t)
     }
 
@@ -302,11 +236,12 @@ impl Trainer {
         Some(out)
     }
 
-    /// One optimisation step on `batch`. Returns `Err` with the metrics when the loss is not finite; nothing
-    /// was updated then (the official code exits at that point). With fp16's scaler, a step whose scaled
+    /// One optimisation step on `batch`. A non-finite loss is the error [`NonFiniteLoss`]; nothing was
+    /// updated then (the official code exits at that point). Any other error is a collective over the
+    /// ranks failing, after which the job cannot go on. With fp16's scaler, a step whose scaled
     /// gradients overflowed leaves the student and AdamW as they were and still moves the teacher, the
     /// centers and the schedules' index, as the official loop does around `scaler.step`.
-    pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics, Box<StepMetrics>> {
+    pub fn step(&mut self, batch: &Batch) -> Result<StepMetrics> {
         let it = self.it;
         // The data's epoch, as the official loop variable (an epoch may run short of iters_per_epoch when
         // bad images were skipped; the schedules stay indexed by the global iteration).
@@ -316,34 +251,24 @@ impl Trainer {
         let momentum = self.schedules.momentum.at(it);
         let temp = self.loss.cfg.teacher_temp_at(epoch);
         let (out, teacher_out, layout) = self.forward(batch, temp);
-        // One host read for every number the step reports: each read is a device sync.
-        let mut scalars = vec![optim::plain(out.total.clone())];
-        scalars.extend(out.cls.clone().map(optim::plain));
-        scalars.extend(out.refs.clone().map(optim::plain));
-        scalars.extend(target_entropies(out.cls_targets.clone()));
-        // The mean over the ranks (the same on every rank, so a non-finite loss stops them all).
-        let mut v = host(Tensor::cat(scalars, 0));
-        crate::dist::must(self.world.all_reduce_sum(&mut v));
-        let v: Vec<f64> = v.into_iter().map(|x| f64::from(x) / self.world.size as f64).collect();
-        let (has_cls, has_ref) = (out.cls.is_some(), out.refs.is_some());
-        let n = v.len();
+        let reported = Reported::across(&self.world, &out).with_context(|| format!("step {it}"))?;
         let mut metrics = StepMetrics {
             it,
             epoch,
-            loss: v[0],
-            cls_loss: has_cls.then(|| v[1]),
-            ref_loss: has_ref.then(|| v[1 + has_cls as usize]),
+            loss: reported.loss,
+            cls_loss: reported.cls_loss,
+            ref_loss: reported.ref_loss,
             lr,
             weight_decay: wd,
             momentum,
             teacher_temp: temp,
-            teacher_entropy: v[n - 2],
-            teacher_batch_entropy: v[n - 1],
+            teacher_entropy: reported.teacher_entropy,
+            teacher_batch_entropy: reported.teacher_batch_entropy,
             loss_scale: self.scaler.as_ref().map(|s| s.scale as f64),
             skipped_steps: None,
         };
         if !metrics.loss.is_finite() {
-            return Err(Box::new(metrics));
+            return Err(NonFiniteLoss { loss: metrics.loss, it, epoch }.into());
         }
 
         // fp16: the backward runs on the loss times the scale (a power of two: exact in f32).
@@ -358,15 +283,68 @@ impl Trainer {
             freeze_last_layer: epoch < self.optim_cfg.freeze_last_layer,
             unscale: self.scaler.as_ref().map(GradScaler::inv_scale),
         };
-        let stepped = self.optim.step_across(&self.world, &mut self.student, &grads, opts);
+        let stepped = self
+            .optim
+            .step_across(&self.world, &mut self.student, &grads, opts)
+            .with_context(|| format!("step {it}"))?;
         if let Some(s) = &mut self.scaler {
             s.update(!stepped);
             metrics.skipped_steps = Some(s.skipped);
         }
         optim::ema_update(&mut self.teacher, &mut self.student, momentum);
-        self.loss.update_centers_across(&self.world, teacher_out.cls, teacher_out.refs, layout);
+        self.loss
+            .update_centers_across(&self.world, teacher_out.cls, teacher_out.refs, layout)
+            .with_context(|| format!("step {it}"))?;
         self.it += 1;
         Ok(metrics)
+    }
+}
+
+/// A step whose loss is not finite: nothing was updated. What [`Trainer::step`] returns then, for the
+/// run to say where to resume from.
+#[derive(Clone, Debug)]
+pub struct NonFiniteLoss {
+    pub loss: f64,
+    pub it: usize,
+    pub epoch: usize,
+}
+
+impl std::fmt::Display for NonFiniteLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "non-finite loss ({}) at step {} (epoch {})", self.loss, self.it, self.epoch)
+    }
+}
+
+impl std::error::Error for NonFiniteLoss {}
+
+/// The numbers a step reports from its device tensors, the mean over the ranks (the same on every
+/// rank, so a non-finite loss stops them all).
+struct Reported {
+    loss: f64,
+    cls_loss: Option<f64>,
+    ref_loss: Option<f64>,
+    teacher_entropy: f64,
+    teacher_batch_entropy: f64,
+}
+
+impl Reported {
+    fn across(world: &World, out: &LossOutput) -> Result<Self> {
+        // One host read for every number: each read is a device sync. Read back in the order pushed.
+        let mut scalars = vec![optim::plain(out.total.clone())];
+        scalars.extend(out.cls.clone().map(optim::plain));
+        scalars.extend(out.refs.clone().map(optim::plain));
+        scalars.extend(target_entropies(out.cls_targets.clone()));
+        let mut sums = host(Tensor::cat(scalars, 0));
+        world.all_reduce_sum(&mut sums).context("averaging the step's losses")?;
+        let mut means = sums.into_iter().map(|x| f64::from(x) / world.size as f64);
+        let mut next = || means.next().expect("one number per tensor pushed");
+        Ok(Self {
+            loss: next(),
+            cls_loss: out.cls.is_some().then(&mut next),
+            ref_loss: out.refs.is_some().then(&mut next),
+            teacher_entropy: next(),
+            teacher_batch_entropy: next(),
+        })
     }
 }
 

@@ -3,6 +3,29 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::recipe::optim::OptimConfig;
+
+/// The three per-iteration schedules of a run.
+#[derive(Clone, Debug)]
+pub struct Schedules {
+    pub iters_per_epoch: usize,
+    pub lr: Cosine,
+    pub wd: Cosine,
+    pub momentum: Cosine,
+}
+
+impl Schedules {
+    pub fn new(cfg: &OptimConfig, epochs: usize, iters_per_epoch: usize, total_batch: usize) -> Self {
+        let base_lr = cfg.lr * total_batch as f64 / 256.0;
+        Self {
+            iters_per_epoch,
+            lr: Cosine::new(base_lr, cfg.min_lr, epochs, iters_per_epoch, cfg.warmup_epochs, 0.0),
+            wd: Cosine::new(cfg.weight_decay, cfg.weight_decay_end, epochs, iters_per_epoch, 0, 0.0),
+            momentum: Cosine::new(cfg.momentum_teacher, 1.0, epochs, iters_per_epoch, 0, 0.0),
+        }
+    }
+}
+
 /// Linear warmup from `start_warmup` to `base` over `warmup_iters` (numpy's inclusive `linspace`), then a
 /// half cosine from `base` to `final_value` over the remaining `total - warmup_iters` iterations:
 /// `final + ½(base − final)(1 + cos(π·j/(T−W)))`, so the last value sits slightly above `final_value`.

@@ -11,12 +11,55 @@
 
 use std::collections::BTreeMap;
 
+use anyhow::Context;
 use burn::tensor::{Gradients, Tensor};
+use serde::{Deserialize, Serialize};
 
-use crate::dist::World;
 use crate::fused::host::Host;
 use crate::fused::multi_tensor::{self, AdamScalars, AdamSlot};
 use crate::model::params::{ParamMut, Params};
+use crate::parallel::World;
+
+/// The optimisation recipe of DINO; every default is `main_dino.py`'s.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate at a total batch of 256; scaled linearly by `total_batch / 256`.
+    pub lr: f64,
+    /// Floor of the cosine decay.
+    pub min_lr: f64,
+    /// Linear warmup from 0 over these epochs.
+    pub warmup_epochs: usize,
+    /// Weight decay of group 0, cosine from `weight_decay` to `weight_decay_end` over the run.
+    pub weight_decay: f64,
+    pub weight_decay_end: f64,
+    /// Teacher EMA momentum, cosine from this to 1 (use 0.9995 for small batches, dino #104).
+    pub momentum_teacher: f64,
+    /// Per-tensor gradient norm clip (0: off).
+    pub clip_grad: f64,
+    /// Epochs during which the heads' last layers get no update.
+    pub freeze_last_layer: usize,
+    /// AdamW betas and epsilon (PyTorch defaults).
+    pub betas: (f64, f64),
+    pub eps: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5e-4,
+            min_lr: 1e-6,
+            warmup_epochs: 10,
+            weight_decay: 0.04,
+            weight_decay_end: 0.4,
+            momentum_teacher: 0.996,
+            clip_grad: 3.0,
+            freeze_last_layer: 1,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+        }
+    }
+}
 
 /// The non-autodiff value of a tensor (parameters live on the autodiff device; updates do not).
 pub fn plain<const D: usize>(t: Tensor<D>) -> Tensor<D> {
@@ -57,7 +100,7 @@ pub struct StepOptions {
     /// Epoch < `freeze_last_layer`: the last layers get no gradient at all.
     pub freeze_last_layer: bool,
     /// fp16's loss scale: the gradients carry it, and are multiplied by this (`1 / scale`) before the
-    /// clip; a non-finite one skips the step ([`crate::train::scaler`]). `None`: unscaled gradients.
+    /// clip; a non-finite one skips the step ([`crate::recipe::scaler`]). `None`: unscaled gradients.
     pub unscale: Option<f32>,
 }
 
@@ -98,7 +141,7 @@ impl AdamW {
     /// One multi-tensor kernel: [`multi_tensor::adamw`] where the values live in host memory (flex,
     /// LibTorch on the CPU), [`crate::fused::tch::adamw`] over flat buffers elsewhere (CUDA).
     pub fn step(&mut self, model: &mut dyn Params, grads: &Gradients, o: StepOptions) -> bool {
-        self.step_across(&World::single(), model, grads, o)
+        self.step_across(&World::single(), model, grads, o).expect("one process runs no collective")
     }
 
     /// The same with the gradients averaged over the ranks of `world` first (DDP's all-reduce, before
@@ -109,13 +152,14 @@ impl AdamW {
     /// loop, where `scaler.unscale_` reads every gradient present when it runs: with a clip it runs
     /// before `cancel_gradients_last_layer`, so a frozen last layer's overflow skips the step too;
     /// without one `scaler.step` unscales after the cancel, and the frozen layer is not looked at.
+    /// An error is the gradients' all-reduce failing (nothing was updated).
     pub fn step_across(
         &mut self,
         world: &World,
         model: &mut dyn Params,
         grads: &Gradients,
         o: StepOptions,
-    ) -> bool {
+    ) -> anyhow::Result<bool> {
         let checks_frozen = o.unscale.is_some() && o.clip_grad > 0.0;
         let mut updates = Vec::new();
         // Gradients that only the overflow check reads (the frozen last layer, see above).
@@ -146,14 +190,14 @@ impl AdamW {
             // Every gradient the step reads, the frozen ones (read by the overflow check only) last.
             let mut g: Vec<Tensor<1>> = updates.iter().map(|u| u.grad.clone()).chain(frozen).collect();
             if !world.alone() {
-                crate::dist::must(world.average(&mut g));
+                world.average(&mut g).context("averaging the step's gradients")?;
             }
             let finite = o.unscale.is_none_or(|inv| unscale(&mut g, inv));
             for (u, g) in updates.iter_mut().zip(g) {
                 u.grad = g;
             }
             if !finite {
-                return false;
+                return Ok(false);
             }
         }
         for u in &updates {
@@ -178,7 +222,7 @@ impl AdamW {
             }
         });
         assert!(pending.next().is_none(), "AdamW: the model's parameters changed during the step");
-        true
+        Ok(true)
     }
 
     /// The multi-tensor step over host memory; `None` (nothing changed) when some tensor is elsewhere.

@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::head::HeadConfig;
 use crate::model::vit::{Precision, VitConfig};
-use crate::train::loss::LossConfig;
-use crate::train::scaler::GradScalerConfig;
-use crate::train::step::OptimConfig;
+use crate::recipe::loss::LossConfig;
+use crate::recipe::optim::OptimConfig;
+use crate::recipe::scaler::GradScalerConfig;
 
 /// The embedded default: the CPU demo (`cargo run --release -p trainer` with no arguments).
 pub const DEFAULT_TOML: &str = include_str!("../../../configs/default.toml");
@@ -43,7 +43,9 @@ pub struct RunConfig {
     /// centers). `fp16` is the official code's `--use_fp16` (its default), with a dynamic loss scale
     /// (`grad_scaler`); it is for GPUs without bf16 (V100, T4, RTX 20xx) and for comparisons with official
     /// fp16 runs. LibTorch devices only (`cuda:N` with tensor cores; on `tch-cpu` both are fast only with
-    /// AVX-512 BF16/FP16 or AMX).
+    /// AVX-512 BF16/FP16 or AMX). Here under `run.*` beside the device, not in the recipe: it is how this
+    /// machine computes the recipe, and like the device a resume may change it (a bf16 run continued in
+    /// f32 on a CPU).
     #[serde(default)]
     pub precision: Precision,
     /// fp16's loss scale (PyTorch's `GradScaler`; its defaults are the official code's).

@@ -2,12 +2,13 @@
 //! centred, sharpened cross-entropy on the CLS token plus the same on reference tokens, matched point for
 //! point across views, with separate centers.
 
+use anyhow::Context;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::dist::World;
 use crate::fused::{self, Pairs};
+use crate::parallel::World;
 
 /// Which teacher reference groups feed `ref_center` (the paper and the code differ here; the code's choice is
 /// the default).
@@ -192,22 +193,24 @@ impl DenseDinoLoss {
     /// `c ← m·c + (1−m)·mean(teacher logits)`, after the loss (each step uses the previous centers), in
     /// one process.
     pub fn update_centers(&mut self, t_cls: Tensor<2>, t_ref: Option<Tensor<2>>, layout: Layout) {
-        self.update_centers_across(&World::single(), t_cls, t_ref, layout);
+        self.update_centers_across(&World::single(), t_cls, t_ref, layout)
+            .expect("one process runs no collective");
     }
 
     /// The same over the ranks of `world`, as the official code: the batch sums all-reduced, divided by
-    /// the global count (every rank holds `layout.batch` samples).
+    /// the global count (every rank holds `layout.batch` samples). An error is an all-reduce failing.
     pub fn update_centers_across(
         &mut self,
         world: &World,
         t_cls: Tensor<2>,
         t_ref: Option<Tensor<2>>,
         layout: Layout,
-    ) {
+    ) -> anyhow::Result<()> {
         let (batch, views, points) = (layout.batch, layout.views, layout.points);
         let mom = self.cfg.center_momentum;
         let n = (t_cls.dims()[0] * world.size) as f64;
-        let batch_center = crate::dist::must(world.sum(t_cls.sum_dim(0))).div_scalar(n); // [1, K]
+        let batch_center = world.sum(t_cls.sum_dim(0)).context("summing the teacher's CLS logits")?; // [1, K]
+        let batch_center = batch_center.div_scalar(n);
         self.center = self.center.clone().mul_scalar(mom) + batch_center.mul_scalar(1.0 - mom);
         if let Some(t_ref) = t_ref {
             let k = t_ref.dims()[1];
@@ -223,9 +226,11 @@ impl DenseDinoLoss {
                 ),
             };
             let n = (used.dims()[0] * world.size) as f64;
-            let ref_center = crate::dist::must(world.sum(used.sum_dim(0))).div_scalar(n);
+            let ref_center = world.sum(used.sum_dim(0)).context("summing the teacher's reference logits")?;
+            let ref_center = ref_center.div_scalar(n);
             self.ref_center = self.ref_center.clone().mul_scalar(mom) + ref_center.mul_scalar(1.0 - mom);
         }
+        Ok(())
     }
 
     /// The centers as host vectors (checkpoints) and back.

@@ -3,13 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use common::{Batch, Cursor};
 use rand::Rng;
 
-use crate::train::config::{DeviceSpec, TrainConfig};
-use crate::train::data;
-use crate::train::step::{Schedules, Trainer};
+use crate::recipe::config::{DeviceSpec, TrainConfig};
+use crate::recipe::schedule::Schedules;
+use crate::recipe::step::Trainer;
+use crate::run::data;
 
 /// Times `steps` training steps (after `warmup` untimed ones) of `cfg` on `device` (default:
 /// `run.device`) and prints step time and images/s (the line `bench/compare.sh` reads).
@@ -22,7 +23,7 @@ pub fn bench(
 ) -> Result<()> {
     let spec = device.unwrap_or(cfg.run.device);
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, 1000, cfg.run.batch_size);
-    let mut trainer = Trainer::from_config(cfg, schedules, &spec.device()?)?;
+    let mut trainer = Trainer::from_config(cfg, schedules, &spec.device()?, &Default::default())?;
     let b = cfg.run.batch_size;
     let mut next: Box<dyn FnMut() -> Result<Batch>> = if synthetic {
         let sizes: Vec<usize> = (0..cfg.views.num_views()).map(|i| cfg.views.view_size(i)).collect();
@@ -36,7 +37,7 @@ pub fn bench(
         Box::new(move || rt.block_on(loader.batches.recv()).map_err(|_| anyhow!("the loader ended")))
     };
     for _ in 0..warmup {
-        trainer.step(&next()?).map_err(|m| anyhow!("non-finite loss {} in warmup", m.loss))?;
+        trainer.step(&next()?).context("in the warmup")?;
     }
     let mut wait = Duration::ZERO;
     let t0 = Instant::now();
@@ -44,7 +45,7 @@ pub fn bench(
         let w = Instant::now();
         let batch = next()?;
         wait += w.elapsed();
-        trainer.step(&batch).map_err(|m| anyhow!("non-finite loss {}", m.loss))?;
+        trainer.step(&batch)?;
     }
     let secs = t0.elapsed().as_secs_f64();
     let (step_time, images_per_s) = (secs / steps as f64, (steps * b) as f64 / secs);

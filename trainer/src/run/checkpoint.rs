@@ -16,12 +16,14 @@ use burn::tensor::{Tensor, TensorData};
 use common::Cursor;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+use crate::model::DenseDino;
 use crate::model::params::{self, host};
-use crate::train::config::{RunConfig, TrainConfig};
-use crate::train::data::DataIdentity;
-use crate::train::optim::AdamState;
-use crate::train::scaler::GradScaler;
-use crate::train::step::Trainer;
+use crate::parallel::World;
+use crate::recipe::config::{RunConfig, TrainConfig};
+use crate::recipe::optim::AdamState;
+use crate::recipe::scaler::GradScaler;
+use crate::recipe::step::Trainer;
+use crate::run::data::DataIdentity;
 
 const FORMAT: &str = "densedino-checkpoint/1";
 
@@ -227,6 +229,15 @@ pub(crate) fn le_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
+/// The checkpoints' digest over a teacher's parameters (names, shapes, f32 bits): what the ranks of a
+/// data-parallel run compare to see that they hold one teacher.
+pub fn teacher_digest(teacher: &mut DenseDino) -> Vec<u8> {
+    let tensors = params::to_host(teacher);
+    let bytes: Vec<_> = tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
+    let named = tensors.iter().zip(&bytes).map(|((n, d, _), b)| (n.as_str(), d.as_slice(), &b[..]));
+    digest(named, &Default::default()).into_bytes()
+}
+
 /// What identifies a checkpoint's contents: the digest it carries, or (for one written before digests) the
 /// SHA-256 of its bytes.
 pub fn identity(bytes: &[u8]) -> String {
@@ -270,20 +281,28 @@ pub struct Policy {
     /// run started from until it writes another.
     pub last: Option<(usize, PathBuf)>,
     /// False on the ranks other than 0 of a data-parallel run: they hold the same state, rank 0 saves it.
-    pub writes: bool,
+    writes: bool,
     /// The run's data set, recorded in every checkpoint it writes.
-    pub data: Option<DataIdentity>,
+    data: DataIdentity,
 }
 
 impl Policy {
-    pub fn new(dir: PathBuf, run: &RunConfig) -> Self {
+    /// The checkpoints of a run into `dir`, as `run` asks, written by rank 0 of `world` only, recording
+    /// the run's `data` set. `resumed_from`: the checkpoint a resumed run started from, and its step.
+    pub fn new(
+        dir: PathBuf,
+        run: &RunConfig,
+        world: &World,
+        resumed_from: Option<(usize, PathBuf)>,
+        data: DataIdentity,
+    ) -> Self {
         Self {
             dir,
             every: run.checkpoint_every,
             keep: run.keep_checkpoints,
-            last: None,
-            writes: true,
-            data: None,
+            last: resumed_from,
+            writes: world.rank == 0,
+            data,
         }
     }
 
@@ -305,7 +324,7 @@ impl Policy {
             cursor,
             config: config.clone(),
             world_size: trainer.world.size,
-            data: self.data.clone(),
+            data: Some(self.data.clone()),
         };
         let path = match self.writes {
             true => save(&self.dir, trainer, meta, self.keep)?,

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::train::config::RunConfig;
-use crate::train::metrics::{MetricsLog, Record};
-use crate::train::step::StepMetrics;
-use crate::train::tensorboard::EventWriter;
+use crate::recipe::config::RunConfig;
+use crate::recipe::step::StepMetrics;
+use crate::run::metrics::{MetricsLog, Record};
+use crate::run::tensorboard::EventWriter;
 
 /// The run's voice: the progress bar or stats lines, the metrics file, the epoch's running sums and the
 /// run's throughput.
@@ -36,12 +36,12 @@ pub struct Reporter {
 impl Reporter {
     /// Appends to `run_dir/metrics.jsonl` (cut back to `first_step` on resume; no file when `run_dir` is
     /// `None`), writes a new TensorBoard event file there that drops earlier processes' steps from
-    /// `first_step` on, and shows progress from `first_step` to `total_steps` unless `quiet`. Images are counted
-    /// over the `ranks` processes of the job (each step is `run.batch_size` images on each).
+    /// `first_step` on, and shows progress from `first_step` to `total_steps` unless `quiet`. Each step is
+    /// `global_batch` images (`run.batch_size` on each of the job's ranks).
     pub fn new(
         run_dir: Option<&Path>,
         run: &RunConfig,
-        ranks: usize,
+        global_batch: usize,
         first_step: usize,
         total_steps: usize,
         quiet: bool,
@@ -75,7 +75,7 @@ impl Reporter {
             quiet,
             log_every: run.log_every.max(1),
             total_steps,
-            batch_size: run.batch_size * ranks,
+            batch_size: global_batch,
             start: Instant::now(),
             wait: Duration::ZERO,
             images: 0,
@@ -84,22 +84,16 @@ impl Reporter {
     }
 
     /// One finished step: its record, the progress bar or a stats line, the epoch's running sums.
-    pub fn step(
-        &mut self,
-        m: &StepMetrics,
-        images: usize,
-        step_time: Duration,
-        wait: Duration,
-    ) -> Result<()> {
+    pub fn step(&mut self, m: &StepMetrics, step_time: Duration, wait: Duration) -> Result<()> {
         let step_time = step_time.as_secs_f64();
         self.wait += wait;
-        self.images += images;
+        self.images += self.batch_size;
         self.epoch.add(m, wait);
         self.write(&Record::Step {
             m: m.clone(),
             step_time,
             data_wait: wait.as_secs_f64(),
-            images_per_s: images as f64 / step_time,
+            images_per_s: self.batch_size as f64 / step_time,
         })?;
         let (ips, wait_fraction) = self.throughput();
         let line = stats_line(m, ips, step_time, wait_fraction);

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use prost::Message;
 
-use crate::train::metrics::Record;
+use crate::run::metrics::Record;
 
 /// The file name's fixed part; TensorBoard finds event files by it.
 const PREFIX: &str = "events.out.tfevents.";
@@ -115,7 +115,7 @@ pub fn from_history(run_dir: &Path) -> Result<Option<PathBuf>> {
     if !files(run_dir).is_empty() {
         return Ok(None);
     }
-    let records = crate::train::metrics::read(&run_dir.join("metrics.jsonl"))?;
+    let records = crate::run::metrics::read(&run_dir.join("metrics.jsonl"))?;
     let mut w = EventWriter::create(run_dir, Some(0))?;
     for r in &records {
         w.record(r)?;

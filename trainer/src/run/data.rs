@@ -8,7 +8,8 @@ use common::Cursor;
 use loader::LoaderOptions;
 use shard::synth::{SynthOptions, SynthRecord};
 
-use crate::train::config::TrainConfig;
+use crate::parallel::World;
+use crate::recipe::config::TrainConfig;
 
 /// The shard directory of a config; the synthetic set is made on first use.
 pub fn shards(cfg: &TrainConfig, quiet: bool) -> Result<PathBuf> {
@@ -147,7 +148,60 @@ pub fn iters_per_epoch(cfg: &TrainConfig, shards: &Path, rank: usize, world_size
     Ok(ipe)
 }
 
-/// The loader's options for a run of `cfg` from `cursor`.
+/// What a run reads and how far, decided once: its shard set and the set's identity (a resume on
+/// another set is refused), the batches of one rank's epoch, the global batch, the steps to reach.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub shards: PathBuf,
+    pub identity: DataIdentity,
+    pub iters_per_epoch: usize,
+    /// `run.batch_size` on each of the job's ranks.
+    pub global_batch: usize,
+    /// `run.epochs` epochs, or `run.max_steps` if fewer.
+    pub total_steps: usize,
+    rank: usize,
+    world_size: usize,
+    /// No launcher: one process reads the whole set.
+    alone: bool,
+}
+
+impl Plan {
+    /// The plan of a run of `cfg` as one rank of `world` (a synthetic set is made on first use).
+    pub fn new(cfg: &TrainConfig, world: &World, quiet: bool) -> Result<Self> {
+        let shards = shards(cfg, quiet)?;
+        let identity = identity(&shards)?;
+        let ipe = iters_per_epoch(cfg, &shards, world.rank, world.size)?;
+        let total_steps = match cfg.run.max_steps {
+            0 => cfg.run.epochs * ipe,
+            n => n.min(cfg.run.epochs * ipe),
+        };
+        Ok(Self {
+            shards,
+            identity,
+            iters_per_epoch: ipe,
+            global_batch: cfg.run.batch_size * world.size,
+            total_steps,
+            rank: world.rank,
+            world_size: world.size,
+            alone: world.alone(),
+        })
+    }
+
+    /// The loader's options for this rank from `cursor`: [`loader_options`] and the rank's share.
+    pub fn loader_options(&self, cfg: &TrainConfig, cursor: Cursor) -> LoaderOptions {
+        let mut o = loader_options(cfg, &self.shards, cursor);
+        (o.rank, o.world_size) = (self.rank, self.world_size);
+        if !self.alone {
+            o.epoch_samples = Some((self.iters_per_epoch * cfg.run.batch_size) as u64);
+            // A rank that skips an undecodable image completes its epoch's last batch with copies, so that
+            // every rank has the epoch's `ipe` batches (the skip costs that sample, not the job).
+            o.pad_epochs = true;
+        }
+        o
+    }
+}
+
+/// The loader's options for one process reading the whole set of `cfg` from `cursor`.
 pub fn loader_options(cfg: &TrainConfig, shards: &Path, cursor: Cursor) -> LoaderOptions {
     let mut o = LoaderOptions::new(shards, cfg.views.clone(), cfg.run.batch_size);
     o.seed = cfg.run.seed;
@@ -162,8 +216,8 @@ pub fn loader_options(cfg: &TrainConfig, shards: &Path, cursor: Cursor) -> Loade
     o
 }
 
-/// The loader's runtime: two async threads (the reader and the collator); decoding runs on tokio's
-/// blocking pool.
+/// The loader's runtime: two worker threads for its async task (the collator); the shard reader and the
+/// decoders are blocking tasks on tokio's blocking pool.
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

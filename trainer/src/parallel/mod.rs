@@ -24,7 +24,7 @@ pub mod store;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::tensor::{Tensor, TensorData};
 
 /// Gradient floats per all-reduce: large enough that a ViT-S's 22M parameters go in a handful of calls
@@ -41,12 +41,6 @@ fn rendezvous_timeout() -> Result<Duration> {
             _ => bail!("DENSEDINO_RENDEZVOUS_TIMEOUT={v:?}: a number of seconds, at least 1"),
         },
     }
-}
-
-/// The result of a collective inside a training step, whose failure no rank can recover from (a peer is
-/// gone or NCCL failed): a panic, which `trainer train`'s panic hook turns into aborting the whole job.
-pub fn must<T>(r: Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("a collective over the ranks failed, the job cannot go on: {e:#}"))
 }
 
 /// This process's place in the job, and the channels to the others.
@@ -314,20 +308,37 @@ impl World {
         control.into()
     }
 
-    /// Prepares the data plane for a run on `device` (`Some(i)`: CUDA device i; `None`: the CPU). On CUDA
-    /// the ranks join one NCCL communicator (rank 0's unique id through the control plane); without the
-    /// `tch` feature, or on the CPU under a torchrun-style launch (no CPU collectives there), the run
-    /// is refused.
-    pub fn use_device(&self, cuda: Option<usize>) -> Result<()> {
-        if self.alone() {
-            return Ok(());
-        }
-        self.on_owner();
+    /// `r`, its error saying which rank failed in which collective: a failed collective ends the job (the
+    /// binary aborts every rank on an error), and this is the line that names where it began.
+    fn named<T>(&self, r: Result<T>, op: impl FnOnce() -> String) -> Result<T> {
+        r.with_context(|| {
+            format!("rank {} of {}: {} over {} failed", self.rank, self.size, op(), self.backend())
+        })
+    }
+
+    /// Whether the job's collectives can run on `device` (`Some(i)`: CUDA device i; `None`: the CPU),
+    /// without setting anything up: a launch that cannot is refused before it writes a file.
+    pub fn check_device(&self, cuda: Option<usize>) -> Result<()> {
         match cuda {
             None if matches!(self.control, Control::Store(_)) => bail!(
                 "a torchrun-style launch runs its collectives on NCCL: run.device must be cuda. On the CPU, \
                  launch with mpirun, srun or --nproc-per-node (the `mpi` feature)"
             ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Prepares the data plane for a run on `device` (`Some(i)`: CUDA device i; `None`: the CPU). On CUDA
+    /// the ranks join one NCCL communicator (rank 0's unique id through the control plane); without the
+    /// `tch` feature, or on the CPU under a torchrun-style launch (no CPU collectives there), the run
+    /// is refused.
+    pub fn use_device(&self, cuda: Option<usize>) -> Result<()> {
+        self.check_device(cuda)?;
+        if self.alone() {
+            return Ok(());
+        }
+        self.on_owner();
+        match cuda {
             None => Ok(()),
             #[cfg(feature = "tch")]
             Some(device) => {
@@ -345,8 +356,13 @@ impl World {
     }
 
     /// `buf` summed over the ranks, on every rank (host memory: through a device buffer under NCCL).
-    #[cfg_attr(not(any(feature = "mpi", feature = "tch")), allow(unused_variables))]
     pub fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        let n = buf.len();
+        self.named(self.all_reduce_sum_unnamed(buf), || format!("the all-reduce of {n} floats"))
+    }
+
+    #[cfg_attr(not(any(feature = "mpi", feature = "tch")), allow(unused_variables))]
+    fn all_reduce_sum_unnamed(&self, buf: &mut [f32]) -> Result<()> {
         self.on_owner();
         #[cfg(feature = "tch")]
         if let Some(nccl) = self.nccl.get() {
@@ -370,6 +386,10 @@ impl World {
 
     /// Rank 0's `bytes` on every rank (the others' argument is ignored).
     pub fn broadcast(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        self.named(self.broadcast_unnamed(bytes), || "a broadcast from rank 0".into())
+    }
+
+    fn broadcast_unnamed(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
         self.on_owner();
         match &self.control {
             Control::Single => Ok(bytes),
@@ -400,6 +420,10 @@ impl World {
 
     /// Waits for every rank.
     pub fn barrier(&self) -> Result<()> {
+        self.named(self.barrier_unnamed(), || "a barrier".into())
+    }
+
+    fn barrier_unnamed(&self) -> Result<()> {
         self.on_owner();
         match &self.control {
             Control::Single => Ok(()),
@@ -461,7 +485,10 @@ impl World {
             }
             #[cfg(feature = "tch")]
             if let Some(nccl) = self.nccl.get() {
-                nccl_average(nccl, &mut ts[start..end], scale)?;
+                let n = end - start;
+                self.named(nccl_average(nccl, &mut ts[start..end], scale), || {
+                    format!("the gradient all-reduce of {n} tensors ({len} floats)")
+                })?;
                 start = end;
                 continue;
             }
@@ -625,5 +652,24 @@ mod tests {
         assert_eq!(v, [1.0, 2.0]);
         assert_eq!(w.broadcast(b"x".to_vec()).unwrap(), b"x");
         w.check_same("the teacher", b"abc").unwrap();
+    }
+
+    #[test]
+    fn a_failed_collective_is_an_error_naming_the_rank_and_the_operation() {
+        // Rank 0 of a torchrun-style job of 2 whose rank 1 never comes: the rendezvous answers rank 0's
+        // own keys, and a wait for rank 1 ends with the store's timeout.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let job = store::Job { token: String::new(), local: true, max_connections: 4 };
+        let s = store::Store::connect("127.0.0.1", port, 0, Duration::from_secs(1), &job).unwrap();
+        let w = World::with(0, 2, 0, Control::Store(Mutex::new((s, 0))));
+        let e = format!("{:#}", w.barrier().unwrap_err());
+        assert!(e.starts_with("rank 0 of 2: a barrier over TCP rendezvous failed: "), "{e}");
+        assert!(e.contains("waited for rank 1 of 2"), "{e}");
+        // Host tensors have no collective there (NCCL carries them): an error too, not a panic.
+        let e = format!("{:#}", w.all_reduce_sum(&mut [1.0, 2.0, 3.0]).unwrap_err());
+        assert!(e.starts_with("rank 0 of 2: the all-reduce of 3 floats over TCP rendezvous failed: "), "{e}");
+        let e =
+            format!("{:#}", w.sum(Tensor::<1>::from_floats([1.0, 2.0], &Default::default())).unwrap_err());
+        assert!(e.contains("rank 0 of 2: the all-reduce of 2 floats"), "{e}");
     }
 }
