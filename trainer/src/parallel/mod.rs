@@ -366,9 +366,10 @@ impl World {
         self.on_owner();
         #[cfg(feature = "tch")]
         if let Some(nccl) = self.nccl.get() {
-            let mut t = tch::Tensor::from_slice(buf).to_device(tch::Device::Cuda(nccl.device));
+            // The fallible forms: a CUDA error here (a peer's failure surfacing) is an error, not a panic.
+            let mut t = tch::Tensor::f_from_slice(buf)?.f_to(tch::Device::Cuda(nccl.device))?;
             nccl.all_reduce_sum(&mut t)?;
-            t.to_device(tch::Device::Cpu).copy_data(buf, buf.len());
+            t.f_to(tch::Device::Cpu)?.f_copy_data(buf, buf.len())?;
             return Ok(());
         }
         match &self.control {
@@ -568,13 +569,13 @@ fn nccl_average(nccl: &nccl::Nccl, ts: &mut [Tensor<1>], scale: f32) -> Result<(
                 .map_err(|_| anyhow::anyhow!("NCCL: a gradient that is not a LibTorch tensor"))
         })
         .collect::<Result<_>>()?;
-    let mut flat = tch::Tensor::cat(&parts, 0);
+    let mut flat = tch::Tensor::f_cat(&parts, 0)?;
     nccl.all_reduce_sum(&mut flat)?;
-    let flat = flat * f64::from(scale);
+    let flat = flat.f_mul_scalar(f64::from(scale))?;
     let mut off = 0;
     for t in ts.iter_mut() {
         let n = t.dims()[0] as i64;
-        let part = flat.narrow(0, off, n).contiguous();
+        let part = flat.f_narrow(0, off, n)?.f_contiguous()?;
         *t = Tensor::from_primitive::<LibTorch>(TchTensor::new(part));
         off += n;
     }

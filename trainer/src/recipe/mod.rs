@@ -1,5 +1,5 @@
 //! The recipe: what one DenseDINO step computes and with which settings (config, loss, schedules, AdamW
-//! and the EMA teacher, fp16's loss scale, the step). Nothing here touches a file or a loader: the run
+//! and the EMA teacher, fp16's loss scale, the step). Nothing here writes a file or runs a loader: the run
 //! ([`crate::run`]) feeds it batches and saves what it holds.
 
 pub mod config;

@@ -116,11 +116,17 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub state: BTreeMap<String, AdamState>,
+    /// A diagnostic, off (`None`) unless asked for: with `Some`, each step that clips replaces it with
+    /// every clipped tensor's gradient norm before the cut, in the order the clip sees them (a
+    /// [`clip_split`] tensor as two, `name[..d]` and `name[d..]`), as the official `clip_gradients`
+    /// returns them. The parity test compares them with the official loop's; a pass of its own over the
+    /// gradients, so training never pays for it.
+    pub clip_norms: Option<Vec<(String, f32)>>,
 }
 
 impl Default for AdamW {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, state: BTreeMap::new() }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, state: BTreeMap::new(), clip_norms: None }
     }
 }
 
@@ -160,6 +166,9 @@ impl AdamW {
         grads: &Gradients,
         o: StepOptions,
     ) -> anyhow::Result<bool> {
+        if let Some(record) = &mut self.clip_norms {
+            record.clear(); // a skipped step clips nothing
+        }
         let checks_frozen = o.unscale.is_some() && o.clip_grad > 0.0;
         let mut updates = Vec::new();
         // Gradients that only the overflow check reads (the frozen last layer, see above).
@@ -199,6 +208,9 @@ impl AdamW {
             if !finite {
                 return Ok(false);
             }
+        }
+        if let (Some(record), true) = (&mut self.clip_norms, o.clip_grad > 0.0) {
+            *record = clip_norms(&updates);
         }
         for u in &updates {
             let st = self.state.entry(u.name.clone()).or_insert_with(|| AdamState {
@@ -330,6 +342,24 @@ impl AdamW {
         }
         out
     }
+}
+
+/// The gradient norm of every tensor the clip sees ([`AdamW::clip_norms`]).
+fn clip_norms(updates: &[Update]) -> Vec<(String, f32)> {
+    // The host kernel's own reduction (chunked f32 partial sums), on a host copy.
+    let norm = |g: Tensor<1>| multi_tensor::norms(&[&crate::model::params::host(g)])[0];
+    let mut out = Vec::new();
+    for u in updates {
+        match u.split {
+            Some(d) => {
+                let n = u.grad.dims()[0];
+                out.push((format!("{}[..{d}]", u.name), norm(u.grad.clone().slice(0..d))));
+                out.push((format!("{}[{d}..]", u.name), norm(u.grad.clone().slice(d..n))));
+            }
+            None => out.push((u.name.clone(), norm(u.grad.clone()))),
+        }
+    }
+    out
 }
 
 /// `g ← g · inv` for every gradient; whether all of them were finite before (as

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use common::{Batch, Cursor};
 use rand::Rng;
 
@@ -37,7 +37,7 @@ pub fn bench(
         Box::new(move || rt.block_on(loader.batches.recv()).map_err(|_| anyhow!("the loader ended")))
     };
     for _ in 0..warmup {
-        trainer.step(&next()?).context("in the warmup")?;
+        trainer.step(&next()?).map_err(|e| said_non_finite(e, " in warmup"))?;
     }
     let mut wait = Duration::ZERO;
     let t0 = Instant::now();
@@ -45,7 +45,7 @@ pub fn bench(
         let w = Instant::now();
         let batch = next()?;
         wait += w.elapsed();
-        trainer.step(&batch)?;
+        trainer.step(&batch).map_err(|e| said_non_finite(e, ""))?;
     }
     let secs = t0.elapsed().as_secs_f64();
     let (step_time, images_per_s) = (secs / steps as f64, (steps * b) as f64 / secs);
@@ -92,5 +92,13 @@ pub fn random_batch(b: usize, sizes: &[usize], m: usize, seed: u64) -> Batch {
         seq: (0..b as u64).collect(),
         epoch: 0,
         cursor: Cursor::default(),
+    }
+}
+
+/// A step's error as the benchmark says it: a non-finite loss as `non-finite loss L` and `what`.
+fn said_non_finite(e: anyhow::Error, what: &str) -> anyhow::Error {
+    match e.downcast_ref::<crate::recipe::step::NonFiniteLoss>() {
+        Some(nf) => anyhow!("non-finite loss {}{what}", nf.loss),
+        None => e,
     }
 }

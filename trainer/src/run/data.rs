@@ -167,9 +167,18 @@ pub struct Plan {
 
 impl Plan {
     /// The plan of a run of `cfg` as one rank of `world` (a synthetic set is made on first use).
-    pub fn new(cfg: &TrainConfig, world: &World, quiet: bool) -> Result<Self> {
+    /// `trained_on`: a resumed run's checkpoint and the set it was written on, which must be this one.
+    pub fn new(
+        cfg: &TrainConfig,
+        world: &World,
+        quiet: bool,
+        trained_on: Option<(&Path, DataIdentity)>,
+    ) -> Result<Self> {
         let shards = shards(cfg, quiet)?;
         let identity = identity(&shards)?;
+        if let Some((file, then)) = trained_on {
+            same_set(file, &then, &shards, &identity)?;
+        }
         let ipe = iters_per_epoch(cfg, &shards, world.rank, world.size)?;
         let total_steps = match cfg.run.max_steps {
             0 => cfg.run.epochs * ipe,
@@ -199,6 +208,28 @@ impl Plan {
         }
         o
     }
+}
+
+/// A resume on another data set than its checkpoint's (`file`, written on `then`) is refused: the steps
+/// per epoch, and with them the lr, weight-decay and momentum schedules, would change silently.
+fn same_set(file: &Path, then: &DataIdentity, shards: &Path, now: &DataIdentity) -> Result<()> {
+    if then == now {
+        return Ok(());
+    }
+    bail!(
+        "{} was written by a run on a set of {} samples in {} shards (digest {}); {} now holds {} samples in \
+         {} shards (digest {}). Resumed on it, the run's steps per epoch, and with them its lr, weight-decay \
+         and momentum schedules, would change silently. Restore the set the run trained on, or start a new \
+         run on this one",
+        file.display(),
+        then.samples,
+        then.shards,
+        then.digest,
+        shards.display(),
+        now.samples,
+        now.shards,
+        now.digest
+    )
 }
 
 /// The loader's options for one process reading the whole set of `cfg` from `cursor`.

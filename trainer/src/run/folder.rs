@@ -1,7 +1,8 @@
 //! A run's folder: a fresh one (`runs/name`, or `-2`, `-3`, … beside a run), a resumed one (its newest
 //! intact checkpoint, its stored config), a start-over of a run killed before its first checkpoint, or a
 //! branch from an older checkpoint into a new folder. The folder is locked while a process runs in it,
-//! and every file written here goes through a rename, so a crash never leaves one that looks whole.
+//! and its config and checkpoints are written through a rename, so a crash never leaves one that looks
+//! whole (a branch is a run only once its checkpoint is).
 
 use std::path::{Path, PathBuf};
 

@@ -71,10 +71,12 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     refuse_device_early(&start, opts, &world)?;
     let folder::Opened { cfg, dir: run_dir, resume, lock: _lock } =
         folder::open_across(&world, start, opts.device, opts.quiet)?;
-    let plan = data::Plan::new(&cfg, &world, quiet)?;
-    if let Some((file, bytes)) = &resume {
-        same_data(file, bytes, &plan)?;
-    }
+    // A resume reads the set its checkpoint was written on (checked before anything is counted in it).
+    let trained_on = match &resume {
+        Some((file, bytes)) => checkpoint::meta(bytes)?.data.map(|d| (file.as_path(), d)),
+        None => None,
+    };
+    let plan = data::Plan::new(&cfg, &world, quiet, trained_on)?;
     let device = rank_device(&cfg, &world)?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, plan.iters_per_epoch, plan.global_batch);
     let mut trainer = Trainer::from_config(&cfg, schedules, &device.device()?, &world)?;
@@ -129,29 +131,6 @@ fn rank_device(cfg: &TrainConfig, world: &World) -> Result<DeviceSpec> {
         _ => None,
     })?;
     Ok(device)
-}
-
-/// A resume on another data set than its checkpoint's is refused: the steps per epoch, and with them
-/// the lr, weight-decay and momentum schedules, would change silently.
-fn same_data(file: &Path, bytes: &[u8], plan: &data::Plan) -> Result<()> {
-    let now = &plan.identity;
-    match checkpoint::meta(bytes)?.data {
-        Some(then) if then != *now => bail!(
-            "{} was written by a run on a set of {} samples in {} shards (digest {}); {} now holds {} samples in \
-             {} shards (digest {}). Resumed on it, the run's steps per epoch, and with them its lr, weight-decay \
-             and momentum schedules, would change silently. Restore the set the run trained on, or start a new \
-             run on this one",
-            file.display(),
-            then.samples,
-            then.shards,
-            then.digest,
-            plan.shards.display(),
-            now.samples,
-            now.shards,
-            now.digest
-        ),
-        _ => Ok(()),
-    }
 }
 
 /// The trainer's state from the checkpoint a resume continues from (file and bytes); the loader's
