@@ -63,24 +63,30 @@ pub(super) fn open_across(
     }
     match serde_json::from_slice(&world.broadcast(Vec::new())?)? {
         Told::Failed(e) => bail!("rank {}: rank 0 could not open the run: {e}", world.rank),
-        Told::Run { dir, checkpoint } => {
-            let stored = dir.join("config.toml");
-            let text =
-                std::fs::read_to_string(&stored).with_context(|| format!("reading {}", stored.display()))?;
-            let cfg = TrainConfig::from_resolved(&text).with_context(|| stored.display().to_string())?;
-            let resume = match checkpoint {
-                Some(file) => {
-                    let bytes = std::fs::read(&file).with_context(|| {
-                        format!("rank {}: reading {} (rank 0's checkpoint; is the run folder on a file system every \
-                                 machine shares?)", world.rank, file.display())
-                    })?;
-                    Some((file, bytes))
-                }
-                None => None,
-            };
-            Ok(Opened { cfg, dir, resume, lock: None })
-        }
+        Told::Run { dir, checkpoint } => open_as_told(world, dir, checkpoint),
     }
+}
+
+/// A rank other than 0: the run rank 0 opened in `dir`, from its `checkpoint`.
+fn open_as_told(world: &World, dir: PathBuf, checkpoint: Option<PathBuf>) -> Result<Opened> {
+    let stored = dir.join("config.toml");
+    let text = std::fs::read_to_string(&stored).with_context(|| format!("reading {}", stored.display()))?;
+    let cfg = TrainConfig::from_resolved(&text).with_context(|| stored.display().to_string())?;
+    let resume = match checkpoint {
+        Some(file) => {
+            let bytes = std::fs::read(&file).with_context(|| {
+                format!(
+                    "rank {}: reading {} (rank 0's checkpoint; is the run folder on a file system every machine \
+                     shares?)",
+                    world.rank,
+                    file.display()
+                )
+            })?;
+            Some((file, bytes))
+        }
+        None => None,
+    };
+    Ok(Opened { cfg, dir, resume, lock: None })
 }
 
 /// [`Opened`] for this process alone. Writes the resolved config into the folder.

@@ -71,12 +71,7 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     refuse_device_early(&start, opts, &world)?;
     let folder::Opened { cfg, dir: run_dir, resume, lock: _lock } =
         folder::open_across(&world, start, opts.device, opts.quiet)?;
-    // A resume reads the set its checkpoint was written on (checked before anything is counted in it).
-    let trained_on = match &resume {
-        Some((file, bytes)) => checkpoint::meta(bytes)?.data.map(|d| (file.as_path(), d)),
-        None => None,
-    };
-    let plan = data::Plan::new(&cfg, &world, quiet, trained_on)?;
+    let plan = data::Plan::new(&cfg, &world, quiet, trained_on(resume.as_ref())?)?;
     let device = rank_device(&cfg, &world)?;
     let schedules = Schedules::new(&cfg.optim, cfg.run.epochs, plan.iters_per_epoch, plan.global_batch);
     let mut trainer = Trainer::from_config(&cfg, schedules, &device.device()?, &world)?;
@@ -117,6 +112,13 @@ fn refuse_device_early(start: &Start, opts: &RunOptions, world: &World) -> Resul
         Some(d) if !matches!(d, DeviceSpec::Cuda(_)) => world.check_device(None),
         _ => Ok(()),
     }
+}
+
+/// A resumed run's checkpoint and the data set it was written on, which the run must read again
+/// ([`data::Plan::new`] checks it before anything is counted in the set).
+fn trained_on(resume: Option<&(PathBuf, Vec<u8>)>) -> Result<Option<(&Path, data::DataIdentity)>> {
+    let Some((file, bytes)) = resume else { return Ok(None) };
+    Ok(checkpoint::meta(bytes)?.data.map(|d| (file.as_path(), d)))
 }
 
 /// The device this rank runs on, the job's collectives set up for it. One GPU per process: rank r of a
@@ -202,17 +204,8 @@ fn wrap_up(
     if rank0 {
         checkpoint::prune(&run_dir.join("checkpoints"), cfg.run.keep_checkpoints);
     }
-    let total = plan.total_steps;
-    if trainer.it < total && !quiet {
-        // Only a damaged set ends early (the loader runs exactly `run.epochs` epochs of the plan, and damaged
-        // shards and skipped samples make them shorter): the run is complete, but not what was planned.
-        eprintln!(
-            "warning: the data ended after {} of the planned {total} steps ({} epochs x {}): {}",
-            trainer.it,
-            cfg.run.epochs,
-            plan.iters_per_epoch,
-            data_problems.as_deref().unwrap_or("the set has fewer samples than its index lists")
-        );
+    if trainer.it < plan.total_steps && !quiet {
+        warn_short(trainer.it, plan, cfg, data_problems.as_deref());
     }
     if rank0 && let (Err(e), false) = (metrics::plot(run_dir), quiet) {
         eprintln!("warning: plotting failed: {e:#}");
@@ -223,13 +216,26 @@ fn wrap_up(
         config: cfg.clone(),
         steps,
         last_checkpoint: ckpt.last.map(|(_, p)| p),
-        planned_steps: total,
+        planned_steps: plan.total_steps,
         trained_steps: trainer.it,
         images_per_s,
         data_wait_fraction,
         data_problems,
         teacher: trainer.teacher_movement(),
     })
+}
+
+/// A run that the data ended after `steps` steps, short of its plan. Only a damaged set ends early (the
+/// loader runs exactly `run.epochs` epochs of the plan, and damaged shards and skipped samples make them
+/// shorter): the run is complete, but not what was planned.
+fn warn_short(steps: usize, plan: &data::Plan, cfg: &TrainConfig, data_problems: Option<&str>) {
+    eprintln!(
+        "warning: the data ended after {steps} of the planned {} steps ({} epochs x {}): {}",
+        plan.total_steps,
+        cfg.run.epochs,
+        plan.iters_per_epoch,
+        data_problems.unwrap_or("the set has fewer samples than its index lists")
+    );
 }
 
 /// The loop, DINO's `train_one_epoch` over every epoch, until step `total` or the end of the data: next
