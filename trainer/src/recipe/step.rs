@@ -251,21 +251,16 @@ impl Trainer {
         let momentum = self.schedules.momentum.at(it);
         let temp = self.loss.cfg.teacher_temp_at(epoch);
         let (out, teacher_out, layout) = self.forward(batch, temp);
-        let reported = Reported::across(&self.world, &out).with_context(|| format!("step {it}"))?;
+        let reported = reported_across(&self.world, &out).with_context(|| format!("step {it}"))?;
         let mut metrics = StepMetrics {
             it,
             epoch,
-            loss: reported.loss,
-            cls_loss: reported.cls_loss,
-            ref_loss: reported.ref_loss,
             lr,
             weight_decay: wd,
             momentum,
             teacher_temp: temp,
-            teacher_entropy: reported.teacher_entropy,
-            teacher_batch_entropy: reported.teacher_batch_entropy,
             loss_scale: self.scaler.as_ref().map(|s| s.scale as f64),
-            skipped_steps: None,
+            ..reported
         };
         if !metrics.loss.is_finite() {
             return Err(NonFiniteLoss { loss: metrics.loss, it, epoch }.into());
@@ -317,35 +312,27 @@ impl std::fmt::Display for NonFiniteLoss {
 
 impl std::error::Error for NonFiniteLoss {}
 
-/// The numbers a step reports from its device tensors, the mean over the ranks (the same on every
-/// rank, so a non-finite loss stops them all).
-struct Reported {
-    loss: f64,
-    cls_loss: Option<f64>,
-    ref_loss: Option<f64>,
-    teacher_entropy: f64,
-    teacher_batch_entropy: f64,
-}
-
-impl Reported {
-    fn across(world: &World, out: &LossOutput) -> Result<Self> {
-        // One host read for every number: each read is a device sync. Read back in the order pushed.
-        let mut scalars = vec![optim::plain(out.total.clone())];
-        scalars.extend(out.cls.clone().map(optim::plain));
-        scalars.extend(out.refs.clone().map(optim::plain));
-        scalars.extend(target_entropies(out.cls_targets.clone()));
-        let mut sums = host(Tensor::cat(scalars, 0));
-        world.all_reduce_sum(&mut sums).context("averaging the step's losses")?;
-        let mut means = sums.into_iter().map(|x| f64::from(x) / world.size as f64);
-        let mut next = || means.next().expect("one number per tensor pushed");
-        Ok(Self {
-            loss: next(),
-            cls_loss: out.cls.is_some().then(&mut next),
-            ref_loss: out.refs.is_some().then(&mut next),
-            teacher_entropy: next(),
-            teacher_batch_entropy: next(),
-        })
-    }
+/// The numbers a step reads from its device tensors (the losses and the teacher's entropies; the rest
+/// of [`StepMetrics`] at its default), the mean over the ranks (the same on every rank, so a non-finite
+/// loss stops them all).
+fn reported_across(world: &World, out: &LossOutput) -> Result<StepMetrics> {
+    // One host read for every number: each read is a device sync. Read back in the order pushed.
+    let mut scalars = vec![optim::plain(out.total.clone())];
+    scalars.extend(out.cls.clone().map(optim::plain));
+    scalars.extend(out.refs.clone().map(optim::plain));
+    scalars.extend(target_entropies(out.cls_targets.clone()));
+    let mut sums = host(Tensor::cat(scalars, 0));
+    world.all_reduce_sum(&mut sums).context("averaging the step's losses")?;
+    let mut means = sums.into_iter().map(|x| f64::from(x) / world.size as f64);
+    let mut next = || means.next().expect("one number per tensor pushed");
+    Ok(StepMetrics {
+        loss: next(),
+        cls_loss: out.cls.is_some().then(&mut next),
+        ref_loss: out.refs.is_some().then(&mut next),
+        teacher_entropy: next(),
+        teacher_batch_entropy: next(),
+        ..Default::default()
+    })
 }
 
 /// The teacher as a run starts: the student's initial draws (the same seed) on the plain device, without
