@@ -26,8 +26,15 @@ struct Cli {
 /// What every pipeline run needs: the shards, the views preset, the workers and the batch size.
 #[derive(clap::Args)]
 struct PipelineArgs {
+    /// A shard folder or its index.json, or a remote set: s3://, gs://, az://, http(s)://, pipe:.
     #[arg(long)]
     shards: PathBuf,
+    /// Where a remote set's shards are kept once read (default: streamed every epoch).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// The most the cache may hold, e.g. 20G (default: no limit).
+    #[arg(long, value_parser = shard::remote::parse_size, requires = "cache_dir")]
+    cache_limit: Option<u64>,
     /// paper-main, readme-ablation or dino.
     #[arg(long, default_value = "paper-main")]
     preset: String,
@@ -44,6 +51,10 @@ impl PipelineArgs {
         let mut opts = LoaderOptions::new(self.shards.clone(), views, self.batch_size);
         opts.workers =
             self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        opts.cache = self
+            .cache_dir
+            .clone()
+            .map(|dir| shard::remote::Cache { dir, limit: self.cache_limit.unwrap_or(u64::MAX) });
         Ok(opts)
     }
 }

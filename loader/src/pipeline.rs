@@ -25,7 +25,7 @@ use rand::Rng;
 use common::config::ViewsConfig;
 use common::seed::{Purpose, rng};
 use common::{Batch, Cursor, ViewPixels};
-use shard::{Index, Sample, open_shard, read_samples};
+use shard::{Index, Sample, read_samples};
 
 use crate::error::{Error, Result};
 use crate::plan::epoch_plan;
@@ -68,6 +68,9 @@ pub struct LoaderOptions {
     pub pad_epochs: bool,
     /// Where to start: (epoch, samples of that epoch already consumed).
     pub start: Cursor,
+    /// Where a remote set's shards are kept between epochs (`None`: streamed every epoch). Unused for a
+    /// local folder.
+    pub cache: Option<shard::remote::Cache>,
 }
 
 impl LoaderOptions {
@@ -87,6 +90,7 @@ impl LoaderOptions {
             epoch_samples: None,
             pad_epochs: false,
             start: Cursor::default(),
+            cache: None,
         }
     }
 }
@@ -221,7 +225,12 @@ struct Done {
 struct Missing;
 
 /// The shard directory and index from a directory or an `index.json` path; one clear error if absent.
+/// A remote set's URL gives the set's URL as the directory, and is checked against one listing of the
+/// store (where it can list: not `pipe:`).
 pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
+    if let Some(url) = shard::remote::remote_url(path) {
+        return open_remote_index(url);
+    }
     if !path.exists() {
         return Err(Error::ShardSet {
             path: path.to_path_buf(),
@@ -269,27 +278,59 @@ pub fn open_index(path: &Path) -> Result<(PathBuf, Index)> {
             ));
         }
     }
-    let total = index.shards.len();
+    refuse_damaged_set(&dir, index.shards.len(), &missing, &unusable)?;
+    Ok((dir, index))
+}
+
+/// A set with shards missing, or present and not as its index lists them, is refused before anything
+/// starts, naming them.
+fn refuse_damaged_set(dir: &Path, total: usize, missing: &[&str], unusable: &[String]) -> Result<()> {
+    let refuse = |problem| Err(Error::ShardSet { path: dir.to_path_buf(), problem });
     if !missing.is_empty() {
         let n = missing.len();
         let verb = if n == 1 { "is" } else { "are" };
-        return Err(Error::ShardSet {
-            path: dir,
-            problem: format!(
-                "{n} of the {total} shards its index.json lists {verb} missing: {}",
-                missing.join(", ")
-            ),
-        });
+        return refuse(format!(
+            "{n} of the {total} shards its index.json lists {verb} missing: {}",
+            missing.join(", ")
+        ));
     }
     if !unusable.is_empty() {
-        return Err(Error::ShardSet {
-            path: dir,
-            problem: format!(
-                "{} of the {total} shards its index.json lists cannot be used: {}",
-                unusable.len(),
-                unusable.join("; ")
-            ),
-        });
+        let n = unusable.len();
+        return refuse(format!(
+            "{n} of the {total} shards its index.json lists cannot be used: {}",
+            unusable.join("; ")
+        ));
+    }
+    Ok(())
+}
+
+fn open_remote_index(url: &str) -> Result<(PathBuf, Index)> {
+    let set = shard::remote::RemoteSet::shared(url)?;
+    let dir = PathBuf::from(&set.url);
+    let index = Index::load(Path::new(url))?;
+    if index.total_samples == 0 || index.shards.is_empty() {
+        return Err(Error::ShardSet { path: dir, problem: "the shard index lists no samples".into() });
+    }
+    let names: Vec<&str> = index.shards.iter().map(|s| s.name.as_str()).collect();
+    if let Some(sizes) = set.sizes(&names)? {
+        let missing: Vec<&str> =
+            names.iter().zip(&sizes).filter(|(_, size)| size.is_none()).map(|(n, _)| *n).collect();
+        let unusable: Vec<String> = index
+            .shards
+            .iter()
+            .zip(&sizes)
+            .filter_map(|(s, size)| {
+                let size = (*size)?;
+                (size != s.bytes).then(|| {
+                    format!(
+                        "{}: {size} bytes where its index entry lists {} (replaced or repacked without its \
+                         index; `shard verify` checks it)",
+                        s.name, s.bytes
+                    )
+                })
+            })
+            .collect();
+        refuse_damaged_set(&dir, index.shards.len(), &missing, &unusable)?;
     }
     Ok((dir, index))
 }
@@ -355,16 +396,18 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
 /// (not once per epoch) with the samples it lacks against its index entry (`listed`).
 fn spawn_shard_reader(
     dir: &Path,
+    info: &shard::format::ShardInfo,
     name: Arc<str>,
-    listed: u64,
+    cache: Option<shard::remote::Cache>,
     stats: Arc<Stats>,
 ) -> std::sync::mpsc::Receiver<Sample> {
     let (tx, rx) = std::sync::mpsc::sync_channel(8);
     let path = dir.join(&*name);
+    let (dir, info, listed) = (dir.to_path_buf(), info.clone(), info.samples);
     std::thread::spawn(move || {
         let (mut stopped, mut sent, mut over) = (false, 0u64, false);
-        let (error, delivered) = match open_shard(&path) {
-            Ok(reader) => match read_samples(reader, |s| {
+        let (error, delivered) = match shard::remote::open_tar(&dir, &info, cache.as_ref()) {
+            Ok(mut reader) => match read_samples(&mut reader, |s| {
                 // The epoch plan is the index's: a shard holding more than its entry lists gives only
                 // those, or it would crowd the other shards out of the epoch.
                 if sent == listed {
@@ -386,8 +429,24 @@ fn spawn_shard_reader(
                     }
                     return;
                 }
-                // Whole, or left early by its reader: nothing to report.
-                Ok(n) if n >= listed || stopped => return,
+                // Left early by its reader: nothing to report.
+                Ok(_) if stopped => return,
+                // Whole: the bytes after the end-of-archive block are read too, so that a remote shard's
+                // size and digest are checked at its end (and its cache copy kept).
+                Ok(n) if n >= listed => {
+                    match std::io::copy(&mut std::io::Read::take(&mut reader, 1 << 20), &mut std::io::sink())
+                    {
+                        Ok(_) => return,
+                        Err(e) => (
+                            shard::Error::Shard {
+                                path: Some(path.clone()),
+                                samples: n,
+                                problem: e.to_string(),
+                            },
+                            n,
+                        ),
+                    }
+                }
                 // An intact tar with fewer samples than the index lists: replaced, or packed by another tool.
                 Ok(n) => (
                     shard::Error::Shard {
@@ -409,10 +468,14 @@ fn spawn_shard_reader(
         };
         let lost = listed.saturating_sub(delivered);
         if stats.shard_damaged(&name, lost) {
-            eprintln!(
-                "warning: {error}; {lost} of its {listed} samples are lost (reported once; counted in the \
-                 stats line)"
-            );
+            // Nothing lost: a remote shard whose digest was found wrong at its end, after its samples streamed.
+            let fate = match lost {
+                0 => format!(
+                    "its {listed} samples were used as they streamed, before its end showed the damage"
+                ),
+                _ => format!("{lost} of its {listed} samples are lost"),
+            };
+            eprintln!("warning: {error}; {fate} (reported once; counted in the stats line)");
         }
     });
     rx
@@ -466,7 +529,8 @@ fn read_loop(
                 match pending.next() {
                     Some(info) => {
                         let name: Arc<str> = Arc::from(info.name.as_str());
-                        let rx = spawn_shard_reader(dir, name.clone(), info.samples, stats.clone());
+                        let rx =
+                            spawn_shard_reader(dir, info, name.clone(), opts.cache.clone(), stats.clone());
                         open.push((name, rx));
                     }
                     None => break,
@@ -727,11 +791,12 @@ async fn collate_loop(
     }
 }
 
-/// Reads the shard directory's samples in index order without views (the decode-only benchmark).
+/// Reads the shard directory's samples in index order without views (the decode-only benchmark, the
+/// evaluations). A remote set's shards are streamed, uncached.
 pub fn for_each_sample(dir: &Path, index: &Index, mut f: impl FnMut(Sample) -> bool) -> Result<()> {
     for s in &index.shards {
         let path = dir.join(&s.name);
-        let reader = open_shard(&path)?;
+        let reader = shard::remote::open_tar(dir, s, None)?;
         let mut go = true;
         if let Err(e) = read_samples(reader, |x| {
             go = f(x);

@@ -44,20 +44,6 @@ fn run_ok(args: &[&str], sets: &[String], log: &Path) {
     assert!(status.success(), "trainer {args:?} failed ({status}):\n{text}");
 }
 
-/// `metrics.jsonl` without its timings.
-fn history(run: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            for timing in ["step_time", "data_wait", "images_per_s", "data_wait_fraction"] {
-                v.as_object_mut().unwrap().remove(timing);
-            }
-            v
-        })
-        .collect()
-}
-
 fn last_checkpoint(run: &Path) -> (usize, PathBuf) {
     checkpoint::list(&run.join("checkpoints")).pop().expect("a checkpoint")
 }
@@ -65,7 +51,11 @@ fn last_checkpoint(run: &Path) -> (usize, PathBuf) {
 /// The run in `run` (resumed to its end) is the uninterrupted one in `reference`: the same history
 /// (without timings) and the same final weights.
 fn same_run(run: &Path, reference: &Path) {
-    assert_eq!(history(run), history(reference), "the resumed run's history is the uninterrupted one's");
+    assert_eq!(
+        util::history(run),
+        util::history(reference),
+        "the resumed run's history is the uninterrupted one's"
+    );
     let tensors = |dir: &Path| checkpoint::tensors(&std::fs::read(last_checkpoint(dir).1).unwrap()).unwrap();
     assert!(tensors(run) == tensors(reference), "the resumed run's weights are the uninterrupted one's");
 }
@@ -77,7 +67,7 @@ fn two_ranks_stop_resume_and_end_as_an_uninterrupted_run() {
 
     // Uninterrupted: 3 epochs of 4 steps, each step's record written once (by rank 0).
     run_ok(&["train", "--quiet", "--nproc-per-node", "2"], &sets(&a, 3), &tmp.path().join("a.log"));
-    let want = history(&a.join("runs/dp"));
+    let want = util::history(&a.join("runs/dp"));
     let its: Vec<u64> =
         want.iter().filter(|r| r["kind"] == "step").map(|r| r["it"].as_u64().unwrap()).collect();
     assert_eq!(its, (0..12).collect::<Vec<_>>(), "one record per global step");
@@ -240,8 +230,11 @@ fn the_demo_runs_on_two_ranks_and_resumes() {
     run_ok(&["train", "--nproc-per-node", "2", "--resume", run_s], &["run.max_steps=16".into()], &log);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("resuming") && text.contains("at step 10"), "{text}");
-    let its: Vec<u64> =
-        history(&run).iter().filter(|r| r["kind"] == "step").map(|r| r["it"].as_u64().unwrap()).collect();
+    let its: Vec<u64> = util::history(&run)
+        .iter()
+        .filter(|r| r["kind"] == "step")
+        .map(|r| r["it"].as_u64().unwrap())
+        .collect();
     assert_eq!(its, (0..16).collect::<Vec<_>>());
     assert_eq!(last_checkpoint(&run).0, 16);
 }
@@ -271,7 +264,7 @@ fn a_stop_signal_to_the_launcher_checkpoints_every_rank_and_the_resume_is_exact(
         };
         let mut child = cmd.stdin(Stdio::null()).spawn().unwrap();
         // Wait for a few steps of this process.
-        let logged = || history(&run).iter().filter(|r| r["kind"] == "step").count();
+        let logged = || util::history(&run).iter().filter(|r| r["kind"] == "step").count();
         let start = if round == 0 { 0 } else { logged() };
         let t0 = Instant::now();
         while !run.join("metrics.jsonl").exists() || logged() < start + 3 {
@@ -356,7 +349,7 @@ fn one_undecodable_image_costs_its_sample_not_the_job_and_the_resume_is_exact() 
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("warning: skipped sample") && text.contains("of shard train-000001.tar"), "{text}");
     assert!(!text.contains("the data ended") && !text.contains("disagree"), "{text}");
-    let want = history(&a.join("runs/dp"));
+    let want = util::history(&a.join("runs/dp"));
     let its: Vec<u64> =
         want.iter().filter(|r| r["kind"] == "step").map(|r| r["it"].as_u64().unwrap()).collect();
     assert_eq!(its, (0..12).collect::<Vec<_>>(), "every step of every epoch ran");

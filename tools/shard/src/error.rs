@@ -40,6 +40,10 @@ pub enum Error {
     /// A shard whose tar stream is damaged after `samples` complete samples.
     #[error("{}damaged after {samples} samples: {problem}", Named(.path))]
     Shard { path: Option<PathBuf>, samples: u64, problem: String },
+    /// A file of a remote set ([`crate::remote`]) that cannot be read or written: missing, refused,
+    /// unreachable, or a URL that names no store.
+    #[error("{url}: {problem}")]
+    Remote { url: String, problem: String },
     /// An option value that cannot be used, naming the option.
     #[error("{option}: {problem}")]
     InvalidOption { option: &'static str, problem: String },

@@ -1,7 +1,7 @@
 //! `index.json`: what a shard directory holds, written last (atomically) by `pack` and `synth`, read by
 //! `verify` and by the loader. It holds no timestamps, so the same inputs and seed give the same bytes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -83,10 +83,24 @@ impl Index {
     }
 
     /// Loads an index from its path, or from the directory that holds it.
+    /// A remote set's URL ([`crate::remote`]) is read from the store.
     pub fn load(path: &Path) -> Result<Index> {
-        let file = if path.is_dir() { path.join(INDEX_FILE) } else { path.to_path_buf() };
-        let text = common::files::read_text(&file, common::files::MAX_TEXT_BYTES)
-            .map_err(|e| Error::io(&file, "cannot read the shard index", e))?;
+        let (file, text) = match crate::remote::remote_url(path) {
+            Some(url) => {
+                let set = crate::remote::RemoteSet::shared(url)?;
+                let bytes = set.read_small(INDEX_FILE, common::files::MAX_TEXT_BYTES)?;
+                let file = PathBuf::from(set.file_url(INDEX_FILE));
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::Index { path: file.clone(), problem: "not UTF-8 text".into() })?;
+                (file, text)
+            }
+            None => {
+                let file = if path.is_dir() { path.join(INDEX_FILE) } else { path.to_path_buf() };
+                let text = common::files::read_text(&file, common::files::MAX_TEXT_BYTES)
+                    .map_err(|e| Error::io(&file, "cannot read the shard index", e))?;
+                (file, text)
+            }
+        };
         let index: Index = serde_json::from_str(&text).map_err(|e| Error::Index {
             path: file.clone(),
             problem: format!("not a valid shard index: {e}"),

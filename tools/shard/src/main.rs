@@ -26,9 +26,14 @@ enum Command {
         /// The input folder (class folders, or a flat folder with --val-labels / --masks).
         #[arg(long)]
         input: PathBuf,
-        /// Where the shards and index.json go.
+        /// Where the shards and index.json go: a folder, or a store's URL (s3://bucket/set, gs://…,
+        /// az://…), which gets each shard as soon as it is complete in --stage, then index.json last.
         #[arg(long)]
         out: PathBuf,
+        /// With a store URL as --out: the local folder the set is packed in before its upload, kept for
+        /// --resume (default: a folder under the system's temporary folder named after the URL).
+        #[arg(long)]
+        stage: Option<PathBuf>,
         /// Pack only the `class/file` lines of this list (e.g. Caltech-101's train.txt); with --masks,
         /// only the image stems it lists (Pascal VOC's ImageSets/Segmentation/train.txt).
         #[arg(long)]
@@ -59,7 +64,7 @@ enum Command {
         prefix: String,
         /// Target shard size (uncompressed tar bytes), with K/M/G suffixes (the default is
         /// `PackOptions::default().shard_bytes`, spelled readably).
-        #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+        #[arg(long, default_value = "1G", value_parser = shard::remote::parse_size)]
         shard_bytes: u64,
         /// Samples per shard instead of a size target.
         #[arg(long)]
@@ -91,7 +96,7 @@ enum Command {
     },
     /// Re-read every shard against index.json; exits 1 with a report on any mismatch.
     Verify {
-        /// The shard folder (or its index.json).
+        /// The shard folder (or its index.json), or a remote set's URL (s3://, gs://, az://, http(s)://, pipe:).
         dir: PathBuf,
         /// Also decode every image.
         #[arg(long)]
@@ -131,37 +136,13 @@ enum Command {
     },
 }
 
-/// A size such as `512M` (`--shard-bytes`); clap names the option when this refuses a value.
-fn parse_bytes(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => bail!("unknown size suffix in {s:?} (use K, M, G or T)"),
-            };
-            (&s[..i], mult)
-        }
-        _ => (s, 1),
-    };
-    let Ok(n) = num.trim().parse::<f64>() else {
-        bail!("not a size: {s:?}");
-    };
-    if n <= 0.0 {
-        bail!("size must be positive: {s:?}");
-    }
-    Ok((n * mult as f64) as u64)
-}
-
 fn run() -> Result<ExitCode> {
     let workers_default = std::thread::available_parallelism().map_or(1, |n| n.get());
     match Cli::parse().command {
         Command::Pack {
             input,
             out,
+            stage,
             list,
             val_labels,
             masks,
@@ -184,6 +165,25 @@ fn run() -> Result<ExitCode> {
             if val_labels.is_some() && (list.is_some() || masks.is_some()) {
                 bail!("--val-labels (ImageNet val) cannot be combined with --list or --masks");
             }
+            let remote = shard::remote::remote_url(&out).map(str::to_string);
+            if remote.as_deref().is_some_and(|u| u.starts_with("http") || u.starts_with("pipe:")) {
+                bail!(
+                    "--out {}: a set can be written to a folder or an object store, not to HTTP or a pipe",
+                    out.display()
+                );
+            }
+            let out = match (&remote, stage) {
+                (None, Some(_)) => {
+                    bail!("--stage is for a store URL as --out; {} is a folder", out.display())
+                }
+                (None, None) => out,
+                (Some(_), Some(stage)) => stage,
+                (Some(url), None) => {
+                    use sha2::Digest;
+                    let key = hex::encode(&sha2::Sha256::digest(url.as_bytes())[..8]);
+                    std::env::temp_dir().join(format!("densedino-stage-{key}"))
+                }
+            };
             let opts = PackOptions {
                 input,
                 out,
@@ -200,14 +200,69 @@ fn run() -> Result<ExitCode> {
                 resume,
                 force,
                 quiet,
+                upload_to: remote.clone(),
             };
-            let (index, summary) = pack(&opts)?;
-            println!("{}", summary.line("packed"));
+            // A store's set whose packing finished and whose upload did not: --resume goes on uploading.
+            let staged =
+                remote.is_some() && opts.resume && !opts.out.join(shard::pack::JOURNAL_FILE).exists();
+            let index = match staged.then(|| shard::Index::load(&opts.out)).and_then(Result::ok) {
+                Some(index) => {
+                    let o = &index.options;
+                    let same = o.input == opts.input.display().to_string()
+                        && (
+                            o.seed,
+                            o.prefix.as_str(),
+                            o.shard_bytes,
+                            o.per_shard,
+                            o.quality,
+                            o.max_side,
+                            o.zstd_level,
+                        ) == (
+                            opts.seed,
+                            opts.prefix.as_str(),
+                            opts.shard_bytes,
+                            opts.per_shard,
+                            opts.quality,
+                            opts.max_side,
+                            opts.zstd_level,
+                        );
+                    if !same {
+                        bail!(
+                            "{}: the staged set was packed with other options than these; pack again with --force",
+                            opts.out.display()
+                        );
+                    }
+                    println!(
+                        "the staged set in {} is complete; uploading what the store lacks",
+                        opts.out.display()
+                    );
+                    index
+                }
+                None => {
+                    let (index, summary) = pack(&opts)?;
+                    println!("{}", summary.line("packed"));
+                    index
+                }
+            };
+            let index_at = match &remote {
+                Some(url) => {
+                    let pushed = shard::remote::push(&opts.out, url, quiet)?;
+                    println!(
+                        "{url}: index.json written last; {} shards were there (uploaded as each was packed, or \
+                         by an earlier run), {} uploaded now ({:.1} MB); the local copy stays in {}",
+                        pushed.kept,
+                        pushed.uploaded,
+                        pushed.bytes as f64 / 1e6,
+                        opts.out.display()
+                    );
+                    format!("{}/{}", url.trim_end_matches('/'), shard::index::INDEX_FILE)
+                }
+                None => opts.out.join(shard::index::INDEX_FILE).display().to_string(),
+            };
             println!(
-                "{} classes, {} samples in total; index: {}",
+                "{} classes, {} samples in total; index: {index_at}",
                 index.classes.len(),
-                index.total_samples,
-                opts.out.join(shard::index::INDEX_FILE).display()
+                index.total_samples
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -45,6 +45,9 @@ pub struct PackOptions {
     pub resume: bool,
     pub force: bool,
     pub quiet: bool,
+    /// A store's URL (`s3://…`) each shard is uploaded to as soon as it is complete, before the journal
+    /// records it; `shard::remote::push` uploads the index at the end (`shard pack --out s3://…`).
+    pub upload_to: Option<String>,
 }
 
 impl Default for PackOptions {
@@ -65,6 +68,7 @@ impl Default for PackOptions {
             resume: false,
             force: false,
             quiet: false,
+            upload_to: None,
         }
     }
 }
@@ -174,6 +178,8 @@ pub struct ShardSet {
     created_dir: bool,
     /// Whether `open` removed an earlier set (`--force`).
     pub replaced: bool,
+    /// Where each finished shard is uploaded ([`PackOptions::upload_to`]).
+    upload: Option<std::sync::Arc<crate::remote::RemoteSet>>,
 }
 
 impl ShardSet {
@@ -203,6 +209,7 @@ impl ShardSet {
             crash_after: std::env::var(CRASH_ENV).ok().and_then(|v| v.parse().ok()),
             created_dir,
             replaced: false,
+            upload: None,
         };
         let mut start = 0;
         if resume && journal_path.is_file() {
@@ -309,6 +316,9 @@ impl ShardSet {
     fn finish_shard(&mut self, next: usize) -> Result<()> {
         if let Some(w) = self.current.take() {
             let info = w.finish()?;
+            if let Some(store) = &self.upload {
+                store.upload(&info.name, &self.dir.join(&info.name))?;
+            }
             self.shards.push(info);
             self.write_journal(next)?;
         }
@@ -593,6 +603,12 @@ pub fn pack(opts: &PackOptions) -> Result<(Index, Summary)> {
     items.shuffle(&mut common::seed::rng(opts.seed, common::seed::Purpose::ShardShuffle, &[]));
     let digest = plan_digest(&items);
     let (mut set, start) = ShardSet::open(&opts.out, record, items.len(), digest, opts.resume, opts.force)?;
+    if let Some(url) = &opts.upload_to {
+        let store = crate::remote::RemoteSet::shared(url)?;
+        // The shards about to be uploaded may replace an older set's: its index goes first.
+        store.remove_index()?;
+        set.upload = Some(store);
+    }
     if start == 0 && !plan.skipped.is_empty() {
         // One line each up to a few, then a count: a folder of links can hold millions.
         for (rel, reason) in plan.skipped.iter().take(if opts.quiet { 0 } else { 5 }) {

@@ -1,8 +1,9 @@
 //! `shard verify`: re-read every shard against `index.json` (presence, size, SHA-256, sample count,
-//! members, class indices; optionally a full decode of every image) and report every mismatch.
+//! members, class indices; optionally a full decode of every image) and report every mismatch. A remote
+//! set ([`crate::remote`]) is read from its store.
 
 use std::io::{BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -39,12 +40,21 @@ impl<R: Read> Read for HashingReader<R> {
 fn check_shard(dir: &Path, shard: &ShardInfo, index: &Index, decode: bool) -> (u64, u64, Vec<String>) {
     let path = dir.join(&shard.name);
     let mut problems = vec![];
-    let file = match crate::format::open_regular(&path) {
-        Ok(f) => f,
-        Err(Error::Io { cause, .. }) => {
-            return (0, 0, vec![format!("{}: missing or unreadable: {cause}", path.display())]);
-        }
-        Err(e) => return (0, 0, vec![e.to_string()]),
+    // A remote shard through the plain reader: its size and digest are checked below, with the rest.
+    let remote = crate::remote::remote_url(dir).map(crate::remote::RemoteSet::shared);
+    let file: Box<dyn Read + Send> = match remote {
+        Some(Ok(set)) => match set.reader(&shard.name) {
+            Ok(r) => r,
+            Err(e) => return (0, 0, vec![e.to_string()]),
+        },
+        Some(Err(e)) => return (0, 0, vec![e.to_string()]),
+        None => match crate::format::open_regular(&path) {
+            Ok(f) => Box::new(f),
+            Err(Error::Io { cause, .. }) => {
+                return (0, 0, vec![format!("{}: missing or unreadable: {cause}", path.display())]);
+            }
+            Err(e) => return (0, 0, vec![e.to_string()]),
+        },
     };
     let mut raw = HashingReader { inner: file, hasher: Sha256::new(), bytes: 0 };
     let (mut decoded, mut keys) = (0u64, std::collections::HashSet::new());
@@ -116,8 +126,11 @@ fn check_shard(dir: &Path, shard: &ShardInfo, index: &Index, decode: bool) -> (u
 
 pub fn verify(dir: &Path, decode: bool) -> Result<Report> {
     let index = Index::load(dir)?;
-    let dir =
-        if dir.is_dir() { dir.to_path_buf() } else { dir.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let dir = match crate::remote::remote_url(dir) {
+        Some(url) => PathBuf::from(crate::remote::RemoteSet::shared(url)?.url.clone()),
+        None if dir.is_dir() => dir.to_path_buf(),
+        None => dir.parent().unwrap_or(Path::new(".")).to_path_buf(),
+    };
     let results: Vec<_> = index.shards.par_iter().map(|s| check_shard(&dir, s, &index, decode)).collect();
     let mut report = Report { shards: index.shards.len(), ..Default::default() };
     for (samples, decoded, problems) in results {

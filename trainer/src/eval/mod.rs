@@ -284,9 +284,16 @@ pub fn check_knn_sets(train: &Path, val: &Path) -> Result<()> {
 /// and the set itself (its index, which holds every shard's SHA-256).
 pub fn feature_key(model: &str, pre: Preprocess, set: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    let index_file = if set.is_dir() { set.join(shard::index::INDEX_FILE) } else { set.to_path_buf() };
-    let index = common::files::read_regular(&index_file, common::files::MAX_TEXT_BYTES)
-        .with_context(|| format!("reading {}", index_file.display()))?;
+    let index = match shard::remote::remote_url(set) {
+        Some(url) => shard::remote::RemoteSet::shared(url)?
+            .read_small(shard::index::INDEX_FILE, common::files::MAX_TEXT_BYTES)?,
+        None => {
+            let index_file =
+                if set.is_dir() { set.join(shard::index::INDEX_FILE) } else { set.to_path_buf() };
+            common::files::read_regular(&index_file, common::files::MAX_TEXT_BYTES)
+                .with_context(|| format!("reading {}", index_file.display()))?
+        }
+    };
     let mut h = Sha256::new();
     h.update(model.as_bytes());
     h.update(format!("{}/{}/{}", pre.resize, pre.crop, pre.squash).as_bytes());

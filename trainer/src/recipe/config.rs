@@ -89,6 +89,30 @@ pub struct DataConfig {
     pub shuffle_buffer: usize,
     /// Shards read interleaved.
     pub interleave: usize,
+    /// Where the shards of a remote set (`shards = "s3://…"`, `gs://`, `az://`, `http(s)://`, `pipe:`;
+    /// see `shard::remote`) are kept once read and verified, so that later epochs read them from disk.
+    /// Absent: streamed from the store every epoch. Processes of one machine may share it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// The most `cache_dir` may hold, e.g. "200G" (K, M, G, T: binary multiples); the least recently used
+    /// shards are removed first. A limit below one epoch works: shards are fetched again when they come
+    /// round. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_limit: Option<String>,
+}
+
+impl DataConfig {
+    /// The remote-set cache `cache_dir` and `cache_limit` describe, if any.
+    pub fn cache(&self) -> Result<Option<shard::remote::Cache>> {
+        let limit = match &self.cache_limit {
+            Some(s) => shard::remote::parse_size(s).map_err(|e| anyhow::anyhow!("data.cache_limit: {e}"))?,
+            None => u64::MAX,
+        };
+        if self.cache_limit.is_some() && self.cache_dir.is_none() {
+            bail!("data.cache_limit is set without data.cache_dir: where should the cache go?");
+        }
+        Ok(self.cache_dir.clone().map(|dir| shard::remote::Cache { dir, limit }))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -319,6 +343,8 @@ impl TrainConfig {
                 capacity: 4,
                 shuffle_buffer: 1024,
                 interleave: 4,
+                cache_dir: None,
+                cache_limit: None,
             },
             views: ViewsConfig::paper_main(),
             model: VitConfig::vit_small(),
@@ -372,6 +398,7 @@ impl TrainConfig {
             )?;
         }
         check(d.synth_size <= 4096, "data.synth_size", d.synth_size, "must be at most 4096 pixels")?;
+        d.cache()?;
         // The run's folder is `out_dir/name`: `..` or an absolute path would put it (and its checkpoints)
         // outside out_dir, `.` or an empty part would be out_dir itself. Nested names (`ablation/a`) stay.
         check(

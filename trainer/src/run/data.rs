@@ -244,6 +244,8 @@ pub fn loader_options(cfg: &TrainConfig, shards: &Path, cursor: Cursor) -> Loade
     o.interleave = cfg.data.interleave.max(1);
     o.start = cursor;
     o.end_epoch = Some(cfg.run.epochs as u64);
+    // Checked by `TrainConfig::validate` when the config was loaded.
+    o.cache = cfg.data.cache().ok().flatten();
     o
 }
 

@@ -36,3 +36,18 @@ pub fn steps_logged(run: &Path) -> usize {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
     text.lines().filter(|l| l.contains("\"kind\":\"step\"") && l.ends_with('}')).count()
 }
+
+/// `run/metrics.jsonl` without its timings (wall-clock seconds differ from run to run; nothing else may).
+#[allow(dead_code)] // not every test binary that includes `util` compares histories
+pub fn history(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for timing in ["step_time", "data_wait", "images_per_s", "data_wait_fraction"] {
+                v.as_object_mut().unwrap().remove(timing);
+            }
+            v
+        })
+        .collect()
+}
