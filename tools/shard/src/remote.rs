@@ -10,24 +10,31 @@
 //! **Credentials and endpoints** come from each cloud's own environment variables, read by the crate's
 //! builders, never from our configs: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
 //! `AWS_REGION` / `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL` for an S3-compatible store (MinIO, Ceph, R2;
-//! an `http://` endpoint is allowed because it was asked for by name); `GOOGLE_SERVICE_ACCOUNT` (a key
+//! an `http://` endpoint is allowed because it was asked for by name), and what they leave unset from the
+//! AWS CLI's `~/.aws/credentials` and `~/.aws/config` (profile `AWS_PROFILE`); `GOOGLE_SERVICE_ACCOUNT` (a key
 //! file) or the instance's metadata server for GCS; `AZURE_STORAGE_ACCOUNT_NAME` with
 //! `AZURE_STORAGE_ACCOUNT_KEY` or `AZURE_STORAGE_SAS_KEY` for Azure. On AWS machines the instance or
 //! task role works with no variable at all.
 //!
-//! **Streaming and retries.** A shard is read while it downloads: the body's chunks go through a small
-//! bounded channel to the reader's thread, so memory stays at a few chunks per open shard. Transient
-//! failures (5xx, throttling, a connection cut mid-body) are retried by `object_store` itself, up to 10
-//! times with exponential back-off within 3 minutes, a cut body resumed with a range request on the same
-//! ETag. Permanent ones (bucket or object missing, access denied) fail at once with the URL and the cause.
+//! **Streaming and retries.** A file is read while it downloads, in 8 MiB range requests fetched at most
+//! two ahead of its reader (each request completes at network speed, so no request outlives the clients'
+//! 30 s timeout however slowly training reads, and memory stays at two ranges per open shard), each
+//! carrying the first range's ETag (a file replaced mid-read is an error, not a mix). A web server that
+//! ignores ranges streams the file whole instead. Transient failures (5xx, throttling, a cut connection)
+//! are retried by `object_store` itself, up to 10 times with exponential back-off within 3 minutes.
+//! Permanent ones (bucket or object missing, access refused, no credentials) fail at once with the URL
+//! and the cause.
 //!
 //! **The cache** ([`Cache`]) holds whole shards, named by the SHA-256 that `index.json` lists for them,
 //! so a repacked set never reads a stale copy and two sets sharing a shard share it. A shard is written
 //! to a temporary name while it streams, then renamed into place only if its size and digest are the
-//! index's: a half-downloaded or corrupted file is never used. Processes of one machine share the folder
-//! (each writes its own temporary; the rename is atomic; a copy evicted by another process while being
-//! opened is simply downloaded again). Eviction removes the least recently used copies until the cache is
-//! under its limit.
+//! index's: a half-downloaded or corrupted download is never kept, and a kept copy is checked again as it
+//! is read (one damaged on disk is reported and removed; so no fsync is needed). Processes of one machine
+//! share the folder (each writes its own temporary; the rename is atomic; a copy evicted by another
+//! process while being opened is simply downloaded again). Eviction removes the least recently used
+//! copies until the cache is under its limit, and the temporaries of processes that died mid-download.
+//! The samples of a shard reach the reader as they stream: a shard corrupted in the store is found at its
+//! end, after its samples were read (`shard verify` checks a set before a run).
 //!
 //! **`pipe:COMMAND`**: the command runs under `sh -c` once per file, with `{}` standing for the file's
 //! name in the set (`index.json`, then each shard's), and its standard output is the file:
@@ -65,6 +72,44 @@ const RANGE: u64 = 8 << 20;
 
 /// Ranges fetched ahead of the reader, per open file (memory: this many ranges per open shard).
 const RANGES_AHEAD: usize = 2;
+
+/// What the AWS CLI's files say for the profile `AWS_PROFILE` (or `default`): `~/.aws/config`'s
+/// `[default]` or `[profile NAME]` section, then `~/.aws/credentials`' `[NAME]` over it (the files
+/// `AWS_CONFIG_FILE` and `AWS_SHARED_CREDENTIALS_FILE` name instead, when set). `object_store` reads the
+/// environment and instance roles only; these fill in what the environment leaves unset.
+fn aws_profile() -> std::collections::HashMap<String, String> {
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let file = |var: &str, name: &str| {
+        std::env::var_os(var).map(PathBuf::from).or_else(|| home.as_ref().map(|h| h.join(".aws").join(name)))
+    };
+    let mut out = std::collections::HashMap::new();
+    let config_section = if profile == "default" { profile.clone() } else { format!("profile {profile}") };
+    if let Some(path) = file("AWS_CONFIG_FILE", "config") {
+        out.extend(ini_section(&path, &config_section));
+    }
+    if let Some(path) = file("AWS_SHARED_CREDENTIALS_FILE", "credentials") {
+        out.extend(ini_section(&path, &profile));
+    }
+    out
+}
+
+/// The `key = value` lines of section `[wanted]` of an INI file (none if it cannot be read).
+fn ini_section(path: &Path, wanted: &str) -> Vec<(String, String)> {
+    let Ok(text) = common::files::read_text(path, common::files::MAX_TEXT_BYTES) else { return vec![] };
+    let (mut inside, mut out) = (false, vec![]);
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = name.trim() == wanted;
+        } else if inside && let Some((k, v)) = line.split_once('=') {
+            out.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    out
+}
 
 /// Chunks of a streamed body held between the download and the reader (each is what one network read
 /// gave, typically 8 to 64 KiB): for a web server that ignores range requests.
@@ -185,12 +230,35 @@ impl RemoteSet {
         };
         let store: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::AmazonS3 => {
+                use object_store::aws::AmazonS3ConfigKey as K;
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(&base);
+                // The AWS CLI's files, for what the environment leaves unset: the key only as a whole
+                // (id, secret and token from one place), the region, the endpoint.
+                let profile = aws_profile();
+                let unset = |vars: &[&str]| vars.iter().all(|v| std::env::var_os(v).is_none());
+                let mut from_file = |key: K, name: &str| {
+                    if let Some(v) = profile.get(name) {
+                        b = std::mem::take(&mut b).with_config(key, v);
+                    }
+                };
+                if unset(&["AWS_ACCESS_KEY_ID"]) {
+                    from_file(K::AccessKeyId, "aws_access_key_id");
+                    from_file(K::SecretAccessKey, "aws_secret_access_key");
+                    from_file(K::Token, "aws_session_token");
+                }
+                if unset(&["AWS_REGION", "AWS_DEFAULT_REGION"]) {
+                    from_file(K::Region, "region");
+                }
+                let endpoints = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"];
+                if unset(&endpoints) {
+                    from_file(K::Endpoint, "endpoint_url");
+                }
                 // An endpoint named by hand as http:// (a MinIO on the LAN, a test server) is meant as
                 // such; the crate refuses plain HTTP unless told.
-                let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+                let endpoint = endpoints
                     .iter()
-                    .find_map(|k| std::env::var(k).ok());
+                    .find_map(|k| std::env::var(k).ok())
+                    .or_else(|| profile.get("endpoint_url").cloned());
                 if endpoint.is_some_and(|e| e.starts_with("http://")) {
                     b = b.with_allow_http(true);
                 }
@@ -973,6 +1041,27 @@ mod tests {
         assert!(e.contains("failed") && e.contains("exit status: 1"), "{e}");
         let e = set.read_small("a b.txt", 3).unwrap_err().to_string();
         assert!(e.contains("larger than the 3 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_profile_section_is_read_from_an_ini_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        std::fs::write(
+            &path,
+            "[default]\nregion = eu-west-1\n# a comment\n[profile lab]\nRegion=us-east-2\nendpoint_url = http://minio:9000\n",
+        )
+        .unwrap();
+        let lab = ini_section(&path, "profile lab");
+        assert_eq!(
+            lab,
+            [("region".into(), "us-east-2".into()), ("endpoint_url".into(), "http://minio:9000".into())]
+        );
+        assert_eq!(ini_section(&path, "default"), [("region".to_string(), "eu-west-1".to_string())]);
+        assert!(
+            ini_section(&path, "other").is_empty()
+                && ini_section(&dir.path().join("none"), "default").is_empty()
+        );
     }
 
     #[test]

@@ -90,6 +90,28 @@ fn pack_writes_a_set_into_a_bucket_that_verifies_and_resumes_without_uploads() {
     assert!(first.contains("index: s3://sets/toy/train/index.json"), "{first}");
     let verified = ok(&run_shard(&["verify", url, "--decode"], &env));
     assert!(verified.contains("ok: 3 shards, 12 samples, 12 images decoded"), "{verified}");
+    // The store's address and key from the AWS CLI's files alone (no AWS_* variable): the profile named
+    // by AWS_PROFILE, its region and endpoint in `config`, its key in `credentials`.
+    let config = tmp.path().join("aws-config");
+    let credentials = tmp.path().join("aws-credentials");
+    std::fs::write(
+        &config,
+        format!(
+            "[default]\nregion = eu-west-1\n[profile lab]\nregion = us-east-1\nendpoint_url = {endpoint}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(&credentials, "[lab]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+        .unwrap();
+    let files = [
+        ("AWS_PROFILE", "lab"),
+        ("AWS_CONFIG_FILE", config.to_str().unwrap()),
+        ("AWS_SHARED_CREDENTIALS_FILE", credentials.to_str().unwrap()),
+    ];
+    let mut cmd = Command::new(util::shard_bin());
+    cmd.args(["verify", url]).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    let by_files = cmd.envs(files).output().unwrap();
+    assert!(String::from_utf8_lossy(&by_files.stdout).contains("ok: 3 shards"), "{by_files:?}");
     assert!(shard::Index::load(&stage).unwrap().shards.len() == 3, "the staged set stays for --resume");
     // Again: the staged set is complete and the store holds it; nothing is packed or uploaded.
     let again = pack(&["--resume"]);
