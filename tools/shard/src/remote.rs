@@ -755,23 +755,19 @@ impl Drop for PipeReader {
     }
 }
 
-/// The raw bytes of shard `info` of the set at `set`: a folder's file, or a remote set's object (through
-/// `cache` when one is given), checked against the index's size and digest as they stream.
-pub fn open_raw(set: &Path, info: &ShardInfo, cache: Option<&Cache>) -> Result<Box<dyn Read + Send>> {
-    match remote_url(set) {
-        Some(url) => open_shard(&*RemoteSet::shared(url)?, info, cache),
-        None => {
-            let path = set.join(&info.name);
-            let file = crate::format::open_regular(&path)?;
-            Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
-        }
-    }
-}
-
-/// The tar stream of shard `info` of the set at `set` (decompressed where its name says `.zst`).
+/// The tar stream of shard `info` of the set at `set` (decompressed where its name says `.zst`): a
+/// folder's file, or a remote set's object (through `cache` when one is given), checked against the
+/// index's size and digest as it streams.
 pub fn open_tar(set: &Path, info: &ShardInfo, cache: Option<&Cache>) -> Result<Box<dyn Read + Send>> {
-    let raw = open_raw(set, info, cache)?;
-    crate::format::tar_stream(&set.join(&info.name), io::BufReader::with_capacity(1 << 16, raw))
+    let path = set.join(&info.name);
+    match remote_url(set) {
+        Some(url) => {
+            let raw = open_shard(&*RemoteSet::shared(url)?, info, cache)?;
+            crate::format::tar_stream(&path, io::BufReader::with_capacity(1 << 16, raw))
+        }
+        // One buffer over the file, as before remote sets.
+        None => crate::format::open_shard(&path),
+    }
 }
 
 /// Where remote shards are kept between epochs, and how many bytes they may take.
