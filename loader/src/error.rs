@@ -21,6 +21,9 @@ pub enum Error {
     /// A [`crate::LoaderOptions`] value out of range, naming the field.
     #[error("loader option {option}: {problem}")]
     InvalidOption { option: &'static str, problem: String },
+    /// The loader stopped before its data ended ([`crate::Loader::next`]).
+    #[error("the loader stopped before its data ended: {problem}")]
+    Stopped { problem: String },
     /// Image bytes that cannot be decoded or resized. Bytes carry no name: whoever read them from a
     /// shard names the sample (the pipeline skips it with a warning giving shard and key).
     #[error("{problem}")]

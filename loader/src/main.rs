@@ -146,7 +146,7 @@ fn preview(
         let mut opts = LoaderOptions::new(shards, views, count.max(1));
         opts.seed = seed;
         let loader = start(opts)?;
-        anyhow::Ok(loader.batches.recv().await?)
+        loader.next().await?.ok_or_else(|| anyhow::anyhow!("the set gave no batch"))
     })?;
     let img = if grid {
         loader::preview::render(&batch, cell)
@@ -245,7 +245,7 @@ fn bench(opts: LoaderOptions, preset: &str, seconds: f64, rounds: usize) -> Resu
     let (decodes, pipes, stats_line) = rt.block_on(async {
         let loader = start(opts)?;
         // Warm up: the first batch fills the shuffle buffer.
-        loader.batches.recv().await?;
+        loader.next().await?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let reporter = tokio::spawn(loader::report::report(
             loader.stats.clone(),
@@ -266,7 +266,7 @@ fn bench(opts: LoaderOptions, preset: &str, seconds: f64, rounds: usize) -> Resu
             let t0 = Instant::now();
             let mut n = 0u64;
             while t0.elapsed().as_secs_f64() < window {
-                n += loader.batches.recv().await?.batch_size as u64;
+                n += loader.next().await?.ok_or_else(|| anyhow::anyhow!("the data ended"))?.batch_size as u64;
             }
             pipes.push(n as f64 / t0.elapsed().as_secs_f64());
         }
@@ -307,7 +307,7 @@ fn soak(opts: LoaderOptions, epochs: usize) -> Result<()> {
         let t0 = Instant::now();
         let (mut epoch, mut images, mut rss) = (0usize, 0u64, vec![]);
         while rss.len() < epochs {
-            let batch = loader.batches.recv().await?;
+            let batch = loader.next().await?.ok_or_else(|| anyhow::anyhow!("the data ended"))?;
             if batch.epoch as usize != epoch {
                 let mb = rss_mb().unwrap_or(f64::NAN);
                 println!(

@@ -13,8 +13,14 @@
 //! Worker count, thread timing and channel depth never change a batch: the sample order is fixed by the
 //! reader (which blocks on each shard in turn) and every random draw of a sample by its (epoch, seq).
 //! Dropping the receiver shuts everything down: each stage sees its channel closed and returns.
+//!
+//! Damage: a bad image costs its sample (skipped, counted); a local shard cut short gives its samples up
+//! to the cut (reported once); a remote shard that fails its size or digest check, or that the store
+//! stops serving, stops the loader ([`Loader::next`] returns why), because it is not the set the run
+//! started on and its samples have already streamed.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,6 +126,8 @@ pub struct Stats {
     pub finished: std::sync::atomic::AtomicBool,
     /// The damaged shards seen so far, so each is reported once.
     damaged: Mutex<std::collections::BTreeSet<String>>,
+    /// The first failure that stops the loader ([`Stats::failure`]).
+    failure: Mutex<Option<String>>,
     /// Recent per-sample processing times in microseconds (a ring of 4096).
     times_us: Mutex<Vec<u32>>,
     next_time: AtomicU64,
@@ -134,6 +142,20 @@ impl Stats {
             self.lost_samples.fetch_add(lost, Ordering::Relaxed);
         }
         first
+    }
+
+    /// Records a failure that stops the loader: the collator sends no batch after it, and
+    /// [`Loader::next`] returns it. The first one is kept.
+    fn fail(&self, problem: String) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(problem);
+        }
+    }
+
+    /// Why the loader stopped before its data ended, if it did for a reason of its data: a remote shard
+    /// that could not be read whole or whose bytes are not the ones its index lists.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// The data problems of the run so far, for its end-of-run summary: damaged shards with the samples
@@ -189,6 +211,26 @@ pub struct Loader {
 }
 
 impl Loader {
+    /// The next batch; `Ok(None)` at the end of the data (the last epoch of `end_epoch`), an error when
+    /// the loader stopped before it: a data failure ([`Stats::failure`]), or a stage that failed (its
+    /// message was printed). A data failure is returned as soon as it is known, even with batches still
+    /// queued: those may hold the failed shard's samples.
+    pub async fn next(&self) -> Result<Option<Batch>> {
+        let failed = |stats: &Stats| stats.failure().map(|problem| Error::Stopped { problem });
+        if let Some(e) = failed(&self.stats) {
+            return Err(e);
+        }
+        match self.batches.recv().await {
+            Ok(batch) => Ok(Some(batch)),
+            // The channel closes when the collator passed the end of the last epoch, or when a stage
+            // stopped: only the first is the end of the data.
+            Err(_) if self.stats.finished.load(Ordering::Acquire) => Ok(None),
+            Err(_) => Err(failed(&self.stats).unwrap_or(Error::Stopped {
+                problem: "one of its stages failed (see the messages above)".into(),
+            })),
+        }
+    }
+
     /// Drops the receiving end and waits until every stage has returned (dropping a `Loader` stops it
     /// the same way, without waiting).
     pub async fn shutdown(self) {
@@ -406,6 +448,8 @@ fn spawn_shard_reader(
     let (dir, info, listed) = (dir.to_path_buf(), info.clone(), info.samples);
     std::thread::spawn(move || {
         let (mut stopped, mut sent, mut over) = (false, 0u64, false);
+        let remote = shard::remote::remote_url(&dir).is_some();
+        // What went wrong, as one message naming the file, and the samples the shard gave.
         let (error, delivered) = match shard::remote::open_tar(&dir, &info, cache.as_ref()) {
             Ok(mut reader) => match read_samples(&mut reader, |s| {
                 // The epoch plan is the index's: a shard holding more than its entry lists gives only
@@ -432,28 +476,17 @@ fn spawn_shard_reader(
                 // Left early by its reader: nothing to report.
                 Ok(_) if stopped => return,
                 // Whole: the bytes after the end-of-archive block are read too, so that a remote shard's
-                // size and digest are checked at its end (and its cache copy kept).
+                // size and digest are checked at its end (and its cache copy kept). Its errors name the
+                // URL.
                 Ok(n) if n >= listed => {
-                    match std::io::copy(&mut std::io::Read::take(&mut reader, 1 << 20), &mut std::io::sink())
-                    {
+                    match std::io::copy(&mut (&mut reader).take(1 << 20), &mut std::io::sink()) {
                         Ok(_) => return,
-                        Err(e) => (
-                            shard::Error::Shard {
-                                path: Some(path.clone()),
-                                samples: n,
-                                problem: e.to_string(),
-                            },
-                            n,
-                        ),
+                        Err(e) => (e.to_string(), n),
                     }
                 }
                 // An intact tar with fewer samples than the index lists: replaced, or packed by another tool.
                 Ok(n) => (
-                    shard::Error::Shard {
-                        path: Some(path.clone()),
-                        samples: n,
-                        problem: format!("it holds {n} samples where its index.json lists {listed}"),
-                    },
+                    format!("{}: it holds {n} samples where its index.json lists {listed}", path.display()),
                     n,
                 ),
                 Err(e) => {
@@ -461,21 +494,39 @@ fn spawn_shard_reader(
                         shard::Error::Shard { samples, .. } => *samples,
                         _ => 0,
                     };
-                    (e.in_file(&path), samples)
+                    // A remote shard unreadable in its middle is read on to its end, where its digest
+                    // says whether the bytes are the index's: "corrupted in the store" is the cause to
+                    // report, not the malformed tar header it made.
+                    let digest = match remote {
+                        true => {
+                            std::io::copy(&mut (&mut reader).take(info.bytes), &mut std::io::sink()).err()
+                        }
+                        false => None,
+                    };
+                    (digest.map_or_else(|| e.in_file(&path).to_string(), |d| d.to_string()), samples)
                 }
             },
-            Err(e) => (e, 0),
+            Err(e) => (e.to_string(), 0),
         };
+        if remote {
+            // A remote shard is checked against its index's size and SHA-256 as it streams, and its
+            // client has already retried what can be retried: what is left is a shard changed or
+            // corrupted in the store, or a store that stopped answering. Unlike a local shard cut short
+            // (whose samples before the cut are good), that is not the set the run was started on: the
+            // loader stops, and the trainer with it, with a non-zero status.
+            stats.fail(format!(
+                "{error}; a remote shard must be read whole and match its index.json (`shard verify {}` \
+                 checks the whole set; upload the shard again)",
+                dir.display()
+            ));
+            return;
+        }
         let lost = listed.saturating_sub(delivered);
         if stats.shard_damaged(&name, lost) {
-            // Nothing lost: a remote shard whose digest was found wrong at its end, after its samples streamed.
-            let fate = match lost {
-                0 => format!(
-                    "its {listed} samples were used as they streamed, before its end showed the damage"
-                ),
-                _ => format!("{lost} of its {listed} samples are lost"),
-            };
-            eprintln!("warning: {error}; {fate} (reported once; counted in the stats line)");
+            eprintln!(
+                "warning: {error}; {lost} of its {listed} samples are lost (reported once; counted in the stats \
+                 line)"
+            );
         }
     });
     rx
@@ -771,6 +822,11 @@ async fn collate_loop(
                 let full = std::mem::replace(&mut pending, Pending::new(cfg, b));
                 batch = Some(full.into_batch(cfg, b, epoch, Cursor { epoch: epoch + 1, samples: 0 }));
             }
+            if stats.failure().is_some() {
+                // Closes the batch channel: its reader learns why from `Loader::next`.
+                rx.close();
+                return;
+            }
             if let Some(batch) = batch {
                 stats.images.fetch_add(b as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -792,20 +848,35 @@ async fn collate_loop(
 }
 
 /// Reads the shard directory's samples in index order without views (the decode-only benchmark, the
-/// evaluations). A remote set's shards are streamed, uncached.
+/// evaluations). A remote set's shards are streamed, uncached, and read to their end, where their size
+/// and digest are checked: a remote shard that fails is an error (as in the training loader), a local
+/// one cut short a warning.
 pub fn for_each_sample(dir: &Path, index: &Index, mut f: impl FnMut(Sample) -> bool) -> Result<()> {
+    let remote = shard::remote::remote_url(dir).is_some();
     for s in &index.shards {
         let path = dir.join(&s.name);
-        let reader = shard::remote::open_tar(dir, s, None)?;
+        let mut reader = shard::remote::open_tar(dir, s, None)?;
         let mut go = true;
-        if let Err(e) = read_samples(reader, |x| {
+        let read = read_samples(&mut reader, |x| {
             go = f(x);
             go
-        }) {
-            eprintln!("warning: {}; the shard ends there", e.in_file(&path));
-        }
+        });
         if !go {
             break;
+        }
+        match read {
+            Ok(_) if remote => {
+                std::io::copy(&mut (&mut reader).take(1 << 20), &mut std::io::sink())
+                    .map_err(|e| Error::Stopped { problem: e.to_string() })?;
+            }
+            Ok(_) => {}
+            Err(e) if remote => {
+                // Read on to the end: the digest names the cause if the bytes are not the index's.
+                let digest = std::io::copy(&mut (&mut reader).take(s.bytes), &mut std::io::sink()).err();
+                let problem = digest.map_or_else(|| e.in_file(&path).to_string(), |d| d.to_string());
+                return Err(Error::Stopped { problem });
+            }
+            Err(e) => eprintln!("warning: {}; the shard ends there", e.in_file(&path)),
         }
     }
     Ok(())

@@ -104,23 +104,6 @@ fn two_ranks_stop_resume_and_end_as_an_uninterrupted_run() {
     same_run(&run, &a.join("runs/dp"));
 }
 
-/// The trainer process that is rank `rank` of a job whose command line mentions `marker`.
-fn rank_pid(marker: &str, rank: usize) -> Option<i32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
-        let has = |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
-        if has(&cmdline, marker)
-            && !has(&cmdline, "mpirun")
-            && has(&environ, &format!("OMPI_COMM_WORLD_RANK={rank}\0"))
-        {
-            return Some(pid);
-        }
-    }
-    None
-}
-
 #[test]
 fn a_killed_rank_ends_the_job_with_its_name_and_the_run_resumes() {
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -142,7 +125,7 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_run_resumes() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let pid = rank_pid(dir.to_str().unwrap(), 1).expect("rank 1's process");
+    let pid = util::rank_pid(dir.to_str().unwrap(), 1).expect("rank 1's process");
     // SAFETY: a signal to a process this test started (through mpirun).
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let killed = Instant::now();
@@ -164,7 +147,7 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_run_resumes() {
         text.contains("rank 1") && text.contains("signal 9"),
         "the message names the rank and the cause:\n{text}"
     );
-    assert!(rank_pid(dir.to_str().unwrap(), 0).is_none(), "rank 0 is gone too");
+    assert!(util::rank_pid(dir.to_str().unwrap(), 0).is_none(), "rank 0 is gone too");
 
     // The last checkpoint is whole, and the run continues from it under 2 ranks.
     let (it, file) = last_checkpoint(&run);
@@ -284,7 +267,10 @@ fn a_stop_signal_to_the_launcher_checkpoints_every_rank_and_the_resume_is_exact(
         eprintln!("signal {signal}: the job ended {:.1} s later, {status}", sent.elapsed().as_secs_f64());
         assert_eq!(status.code(), Some(code), "{text}");
         assert!(text.contains("stopped by SIGUSR1 after step"), "every rank said where it stopped:\n{text}");
-        assert!(rank_pid(b.to_str().unwrap(), 0).is_none() && rank_pid(b.to_str().unwrap(), 1).is_none());
+        assert!(
+            util::rank_pid(b.to_str().unwrap(), 0).is_none()
+                && util::rank_pid(b.to_str().unwrap(), 1).is_none()
+        );
         let steps = logged();
         assert!(steps < 48, "stopped before the end: {steps}");
         assert_eq!(last_checkpoint(&run).0, steps, "the checkpoint holds the last step logged");

@@ -108,6 +108,25 @@ fn batches(shards: &Path, rank: usize, world: usize, cache: Option<Cache>) -> (V
     (out, damaged)
 }
 
+/// Why the loader of two epochs of the set at `shards` (as [`batches`] reads it) stopped before its data
+/// ended; panics if it did not.
+fn failure(shards: &Path, cache: Option<Cache>) -> String {
+    let views = ViewsConfig { global_size: 32, local_size: 16, num_points: 2, ..ViewsConfig::paper_main() };
+    let mut o = LoaderOptions::new(shards, views, 8);
+    (o.seed, o.workers, o.end_epoch, o.cache) = (7, 2, Some(2), cache);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let loader = rt.block_on(async { loader::start(o) }).unwrap();
+    let e = loop {
+        match rt.block_on(loader.next()) {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("{}: the loader ran to the end of its data", shards.display()),
+            Err(e) => break e.to_string(),
+        }
+    };
+    rt.block_on(loader.shutdown());
+    e
+}
+
 /// The cache's files: complete copies (named by their SHA-256) and anything else. A shard's reader thread
 /// may still be dropping its temporary when the loader has shut down (readers are not joined: one may be
 /// blocked in a download), so a temporary gets a few seconds to go.
@@ -198,8 +217,8 @@ fn a_set_over_http_or_a_pipe_gives_the_local_batches_and_the_cache_serves_later_
     let report = shard::verify::verify(&url, false).unwrap();
     assert!(report.problems.is_empty() && report.samples == 64, "{report:?}");
 
-    // A corrupted shard (its size unchanged): `verify` names it; the loader reports it as damaged and
-    // goes on, and a fresh cache keeps no copy of it.
+    // A corrupted shard (its size unchanged): `verify` names it; the loader stops with an error that
+    // names its URL and the digests, and a fresh cache keeps no copy of it.
     let index = shard::Index::load(&local).unwrap();
     let bad = &index.shards[1];
     corrupt(&local.join(&bad.name));
@@ -207,11 +226,17 @@ fn a_set_over_http_or_a_pipe_gives_the_local_batches_and_the_cache_serves_later_
     let text = report.problems.join("\n");
     assert!(text.contains(&bad.name) && text.contains("SHA-256"), "{text}");
     let fresh = Cache { dir: tmp.path().join("cache2"), limit: u64::MAX };
-    let (_, damaged) = batches(&url, 0, 1, Some(fresh.clone()));
-    assert_eq!(damaged, 1, "the corrupted shard is reported");
+    let e = failure(&url, Some(fresh.clone()));
+    let bad_url = format!("{}/{}", url.display(), bad.name);
+    eprintln!("corrupted shard: {e}");
+    assert!(e.contains(&bad_url) && e.contains(&bad.sha256) && e.contains("corrupted"), "{e}");
+    // What the evaluations and the decode benchmark read with (index order, no cache) fails the same way.
+    let e = loader::pipeline::for_each_sample(&url, &index, |_| true).unwrap_err().to_string();
+    assert!(e.contains(&bad_url) && e.contains(&bad.sha256), "{e}");
     let (copies, other) = cache_files(&fresh.dir);
     assert!(!copies.iter().any(|(sha, _)| *sha == bad.sha256), "the corrupted shard was cached");
-    assert_eq!((copies.len(), other), (3, vec![]), "the other shards are cached, no temporary is left");
+    assert!(other.is_empty(), "a temporary was left: {other:?}");
+    assert!(copies.iter().all(|c| digests(&local).contains(c)), "only verified copies are kept: {copies:?}");
     // The first cache still holds the good copy, which later reads use.
     assert_eq!(batches(&url, 0, 1, Some(cache)), (want, 0), "the cached copy of the corrupted shard");
 
@@ -369,23 +394,65 @@ fn a_set_in_an_s3_store_is_pushed_read_trained_on_and_fails_clearly() {
         "killed and resumed on the store"
     );
 
-    // Two ranks (the `mpi` feature): each reads its own shards from the store.
+    // Two ranks (the `mpi` feature): each reads its own shards from the store, into a cache of its own
+    // (the one above holds every shard already); rank 1 is killed after the first checkpoint, and the job
+    // resumed under two ranks ends as an uninterrupted one on the local copy.
     #[cfg(feature = "mpi")]
     {
         let two = |name: &str, shards: &Path| {
             let mut s = run_sets(name, shards);
             s.push("run.batch_size=4".into());
+            s.push(format!("data.cache_dir=\"{}\"", tmp.path().join(format!("cache-{name}")).display()));
             s
         };
-        for (name, shards) in [("local2", &local), ("s3-2", &url)] {
-            let (status, out) =
-                trainer(&["train", "--quiet", "--nproc-per-node", "2"], &two(name, shards), &env);
-            assert!(status.success(), "{name}: {out}");
+        let (status, out) =
+            trainer(&["train", "--quiet", "--nproc-per-node", "2"], &two("local2", &local), &env);
+        assert!(status.success(), "local2: {out}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"));
+        child.args(["train", "--quiet", "--nproc-per-node", "2"]);
+        for s in two("s3-2", &url) {
+            child.args(["--set", &s]);
         }
+        let mut child =
+            child.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stderr(Stdio::null()).spawn().unwrap();
+        let run = tmp.path().join("runs/s3-2");
+        let t0 = Instant::now();
+        while !std::fs::read_dir(run.join("checkpoints"))
+            .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
+        {
+            assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint within 5 minutes");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the job ended before its first checkpoint was seen"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let marker = run.parent().unwrap().to_str().unwrap();
+        let pid = util::rank_pid(marker, 1).expect("rank 1's process");
+        // SAFETY: a signal to a process this test started (through mpirun).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the job whose rank 1 was killed should fail");
+        let logged = util::steps_logged(&run);
+        assert!(
+            logged < 16,
+            "the kill came after the run's end ({logged} steps logged): nothing was resumed"
+        );
+        let (status, out) = trainer(
+            &["train", "--quiet", "--nproc-per-node", "2", "--resume", run.to_str().unwrap()],
+            &[],
+            &env,
+        );
+        assert!(status.success(), "{out}");
         assert_eq!(
-            util::history(&tmp.path().join("runs/s3-2")),
+            util::history(&run),
             util::history(&tmp.path().join("runs/local2")),
-            "two ranks on the store"
+            "two ranks on the store, rank 1 killed, resumed"
+        );
+        let (copies, _) = cache_files_now(&tmp.path().join("cache-s3-2"));
+        assert!(
+            copies.iter().all(|c| digests(&local).contains(c)),
+            "only verified copies are kept: {copies:?}"
         );
     }
 
@@ -431,10 +498,25 @@ fn a_set_in_an_s3_store_is_pushed_read_trained_on_and_fails_clearly() {
     let report = shard::verify::verify(&url, false).unwrap();
     let text = report.problems.join("\n");
     assert!(text.contains(&bad.name) && text.contains("SHA-256"), "{text}");
-    let fresh = Cache { dir: tmp.path().join("fresh-cache"), limit: u64::MAX };
-    let (_, damaged) = batches(&url, 0, 1, Some(fresh.clone()));
-    assert_eq!(damaged, 1);
-    let (copies, other) = cache_files(&fresh.dir);
-    assert!(!copies.iter().any(|(sha, _)| *sha == bad.sha256) && copies.len() == 3 && other.is_empty());
+    // A run on it stops with an error naming the shard's URL and digest (a fresh cache: the one above
+    // holds the good copy, which the run would read instead), and its cache holds no copy of it and
+    // nothing half-written.
+    let fresh = tmp.path().join("fresh-cache");
+    let mut s = run_sets("corrupted", &url);
+    s.push(format!("data.cache_dir=\"{}\"", fresh.display()));
+    let (status, out) = trainer(&["train", "--quiet"], &s, &env);
+    assert!(!status.success(), "the run on a corrupted shard should fail:\n{out}");
+    eprintln!(
+        "corrupted: {}",
+        out.lines().filter(|l| l.starts_with("error")).collect::<Vec<_>>().join(" / ")
+    );
+    let bad_url = format!("{url_text}/{}", bad.name);
+    for want in [bad_url.as_str(), &bad.sha256, "corrupted", "the last checkpoint is"] {
+        assert!(out.contains(want), "the error should say {want:?}:\n{out}");
+    }
+    let (copies, other) = cache_files(&fresh);
+    assert!(!copies.iter().any(|(sha, _)| *sha == bad.sha256), "the corrupted shard was cached");
+    assert!(other.is_empty(), "a temporary was left: {other:?}");
+    assert!(copies.iter().all(|c| digests(&local).contains(c)), "only verified copies are kept: {copies:?}");
     drop(store);
 }

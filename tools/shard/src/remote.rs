@@ -34,7 +34,8 @@
 //! process while being opened is simply downloaded again). Eviction removes the least recently used
 //! copies until the cache is under its limit, and the temporaries of processes that died mid-download.
 //! The samples of a shard reach the reader as they stream: a shard corrupted in the store is found at its
-//! end, after its samples were read (`shard verify` checks a set before a run).
+//! end, after its samples were read; the loader then stops, and the run with it (`shard verify` checks a
+//! set before a run).
 //!
 //! **`pipe:COMMAND`**: the command runs under `sh -c` once per file, with `{}` standing for the file's
 //! name in the set (`index.json`, then each shard's), and its standard output is the file:

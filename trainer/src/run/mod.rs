@@ -173,17 +173,9 @@ fn announce(trainer: &mut Trainer, cfg: &TrainConfig, plan: &data::Plan, run_dir
     );
 }
 
-/// The loader's next batch; `None` at the end of the data, an error when the loader failed.
+/// The loader's next batch; `None` at the end of the data, an error when the loader stopped before it.
 fn next_batch(rt: &tokio::runtime::Runtime, loader: &loader::Loader) -> Result<Option<common::Batch>> {
-    match rt.block_on(loader.batches.recv()) {
-        Ok(batch) => Ok(Some(batch)),
-        // The channel closes when the loader ran to the end of its last epoch, or when one of its
-        // tasks failed: only the first is the end of the data.
-        Err(_) if loader.stats.finished.load(std::sync::atomic::Ordering::Acquire) => Ok(None),
-        Err(_) => Err(anyhow!(
-            "the loader stopped before its data ended (one of its tasks failed: see the messages above)"
-        )),
-    }
+    Ok(rt.block_on(loader.next())?)
 }
 
 /// After the loop: old checkpoints pruned, a run the data ended early said, the curves plotted; the

@@ -51,3 +51,21 @@ pub fn history(run: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// The trainer process that is rank `rank` of a job whose command line mentions `marker`.
+#[allow(dead_code)] // only the data-parallel tests kill a rank
+pub fn rank_pid(marker: &str, rank: usize) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let has = |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+        if has(&cmdline, marker)
+            && !has(&cmdline, "mpirun")
+            && has(&environ, &format!("OMPI_COMM_WORLD_RANK={rank}\0"))
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
