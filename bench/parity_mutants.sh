@@ -29,8 +29,10 @@ MUTANTS=(
 )
 CAUGHT="drifted|AdamW step counts differ|tensors with AdamW state|loss scales or the skipped steps differ|clip norms differ"
 eval "$(scripts/libtorch.sh)"
-features() { case $1 in fp16_*|bf16_*) echo "--features tch" ;; esac; }
-cargo build --release -p trainer --tests >/dev/null 2>&1 || { echo "build failed" >&2; exit 1; }
+# The f32 scenarios in the workspace's feature set (what `cargo test --workspace --release` built: nothing is
+# compiled again), the half-precision ones with LibTorch.
+features() { case $1 in fp16_*|bf16_*) echo "-p trainer --features tch" ;; *) echo "--workspace" ;; esac; }
+cargo build --release --workspace --tests >/dev/null 2>&1 || { echo "build failed" >&2; exit 1; }
 selected=()
 for m in "${MUTANTS[@]}"; do
   IFS='|' read -r name _ _ <<<"$m"
@@ -40,7 +42,7 @@ done
 for test in $(printf '%s\n' "${selected[@]}" | cut -d'|' -f2 | sort -u); do
   start=$(date +%s)
   # shellcheck disable=SC2046
-  if ! DENSEDINO_PYTHON="$PY" cargo test --release -p trainer $(features "$test") --test official_parity -- \
+  if ! DENSEDINO_PYTHON="$PY" cargo test --release $(features "$test") --test official_parity -- \
       --ignored --nocapture --test-threads=1 --exact "$test" >/dev/null 2>&1; then
     echo "baseline $test fails without a mutant: the mutants would prove nothing" >&2
     exit 2
@@ -53,7 +55,7 @@ for m in "${selected[@]}"; do
   log=$(mktemp)
   start=$(date +%s)
   # shellcheck disable=SC2046
-  env "$var" DENSEDINO_PYTHON="$PY" cargo test --release -p trainer $(features "$test") --test official_parity \
+  env "$var" DENSEDINO_PYTHON="$PY" cargo test --release $(features "$test") --test official_parity \
     -- --ignored --nocapture --test-threads=1 --exact "$test" >"$log" 2>&1
   rc=$?
   why=$(grep -m1 -E "$CAUGHT" "$log" | sed 's/^.*panicked at [^:]*:[0-9]*:[0-9]*: *//')

@@ -9,7 +9,7 @@
 # Cached in ~/.cache/densedino/torch-venv (DENSEDINO_CACHE overrides ~/.cache/densedino). Prints the
 # venv's python:
 #
-#   DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --release -p trainer --test export_pytorch -- --ignored
+#   DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --workspace --release --test export_pytorch -- --ignored
 set -euo pipefail
 CACHE=${DENSEDINO_CACHE:-$HOME/.cache/densedino}
 VENV=$CACHE/torch-venv

@@ -284,12 +284,8 @@ fn load_model(m: &ModelArgs) -> Result<(Vit, TrainConfig, Device, String)> {
     Ok((vit, cfg, device, identity))
 }
 
-/// `mi_option_purge_delay` in mimalloc.h (the same index in its v2 and v3; libmimalloc-sys names no
-/// constant for it).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
 fn main() -> ExitCode {
-    keep_freed_memory();
+    run::keep_freed_memory();
     let cli = Cli::parse();
     let demo = Command::Train(TrainArgs::default());
     let result = match cli.command.unwrap_or(demo) {
@@ -333,21 +329,6 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-    }
-}
-
-/// Allocator settings for training: keep freed memory instead of handing it back to the OS. Every step
-/// frees and reallocates the same few hundred MB of activations; by default mimalloc returns them after
-/// 10 ms and glibc (which serves LibTorch's CPU tensors) maps every block over 32 MB afresh, and the kernel
-/// zeroes each page again on first touch: a fifth of a flex step, 10-15% of a tch-cpu one.
-fn keep_freed_memory() {
-    // SAFETY: sets a process-wide allocator option before any thread exists; mimalloc reads it when purging.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation policy; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 

@@ -10,7 +10,7 @@
 //! Needs PyTorch and timm, so it is ignored by default; `.ci/run` runs it with the venv of
 //! `scripts/torch-venv.sh`:
 //!
-//!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --release -p trainer --test export_pytorch -- --ignored
+//!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --workspace --release --test export_pytorch -- --ignored
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -40,9 +40,9 @@
 //! the half type's rounding (see [`tolerances`]).
 //!
 //! Needs PyTorch and torchvision, so it is ignored by default; `.ci/run` runs it with the venv of
-//! `scripts/torch-venv.sh` (about nine minutes on two cores; one test at a time, each uses both):
+//! `scripts/torch-venv.sh` (about six minutes on two cores; one test at a time, each uses both):
 //!
-//!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --release -p trainer --test official_parity -- --ignored --nocapture --test-threads=1
+//!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --workspace --release --test official_parity -- --ignored --nocapture --test-threads=1
 //!
 //! `DENSEDINO_PARITY_MUTANT=KEY=VALUE` (a `--set` of our config) changes our side only, the official
 //! loop keeping the scenario's settings: the way to see what the comparison catches, e.g.
@@ -58,6 +58,12 @@ use trainer::recipe::config::{DeviceSpec, TrainConfig};
 use trainer::recipe::schedule::Schedules;
 use trainer::recipe::step::Trainer;
 use trainer::run::{checkpoint, data};
+
+/// The trainer binary's allocator and its settings ([`trainer::run::keep_freed_memory`]): our side's steps
+/// would otherwise run under glibc's malloc, which hands every step's activations back to the kernel
+/// (measured: twice the wall time of the same run in `trainer train`, half of it system time).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ITERS_PER_EPOCH: usize = 10;
 const BATCH: usize = 8;
@@ -330,6 +336,7 @@ fn bf16_matches_the_official_loop_under_autocast() {
 }
 
 fn parity(scenario: Scenario<'_>) {
+    trainer::run::keep_freed_memory();
     let epochs = scenario.epochs;
     let python = std::env::var("DENSEDINO_PYTHON")
         .expect("DENSEDINO_PYTHON: a python with torch, torchvision and safetensors (scripts/torch-venv.sh)");

@@ -7,7 +7,7 @@
 //! Needs the `tensorboard` package, so it is ignored by default; `.ci/run` runs it with the venv of
 //! `scripts/torch-venv.sh`:
 //!
-//!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --release -p trainer --test tensorboard -- --ignored
+//!     DENSEDINO_PYTHON=$(scripts/torch-venv.sh) cargo test --workspace --release --test tensorboard -- --ignored
 
 use std::path::Path;
 use std::process::{Command, Stdio};
