@@ -6,7 +6,7 @@
 # Cached in ~/.cache/densedino/moto-venv (DENSEDINO_CACHE overrides ~/.cache/densedino). Prints the path
 # of moto_server:
 #
-#   DENSEDINO_MOTO=$(scripts/moto-venv.sh) cargo test --release -p trainer --test remote -- --include-ignored
+#   DENSEDINO_MOTO=$(scripts/moto-venv.sh) cargo test --workspace --release --test remote -- --include-ignored
 set -euo pipefail
 CACHE=${DENSEDINO_CACHE:-$HOME/.cache/densedino}
 VENV=$CACHE/moto-venv

@@ -24,6 +24,10 @@ pub enum Error {
     /// The loader stopped before its data ended ([`crate::Loader::next`]).
     #[error("the loader stopped before its data ended: {problem}")]
     Stopped { problem: String },
+    /// A remote shard that cannot be read whole, or whose bytes are not the ones its index lists (the
+    /// message names its URL).
+    #[error("{problem}")]
+    RemoteShard { problem: String },
     /// Image bytes that cannot be decoded or resized. Bytes carry no name: whoever read them from a
     /// shard names the sample (the pipeline skips it with a warning giving shard and key).
     #[error("{problem}")]

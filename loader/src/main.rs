@@ -355,6 +355,8 @@ fn main() -> ExitCode {
             preview(shards, &out, &preset, count, points, cell, grid, seed)
         }
     };
+    // Reader threads of a remote set may still be copying shards into the cache.
+    shard::remote::abandon_copies();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -20,7 +20,6 @@
 //! started on and its samples have already streamed.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -224,10 +223,15 @@ impl Loader {
             Ok(batch) => Ok(Some(batch)),
             // The channel closes when the collator passed the end of the last epoch, or when a stage
             // stopped: only the first is the end of the data.
-            Err(_) if self.stats.finished.load(Ordering::Acquire) => Ok(None),
-            Err(_) => Err(failed(&self.stats).unwrap_or(Error::Stopped {
-                problem: "one of its stages failed (see the messages above)".into(),
-            })),
+            // A failure first: one found at the data's last shard may close the channel after the
+            // collator has marked the end.
+            Err(_) => match failed(&self.stats) {
+                Some(e) => Err(e),
+                None if self.stats.finished.load(Ordering::Acquire) => Ok(None),
+                None => Err(Error::Stopped {
+                    problem: "one of its stages failed (see the messages above)".into(),
+                }),
+            },
         }
     }
 
@@ -434,8 +438,10 @@ pub fn start(opts: LoaderOptions) -> Result<Loader> {
 }
 
 /// Reads one shard on its own thread into a small channel, so the reader can pull samples from several
-/// shards in a fixed round-robin order. A damaged shard gives what it has; it is reported once per run
-/// (not once per epoch) with the samples it lacks against its index entry (`listed`).
+/// shards in a fixed round-robin order. A damaged folder's shard gives what it has; it is reported once
+/// per run (not once per epoch) with the samples it lacks against its index entry (`listed`). A remote
+/// shard is read to its end and checked against its entry; any problem with it stops the loader
+/// ([`Stats::failure`]).
 fn spawn_shard_reader(
     dir: &Path,
     info: &shard::format::ShardInfo,
@@ -451,81 +457,74 @@ fn spawn_shard_reader(
         let remote = shard::remote::remote_url(&dir).is_some();
         // What went wrong, as one message naming the file, and the samples the shard gave.
         let (error, delivered) = match shard::remote::open_tar(&dir, &info, cache.as_ref()) {
-            Ok(mut reader) => match read_samples(&mut reader, |s| {
-                // The epoch plan is the index's: a shard holding more than its entry lists gives only
-                // those, or it would crowd the other shards out of the epoch.
-                if sent == listed {
-                    over = true;
-                    return false;
-                }
-                sent += 1;
-                stopped = tx.send(s).is_err();
-                !stopped
-            }) {
-                Ok(_) if over => {
-                    if stats.shard_damaged(&name, 0) {
-                        eprintln!(
-                            "warning: {}: it holds more samples than the {listed} its index.json lists; only \
-                             those are read (the index is not this shard's: `shard verify` names the \
-                             difference; repack the set to use them all)",
-                            path.display()
-                        );
-                    }
-                    return;
-                }
-                // Left early by its reader: nothing to report.
-                Ok(_) if stopped => return,
-                // Whole: the bytes after the end-of-archive block are read too, so that a remote shard's
-                // size and digest are checked at its end (and its cache copy kept). Its errors name the
-                // URL.
-                Ok(n) if n >= listed => {
-                    match std::io::copy(&mut (&mut reader).take(1 << 20), &mut std::io::sink()) {
-                        Ok(_) => return,
-                        Err(e) => (e.to_string(), n),
-                    }
-                }
-                // An intact tar with fewer samples than the index lists: replaced, or packed by another tool.
-                Ok(n) => (
-                    format!("{}: it holds {n} samples where its index.json lists {listed}", path.display()),
-                    n,
-                ),
-                Err(e) => {
-                    let samples = match &e {
-                        shard::Error::Shard { samples, .. } => *samples,
-                        _ => 0,
-                    };
-                    // A remote shard unreadable in its middle is read on to its end, where its digest
-                    // says whether the bytes are the index's: "corrupted in the store" is the cause to
-                    // report, not the malformed tar header it made.
-                    let digest = match remote {
-                        true => {
-                            std::io::copy(&mut (&mut reader).take(info.bytes), &mut std::io::sink()).err()
-                        }
-                        false => None,
-                    };
-                    (digest.map_or_else(|| e.in_file(&path).to_string(), |d| d.to_string()), samples)
-                }
-            },
             Err(e) => (e.to_string(), 0),
+            Ok(mut reader) => {
+                let read = read_samples(&mut reader, |s| {
+                    // The epoch plan is the index's: a shard holding more than its entry lists gives
+                    // only those, or it would crowd the other shards out of the epoch.
+                    if sent == listed {
+                        over = true;
+                        return false;
+                    }
+                    sent += 1;
+                    stopped = tx.send(s).is_err();
+                    !stopped
+                });
+                if stopped {
+                    return; // left early by its reader: nothing to report
+                }
+                // A remote shard's bytes to their end: its size and digest against the index.
+                let samples = match &read {
+                    Ok(n) => *n,
+                    Err(shard::Error::Shard { samples, .. }) => *samples,
+                    Err(_) => 0,
+                };
+                let problem = match read_outcome(reader.finish(), read, &path) {
+                    Err(problem) => Some(problem),
+                    Ok(_) if over => {
+                        if stats.shard_damaged(&name, 0) {
+                            eprintln!(
+                                "warning: {}: it holds more samples than the {listed} its index.json lists; \
+                                 only those are read (the index is not this shard's: `shard verify` names \
+                                 the difference; repack the set to use them all)",
+                                path.display()
+                            );
+                        }
+                        None
+                    }
+                    // An intact tar with fewer samples than the index lists: replaced, or packed by
+                    // another tool.
+                    Ok(n) if n < listed => Some(format!(
+                        "{}: it holds {n} samples where its index.json lists {listed}",
+                        path.display()
+                    )),
+                    Ok(_) => None,
+                };
+                match problem {
+                    Some(p) => (p, samples),
+                    None => return,
+                }
+            }
         };
         if remote {
             // A remote shard is checked against its index's size and SHA-256 as it streams, and its
             // client has already retried what can be retried: what is left is a shard changed or
-            // corrupted in the store, or a store that stopped answering. Unlike a local shard cut short
-            // (whose samples before the cut are good), that is not the set the run was started on: the
-            // loader stops, and the trainer with it, with a non-zero status.
-            stats.fail(format!(
-                "{error}; a remote shard must be read whole and match its index.json (`shard verify {}` \
-                 checks the whole set; upload the shard again)",
-                dir.display()
-            ));
+            // corrupted in the store (or its cached copy on disk), or a store that stopped answering.
+            // Unlike a folder's shard cut short (whose samples before the cut are good), that is not the
+            // set the run was started on, and its samples have streamed: the loader stops, and the
+            // trainer with it, with a non-zero status.
+            let used = match delivered {
+                0 => String::new(),
+                n => format!(" Its first {n} samples were used as they streamed, before that showed."),
+            };
+            stats.fail(format!("{error}.{used} `shard verify '{}'` checks the whole set", dir.display()));
             return;
         }
         let lost = listed.saturating_sub(delivered);
         if stats.shard_damaged(&name, lost) {
             eprintln!(
-                "warning: {error}; {lost} of its {listed} samples are lost (reported once; counted in the stats \
-                 line)"
+                "warning: {error}; {lost} of its {listed} samples are lost (reported once; counted in the \
+                 stats line)"
             );
         }
     });
@@ -849,8 +848,8 @@ async fn collate_loop(
 
 /// Reads the shard directory's samples in index order without views (the decode-only benchmark, the
 /// evaluations). A remote set's shards are streamed, uncached, and read to their end, where their size
-/// and digest are checked: a remote shard that fails is an error (as in the training loader), a local
-/// one cut short a warning.
+/// and digest are checked: a remote shard that fails is an error (as in the training loader), a folder's
+/// shard cut short a warning.
 pub fn for_each_sample(dir: &Path, index: &Index, mut f: impl FnMut(Sample) -> bool) -> Result<()> {
     let remote = shard::remote::remote_url(dir).is_some();
     for s in &index.shards {
@@ -864,22 +863,38 @@ pub fn for_each_sample(dir: &Path, index: &Index, mut f: impl FnMut(Sample) -> b
         if !go {
             break;
         }
-        match read {
-            Ok(_) if remote => {
-                std::io::copy(&mut (&mut reader).take(1 << 20), &mut std::io::sink())
-                    .map_err(|e| Error::Stopped { problem: e.to_string() })?;
-            }
+        match read_outcome(reader.finish(), read, &path) {
             Ok(_) => {}
-            Err(e) if remote => {
-                // Read on to the end: the digest names the cause if the bytes are not the index's.
-                let digest = std::io::copy(&mut (&mut reader).take(s.bytes), &mut std::io::sink()).err();
-                let problem = digest.map_or_else(|| e.in_file(&path).to_string(), |d| d.to_string());
-                return Err(Error::Stopped { problem });
-            }
-            Err(e) => eprintln!("warning: {}; the shard ends there", e.in_file(&path)),
+            Err(problem) if remote => return Err(Error::RemoteShard { problem }),
+            Err(problem) => eprintln!("warning: {problem}; the shard ends there"),
         }
     }
     Ok(())
+}
+
+/// What a shard's read (`read`: its samples, or where its tar broke) and the check at the end of its
+/// bytes (`verdict`: [`shard::remote::TarReader::finish`]) say together: the samples, or the problem
+/// naming the file. Bytes that are not the index's are the cause, whatever the tar reader made of them;
+/// a failed source read that the tar reader already reported is said once.
+fn read_outcome(
+    verdict: std::io::Result<()>,
+    read: shard::Result<u64>,
+    path: &Path,
+) -> std::result::Result<u64, String> {
+    let named = |e: std::io::Error| {
+        let (text, file) = (e.to_string(), path.display().to_string());
+        if text.contains(&file) { text } else { format!("{file}: {text}") }
+    };
+    match (verdict, read) {
+        (Err(m), _) if shard::remote::is_mismatch(&m) => Err(m.to_string()),
+        (Err(e), Ok(_)) => Err(named(e)),
+        (Err(e), Err(t)) => {
+            let (t, e) = (t.in_file(path).to_string(), e.to_string());
+            Err(if t.contains(&e) { t } else { format!("{t}; then: {e}") })
+        }
+        (Ok(()), Err(t)) => Err(t.in_file(path).to_string()),
+        (Ok(()), Ok(n)) => Ok(n),
+    }
 }
 
 #[cfg(test)]

@@ -315,6 +315,8 @@ fn main() -> ExitCode {
             import(&weights, config.as_deref(), &sets, &out, force)
         }
     };
+    // Reader threads of a remote set may still be copying shards into the cache.
+    shard::remote::abandon_copies();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Stopped by a signal, its checkpoint written: 128 + the signal, as a shell reports a process

@@ -100,7 +100,7 @@ fn batches(shards: &Path, rank: usize, world: usize, cache: Option<Cache>) -> (V
     let loader =
         rt.block_on(async { loader::start(o) }).unwrap_or_else(|e| panic!("{}: {e}", shards.display()));
     let mut out = vec![];
-    while let Ok(b) = rt.block_on(loader.batches.recv()) {
+    while let Some(b) = rt.block_on(loader.next()).unwrap_or_else(|e| panic!("{}: {e}", shards.display())) {
         out.push(b);
     }
     let damaged = loader.stats.truncated_shards.load(std::sync::atomic::Ordering::Relaxed);
@@ -238,7 +238,32 @@ fn a_set_over_http_or_a_pipe_gives_the_local_batches_and_the_cache_serves_later_
     assert!(other.is_empty(), "a temporary was left: {other:?}");
     assert!(copies.iter().all(|c| digests(&local).contains(c)), "only verified copies are kept: {copies:?}");
     // The first cache still holds the good copy, which later reads use.
-    assert_eq!(batches(&url, 0, 1, Some(cache)), (want, 0), "the cached copy of the corrupted shard");
+    assert_eq!(batches(&url, 0, 1, Some(cache.clone())), (want, 0), "the cached copy of the corrupted shard");
+
+    // A cached copy damaged on disk: the loader stops naming the copy (not the store) and removes it, so
+    // the next read downloads the shard again. (Another shard than the one corrupted in the store above,
+    // whose good copy the cache still serves.)
+    let good = &index.shards[0];
+    let copy = cache.dir.join(&good.sha256);
+    corrupt(&copy);
+    let e = failure(&url, Some(cache.clone()));
+    eprintln!("damaged copy: {e}");
+    assert!(e.contains(&copy.display().to_string()) && e.contains("damaged on disk"), "{e}");
+    assert!(!e.contains("in the store"), "a damaged cache copy is not the store's fault: {e}");
+    assert!(!copy.exists(), "the damaged copy is removed");
+
+    // A source that fails mid-shard (here a pipe: command that stops half-way with an error): the cause
+    // is the failure, not a shard "corrupted in the store" (which reading on to the end would otherwise
+    // make of the missing half).
+    let half = bad.bytes / 2;
+    let failing = PathBuf::from(format!(
+        "pipe:if [ {{}} = {} ]; then head -c {half} {dir}/{{}}; exit 3; else cat {dir}/{{}}; fi",
+        bad.name,
+        dir = local.display()
+    ));
+    let e = failure(&failing, None);
+    eprintln!("failing source: {e}");
+    assert!(e.contains("failed (exit status: 3)") && !e.contains("corrupted"), "{e}");
 
     // A missing shard: refused before anything starts, named.
     std::fs::remove_file(local.join(&index.shards[2].name)).unwrap();
@@ -432,12 +457,12 @@ fn a_set_in_an_s3_store_is_pushed_read_trained_on_and_fails_clearly() {
         // SAFETY: a signal to a process this test started (through mpirun).
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         let status = child.wait().unwrap();
-        assert!(!status.success(), "the job whose rank 1 was killed should fail");
         let logged = util::steps_logged(&run);
         assert!(
             logged < 16,
             "the kill came after the run's end ({logged} steps logged): nothing was resumed"
         );
+        assert!(!status.success(), "the job whose rank 1 was killed should fail");
         let (status, out) = trainer(
             &["train", "--quiet", "--nproc-per-node", "2", "--resume", run.to_str().unwrap()],
             &[],

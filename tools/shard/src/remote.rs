@@ -27,15 +27,15 @@
 //!
 //! **The cache** ([`Cache`]) holds whole shards, named by the SHA-256 that `index.json` lists for them,
 //! so a repacked set never reads a stale copy and two sets sharing a shard share it. A shard is written
-//! to a temporary name while it streams, then renamed into place only if its size and digest are the
-//! index's: a half-downloaded or corrupted download is never kept, and a kept copy is checked again as it
-//! is read (one damaged on disk is reported and removed; so no fsync is needed). Processes of one machine
+//! to a temporary name while it streams, then synced and renamed into place only if its size and digest
+//! are the index's: a half-downloaded or corrupted download is never kept, and a kept copy is checked
+//! again as it is read (one damaged on disk anyway is reported and removed). Processes of one machine
 //! share the folder (each writes its own temporary; the rename is atomic; a copy evicted by another
 //! process while being opened is simply downloaded again). Eviction removes the least recently used
 //! copies until the cache is under its limit, and the temporaries of processes that died mid-download.
-//! The samples of a shard reach the reader as they stream: a shard corrupted in the store is found at its
-//! end, after its samples were read; the loader then stops, and the run with it (`shard verify` checks a
-//! set before a run).
+//! The samples of a shard reach the reader as they stream: a shard corrupted in the store (or a cached
+//! copy damaged on disk) is found at its end ([`TarReader::finish`]), after its samples were read; the
+//! loader then stops, and the run with it (`shard verify` checks a set before a run).
 //!
 //! **`pipe:COMMAND`**: the command runs under `sh -c` once per file, with `{}` standing for the file's
 //! name in the set (`index.json`, then each shard's), and its standard output is the file:
@@ -45,7 +45,7 @@
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -758,16 +758,72 @@ impl Drop for PipeReader {
 
 /// The tar stream of shard `info` of the set at `set` (decompressed where its name says `.zst`): a
 /// folder's file, or a remote set's object (through `cache` when one is given), checked against the
-/// index's size and digest as it streams.
-pub fn open_tar(set: &Path, info: &ShardInfo, cache: Option<&Cache>) -> Result<Box<dyn Read + Send>> {
+/// index's size and digest as it streams ([`TarReader::finish`] gives the verdict).
+pub fn open_tar(set: &Path, info: &ShardInfo, cache: Option<&Cache>) -> Result<TarReader> {
     let path = set.join(&info.name);
     match remote_url(set) {
         Some(url) => {
-            let raw = open_shard(&*RemoteSet::shared(url)?, info, cache)?;
-            crate::format::tar_stream(&path, io::BufReader::with_capacity(1 << 16, raw))
+            let raw = Arc::new(Mutex::new(open_shard(&*RemoteSet::shared(url)?, info, cache)?));
+            let shared = SharedChecked(raw.clone());
+            let tar = crate::format::tar_stream(&path, io::BufReader::with_capacity(1 << 16, shared))?;
+            Ok(TarReader { tar, raw: Some(raw) })
         }
         // One buffer over the file, as before remote sets.
-        None => crate::format::open_shard(&path),
+        None => Ok(TarReader { tar: crate::format::open_shard(&path)?, raw: None }),
+    }
+}
+
+/// A shard's tar stream ([`open_tar`]). For a remote shard it also holds the raw (compressed) stream
+/// beneath the decompressor, which [`TarReader::finish`] reads to its end: the tar reader stops at the
+/// end-of-archive block, a zstd decoder at its frame's end, and either may stop at damage, before the
+/// bytes that settle whether the shard is the one its index lists.
+pub struct TarReader {
+    tar: Box<dyn Read + Send>,
+    raw: Option<Arc<Mutex<Checked>>>,
+}
+
+impl Read for TarReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tar.read(buf)
+    }
+}
+
+impl TarReader {
+    /// A remote shard's raw bytes read to their end (bounded by the index's size: a longer stream fails
+    /// there) and compared with its index entry: `Ok` when size and digest match (the cache copy, if
+    /// any, is then kept), else the mismatch ([`is_mismatch`] tells it from a failed read). `Ok` for a
+    /// folder's shard, whose bytes `shard verify` checks.
+    pub fn finish(&mut self) -> io::Result<()> {
+        let Some(raw) = &self.raw else { return Ok(()) };
+        let mut checked = raw.lock().map_err(|_| io::Error::other("a shard reader panicked"))?;
+        io::copy(&mut *checked, &mut io::sink()).map(drop)
+    }
+}
+
+/// Whether an error of a remote shard's read is its bytes differing from its index entry (size or
+/// SHA-256), rather than a read that failed.
+pub fn is_mismatch(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Mismatch>())
+}
+
+/// A remote shard whose bytes are not the ones its index entry lists.
+#[derive(Debug)]
+struct Mismatch(String);
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
+/// The decompressor's side of a [`TarReader`]'s raw stream.
+struct SharedChecked(Arc<Mutex<Checked>>);
+
+impl Read for SharedChecked {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.lock().map_err(|_| io::Error::other("a shard reader panicked"))?.read(buf)
     }
 }
 
@@ -781,12 +837,12 @@ pub struct Cache {
 /// Opens shard `info` of a remote set for reading, raw (still compressed if it is): from `cache` when a
 /// copy is there, else from the source while a copy is written into `cache` (kept only if complete
 /// and as `index.json` describes it; see the module's doc). The reader must be read to its end for the
-/// copy to be kept: the loader drains what the tar reader leaves after the end-of-archive block.
-pub fn open_shard(set: &RemoteSet, info: &ShardInfo, cache: Option<&Cache>) -> Result<Box<dyn Read + Send>> {
+/// copy to be kept ([`TarReader::finish`] does).
+fn open_shard(set: &RemoteSet, info: &ShardInfo, cache: Option<&Cache>) -> Result<Checked> {
     let url = set.file_url(&info.name);
     let valid_digest = info.sha256.len() == 64 && info.sha256.bytes().all(|b| b.is_ascii_hexdigit());
     let Some(cache) = cache.filter(|c| valid_digest && info.bytes <= c.limit) else {
-        return Ok(Box::new(Checked::new(set.reader(&info.name)?, info, url, None)));
+        return Ok(Checked::new(set.reader(&info.name)?, info, url, None));
     };
     let kept = cache.dir.join(info.sha256.to_ascii_lowercase());
     if let Ok(file) = std::fs::File::open(&kept)
@@ -796,9 +852,9 @@ pub fn open_shard(set: &RemoteSet, info: &ShardInfo, cache: Option<&Cache>) -> R
         // is: a copy damaged on disk (or put there by someone else) is reported and removed.
         let _ = file.set_modified(std::time::SystemTime::now());
         let file = Box::new(io::BufReader::with_capacity(1 << 20, file));
-        let mut checked = Checked::new(file, info, format!("{} (cached as {})", url, kept.display()), None);
+        let mut checked = Checked::new(file, info, url, None);
         checked.cached = Some(kept);
-        return Ok(Box::new(checked));
+        return Ok(checked);
     }
     std::fs::create_dir_all(&cache.dir)
         .map_err(|e| Error::io(&cache.dir, "cannot create the cache folder", e))?;
@@ -808,6 +864,9 @@ pub fn open_shard(set: &RemoteSet, info: &ShardInfo, cache: Option<&Cache>) -> R
     // A copy that cannot be started is a run without a cache for this shard, not a failed run.
     let copy = match std::fs::OpenOptions::new().write(true).create_new(true).open(&part) {
         Ok(file) => {
+            if let Ok(mut parts) = PARTS.lock() {
+                parts.push(part.clone());
+            }
             Some(Copy { file: io::BufWriter::with_capacity(1 << 20, file), part, kept, cache: cache.clone() })
         }
         Err(e) => {
@@ -815,7 +874,26 @@ pub fn open_shard(set: &RemoteSet, info: &ShardInfo, cache: Option<&Cache>) -> R
             None
         }
     };
-    Ok(Box::new(Checked::new(set.reader(&info.name)?, info, url, copy)))
+    Ok(Checked::new(set.reader(&info.name)?, info, url, copy))
+}
+
+/// The temporaries of this process's copies in progress, which [`abandon_copies`] removes.
+static PARTS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes the temporaries of the copies this process has in progress: called by a binary as it exits,
+/// when reader threads may still be writing (their shard is then downloaded again by a later run; a
+/// process killed before this runs leaves its temporaries to the next eviction).
+pub fn abandon_copies() {
+    let parts = PARTS.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+    for part in parts {
+        let _ = std::fs::remove_file(part);
+    }
+}
+
+fn forget_part(part: &Path) {
+    if let Ok(mut parts) = PARTS.lock() {
+        parts.retain(|p| p != part);
+    }
 }
 
 /// A copy into the cache in progress.
@@ -826,9 +904,9 @@ struct Copy {
     cache: Cache,
 }
 
-/// A remote shard's bytes as they stream, counted and hashed: at their end, a size or digest other than
-/// the index's is an error of the read (the shard is damaged, reported as such by its reader), and a
-/// copy in progress is kept only when both match.
+/// A remote shard's bytes as they stream, counted and hashed: at their end (or past the index's size), a
+/// size or digest other than the index's is an error of the read, a [`Mismatch`], returned again by
+/// every later read; a copy in progress is kept only when both match.
 struct Checked {
     inner: Box<dyn Read + Send>,
     hasher: Sha256,
@@ -837,7 +915,11 @@ struct Checked {
     expect_sha: String,
     url: String,
     copy: Option<Copy>,
-    ended: bool,
+    /// Set at the end of the stream: `None` for a match, else the mismatch.
+    verdict: Option<Option<String>>,
+    /// A read of the source that failed (after the client's retries): every later read fails the same
+    /// way, so that reading on to the end never turns a lost connection into a short, "corrupted" shard.
+    failed: Option<String>,
     /// A cached copy being read: removed if it turns out not to be the shard.
     cached: Option<PathBuf>,
 }
@@ -852,31 +934,46 @@ impl Checked {
             expect_sha: info.sha256.to_ascii_lowercase(),
             url,
             copy,
-            ended: false,
+            verdict: None,
+            failed: None,
             cached: None,
         }
     }
 
-    fn finish(&mut self) -> io::Result<()> {
+    /// The verdict at the end of the stream (`longer`: it went on past the index's size).
+    fn finish(&mut self, longer: bool) -> Option<String> {
         let sha = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        if self.bytes != self.expect_bytes || sha != self.expect_sha {
+        if longer || self.bytes != self.expect_bytes || sha != self.expect_sha {
             self.discard();
-            if let Some(bad) = self.cached.take() {
-                let _ = std::fs::remove_file(bad);
-            }
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: {} bytes with SHA-256 {sha}, where index.json lists {} bytes with {} (changed or \
-                     corrupted in the store; not cached)",
-                    self.url, self.bytes, self.expect_bytes, self.expect_sha
-                ),
-            ));
+            let what = match longer {
+                true => format!("more than the {} bytes", self.expect_bytes),
+                false => format!("{} bytes with SHA-256 {sha}", self.bytes),
+            };
+            let differs = format!(
+                "{what}, where index.json lists {} bytes with {}",
+                self.expect_bytes, self.expect_sha
+            );
+            return Some(match self.cached.take() {
+                // Damaged on disk (a crash, a full disk, another tool): removed, so that the next read
+                // downloads the shard again.
+                Some(bad) => {
+                    let _ = std::fs::remove_file(&bad);
+                    format!(
+                        "{}: the cache's copy of {} holds {differs} (damaged on disk; removed, so the next \
+                         read downloads it again)",
+                        bad.display(),
+                        self.url
+                    )
+                }
+                None => format!("{}: {differs} (changed or corrupted in the store; not cached)", self.url),
+            });
         }
         if let Some(Copy { file, part, kept, cache }) = self.copy.take() {
-            // No fsync: a copy that a crash left incomplete or damaged is caught when it is read (above).
-            let stored = file.into_inner().map_err(|e| e.into_error()).map(drop);
-            match stored.and_then(|()| std::fs::rename(&part, &kept)) {
+            // Synced before the rename: a copy that a crash leaves in place is the whole shard.
+            let stored = file.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all());
+            let renamed = stored.and_then(|()| std::fs::rename(&part, &kept));
+            forget_part(&part);
+            match renamed {
                 Ok(()) => evict(&cache, &kept),
                 Err(e) => {
                     let _ = std::fs::remove_file(&part);
@@ -884,33 +981,43 @@ impl Checked {
                 }
             }
         }
-        Ok(())
+        None
     }
 
     fn discard(&mut self) {
         if let Some(copy) = self.copy.take() {
             drop(copy.file);
             let _ = std::fs::remove_file(&copy.part);
+            forget_part(&copy.part);
         }
     }
 }
 
 impl Read for Checked {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.ended {
-            return Ok(0);
+        if let Some(verdict) = &self.verdict {
+            return match verdict {
+                None => Ok(0),
+                Some(m) => Err(io::Error::new(io::ErrorKind::InvalidData, Mismatch(m.clone()))),
+            };
+        }
+        if let Some(f) = &self.failed {
+            return Err(io::Error::other(f.clone()));
         }
         let n = match self.inner.read(buf) {
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
             Err(e) => {
                 self.discard();
+                self.failed = Some(e.to_string());
                 return Err(e);
             }
         };
-        if n == 0 && !buf.is_empty() {
-            self.ended = true;
-            self.finish()?;
-            return Ok(0);
+        let longer = self.bytes + n as u64 > self.expect_bytes;
+        if (n == 0 && !buf.is_empty()) || longer {
+            let verdict = self.finish(longer);
+            self.verdict = Some(verdict);
+            return self.read(buf);
         }
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;

@@ -178,7 +178,7 @@ pub fn evaluate(run: &Path, batches: usize, device: &Device) -> Result<Report> {
     order.extend(["backbone".to_string(), "all".to_string()]);
     let mut seen = 0;
     while seen < batches {
-        let Ok(batch) = rt.block_on(loader.batches.recv()) else { break };
+        let Some(batch) = rt.block_on(loader.next())? else { break };
         let parts = trainer.loss_gradients(&batch).ok_or_else(|| anyhow!("the run has no reference loss"))?;
         for crate::recipe::step::LossGradients { name, cls, refs } in &parts {
             let s = tensor_sums(cls, refs, denoms.get(name).map(Vec::as_slice));

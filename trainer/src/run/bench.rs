@@ -34,7 +34,7 @@ pub fn bench(
         let rt = data::runtime()?;
         let loader =
             rt.block_on(async { loader::start(data::loader_options(cfg, &shards, Cursor::default())) })?;
-        Box::new(move || rt.block_on(loader.batches.recv()).map_err(|_| anyhow!("the loader ended")))
+        Box::new(move || rt.block_on(loader.next())?.ok_or_else(|| anyhow!("the data ended")))
     };
     for _ in 0..warmup {
         trainer.step(&next()?).map_err(|e| said_non_finite(e, " in warmup"))?;

@@ -98,6 +98,11 @@ pub fn train(start: Start, opts: &RunOptions) -> Result<RunSummary> {
     let stats = loader.stats.clone();
     rt.block_on(loader.shutdown());
     let steps = steps?;
+    if let Some(problem) = stats.failure() {
+        // Found while the last batch trained (the loop asks for no batch after it): the run took its
+        // steps, on data that is not the set's.
+        bail!("the run took its {} steps, but its data failed at the end: {problem}", steps.len());
+    }
     wrap_up(&mut trainer, &plan, &run_dir, &cfg, stats.problems(), &report, ckpt, steps, quiet)
 }
 
