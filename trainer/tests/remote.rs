@@ -320,6 +320,26 @@ fn trainer(args: &[&str], sets: &[String], env: &[(&str, String)]) -> (std::proc
     (out.status, format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// `trainer` with `args` and `sets` started, once its run in `run` has written its first checkpoint.
+fn trainer_until_checkpoint(args: &[&str], sets: &[String], env: &[(&str, String)], run: &Path) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    cmd.args(args);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let mut child =
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while !std::fs::read_dir(run.join("checkpoints"))
+        .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint within 5 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint was seen");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child
+}
+
 /// One test, in sections, because the store's address reaches the library through the process's
 /// environment (as it does for a user), which one process has once.
 #[test]
@@ -390,22 +410,12 @@ fn a_set_in_an_s3_store_is_pushed_read_trained_on_and_fails_clearly() {
     };
     let (status, out) = trainer(&["train", "--quiet"], &run_sets("local", &local), &env);
     assert!(status.success(), "{out}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"));
-    child.args(["train", "--quiet"]);
-    for s in run_sets("s3", &url) {
-        child.args(["--set", &s]);
-    }
-    let mut child =
-        child.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stderr(Stdio::null()).spawn().unwrap();
-    let ckpts = tmp.path().join("runs/s3/checkpoints");
-    let t0 = Instant::now();
-    while !std::fs::read_dir(&ckpts)
-        .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
-    {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint within 5 minutes");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint was seen");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let mut child = trainer_until_checkpoint(
+        &["train", "--quiet"],
+        &run_sets("s3", &url),
+        &env,
+        &tmp.path().join("runs/s3"),
+    );
     child.kill().unwrap();
     let _ = child.wait();
     let run = tmp.path().join("runs/s3");
@@ -433,25 +443,13 @@ fn a_set_in_an_s3_store_is_pushed_read_trained_on_and_fails_clearly() {
         let (status, out) =
             trainer(&["train", "--quiet", "--nproc-per-node", "2"], &two("local2", &local), &env);
         assert!(status.success(), "local2: {out}");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"));
-        child.args(["train", "--quiet", "--nproc-per-node", "2"]);
-        for s in two("s3-2", &url) {
-            child.args(["--set", &s]);
-        }
-        let mut child =
-            child.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stderr(Stdio::null()).spawn().unwrap();
         let run = tmp.path().join("runs/s3-2");
-        let t0 = Instant::now();
-        while !std::fs::read_dir(run.join("checkpoints"))
-            .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
-        {
-            assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint within 5 minutes");
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the job ended before its first checkpoint was seen"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let mut child = trainer_until_checkpoint(
+            &["train", "--quiet", "--nproc-per-node", "2"],
+            &two("s3-2", &url),
+            &env,
+            &run,
+        );
         let marker = run.parent().unwrap().to_str().unwrap();
         let pid = util::rank_pid(marker, 1).expect("rank 1's process");
         // SAFETY: a signal to a process this test started (through mpirun).
