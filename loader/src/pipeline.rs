@@ -222,9 +222,8 @@ impl Loader {
         match self.batches.recv().await {
             Ok(batch) => Ok(Some(batch)),
             // The channel closes when the collator passed the end of the last epoch, or when a stage
-            // stopped: only the first is the end of the data.
-            // A failure first: one found at the data's last shard may close the channel after the
-            // collator has marked the end.
+            // stopped: only the first is the end of the data, and only without a failure (one found at
+            // the last shard may close the channel after the collator has marked the end).
             Err(_) => match failed(&self.stats) {
                 Some(e) => Err(e),
                 None if self.stats.finished.load(Ordering::Acquire) => Ok(None),
@@ -821,12 +820,12 @@ async fn collate_loop(
                 let full = std::mem::replace(&mut pending, Pending::new(cfg, b));
                 batch = Some(full.into_batch(cfg, b, epoch, Cursor { epoch: epoch + 1, samples: 0 }));
             }
-            if stats.failure().is_some() {
-                // Closes the batch channel: its reader learns why from `Loader::next`.
-                rx.close();
-                return;
-            }
             if let Some(batch) = batch {
+                if stats.failure().is_some() {
+                    // Closes the batch channel: its reader learns why from `Loader::next`.
+                    rx.close();
+                    return;
+                }
                 stats.images.fetch_add(b as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 if tx.send(batch).await.is_err() {

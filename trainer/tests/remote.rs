@@ -89,9 +89,13 @@ fn make_set(dir: &Path, zstd: Option<i32>) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// Every batch of two epochs of rank `rank` of `world` from the set at `shards` (seed 7), and the number of
-/// damaged shards the loader met.
-fn batches(shards: &Path, rank: usize, world: usize, cache: Option<Cache>) -> (Vec<common::Batch>, u64) {
+/// The loader of two epochs of rank `rank` of `world` from the set at `shards` (seed 7).
+fn start(
+    shards: &Path,
+    rank: usize,
+    world: usize,
+    cache: Option<Cache>,
+) -> (tokio::runtime::Runtime, loader::Loader) {
     let views = ViewsConfig { global_size: 32, local_size: 16, num_points: 2, ..ViewsConfig::paper_main() };
     let mut o = LoaderOptions::new(shards, views, 8);
     (o.seed, o.rank, o.world_size, o.workers, o.end_epoch, o.cache) = (7, rank, world, 2, Some(2), cache);
@@ -99,6 +103,12 @@ fn batches(shards: &Path, rank: usize, world: usize, cache: Option<Cache>) -> (V
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let loader =
         rt.block_on(async { loader::start(o) }).unwrap_or_else(|e| panic!("{}: {e}", shards.display()));
+    (rt, loader)
+}
+
+/// Every batch of [`start`]'s loader, and the number of damaged shards it met.
+fn batches(shards: &Path, rank: usize, world: usize, cache: Option<Cache>) -> (Vec<common::Batch>, u64) {
+    let (rt, loader) = start(shards, rank, world, cache);
     let mut out = vec![];
     while let Some(b) = rt.block_on(loader.next()).unwrap_or_else(|e| panic!("{}: {e}", shards.display())) {
         out.push(b);
@@ -108,14 +118,9 @@ fn batches(shards: &Path, rank: usize, world: usize, cache: Option<Cache>) -> (V
     (out, damaged)
 }
 
-/// Why the loader of two epochs of the set at `shards` (as [`batches`] reads it) stopped before its data
-/// ended; panics if it did not.
+/// Why [`start`]'s loader (one process) stopped before its data ended; panics if it did not.
 fn failure(shards: &Path, cache: Option<Cache>) -> String {
-    let views = ViewsConfig { global_size: 32, local_size: 16, num_points: 2, ..ViewsConfig::paper_main() };
-    let mut o = LoaderOptions::new(shards, views, 8);
-    (o.seed, o.workers, o.end_epoch, o.cache) = (7, 2, Some(2), cache);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let loader = rt.block_on(async { loader::start(o) }).unwrap();
+    let (rt, loader) = start(shards, 0, 1, cache);
     let e = loop {
         match rt.block_on(loader.next()) {
             Ok(Some(_)) => {}

@@ -62,6 +62,29 @@ impl<W: Write> Write for HashWriter<W> {
     }
 }
 
+/// Hashes and counts the raw bytes that pass through: one read of a shard serves its checksum and its
+/// samples (`verify`, and a remote shard's check as it streams).
+pub(crate) struct HashingReader<R> {
+    pub inner: R,
+    pub hasher: Sha256,
+    pub bytes: u64,
+}
+
+impl<R> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader { inner, hasher: Sha256::new(), bytes: 0 }
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
 enum Sink {
     Plain(HashWriter<BufWriter<File>>),
     Zstd(zstd::Encoder<'static, HashWriter<BufWriter<File>>>),

@@ -51,10 +51,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme};
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
 use crate::error::{Error, Result};
-use crate::format::ShardInfo;
+use crate::format::{HashingReader, ShardInfo};
 
 /// The URL beginnings read as remote sets; `object_store`'s schemes for its stores, and WebDataset's `pipe:`.
 const SCHEMES: [&str; 10] =
@@ -226,9 +226,12 @@ impl RemoteSet {
             url::Url::parse(&base).map_err(|e| remote_error(url, format!("not a valid URL: {e}")))?;
         let (scheme, prefix) = ObjectStoreScheme::parse(&parsed)
             .map_err(|e| remote_error(url, format!("not a store URL: {e}")))?;
-        let built = |r: object_store::Result<Arc<dyn ObjectStore>>| {
-            r.map_err(|e| remote_error(url, format!("cannot set up the store: {e}")))
-        };
+        fn built<S: ObjectStore>(url: &str, store: object_store::Result<S>) -> Result<Arc<dyn ObjectStore>> {
+            match store {
+                Ok(s) => Ok(Arc::new(s)),
+                Err(e) => Err(remote_error(url, format!("cannot set up the store: {e}"))),
+            }
+        }
         let store: Arc<dyn ObjectStore> = match scheme {
             ObjectStoreScheme::AmazonS3 => {
                 use object_store::aws::AmazonS3ConfigKey as K;
@@ -263,20 +266,14 @@ impl RemoteSet {
                 if endpoint.is_some_and(|e| e.starts_with("http://")) {
                     b = b.with_allow_http(true);
                 }
-                built(b.build().map(|s| Arc::new(s) as _))?
+                built(url, b.build())?
             }
-            ObjectStoreScheme::GoogleCloudStorage => built(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(&base)
-                    .build()
-                    .map(|s| Arc::new(s) as _),
-            )?,
-            ObjectStoreScheme::MicrosoftAzure => built(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(&base)
-                    .build()
-                    .map(|s| Arc::new(s) as _),
-            )?,
+            ObjectStoreScheme::GoogleCloudStorage => {
+                built(url, object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(&base).build())?
+            }
+            ObjectStoreScheme::MicrosoftAzure => {
+                built(url, object_store::azure::MicrosoftAzureBuilder::from_env().with_url(&base).build())?
+            }
             ObjectStoreScheme::Http => {
                 let origin = &parsed[..url::Position::BeforePath];
                 // A server that ignores ranges sends a shard as one body, paced by the reader: no limit on
@@ -286,11 +283,11 @@ impl RemoteSet {
                     .with_timeout_disabled()
                     .with_read_timeout(std::time::Duration::from_secs(120));
                 built(
+                    url,
                     object_store::http::HttpBuilder::new()
                         .with_url(origin)
                         .with_client_options(options)
-                        .build()
-                        .map(|s| Arc::new(s) as _),
+                        .build(),
                 )?
             }
             other => return Err(remote_error(url, format!("{other:?} is not a remote store"))),
@@ -322,6 +319,14 @@ impl RemoteSet {
 
     fn key(prefix: &Key, name: &str) -> Key {
         prefix.clone().join(name)
+    }
+
+    /// The store and the key of file `name`, for writing: a `pipe:` set has neither.
+    fn writable(&self, name: &str) -> Result<(Arc<dyn ObjectStore>, Key)> {
+        match &self.source {
+            Source::Store { store, prefix, .. } => Ok((store.clone(), Self::key(prefix, name))),
+            Source::Pipe { .. } => Err(remote_error(&self.file_url(name), "a pipe: set is read-only")),
+        }
     }
 
     /// Reads file `name` whole, refusing more than `max_bytes` (an index, not a shard).
@@ -435,12 +440,9 @@ impl RemoteSet {
     /// timeout at 0.3 MB/s. The object appears whole or not at all: a failed upload is aborted.
     pub fn upload(&self, name: &str, local: &Path) -> Result<()> {
         let url = self.file_url(name);
-        let Source::Store { store, prefix, .. } = &self.source else {
-            return Err(remote_error(&url, "a pipe: set is read-only"));
-        };
+        let (store, key) = self.writable(name)?;
         let mut file = crate::format::open_regular(local)?;
         let len = file.metadata().map_err(|e| Error::io(local, "cannot read", e))?.len();
-        let (store, key) = (store.clone(), Self::key(prefix, name));
         const SINGLE: u64 = RANGE;
         const PART: usize = RANGE as usize;
         let done = if len <= SINGLE {
@@ -494,17 +496,12 @@ impl RemoteSet {
         };
         done.map_err(|e| remote_error(&url, e.to_string()))?.map_err(|e| remote_error(&url, explain(&e)))
     }
-}
 
-impl RemoteSet {
     /// Removes the set's `index.json` if there is one: done before a set's shards are replaced, so that no
     /// reader pairs the old index with new shards.
     pub fn remove_index(&self) -> Result<()> {
         let url = self.file_url(crate::index::INDEX_FILE);
-        let Source::Store { store, prefix, .. } = &self.source else {
-            return Err(remote_error(&url, "a pipe: set is read-only"));
-        };
-        let (store, key) = (store.clone(), Self::key(prefix, crate::index::INDEX_FILE));
+        let (store, key) = self.writable(crate::index::INDEX_FILE)?;
         match block(async move { store.delete(&key).await }).map_err(|e| remote_error(&url, e.to_string()))? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(remote_error(&url, explain(&e))),
@@ -530,14 +527,12 @@ pub fn push(dir: &Path, url: &str, quiet: bool) -> Result<Pushed> {
     use crate::index::{INDEX_FILE, Index};
     let index = Index::load(dir)?;
     let set = RemoteSet::shared(url)?;
+    set.writable(INDEX_FILE)?;
     let remote = match Index::load(Path::new(url)) {
         Ok(i) => Some(i),
         Err(Error::Remote { problem, .. }) if problem.starts_with("no such object") => None,
         Err(e) => return Err(e),
     };
-    if matches!(set.source, Source::Pipe { .. }) {
-        return Err(remote_error(url, "a pipe: set is read-only"));
-    }
     if remote.as_ref().is_some_and(|r| r != &index) {
         set.remove_index()?;
     }
@@ -583,11 +578,9 @@ fn ranged_reader(
     // while other shards' downloads wait for it) and whose receiver blocks in plain `std` fashion
     // (readers may be called from inside another runtime): an unbounded std channel, with credits the
     // reader hands back as it takes chunks. The first range is in the channel already.
-    let (tx, rx) = std::sync::mpsc::channel::<io::Result<Bytes>>();
-    let credits = Arc::new(tokio::sync::Semaphore::new(RANGES_AHEAD - 1));
+    let (tx, task_credits, reader) = ChannelReader::new(RANGES_AHEAD - 1);
     let mut offset = first.len() as u64;
     let _ = tx.send(Ok(first));
-    let task_credits = credits.clone();
     runtime().spawn(async move {
         while offset < size {
             match task_credits.acquire().await {
@@ -607,7 +600,7 @@ fn ranged_reader(
             offset = end;
         }
     });
-    Box::new(ChannelReader { rx, credits, chunk: Bytes::new() })
+    Box::new(reader)
 }
 
 /// The reader of a file whose server sends it whole (no ranges): its body as it streams, paced by the
@@ -616,9 +609,7 @@ fn streamed_reader(store: Arc<dyn ObjectStore>, key: Key, url: String) -> Result
     let got = block(async move { store.get(&key).await })
         .map_err(|e| remote_error(&url, e.to_string()))?
         .map_err(|e| remote_error(&url, explain(&e)))?;
-    let (tx, rx) = std::sync::mpsc::channel::<io::Result<Bytes>>();
-    let credits = Arc::new(tokio::sync::Semaphore::new(CHANNEL_CHUNKS));
-    let task_credits = credits.clone();
+    let (tx, task_credits, reader) = ChannelReader::new(CHANNEL_CHUNKS);
     runtime().spawn(async move {
         let mut body = got.into_stream();
         while let Some(chunk) = body.next().await {
@@ -633,7 +624,7 @@ fn streamed_reader(store: Arc<dyn ObjectStore>, key: Key, url: String) -> Result
             }
         }
     });
-    Ok(Box::new(ChannelReader { rx, credits, chunk: Bytes::new() }))
+    Ok(Box::new(reader))
 }
 
 /// Reads until `buf` is full or the input ends; the count read.
@@ -655,6 +646,18 @@ struct ChannelReader {
     rx: std::sync::mpsc::Receiver<io::Result<Bytes>>,
     credits: Arc<tokio::sync::Semaphore>,
     chunk: Bytes,
+}
+
+type Chunks = std::sync::mpsc::Sender<io::Result<Bytes>>;
+
+impl ChannelReader {
+    /// The reader, the sender of its chunks, and the credits the sender must take one of per chunk
+    /// (`ahead` at first; the reader hands one back per chunk it takes).
+    fn new(ahead: usize) -> (Chunks, Arc<tokio::sync::Semaphore>, ChannelReader) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let credits = Arc::new(tokio::sync::Semaphore::new(ahead));
+        (tx, credits.clone(), ChannelReader { rx, credits, chunk: Bytes::new() })
+    }
 }
 
 impl Read for ChannelReader {
@@ -908,9 +911,7 @@ struct Copy {
 /// size or digest other than the index's is an error of the read, a [`Mismatch`], returned again by
 /// every later read; a copy in progress is kept only when both match.
 struct Checked {
-    inner: Box<dyn Read + Send>,
-    hasher: Sha256,
-    bytes: u64,
+    raw: HashingReader<Box<dyn Read + Send>>,
     expect_bytes: u64,
     expect_sha: String,
     url: String,
@@ -927,9 +928,7 @@ struct Checked {
 impl Checked {
     fn new(inner: Box<dyn Read + Send>, info: &ShardInfo, url: String, copy: Option<Copy>) -> Self {
         Checked {
-            inner,
-            hasher: Sha256::new(),
-            bytes: 0,
+            raw: HashingReader::new(inner),
             expect_bytes: info.bytes,
             expect_sha: info.sha256.to_ascii_lowercase(),
             url,
@@ -942,12 +941,12 @@ impl Checked {
 
     /// The verdict at the end of the stream (`longer`: it went on past the index's size).
     fn finish(&mut self, longer: bool) -> Option<String> {
-        let sha = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        if longer || self.bytes != self.expect_bytes || sha != self.expect_sha {
+        let (bytes, sha) = (self.raw.bytes, hex::encode(std::mem::take(&mut self.raw.hasher).finalize()));
+        if longer || bytes != self.expect_bytes || sha != self.expect_sha {
             self.discard();
             let what = match longer {
                 true => format!("more than the {} bytes", self.expect_bytes),
-                false => format!("{} bytes with SHA-256 {sha}", self.bytes),
+                false => format!("{bytes} bytes with SHA-256 {sha}"),
             };
             let differs = format!(
                 "{what}, where index.json lists {} bytes with {}",
@@ -1004,7 +1003,7 @@ impl Read for Checked {
         if let Some(f) = &self.failed {
             return Err(io::Error::other(f.clone()));
         }
-        let n = match self.inner.read(buf) {
+        let n = match self.raw.read(buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
             Err(e) => {
@@ -1013,14 +1012,12 @@ impl Read for Checked {
                 return Err(e);
             }
         };
-        let longer = self.bytes + n as u64 > self.expect_bytes;
+        let longer = self.raw.bytes > self.expect_bytes;
         if (n == 0 && !buf.is_empty()) || longer {
             let verdict = self.finish(longer);
             self.verdict = Some(verdict);
             return self.read(buf);
         }
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
         if let Some(copy) = &mut self.copy
             && let Err(e) = copy.file.write_all(&buf[..n])
         {

@@ -6,10 +6,10 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
 use crate::error::{Error, Result};
-use crate::format::{ShardInfo, read_samples, tar_stream};
+use crate::format::{HashingReader, ShardInfo, read_samples, tar_stream};
 use crate::index::Index;
 
 #[derive(Debug, Default)]
@@ -18,23 +18,6 @@ pub struct Report {
     pub samples: u64,
     pub decoded: u64,
     pub problems: Vec<String>,
-}
-
-/// Hashes and counts the raw bytes that pass through, so one read of a shard serves both the
-/// checksum and the sample checks.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-    bytes: u64,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
 }
 
 fn check_shard(dir: &Path, shard: &ShardInfo, index: &Index, decode: bool) -> (u64, u64, Vec<String>) {
@@ -56,7 +39,7 @@ fn check_shard(dir: &Path, shard: &ShardInfo, index: &Index, decode: bool) -> (u
             Err(e) => return (0, 0, vec![e.to_string()]),
         },
     };
-    let mut raw = HashingReader { inner: file, hasher: Sha256::new(), bytes: 0 };
+    let mut raw = HashingReader::new(file);
     let (mut decoded, mut keys) = (0u64, std::collections::HashSet::new());
     let reader = match tar_stream(&path, BufReader::with_capacity(1 << 20, &mut raw)) {
         Ok(r) => r,
