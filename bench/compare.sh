@@ -4,6 +4,12 @@
 #
 #   bench/compare.sh [STEPS] [DEVICE] [ARCH] [BATCH]      (defaults: 5 cpu vit_tiny 8)
 #
+# WARMUP untimed steps come first on every f32 row (default 12 on a CPU, 2 on CUDA): on the CPU both
+# allocators grow their heaps to the step's working set during the first ~10 steps (mimalloc's arenas
+# fault in and zero fresh huge pages there, 10% of flex's first steps in `perf`, none after), so a shorter
+# warm-up times the heap's growth, not the step a long run repeats. The half-precision rows on a CPU take
+# HALF_WARMUP (default 2: without native half types a step takes about a minute there).
+#
 # PyTorch runs the official formulation: the literal (1+R+N)^2 masked attention of every block, where we
 # run the fused attention with the reference rows; the ratios include that saving.
 # DEVICE cpu: flex f32, tch-cpu f32, bf16 and fp16, PyTorch eager f32, AMP bf16 and AMP fp16 + GradScaler
@@ -31,9 +37,12 @@ OUT=${BENCH_OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 MODEL=(--config configs/densedino-vits16-imagenet.toml --set "model.arch=$ARCH" --set "run.batch_size=$BATCH"
        --synthetic-batches)
-COMMON=("${MODEL[@]}" --steps "$STEPS" --warmup 2)
+if [ "$DEVICE" = cpu ]; then WARMUP=${WARMUP:-12}; else WARMUP=${WARMUP:-2}; fi
+HALF_WARMUP=${HALF_WARMUP:-$([ "$DEVICE" = cpu ] && echo 2 || echo "$WARMUP")}
+COMMON=("${MODEL[@]}" --steps "$STEPS" --warmup "$WARMUP")
+HALF=("${MODEL[@]}" --steps "$STEPS" --warmup "$HALF_WARMUP")
 TORCH=(bench/pytorch_step.py --arch "$ARCH" --batch "$BATCH" --views 4 --size 224 --points 4 --steps "$STEPS"
-       --device "$DEVICE" --threads "$(nproc)")
+       --device "$DEVICE" --threads "$(nproc)" --warmup "$WARMUP")
 SAME_MALLOC="glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 
 run() { # NAME COMMAND...: runs it, keeps its output in $OUT/NAME.txt, never stops the comparison
@@ -49,12 +58,12 @@ run() { # NAME COMMAND...: runs it, keeps its output in $OUT/NAME.txt, never sto
 if [ "$DEVICE" = cpu ]; then
   run flex-f32 "$TRAINER" bench "${COMMON[@]}" --device cpu
   run tch-f32 "$TRAINER" bench "${COMMON[@]}" --device tch-cpu
-  run tch-bf16 "$TRAINER" bench "${COMMON[@]}" --device tch-cpu --set run.precision=bf16
-  run tch-fp16 "$TRAINER" bench "${COMMON[@]}" --device tch-cpu --set run.precision=fp16
+  run tch-bf16 "$TRAINER" bench "${HALF[@]}" --device tch-cpu --set run.precision=bf16
+  run tch-fp16 "$TRAINER" bench "${HALF[@]}" --device tch-cpu --set run.precision=fp16
   run torch-f32 "$PY" "${TORCH[@]}"
   run torch-f32-same-malloc env GLIBC_TUNABLES=$SAME_MALLOC "$PY" "${TORCH[@]}"
-  run torch-amp-bf16 "$PY" "${TORCH[@]}" --amp bf16
-  run torch-amp-fp16 "$PY" "${TORCH[@]}" --amp fp16
+  run torch-amp-bf16 "$PY" "${TORCH[@]}" --amp bf16 --warmup "$HALF_WARMUP"
+  run torch-amp-fp16 "$PY" "${TORCH[@]}" --amp fp16 --warmup "$HALF_WARMUP"
   TCH_DEVICE=tch-cpu
 else
   run tch-f32 "$TRAINER" bench "${COMMON[@]}" --device cuda:0
