@@ -38,7 +38,7 @@ mkdir -p "$OUT"
 MODEL=(--config configs/densedino-vits16-imagenet.toml --set "model.arch=$ARCH" --set "run.batch_size=$BATCH"
        --synthetic-batches)
 if [ "$DEVICE" = cpu ]; then WARMUP=${WARMUP:-12}; else WARMUP=${WARMUP:-2}; fi
-HALF_WARMUP=${HALF_WARMUP:-$([ "$DEVICE" = cpu ] && echo 2 || echo "$WARMUP")}
+HALF_WARMUP=${HALF_WARMUP:-2}
 COMMON=("${MODEL[@]}" --steps "$STEPS" --warmup "$WARMUP")
 HALF=("${MODEL[@]}" --steps "$STEPS" --warmup "$HALF_WARMUP")
 TORCH=(bench/pytorch_step.py --arch "$ARCH" --batch "$BATCH" --views 4 --size 224 --points 4 --steps "$STEPS"

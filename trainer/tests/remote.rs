@@ -313,27 +313,26 @@ fn aws_env(port: u16) -> [(&'static str, String); 4] {
     ]
 }
 
-/// `trainer` with `args` and `env`; its exit status and what it printed.
-fn trainer(args: &[&str], sets: &[String], env: &[(&str, String)]) -> (std::process::ExitStatus, String) {
+/// The `trainer` command with `args`, each of `sets` as a `--set`, and `env`.
+fn trainer_command(args: &[&str], sets: &[String], env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
     cmd.args(args);
     for s in sets {
         cmd.args(["--set", s]);
     }
     cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    let out = cmd.output().unwrap();
+    cmd
+}
+
+/// `trainer` with `args` and `env`; its exit status and what it printed.
+fn trainer(args: &[&str], sets: &[String], env: &[(&str, String)]) -> (std::process::ExitStatus, String) {
+    let out = trainer_command(args, sets, env).output().unwrap();
     (out.status, format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// `trainer` with `args` and `sets` started, once its run in `run` has written its first checkpoint.
 fn trainer_until_checkpoint(args: &[&str], sets: &[String], env: &[(&str, String)], run: &Path) -> Child {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
-    cmd.args(args);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let mut child =
-        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = trainer_command(args, sets, env).stderr(Stdio::null()).spawn().unwrap();
     let t0 = Instant::now();
     while !std::fs::read_dir(run.join("checkpoints"))
         .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
