@@ -845,6 +845,18 @@ async fn collate_loop(
     }
 }
 
+/// The first `limit` images (`jpg` members) of a shard set in index order, for the examples that time
+/// or digest the view pipeline on real photos.
+pub fn first_images(path: &Path, limit: usize) -> Result<Vec<Vec<u8>>> {
+    let (dir, index) = open_index(path)?;
+    let mut images = vec![];
+    for_each_sample(&dir, &index, |s| {
+        images.extend(s.get("jpg").map(<[u8]>::to_vec));
+        images.len() < limit
+    })?;
+    Ok(images)
+}
+
 /// Reads the shard directory's samples in index order without views (the decode-only benchmark, the
 /// evaluations). A remote set's shards are streamed, uncached, and read to their end, where their size
 /// and digest are checked: a remote shard that fails is an error (as in the training loader), a folder's

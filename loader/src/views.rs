@@ -9,9 +9,10 @@ use common::config::ViewsConfig;
 use common::geometry::{CropBox, RefPoints, reference_points, sample_boxes};
 use common::seed::{Purpose, rng};
 
-use crate::augment::{apply_photometric, crop_resize, draw_photometric, to_planar};
+use crate::augment::{apply_photometric, draw_photometric};
 use crate::decode::decode_rgb;
 use crate::error::{Error, Result};
+use crate::resize::{Resampler, crop_resize_planar};
 
 /// A sample ready for collation: planar views `[3, S_v, S_v]` and its reference points.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,17 +26,11 @@ pub struct SampleViews {
 }
 
 /// Buffers a worker reuses from sample to sample.
+#[derive(Default)]
 pub struct Scratch {
     rgb: Vec<u8>,
-    view: Vec<u8>,
     blur: Vec<u8>,
-    resizer: fr::Resizer,
-}
-
-impl Default for Scratch {
-    fn default() -> Self {
-        Scratch { rgb: vec![], view: vec![], blur: vec![], resizer: fr::Resizer::new() }
-    }
+    resampler: Resampler,
 }
 
 pub fn make_views(
@@ -55,10 +50,9 @@ pub fn make_views(
     let mut flips = Vec::with_capacity(boxes.len());
     for (v, b) in boxes.iter().enumerate() {
         let size = cfg.view_size(v);
-        crop_resize(&mut s.resizer, &src, b, size, &mut s.view)?;
         // Every photometric operation works on the planar layout of `common::Batch`.
         let mut planar = Vec::new();
-        to_planar(&s.view, &mut planar);
+        crop_resize_planar(&mut s.resampler, &src, b, size, &mut planar)?;
         let photo = draw_photometric(&mut r, cfg, v.min(2));
         apply_photometric(&mut planar, size, &photo, cfg.solarize_threshold, &mut s.blur);
         flips.push(photo.flip);

@@ -93,20 +93,23 @@ pub struct Item {
 /// Buffers reused from image to image by [`prepare`].
 #[derive(Default)]
 pub struct Prep {
-    resizer: fr::Resizer,
+    resampler: loader::resize::Resampler,
     rgb: Vec<u8>,
-    /// The last image's interleaved RGB crop `[crop, crop, 3]`.
-    pub crop: Vec<u8>,
 }
 
 /// Decodes an image and applies `pre` (one crop box on the original, resized once): planar
-/// `[3, crop, crop]` u8 pixels; the interleaved crop stays in `s.crop`.
+/// `[3, crop, crop]` u8 pixels.
 pub fn prepare(bytes: &[u8], pre: Preprocess, s: &mut Prep) -> Result<Vec<u8>> {
     let (w, h) = loader::decode::decode_rgb(bytes, &mut s.rgb)?;
     let src = fr::images::ImageRef::new(w, h, &s.rgb, fr::PixelType::U8x3)?;
-    loader::augment::crop_resize(&mut s.resizer, &src, &centre_box(w, h, pre), pre.crop, &mut s.crop)?;
     let mut planar = Vec::new();
-    loader::augment::to_planar(&s.crop, &mut planar);
+    loader::resize::crop_resize_planar(
+        &mut s.resampler,
+        &src,
+        &centre_box(w, h, pre),
+        pre.crop,
+        &mut planar,
+    )?;
     Ok(planar)
 }
 

@@ -1,0 +1,415 @@
+//! Crop + bicubic resize of an interleaved RGB image into a planar view (`[3, S, S]`), byte for byte
+//! what `fast_image_resize` (fir) gives for the same crop followed by a planar split
+//! ([`crate::augment::crop_resize`] and [`crate::augment::to_planar`], the reference and the fallback).
+//!
+//! fir resizes 8-bit images with the vertical pass first (into a temporary image over the columns the
+//! horizontal pass reads), then the horizontal one, both in 16-bit fixed point. Its vertical pass runs
+//! along whole rows and is fast; its horizontal pass on interleaved RGB works one output pixel at a
+//! time and was the largest share of a view's time. Here fir still does the vertical pass (asked for
+//! the crop's used columns at the output height, a vertical-only resize with the same weights), the
+//! temporary is split into planes, and the horizontal pass is an AVX-512 kernel that makes 16 outputs
+//! of a row at once: the 64 source pixels they read are widened to 16 bits once, and each pair of taps
+//! is one `vpermt2w` (gathering every lane's two source pixels) and one `vpmaddwd` (with every lane's
+//! two weights). The weights are fir's, recomputed here ([`taps`]: its `precompute_coefficients` for
+//! Catmull-Rom with the adaptive kernel, then its `Normalizer16`), and every sum is exact in `i32`, so
+//! the order of the additions does not matter: the bytes are fir's, which the tests check on crops of
+//! every kind. CPUs without AVX-512BW take fir's own path.
+
+use fast_image_resize as fr;
+
+use crate::CropBox;
+use crate::error::{Error, Result};
+
+/// Buffers reused from view to view.
+#[derive(Default)]
+pub struct Resampler {
+    fir: fr::Resizer,
+    /// The vertical pass's output, interleaved `[S, W, 3]` (W: the columns the horizontal pass reads).
+    temp: Vec<u8>,
+    /// The same split into planes, rows `W + PAD` apart so every 64-pixel window load stays inside.
+    planes: Vec<u8>,
+    /// The fallback's interleaved view.
+    interleaved: Vec<u8>,
+}
+
+/// Row padding of the planar temporary: a block's window is 64 pixels from its first tap.
+const PAD: usize = 64;
+
+/// Catmull-Rom (a = −0.5), fir's `catmul_filter`, support 2.
+fn catmull_rom(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.) * x - (A + 3.)) * x * x + 1.
+    } else if x < 2.0 {
+        (((x - 5.) * x + 8.) * x - 4.) * A
+    } else {
+        0.0
+    }
+}
+
+/// One axis's weights in fir's fixed point: output `i` is
+/// `clamp((2^(precision−1) + Σ_k values[i·window + k] · src[start[i] + k]) >> precision, 0, 255)`
+/// over `k < size[i]`; the rest of each window is zero.
+#[derive(Debug, PartialEq)]
+pub struct Taps {
+    pub precision: u32,
+    pub window: usize,
+    pub start: Vec<u32>,
+    pub size: Vec<u32>,
+    pub values: Vec<i16>,
+}
+
+/// fir's `precompute_coefficients(in_size, in0, in1, out_size, catmul_filter, 2.0, adaptive = true)`
+/// followed by its `Normalizer16::new`, step for step (the same f64 operations in the same order, so
+/// the same weights and the same precision).
+pub fn taps(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Taps {
+    let empty = Taps { precision: 0, window: 0, start: vec![], size: vec![], values: vec![] };
+    if in_size == 0 || out_size == 0 {
+        return empty;
+    }
+    let scale = (in1 - in0) / out_size as f64;
+    if scale <= 0. {
+        return empty;
+    }
+    let filter_scale = scale.max(1.0);
+    let radius = 2.0 * filter_scale;
+    let window = radius.ceil() as usize * 2 + 1;
+    let recip = 1.0 / filter_scale;
+    let mut coeffs: Vec<f64> = Vec::with_capacity(window * out_size as usize);
+    let (mut start, mut size) =
+        (Vec::with_capacity(out_size as usize), Vec::with_capacity(out_size as usize));
+    for out_x in 0..out_size {
+        let in_center = in0 + (out_x as f64 + 0.5) * scale;
+        let x_min = (in_center - radius).floor().max(0.) as u32;
+        let x_max = (in_center + radius).ceil().min(in_size as f64) as u32;
+        let cur = coeffs.len();
+        let mut ww = 0.0;
+        let center = in_center - 0.5;
+        let (mut bound_start, mut bound_end) = (x_min, x_max);
+        for x in x_min..x_max {
+            let w = catmull_rom((x as f64 - center) * recip);
+            if x == bound_start && w == 0. {
+                bound_start += 1;
+            } else {
+                coeffs.push(w);
+                ww += w;
+            }
+        }
+        for &c in coeffs.iter().rev() {
+            if bound_end <= bound_start || c != 0. {
+                break;
+            }
+            bound_end -= 1;
+        }
+        if ww != 0.0 {
+            coeffs[cur..].iter_mut().for_each(|w| *w /= ww);
+        }
+        coeffs.resize(cur + window, 0.);
+        start.push(bound_start);
+        size.push(bound_end - bound_start);
+    }
+    // Normalizer16: the largest precision (below 22 bits) at which the largest weight, doubled, still
+    // fits an i16.
+    let max = coeffs.iter().copied().fold(f64::NEG_INFINITY, f64::max).max(0.0);
+    let mut precision = 0u32;
+    for p in 0..22u32 {
+        precision = p;
+        if (max * (1u64 << (p + 1)) as f64).round() as i32 >= 1 << 15 {
+            break;
+        }
+    }
+    let scale = (1u64 << precision) as f64;
+    let mut values = vec![0i16; window * out_size as usize];
+    for (i, (chunk, &n)) in coeffs.chunks_exact(window).zip(&size).enumerate() {
+        for (k, &w) in chunk[..n as usize].iter().enumerate() {
+            values[i * window + k] = (w * scale).round() as i16;
+        }
+    }
+    Taps { precision, window, start, size, values }
+}
+
+/// Crops `b` of `src` (interleaved RGB) and resizes it to `size`² into `out` (planar `[3, size,
+/// size]`), as `crop_resize` + `to_planar` do.
+pub fn crop_resize_planar(
+    rs: &mut Resampler,
+    src: &fr::images::ImageRef<'_>,
+    b: &CropBox,
+    size: usize,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU supports AVX-512F and BW (BW implies F), checked just above.
+        return unsafe { crop_resize_avx512(rs, src, b, size, out) };
+    }
+    crop_resize_fir(rs, src, b, size, out)
+}
+
+/// fir's own path (the reference, and the path of CPUs without AVX-512BW).
+pub fn crop_resize_fir(
+    rs: &mut Resampler,
+    src: &fr::images::ImageRef<'_>,
+    b: &CropBox,
+    size: usize,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    crate::augment::crop_resize(&mut rs.fir, src, b, size, &mut rs.interleaved)?;
+    crate::augment::to_planar(&rs.interleaved, out);
+    Ok(())
+}
+
+fn resize_error(e: impl std::fmt::Display) -> Error {
+    Error::image(format!("resize: {e}"))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn crop_resize_avx512(
+    rs: &mut Resampler,
+    src: &fr::images::ImageRef<'_>,
+    b: &CropBox,
+    size: usize,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let (x1, w) = (b.x1 as f64, b.w as f64);
+    if size == 0 || b.w == 0 || b.h == 0 {
+        out.clear();
+        return Ok(());
+    }
+    if b.x1 as u64 + b.w as u64 > src.width() as u64 || b.y1 as u64 + b.h as u64 > src.height() as u64 {
+        return Err(resize_error("the crop box lies outside the image"));
+    }
+    // fir skips the horizontal pass for a crop as wide as the output with an integer left edge (ours
+    // always are integers): then the vertical pass alone makes the view, and fir's path is that.
+    if size as f64 == w {
+        return crop_resize_fir(rs, src, b, size, out);
+    }
+    let h = taps(src.width(), x1, x1 + w, size as u32);
+    let first = h.start[0] as usize;
+    let last = h.start.iter().zip(&h.size).map(|(&s, &n)| (s + n) as usize).max().unwrap_or(first);
+    let width = last - first;
+    let Some(blocks) = plan_blocks(&h, first) else {
+        return crop_resize_fir(rs, src, b, size, out);
+    };
+    // The vertical pass, fir's, over the columns the horizontal pass reads (its temporary image).
+    rs.temp.resize(width * size * 3, 0);
+    {
+        let mut temp =
+            fr::images::Image::from_slice_u8(width as u32, size as u32, &mut rs.temp, fr::PixelType::U8x3)
+                .map_err(resize_error)?;
+        let opts = fr::ResizeOptions::new()
+            .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom))
+            .crop(first as f64, b.y1 as f64, width as f64, b.h as f64);
+        rs.fir.resize(src, &mut temp, &opts).map_err(resize_error)?;
+    }
+    // Planes with padded rows; the padding's bytes only ever meet zero weights.
+    let stride = width + PAD;
+    rs.planes.resize(3 * size * stride, 0);
+    for (y, row) in rs.temp.chunks_exact(width * 3).enumerate() {
+        for c in 0..3 {
+            let dst = &mut rs.planes[(c * size + y) * stride..][..width];
+            for (d, p) in dst.iter_mut().zip(row.chunks_exact(3)) {
+                *d = p[c];
+            }
+        }
+    }
+    out.resize(3 * size * size, 0);
+    for (src_row, dst_row) in rs.planes.chunks_exact(stride).zip(out.chunks_exact_mut(size)) {
+        // Rows are `width + PAD` long and every block's window starts at an output's first tap, below
+        // `width`, so its 64-byte load stays in the row.
+        horizontal_row_avx512(src_row, dst_row, h.precision, &blocks);
+    }
+    Ok(())
+}
+
+/// One block of up to 16 consecutive outputs of a row whose taps all lie in one 64-pixel window: the
+/// first output, the window's start (in the temporary's columns) and, per pair of taps, every lane's
+/// two source indices in the window and two weights, interleaved as `vpermt2w` and `vpmaddwd` take
+/// them. Crops shrunk by up to about 3x fill all 16 lanes; stronger shrinking packs fewer outputs per
+/// block (their taps spread further).
+struct Block {
+    out: usize,
+    lanes: usize,
+    window: usize,
+    idx: Vec<[i16; 32]>,
+    coef: Vec<[i16; 32]>,
+}
+
+/// The blocks of one axis, or None when one output's taps alone span more than the window (a crop
+/// shrunk by more than 15x), which fir's own path then computes.
+fn plan_blocks(t: &Taps, first: usize) -> Option<Vec<Block>> {
+    let n = t.start.len();
+    let start = |i: usize| t.start[i] as usize - first;
+    let end = |i: usize| start(i) + t.size[i] as usize;
+    let mut blocks = Vec::with_capacity(n.div_ceil(16));
+    let mut out = 0;
+    while out < n {
+        let window = start(out);
+        // Starts and ends grow with the output (the kernel's centre moves right), so the block's taps
+        // span from its first output's start to the largest end among its lanes.
+        let fits = |lanes: usize| (out..out + lanes).all(|i| start(i) >= window && end(i) <= window + 64);
+        let mut lanes = 16.min(n - out);
+        while lanes > 0 && !fits(lanes) {
+            lanes -= 1;
+        }
+        if lanes == 0 {
+            return None;
+        }
+        let pairs = (out..out + lanes).map(|i| t.size[i] as usize).max().unwrap_or(0).div_ceil(2);
+        let (mut idx, mut coef) = (vec![[0i16; 32]; pairs], vec![[0i16; 32]; pairs]);
+        for (lane, i) in (out..out + lanes).enumerate() {
+            for k in 0..t.size[i] as usize {
+                idx[k / 2][2 * lane + k % 2] = (start(i) - window + k) as i16;
+                coef[k / 2][2 * lane + k % 2] = t.values[i * t.window + k];
+            }
+        }
+        blocks.push(Block { out, lanes, window, idx, coef });
+        out += lanes;
+    }
+    Some(blocks)
+}
+
+/// One row of one plane: `src` the padded temporary row, `dst` the `size` outputs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn horizontal_row_avx512(src: &[u8], dst: &mut [u8], precision: u32, blocks: &[Block]) {
+    use std::arch::x86_64::*;
+    let round = _mm512_set1_epi32(1 << (precision - 1));
+    let shift = _mm_cvtsi32_si128(precision as i32);
+    for block in blocks {
+        // SAFETY: `block.window + 64 <= src.len()` (the row's padding); the tables are 64 bytes each.
+        let bytes = unsafe { _mm512_loadu_si512(src.as_ptr().add(block.window) as *const _) };
+        let lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(bytes));
+        let hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
+        let mut acc = round;
+        for (idx, coef) in block.idx.iter().zip(&block.coef) {
+            // SAFETY: 32 i16 are 64 bytes.
+            let (idx, coef) = unsafe {
+                (_mm512_loadu_si512(idx.as_ptr() as *const _), _mm512_loadu_si512(coef.as_ptr() as *const _))
+            };
+            let px = _mm512_permutex2var_epi16(lo, idx, hi);
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(px, coef));
+        }
+        let v = _mm512_max_epi32(_mm512_sra_epi32(acc, shift), _mm512_setzero_si512());
+        let packed = _mm512_cvtusepi32_epi8(v);
+        let out = &mut dst[block.out..block.out + block.lanes];
+        if block.lanes == 16 {
+            // SAFETY: 16 bytes to a 16-byte slice.
+            unsafe { _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, packed) };
+        } else {
+            let mut all = [0u8; 16];
+            // SAFETY: 16 bytes to a 16-byte array.
+            unsafe { _mm_storeu_si128(all.as_mut_ptr() as *mut __m128i, packed) };
+            out.copy_from_slice(&all[..block.lanes]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Photo-like content (smooth gradients), hard edges and noise, so negative lobes and clipping
+    /// both occur.
+    fn image(w: u32, h: u32, seed: u64) -> Vec<u8> {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut px = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                let edge = if (x / 7 + y / 5) % 2 == 0 { 255 } else { 0 };
+                px.push(((x * 255) / w.max(1)) as u8);
+                px.push(edge);
+                px.push(r.random());
+            }
+        }
+        px
+    }
+
+    /// The fast path gives fir's bytes for crops of every kind: shrinking by up to ~6x (blocks wider
+    /// than the window included), enlarging, full width, one-pixel crops, output sizes with and without
+    /// a partial last block.
+    #[test]
+    fn planar_resize_equals_fir_followed_by_the_planar_split() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (mut fast, mut slow) = (Resampler::default(), Resampler::default());
+        let (mut a, mut b) = (vec![], vec![]);
+        let mut cases = 0;
+        // Views whose blocks are all full, views with narrower blocks, views left to fir.
+        let mut kinds = [0; 3];
+        for (w, h) in [(500u32, 375u32), (333, 500), (64, 48), (1000, 40)] {
+            let px = image(w, h, w as u64);
+            let src = fr::images::ImageRef::new(w, h, &px, fr::PixelType::U8x3).unwrap();
+            for size in [1usize, 7, 16, 17, 32, 64, 96, 224, 250] {
+                for _ in 0..6 {
+                    let bw = rng.random_range(1..=w);
+                    let bh = rng.random_range(1..=h);
+                    let crop = CropBox {
+                        x1: rng.random_range(0..=w - bw),
+                        y1: rng.random_range(0..=h - bh),
+                        w: bw,
+                        h: bh,
+                    };
+                    crop_resize_planar(&mut fast, &src, &crop, size, &mut a).unwrap();
+                    crop_resize_fir(&mut slow, &src, &crop, size, &mut b).unwrap();
+                    assert_eq!(a.len(), 3 * size * size);
+                    assert!(
+                        a == b,
+                        "{w}x{h} crop {crop:?} to {size}: {} bytes differ",
+                        a.iter().zip(&b).filter(|(x, y)| x != y).count()
+                    );
+                    cases += 1;
+                    let t = taps(w, crop.x1 as f64, (crop.x1 + crop.w) as f64, size as u32);
+                    match plan_blocks(&t, t.start[0] as usize) {
+                        None => kinds[2] += 1,
+                        Some(p) if p.iter().all(|b| b.lanes == 16.min(size)) => kinds[0] += 1,
+                        Some(_) => kinds[1] += 1,
+                    }
+                }
+            }
+            // The whole image, a crop as wide as the view, and one as tall.
+            for crop in [
+                CropBox { x1: 0, y1: 0, w, h },
+                CropBox { x1: 1, y1: 0, w: 32.min(w - 1), h: h / 2 },
+                CropBox { x1: 0, y1: 1, w: w / 2, h: 32.min(h - 1) },
+            ] {
+                crop_resize_planar(&mut fast, &src, &crop, 32, &mut a).unwrap();
+                crop_resize_fir(&mut slow, &src, &crop, 32, &mut b).unwrap();
+                assert!(a == b, "{w}x{h} crop {crop:?}");
+            }
+        }
+        assert_eq!(cases, 4 * 9 * 6);
+        assert!(kinds.iter().all(|&k| k > 0), "{kinds:?}");
+    }
+
+    /// The weights in a case worked by hand: an exact 2x shrink has output 0 centred on source
+    /// pixel centre 1.0, so the kernel (widened 2x: radius 4) reaches pixels 0..=4 (pixel 5 would be at
+    /// x_max), at distances (x + 0.5 − 1) / 2 = −0.25, 0.25, 0.75, 1.25, 1.75 from it; the weights are
+    /// Catmull-Rom's there, normalised to sum 1, in fixed point.
+    #[test]
+    fn the_weights_are_catmull_rom_normalised() {
+        let t = taps(8, 0.0, 8.0, 4);
+        assert_eq!(t.window, 9); // radius 4
+        assert_eq!((t.start[0], t.size[0]), (0, 5));
+        // Catmull-Rom in its textbook form: 1.5|x|³ − 2.5|x|² + 1 inside 1, −0.5|x|³ + 2.5|x|² − 4|x| + 2
+        // from 1 to 2.
+        let cr = |x: f64| {
+            let x = x.abs();
+            if x < 1.0 {
+                1.5 * x.powi(3) - 2.5 * x * x + 1.0
+            } else {
+                -0.5 * x.powi(3) + 2.5 * x * x - 4.0 * x + 2.0
+            }
+        };
+        let w: Vec<f64> = [-0.25f64, 0.25, 0.75, 1.25, 1.75].iter().map(|&d| cr(d)).collect();
+        let sum: f64 = w.iter().sum();
+        let scale = (1u64 << t.precision) as f64;
+        for (k, wk) in w.iter().enumerate() {
+            assert_eq!(t.values[k], (wk / sum * scale).round() as i16, "tap {k}");
+        }
+        // The largest weight doubled fits an i16 at this precision and would not at the next.
+        let max = w.iter().copied().fold(0.0, f64::max) / sum;
+        assert!((max * scale * 2.0).round() >= 32768.0 && (max * scale).round() < 32768.0);
+    }
+}
