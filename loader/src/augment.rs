@@ -59,9 +59,9 @@ pub fn brightness(px: &mut [u8], factor: f32) {
 #[inline(always)]
 fn blend_all(px: &mut [u8], degenerate: f32, factor: f32) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512vbmi") {
+    if std::arch::is_x86_feature_detected!("avx512vbmi") && std::arch::is_x86_feature_detected!("avx512bw") {
         let table: [u8; 256] = std::array::from_fn(|v| blend(degenerate, v as u8, factor));
-        // SAFETY: the CPU supports AVX-512 VBMI (hence F and BW), checked just above.
+        // SAFETY: the CPU supports AVX-512 VBMI and BW (hence F), checked just above.
         unsafe { lookup_vbmi(px, &table) };
         return;
     }
