@@ -280,16 +280,30 @@ fn box_taps<'a>(
     acc: &mut [u32],
 ) {
     let finish = |inner: u32, lo: u8, hi: u8| box_finish(inner, lo, hi, whole, far);
+    // The first outputs in 64-byte blocks where the CPU has AVX-512BW; the rest below.
+    let done = |taps: &[&[u8]], out: &mut [u8]| -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU supports AVX-512F and BW, checked just above.
+            return unsafe { box_blocks_avx512(taps, out, whole, far) };
+        }
+        let _ = (taps, out);
+        0
+    };
     match r {
         0 => {
             let (t0, t1, t2) = (tap(0), tap(1), tap(2));
-            for (((o, &a), &b), &c) in out.iter_mut().zip(t0).zip(t1).zip(t2) {
+            let d = done(&[t0, t1, t2], out);
+            for (((o, &a), &b), &c) in out[d..].iter_mut().zip(&t0[d..]).zip(&t1[d..]).zip(&t2[d..]) {
                 *o = finish(b as u32, a, c);
             }
         }
         1 => {
             let (t0, t1, t2, t3, t4) = (tap(0), tap(1), tap(2), tap(3), tap(4));
-            for (((((o, &a), &b), &c), &d), &e) in out.iter_mut().zip(t0).zip(t1).zip(t2).zip(t3).zip(t4) {
+            let d = done(&[t0, t1, t2, t3, t4], out);
+            let taps =
+                out[d..].iter_mut().zip(&t0[d..]).zip(&t1[d..]).zip(&t2[d..]).zip(&t3[d..]).zip(&t4[d..]);
+            for (((((o, &a), &b), &c), &d), &e) in taps {
                 *o = finish(b as u32 + c as u32 + d as u32, a, e);
             }
         }
@@ -305,6 +319,56 @@ fn box_taps<'a>(
             }
         }
     }
+}
+
+/// [`box_taps`] for r ≤ 1 (3 or 5 taps), 64 outputs per iteration, returning how many it made (the
+/// whole 64-byte blocks of `out`). In 16-bit lanes: the inner sum (≤ 765) and the outer pair's sum (≤ 510)
+/// are interleaved, and `vpmaddwd` multiplies each pair by (whole, far) split into 12-bit halves, so
+/// inner·whole + outer·far = (high products) · 2^12 + (low products) exactly, below 2^32 (the weights
+/// sum to 2^24 at most). The packs narrow to bytes in order within 128-bit lanes and one `vpermq` puts
+/// the two halves' lanes back in sequence. (The compiler's form of the loops below widened every byte to
+/// 32 bits, multiplied with `vpmulld` and narrowed with `vpmovdb`.)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn box_blocks_avx512(taps: &[&[u8]], out: &mut [u8], whole: u32, far: u32) -> usize {
+    use std::arch::x86_64::*;
+    let last = taps.len() - 1;
+    let n = out.len() / 64 * 64;
+    debug_assert!(taps.iter().all(|t| t.len() >= n));
+    let pair = |w: u32, f: u32| _mm512_set1_epi32(((f << 16) | w) as i32);
+    let (high, low) = (pair(whole >> 12, far >> 12), pair(whole & 0xfff, far & 0xfff));
+    let round = _mm512_set1_epi32(1 << 23);
+    let order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
+    let mut i = 0;
+    while i < n {
+        let half = |h: usize| {
+            // SAFETY: i + 64 <= n <= every tap's length.
+            let ld = |t: &[u8]| {
+                _mm512_cvtepu8_epi16(unsafe {
+                    _mm256_loadu_si256(t.as_ptr().add(i + 32 * h) as *const __m256i)
+                })
+            };
+            let mut inner = ld(taps[1]);
+            for t in &taps[2..last] {
+                inner = _mm512_add_epi16(inner, ld(t));
+            }
+            let outer = _mm512_add_epi16(ld(taps[0]), ld(taps[last]));
+            let weigh = |p: __m512i| {
+                let hi = _mm512_slli_epi32::<12>(_mm512_madd_epi16(p, high));
+                let sum = _mm512_add_epi32(_mm512_add_epi32(hi, _mm512_madd_epi16(p, low)), round);
+                _mm512_srli_epi32::<24>(sum)
+            };
+            _mm512_packus_epi32(
+                weigh(_mm512_unpacklo_epi16(inner, outer)),
+                weigh(_mm512_unpackhi_epi16(inner, outer)),
+            )
+        };
+        let bytes = _mm512_permutexvar_epi64(order, _mm512_packus_epi16(half(0), half(1)));
+        // SAFETY: i + 64 <= n <= out.len().
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, bytes) };
+        i += 64;
+    }
+    n
 }
 
 /// Gaussian blur of each `size`² plane as PIL's `ImageFilter.GaussianBlur(sigma)` computes it (DINO's
@@ -358,7 +422,28 @@ fn box_rows(src: &[u8], dst: &mut [u8], size: usize, r: usize, whole: u32, far: 
         }
         box_taps(|k| &src[k..k + len], r, &mut dst[pad..n - pad], whole, far, acc);
     }
-    // The ends of every row, with the row's edge pixel repeated.
+    // The ends of every row, with the row's edge pixel repeated: DINO's radii (r ≤ 1) written out, as
+    // this runs for every row of every pass.
+    let f = |inner: u32, lo: u8, hi: u8| box_finish(inner, lo, hi, whole, far);
+    let w = |x: u8| x as u32;
+    if r == 0 && size >= 2 {
+        for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
+            let (a, z) = (&row[..2], &row[size - 2..]);
+            out[0] = f(w(a[0]), a[0], a[1]);
+            out[size - 1] = f(w(z[1]), z[0], z[1]);
+        }
+        return;
+    }
+    if r == 1 && size >= 4 {
+        for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
+            let (a, z) = (&row[..4], &row[size - 4..]);
+            out[0] = f(w(a[0]) + w(a[0]) + w(a[1]), a[0], a[2]);
+            out[1] = f(w(a[0]) + w(a[1]) + w(a[2]), a[0], a[3]);
+            out[size - 2] = f(w(z[1]) + w(z[2]) + w(z[3]), z[0], z[3]);
+            out[size - 1] = f(w(z[2]) + w(z[3]) + w(z[3]), z[1], z[3]);
+        }
+        return;
+    }
     let last = size as isize - 1;
     for (y, out) in dst.chunks_exact_mut(size).enumerate() {
         let row = &src[y * size..(y + 1) * size];
