@@ -65,6 +65,7 @@ pub struct Taps {
 /// fir's `precompute_coefficients(in_size, in0, in1, out_size, catmul_filter, 2.0, adaptive = true)`
 /// followed by its `Normalizer16::new`, step for step (the same f64 operations in the same order, so
 /// the same weights and the same precision).
+#[inline(always)]
 pub fn taps(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Taps {
     let empty = Taps { precision: 0, window: 0, start: vec![], size: vec![], values: vec![] };
     if in_size == 0 || out_size == 0 {
@@ -191,7 +192,10 @@ fn crop_resize_avx512(
     let first = h.start[0] as usize;
     let last = h.start.iter().zip(&h.size).map(|(&s, &n)| (s + n) as usize).max().unwrap_or(first);
     let width = last - first;
-    let Some(blocks) = plan_blocks(&h, first) else {
+    // fir copies the rows when the crop is as tall as the view (an integer top, as ours are).
+    let v = (b.h as usize != size).then(|| taps(src.height(), b.y1 as f64, (b.y1 + b.h) as f64, size as u32));
+    let too_tall = v.as_ref().is_some_and(|v| v.size.iter().any(|&n| n as usize > 2 * MAX_PAIRS));
+    let Some(blocks) = plan_blocks(&h, first).filter(|_| !too_tall) else {
         return crop_resize_fir(rs, src, b, size, out);
     };
     // Row by row: the vertical pass over the columns the horizontal pass reads (one row of fir's
@@ -206,9 +210,11 @@ fn crop_resize_avx512(
     let Resampler { row, planes, .. } = rs;
     planes.resize(3 * stride, 0);
     row.resize(width * 3, 0);
-    out.resize(3 * size * size, 0);
-    // fir copies the rows when the crop is as tall as the view (an integer top, as ours are).
-    let v = (b.h as usize != size).then(|| taps(src.height(), b.y1 as f64, (b.y1 + b.h) as f64, size as u32));
+    // Written once each below, without zero-filling first (a fresh view is 150 KB).
+    let n = 3 * size * size;
+    out.clear();
+    out.reserve_exact(n);
+    let view = &mut out.spare_capacity_mut()[..n];
     for y in 0..size {
         let line: &[u8] = match &v {
             None => &rows[(b.y1 as usize + y) * row_bytes..][used.clone()],
@@ -223,9 +229,17 @@ fn crop_resize_avx512(
             for (d, p) in plane_row[..width].iter_mut().zip(line.chunks_exact(3)) {
                 *d = p[c];
             }
-            horizontal_row_avx512(plane_row, &mut out[(c * size + y) * size..][..size], h.precision, &blocks);
+            horizontal_row_avx512(
+                plane_row,
+                &mut view[(c * size + y) * size..][..size],
+                h.precision,
+                &blocks,
+            );
         }
     }
+    // SAFETY: the loop above wrote all n bytes: every (plane, row) once, and `plan_blocks`'s blocks cover
+    // the outputs 0..size of a row one after another.
+    unsafe { out.set_len(n) };
     Ok(())
 }
 
@@ -250,17 +264,32 @@ fn vertical_row_avx512(
     let shift = _mm_cvtsi32_si128(precision as i32);
     let zero = _mm512_setzero_si512();
     let len = dst.len();
-    let row = |k: usize| &rows[(tap_rows.start + k) * row_bytes + offset..][..len];
+    // Per pair of taps, once per row: its two source rows (an odd last tap pairs its row with itself
+    // at weight 0) and its two weights broadcast as (w0, w1) pairs.
+    let pairs = weights.len().div_ceil(2);
+    assert!(
+        pairs <= MAX_PAIRS,
+        "{} vertical taps: callers take fir's path past {}",
+        weights.len(),
+        2 * MAX_PAIRS
+    );
+    let mut src: [&[u8]; 2 * MAX_PAIRS] = [&[]; 2 * MAX_PAIRS];
+    let mut w = [zero; MAX_PAIRS];
+    for (k, (pair, rows_of)) in w[..pairs].iter_mut().zip(src.chunks_exact_mut(2)).enumerate() {
+        let (k0, k1) = (2 * k, (2 * k + 1).min(weights.len() - 1));
+        rows_of[0] = &rows[(tap_rows.start + k0) * row_bytes + offset..][..len];
+        rows_of[1] = &rows[(tap_rows.start + k1) * row_bytes + offset..][..len];
+        let w1 = if k1 > k0 { weights[k1] } else { 0 };
+        *pair = _mm512_set1_epi32(((w1 as i32) << 16) | (weights[k0] as u16 as i32));
+    }
     let mut x = 0;
     while x < len {
         let mask: __mmask64 = if len - x >= 64 { !0 } else { (1u64 << (len - x)) - 1 };
-        // SAFETY: masked loads read only the bytes of the row's used part that the mask selects.
-        let load = |k: usize| unsafe { _mm512_maskz_loadu_epi8(mask, row(k).as_ptr().add(x) as *const i8) };
+        // SAFETY: every source row slice is `len` long and the mask selects bytes x..len of it.
+        let load = |row: &[u8]| unsafe { _mm512_maskz_loadu_epi8(mask, row.as_ptr().add(x) as *const i8) };
         let mut acc = [round; 4];
-        for (k, pair) in weights.chunks(2).enumerate() {
-            let (a, w0) = (load(2 * k), pair[0]);
-            let (b, w1) = if pair.len() == 2 { (load(2 * k + 1), pair[1]) } else { (zero, 0) };
-            let w = _mm512_set1_epi32(((w1 as i32) << 16) | (w0 as u16 as i32));
+        for (rows, &w) in src[..2 * pairs].chunks_exact(2).zip(&w[..pairs]) {
+            let (a, b) = (load(rows[0]), load(rows[1]));
             let (lo, hi) = (_mm512_unpacklo_epi8(a, b), _mm512_unpackhi_epi8(a, b));
             acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_unpacklo_epi8(lo, zero), w);
             acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_unpackhi_epi8(lo, zero), w);
@@ -275,6 +304,10 @@ fn vertical_row_avx512(
         x += 64;
     }
 }
+
+/// The most tap pairs a vertical output row takes here (64 taps: a crop shrunk up to ~15x, the
+/// horizontal kernel's limit too).
+const MAX_PAIRS: usize = 32;
 
 /// One block of up to 16 consecutive outputs of a row whose taps all lie in one 64-pixel window: the
 /// first output, the window's start (in the temporary's columns) and, per pair of taps, every lane's
@@ -323,10 +356,15 @@ fn plan_blocks(t: &Taps, first: usize) -> Option<Vec<Block>> {
     Some(blocks)
 }
 
-/// One row of one plane: `src` the padded plane row, `dst` the `size` outputs.
+/// One row of one plane: `src` the padded plane row, `dst` the `size` outputs (each written once).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn horizontal_row_avx512(src: &[u8], dst: &mut [u8], precision: u32, blocks: &[Block]) {
+fn horizontal_row_avx512(
+    src: &[u8],
+    dst: &mut [std::mem::MaybeUninit<u8>],
+    precision: u32,
+    blocks: &[Block],
+) {
     use std::arch::x86_64::*;
     let round = _mm512_set1_epi32(1 << (precision - 1));
     let shift = _mm_cvtsi32_si128(precision as i32);
@@ -354,7 +392,9 @@ fn horizontal_row_avx512(src: &[u8], dst: &mut [u8], precision: u32, blocks: &[B
             let mut all = [0u8; 16];
             // SAFETY: 16 bytes to a 16-byte array.
             unsafe { _mm_storeu_si128(all.as_mut_ptr() as *mut __m128i, packed) };
-            out.copy_from_slice(&all[..block.lanes]);
+            for (o, &v) in out.iter_mut().zip(&all) {
+                o.write(v);
+            }
         }
     }
 }
