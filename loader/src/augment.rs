@@ -59,9 +59,12 @@ pub fn brightness(px: &mut [u8], factor: f32) {
 #[inline(always)]
 fn blend_all(px: &mut [u8], degenerate: f32, factor: f32) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512vbmi") && std::arch::is_x86_feature_detected!("avx512bw") {
+    if std::arch::is_x86_feature_detected!("avx512vbmi")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512f")
+    {
         let table: [u8; 256] = std::array::from_fn(|v| blend(degenerate, v as u8, factor));
-        // SAFETY: the CPU supports AVX-512 VBMI and BW (hence F), checked just above.
+        // SAFETY: the CPU supports AVX-512F, BW and VBMI, checked just above.
         unsafe { lookup_vbmi(px, &table) };
         return;
     }
@@ -283,7 +286,7 @@ fn box_taps<'a>(
     // The first outputs in 64-byte blocks where the CPU has AVX-512BW; the rest below.
     let done = |taps: &[&[u8]], out: &mut [u8]| -> usize {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512bw") {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
             // SAFETY: the CPU supports AVX-512F and BW, checked just above.
             return unsafe { box_blocks_avx512(taps, out, whole, far) };
         }
@@ -590,7 +593,7 @@ pub fn draw_photometric(rng: &mut impl Rng, cfg: &common::config::ViewsConfig, k
 /// versions give identical bytes.
 pub fn apply_photometric(px: &mut [u8], size: usize, p: &Photometric, threshold: u8, scratch: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bw") {
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
         // SAFETY: the CPU supports AVX-512F and BW, checked just above.
         unsafe { apply_photometric_avx512(px, size, p, threshold, scratch) };
         return;

@@ -35,6 +35,7 @@ pub struct Resampler {
 }
 
 /// Padding of a plane row: a block's window is 64 pixels from its first tap.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AVX-512 path only
 const PAD: usize = 64;
 
 /// Catmull-Rom (a = −0.5), fir's `catmul_filter`, support 2.
@@ -141,9 +142,23 @@ pub fn crop_resize_planar(
     size: usize,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    // Checked here for both paths: fir would leave an empty crop's view as the buffer held it.
+    if b.w == 0 || b.h == 0 {
+        return Err(resize_error(format!("an empty crop box ({} x {})", b.w, b.h)));
+    }
+    if b.x1 as u64 + b.w as u64 > src.width() as u64 || b.y1 as u64 + b.h as u64 > src.height() as u64 {
+        return Err(resize_error("the crop box lies outside the image"));
+    }
+    if size == 0 {
+        out.clear();
+        return Ok(());
+    }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512bw") && std::arch::is_x86_feature_detected!("avx512vnni") {
-        // SAFETY: the CPU supports AVX-512F, BW and VNNI (BW implies F), checked just above.
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+    {
+        // SAFETY: the CPU supports AVX-512F, BW and VNNI, checked just above.
         return unsafe { crop_resize_avx512(rs, src, b, size, out) };
     }
     crop_resize_fir(rs, src, b, size, out)
@@ -175,14 +190,8 @@ fn crop_resize_avx512(
     size: usize,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    // `crop_resize_planar` checked the box (inside the image, not empty) and the size (not 0).
     let (x1, w) = (b.x1 as f64, b.w as f64);
-    if size == 0 || b.w == 0 || b.h == 0 {
-        out.clear();
-        return Ok(());
-    }
-    if b.x1 as u64 + b.w as u64 > src.width() as u64 || b.y1 as u64 + b.h as u64 > src.height() as u64 {
-        return Err(resize_error("the crop box lies outside the image"));
-    }
     // fir skips the horizontal pass for a crop as wide as the output with an integer left edge (ours
     // always are integers): then the vertical pass alone makes the view, and fir's path is that.
     if size as f64 == w {
@@ -307,6 +316,7 @@ fn vertical_row_avx512(
 
 /// The most tap pairs a vertical output row takes here (64 taps: a crop shrunk up to ~15x, the
 /// horizontal kernel's limit too).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AVX-512 path only
 const MAX_PAIRS: usize = 32;
 
 /// One block of up to 16 consecutive outputs of a row whose taps all lie in one 64-pixel window: the
@@ -314,6 +324,7 @@ const MAX_PAIRS: usize = 32;
 /// two source indices in the window and two weights, interleaved as `vpermt2w` and `vpmaddwd` take
 /// them. Crops shrunk by up to about 3x fill all 16 lanes; stronger shrinking packs fewer outputs per
 /// block (their taps spread further).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AVX-512 path only
 struct Block {
     out: usize,
     lanes: usize,
@@ -324,6 +335,7 @@ struct Block {
 
 /// The blocks of one axis, or None when one output's taps alone span more than the window (a crop
 /// shrunk by more than 15x), which fir's own path then computes.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AVX-512 path only
 fn plan_blocks(t: &Taps, first: usize) -> Option<Vec<Block>> {
     let n = t.start.len();
     let start = |i: usize| t.start[i] as usize - first;
@@ -474,6 +486,26 @@ mod tests {
         }
         assert_eq!(cases, 4 * 9 * 6);
         assert!(kinds.iter().all(|&k| k > 0), "{kinds:?}");
+    }
+
+    /// A box that is empty or reaches outside the image is an error naming the problem, on every CPU
+    /// (fir alone would leave an empty crop's view as the buffer held it); a zero size is an empty view.
+    #[test]
+    fn empty_and_outside_boxes_are_errors() {
+        let px = image(40, 30, 1);
+        let src = fr::images::ImageRef::new(40, 30, &px, fr::PixelType::U8x3).unwrap();
+        let (mut rs, mut out) = (Resampler::default(), vec![1u8; 5]);
+        for (crop, want) in [
+            (CropBox { x1: 3, y1: 3, w: 0, h: 10 }, "empty crop box"),
+            (CropBox { x1: 3, y1: 3, w: 10, h: 0 }, "empty crop box"),
+            (CropBox { x1: 35, y1: 0, w: 10, h: 10 }, "outside the image"),
+            (CropBox { x1: 0, y1: u32::MAX, w: 10, h: 10 }, "outside the image"),
+        ] {
+            let err = crop_resize_planar(&mut rs, &src, &crop, 16, &mut out).unwrap_err().to_string();
+            assert!(err.contains(want), "{crop:?}: {err}");
+        }
+        crop_resize_planar(&mut rs, &src, &CropBox { x1: 0, y1: 0, w: 40, h: 30 }, 0, &mut out).unwrap();
+        assert!(out.is_empty());
     }
 
     /// The weights in a case worked by hand: an exact 2x shrink has output 0 centred on source
