@@ -1,5 +1,6 @@
-//! Pixel operations of the DINO view pipeline (`DataAugmentationDINO` in `main_dino.py`): crop + bicubic
-//! resize, flip, ColorJitter (the four operations in random order), grayscale, Gaussian blur, solarise.
+//! Pixel operations of the DINO view pipeline (`DataAugmentationDINO` in `main_dino.py`) after the crop
+//! and resize ([`crate::resize`]): flip, ColorJitter (the four operations in random order), grayscale,
+//! Gaussian blur, solarise.
 //! Each operation rounds back to `u8`, as PIL does between operations.
 //!
 //! Views are planar (`[3, S, S]`, the layout of `common::Batch`) from the resize on, so every loop runs
@@ -14,11 +15,8 @@
 //! checks brightness, contrast, saturation, hue, grayscale, solarise and blur against Pillow's own
 //! output (hue with torchvision's code inlined), byte for byte.
 
-use fast_image_resize as fr;
 use rand::Rng;
 use rand::seq::SliceRandom;
-
-use crate::error::{Error, Result};
 
 /// The three planes of a planar image.
 #[inline(always)]
@@ -528,24 +526,10 @@ fn to_planar_body(src: &[u8], dst: &mut Vec<u8>) {
     }
 }
 
-/// Crops `(x1, y1, w, h)` of an interleaved RGB image and resizes it to `size`² with bicubic
-/// (Catmull-Rom, PIL's a = −0.5) convolution, antialiased when shrinking as PIL is.
-pub fn crop_resize(
-    resizer: &mut fr::Resizer,
-    src: &fr::images::ImageRef<'_>,
-    b: &crate::CropBox,
-    size: usize,
-    out: &mut Vec<u8>,
-) -> Result<()> {
-    // Reused between views: resizing a buffer of the right length writes nothing.
-    out.resize(size * size * 3, 0);
-    let mut dst =
-        fr::images::Image::from_slice_u8(size as u32, size as u32, out.as_mut_slice(), fr::PixelType::U8x3)
-            .map_err(|e| Error::image(format!("resize: {e}")))?;
-    let opts = fr::ResizeOptions::new()
-        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom))
-        .crop(b.x1 as f64, b.y1 as f64, b.w as f64, b.h as f64);
-    resizer.resize(src, &mut dst, &opts).map_err(|e| Error::image(format!("resize: {e}")))
+/// Planar `[3, S, S]` back to interleaved RGB `[S, S, 3]` (for writing a view as an image).
+pub fn to_interleaved(planar: &[u8]) -> Vec<u8> {
+    let n = planar.len() / 3;
+    (0..n).flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]]).collect()
 }
 
 /// The random photometric choices of one view, drawn in a fixed order so a seed fixes them all.
@@ -835,5 +819,6 @@ mod tests {
         let mut out = vec![];
         to_planar(&[1, 2, 3, 4, 5, 6], &mut out);
         assert_eq!(out, [1, 4, 2, 5, 3, 6]);
+        assert_eq!(to_interleaved(&out), [1, 2, 3, 4, 5, 6]);
     }
 }

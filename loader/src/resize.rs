@@ -1,6 +1,6 @@
 //! Crop + bicubic resize of an interleaved RGB image into a planar view (`[3, S, S]`), byte for byte
 //! what `fast_image_resize` (fir) gives for the same crop followed by a planar split
-//! ([`crate::augment::crop_resize`] and [`crate::augment::to_planar`], the reference and the fallback).
+//! ([`crop_resize_fir`], the reference and the fallback).
 //!
 //! fir resizes 8-bit images with the vertical pass first (into a temporary image over the columns the
 //! horizontal pass reads), then the horizontal one, both in 16-bit fixed point; its horizontal pass on
@@ -134,7 +134,7 @@ pub fn taps(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Taps {
 }
 
 /// Crops `b` of `src` (interleaved RGB) and resizes it to `size`² into `out` (planar `[3, size,
-/// size]`), as `crop_resize` + `to_planar` do.
+/// size]`), as [`crop_resize_fir`] does.
 pub fn crop_resize_planar(
     rs: &mut Resampler,
     src: &fr::images::ImageRef<'_>,
@@ -164,7 +164,9 @@ pub fn crop_resize_planar(
     crop_resize_fir(rs, src, b, size, out)
 }
 
-/// fir's own path (the reference, and the path of CPUs without AVX-512BW).
+/// fir's own path (the reference, and the path of CPUs without AVX-512BW and VNNI): its bicubic
+/// convolution (Catmull-Rom, PIL's a = −0.5, antialiased when shrinking as PIL is) on the interleaved
+/// image, then the planar split.
 pub fn crop_resize_fir(
     rs: &mut Resampler,
     src: &fr::images::ImageRef<'_>,
@@ -172,7 +174,15 @@ pub fn crop_resize_fir(
     size: usize,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    crate::augment::crop_resize(&mut rs.fir, src, b, size, &mut rs.interleaved)?;
+    // Reused between views: resizing a buffer of the right length writes nothing.
+    rs.interleaved.resize(size * size * 3, 0);
+    let mut dst =
+        fr::images::Image::from_slice_u8(size as u32, size as u32, &mut rs.interleaved, fr::PixelType::U8x3)
+            .map_err(resize_error)?;
+    let opts = fr::ResizeOptions::new()
+        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom))
+        .crop(b.x1 as f64, b.y1 as f64, b.w as f64, b.h as f64);
+    rs.fir.resize(src, &mut dst, &opts).map_err(resize_error)?;
     crate::augment::to_planar(&rs.interleaved, out);
     Ok(())
 }
@@ -329,8 +339,8 @@ struct Block {
     out: usize,
     lanes: usize,
     window: usize,
-    idx: Vec<[i16; 32]>,
-    coef: Vec<[i16; 32]>,
+    /// Per pair of taps: (the lanes' source indices, their weights).
+    pairs: Vec<([i16; 32], [i16; 32])>,
 }
 
 /// The blocks of one axis, or None when one output's taps alone span more than the window (a crop
@@ -355,14 +365,15 @@ fn plan_blocks(t: &Taps, first: usize) -> Option<Vec<Block>> {
             return None;
         }
         let pairs = (out..out + lanes).map(|i| t.size[i] as usize).max().unwrap_or(0).div_ceil(2);
-        let (mut idx, mut coef) = (vec![[0i16; 32]; pairs], vec![[0i16; 32]; pairs]);
+        let mut pairs = vec![([0i16; 32], [0i16; 32]); pairs];
         for (lane, i) in (out..out + lanes).enumerate() {
             for k in 0..t.size[i] as usize {
-                idx[k / 2][2 * lane + k % 2] = (start(i) - window + k) as i16;
-                coef[k / 2][2 * lane + k % 2] = t.values[i * t.window + k];
+                let (idx, coef) = &mut pairs[k / 2];
+                idx[2 * lane + k % 2] = (start(i) - window + k) as i16;
+                coef[2 * lane + k % 2] = t.values[i * t.window + k];
             }
         }
-        blocks.push(Block { out, lanes, window, idx, coef });
+        blocks.push(Block { out, lanes, window, pairs });
         out += lanes;
     }
     Some(blocks)
@@ -386,7 +397,7 @@ fn horizontal_row_avx512(
         let lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(bytes));
         let hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
         let mut acc = round;
-        for (idx, coef) in block.idx.iter().zip(&block.coef) {
+        for (idx, coef) in &block.pairs {
             // SAFETY: 32 i16 are 64 bytes.
             let (idx, coef) = unsafe {
                 (_mm512_loadu_si512(idx.as_ptr() as *const _), _mm512_loadu_si512(coef.as_ptr() as *const _))

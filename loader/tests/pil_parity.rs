@@ -5,7 +5,9 @@
 //! and, as SHA-256 digests, on every one of the 2^24 colours; Pillow's two HSV conversions on their own,
 //! on all 2^24 inputs each.
 
-use loader::augment::{Photometric, apply_photometric, hue, pil_hsv_to_rgb, pil_rgb_to_hsv, to_planar};
+use loader::augment::{
+    Photometric, apply_photometric, hue, pil_hsv_to_rgb, pil_rgb_to_hsv, to_interleaved, to_planar,
+};
 use sha2::{Digest, Sha256};
 
 const FIXTURE: &str = include_str!("fixtures/pil_ops.json");
@@ -21,11 +23,6 @@ fn test_image(w: usize, h: usize) -> Vec<u8> {
         }
     }
     px
-}
-
-fn interleave(planar: &[u8]) -> Vec<u8> {
-    let n = planar.len() / 3;
-    (0..n).flat_map(|i| [planar[i], planar[n + i], planar[2 * n + i]]).collect()
 }
 
 /// The hue factor in a case name (`hue_-0.1`), parsed as the `f32` the pipeline draws.
@@ -82,7 +79,7 @@ fn photometric_ops_match_pillow_byte_for_byte() {
         let (op, arg) = name.rsplit_once('_').unwrap_or((name.as_str(), ""));
         let f: f32 = arg.parse().unwrap_or(0.0);
         if op == "hue" {
-            assert_same(name, &interleave(&apply_hue(&planar_input, size, f)), want.as_str().unwrap());
+            assert_same(name, &to_interleaved(&apply_hue(&planar_input, size, f)), want.as_str().unwrap());
             continue;
         }
         let p = match op {
@@ -96,7 +93,7 @@ fn photometric_ops_match_pillow_byte_for_byte() {
         };
         let mut px = planar_input.clone();
         apply_photometric(&mut px, size, &p, 128, &mut vec![]);
-        assert_same(name, &interleave(&px), want.as_str().unwrap());
+        assert_same(name, &to_interleaved(&px), want.as_str().unwrap());
     }
 }
 
@@ -113,7 +110,7 @@ fn hue_matches_torchvision_on_pil_for_edge_case_pixels() {
     let cases = edge["cases"].as_object().unwrap();
     assert_eq!(cases.len(), 10);
     for (name, want) in cases {
-        let ours = interleave(&apply_hue(&planar, size, hue_factor(name)));
+        let ours = to_interleaved(&apply_hue(&planar, size, hue_factor(name)));
         assert_same(&format!("edge {name}"), &ours, want.as_str().unwrap());
     }
 }

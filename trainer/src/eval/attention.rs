@@ -108,9 +108,7 @@ pub fn draw(
     let pre = eval::Preprocess { resize: size, crop: size, squash: false };
     let mut prep = eval::Prep::default();
     let pixels = eval::prepare(&bytes, pre, &mut prep).map_err(|e| anyhow!("{}: {e}", image.display()))?;
-    let plane = size * size;
-    let crop: Vec<u8> =
-        (0..plane).flat_map(|i| [pixels[i], pixels[plane + i], pixels[2 * plane + i]]).collect();
+    let crop = loader::augment::to_interleaved(&pixels);
     let item = eval::Item { pixels, label: -1, key: String::new(), mask: None };
     let out = vit.forward(eval::to_tensor(&[item], size, device), None, &[], true);
     let attn = host(out.attn.ok_or_else(|| anyhow!("no attention returned"))?); // [H * N]
