@@ -171,6 +171,48 @@ fn dino_cross_entropy_matches_the_decomposed_formulation_forward_and_backward() 
     }
 }
 
+fn linear_case<const D: usize>(dev: &Device, shape: [usize; D], n: usize) {
+    let k = shape[D - 1];
+    let m: usize = shape[..D - 1].iter().product();
+    let (xv, wv, bv) = (random(m * k, 1.0, 21), random(k * n, 1.0, 22), random(n, 1.0, 23));
+    let run = |fused_op: bool| {
+        let (x, w, b) = (leaf(&xv, shape, dev), leaf(&wv, [k, n], dev), leaf(&bv, [n], dev));
+        let y = if fused_op {
+            fused::linear(x.clone(), w.clone(), b.clone())
+        } else {
+            burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone()))
+        };
+        let grads = weighted_sum(y.clone(), 24).backward();
+        (
+            host(y),
+            host(x.grad(&grads).expect("dx")),
+            host(w.grad(&grads).expect("dw")),
+            host(b.grad(&grads).expect("db")),
+        )
+    };
+    let (ours, theirs) = (run(true), run(false));
+    let what = format!("linear {shape:?} x [{k}, {n}] on {dev:?}");
+    close(&ours.0, &theirs.0, &format!("{what}: y"));
+    close(&ours.1, &theirs.1, &format!("{what}: dx"));
+    close(&ours.2, &theirs.2, &format!("{what}: dw"));
+    close(&ours.3, &theirs.3, &format!("{what}: db"));
+}
+
+/// Against burn's `linear` (its matmul and broadcast bias add, differentiated by burn's autodiff): the
+/// output and all three gradients, for 2-D and 3-D inputs, row counts that are no multiple of a task's
+/// rows, widths that are no multiple of the lanes, a product too small and one large enough to run over
+/// rayon's pool (both ways: forward and backward).
+#[test]
+fn linear_matches_burns_linear_forward_and_backward() {
+    for dev in devices() {
+        linear_case(&dev, [1, 1], 1);
+        linear_case(&dev, [7, 5], 3);
+        linear_case(&dev, [3, 67, 33], 19);
+        linear_case(&dev, [3, 101, 200], 130); // 303 · 200 · 130 > 192³
+        linear_case(&dev, [2, 2, 129, 40], 70);
+    }
+}
+
 /// Against burn's own GELU (on flex: libm's `erff` per element; on LibTorch: LibTorch's), forward and
 /// backward, over [−6, 6] and beyond, at a length that is no multiple of a task's chunk or the lanes.
 #[test]

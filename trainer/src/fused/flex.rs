@@ -140,6 +140,144 @@ fn lanes_sum(mut acc: [f32; LANES]) -> f32 {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Linear layers: one GEMM each way, outputs written once.
+//
+// burn's `linear` on flex costs three passes besides the GEMM: its matmul output is a zero-filled buffer
+// copied into an aligned one (`FlexTensor::empty`: `vec![0u8; n]`, whose alignment of 1 makes
+// `Bytes::from_bytes_vec` copy it), the bias is added in a pass of its own, and a `[B, S, K]` input is
+// multiplied as B separate `[S, K]` matrices, each packing the weights again. Here the rows of all the
+// batch go to one GEMM, the bias rows are written first and the GEMM adds onto them, and the gradients
+// are written into fresh uninitialised buffers.
+
+/// Products at least this large (m·n·k) run over rayon's pool, as flex's own matmul decides.
+const GEMM_PARALLEL: usize = 192 * 192 * 192;
+
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    if m.saturating_mul(n).saturating_mul(k) >= GEMM_PARALLEL {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// A new `rows × cols` matrix written by one GEMM over uninitialised memory (see [`gemm_strided`]).
+fn gemm_new(rows: usize, cols: usize, product: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut out = Vec::<f32>::with_capacity(rows * cols);
+    product(out.as_mut_ptr());
+    // SAFETY: `product` wrote every element of the `rows × cols` result (gemm without `add`).
+    unsafe { out.set_len(rows * cols) };
+    out
+}
+
+/// Rows per task when the bias is written and when the bias gradient sums rows.
+const LINEAR_ROWS: usize = 64;
+
+/// `x·w + b` for row-major `x` `[m, k]`, `w` `[k, n]` and `b` `[n]`: `[m, n]`.
+pub fn linear(x: &[f32], w: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
+    assert!(
+        x.len() == m * k && w.len() == k * n && b.len() == n,
+        "linear: operands of [{m}, {k}] x [{k}, {n}]"
+    );
+    let mut y = Vec::with_capacity(m * n);
+    if n > 0 {
+        y.spare_capacity_mut()[..m * n].par_chunks_mut(LINEAR_ROWS * n).for_each(|rows| {
+            for row in rows.chunks_exact_mut(n) {
+                for (slot, &v) in row.iter_mut().zip(b) {
+                    slot.write(v);
+                }
+            }
+        });
+    }
+    // SAFETY: the loop above wrote all m·n elements (every row of n is a full chunk).
+    unsafe { y.set_len(m * n) };
+    // SAFETY: x is [m, k] (row stride k), w is [k, n] (row stride n), y is [m, n] and its own buffer.
+    unsafe {
+        gemm_strided(
+            (m, n, k),
+            y.as_mut_ptr(),
+            n,
+            true,
+            x.as_ptr(),
+            (k, 1),
+            w.as_ptr(),
+            (n, 1),
+            1.0,
+            parallelism(m, n, k),
+        )
+    };
+    y
+}
+
+/// The gradients of [`linear`] for the output gradient `dy` `[m, n]`: `dx = dy·wᵀ` `[m, k]`,
+/// `dw = xᵀ·dy` `[k, n]`, `db = Σ_rows dy` `[n]` (in fixed blocks of rows summed in order, so the bits do
+/// not depend on the thread count).
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (m, k, n): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert!(
+        x.len() == m * k && w.len() == k * n && dy.len() == m * n,
+        "linear_backward: operands of [{m}, {k}] x [{k}, {n}]"
+    );
+    // SAFETY (both products): dy is [m, n] (row stride n); wᵀ is w read with strides (1, n), [n, k]; xᵀ
+    // is x read with strides (1, k), [k, m]; each output is its own buffer of the product's shape.
+    let dx = gemm_new(m, k, |dst| unsafe {
+        gemm_strided(
+            (m, k, n),
+            dst,
+            k,
+            false,
+            dy.as_ptr(),
+            (n, 1),
+            w.as_ptr(),
+            (1, n),
+            1.0,
+            parallelism(m, k, n),
+        )
+    });
+    let dw = gemm_new(k, n, |dst| unsafe {
+        gemm_strided(
+            (k, n, m),
+            dst,
+            n,
+            false,
+            x.as_ptr(),
+            (1, k),
+            dy.as_ptr(),
+            (n, 1),
+            1.0,
+            parallelism(k, n, m),
+        )
+    });
+    let mut db = vec![0.0f32; n];
+    if n > 0 {
+        let blocks: Vec<Vec<f32>> = dy
+            .par_chunks(LINEAR_ROWS * n)
+            .map(|rows| {
+                let mut sum = vec![0.0f32; n];
+                for row in rows.chunks_exact(n) {
+                    add_row(&mut sum, row);
+                }
+                sum
+            })
+            .collect();
+        for block in &blocks {
+            add_row(&mut db, block);
+        }
+    }
+    (dx, dw, db)
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
+fn add_row(acc: &mut [f32], row: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(row) {
+        *a += v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // GELU, elementwise.
 
 /// Elements per rayon task.
@@ -393,8 +531,7 @@ fn masked_softmax_row(row: &mut [f32], i: usize, main: usize) -> f32 {
 /// `dst = beta · lhs · rhs` for strided row-major operands (strides in elements), single-threaded.
 ///
 /// # Safety
-/// Every `(row, col)` of `m × k`, `k × n` and `m × n` at the given strides must lie inside the buffers
-/// behind `lhs`, `rhs` and `dst`, and `dst` must not overlap the others.
+/// As [`gemm_strided`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul(
     m: usize,
@@ -403,10 +540,46 @@ unsafe fn matmul(
     dst: *mut f32,
     dst_rs: usize,
     lhs: *const f32,
+    lhs_strides: (usize, usize),
+    rhs: *const f32,
+    rhs_strides: (usize, usize),
+    beta: f32,
+) {
+    unsafe {
+        gemm_strided(
+            (m, n, k),
+            dst,
+            dst_rs,
+            false,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+            beta,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `dst = beta · lhs · rhs`, or with `add` `dst += beta · lhs · rhs`, for strided row-major operands
+/// (`(row, column)` strides in elements; `dst` has unit column stride), `(m, n, k)` the product's shape.
+///
+/// # Safety
+/// Every `(row, col)` of `m × k`, `k × n` and `m × n` at the given strides must lie inside the buffers
+/// behind `lhs`, `rhs` and `dst`, and `dst` must not overlap the others; without `add`, `dst` may be
+/// uninitialised (gemm never reads it then).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    add: bool,
+    lhs: *const f32,
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: *const f32,
     (rhs_rs, rhs_cs): (usize, usize),
     beta: f32,
+    parallelism: gemm::Parallelism,
 ) {
     unsafe {
         gemm::gemm(
@@ -416,19 +589,19 @@ unsafe fn matmul(
             dst,
             1,
             dst_rs as isize,
-            false,
+            add,
             lhs,
             lhs_cs as isize,
             lhs_rs as isize,
             rhs,
             rhs_cs as isize,
             rhs_rs as isize,
-            0.0,
+            if add { 1.0 } else { 0.0 },
             beta,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }

@@ -1,5 +1,5 @@
-//! Fused ops with their own backward passes: LayerNorm, DenseDINO's attention (reference rows included),
-//! DINO's cross-entropy, and GELU. Under burn's autodiff each would otherwise be a chain of five to fifteen
+//! Fused ops with their own backward passes: the linear layer, LayerNorm, DenseDINO's attention (reference
+//! rows included), DINO's cross-entropy, and GELU. Under burn's autodiff each would otherwise be a chain of five to fifteen
 //! elementwise kernels forward and as many backward, each a full pass over memory (burn 0.22 decomposes
 //! `layer_norm`, `softmax`, `log_softmax` and, under autodiff, `attention`).
 //!
@@ -113,6 +113,15 @@ pub trait Kernels: Backend {
     /// GELU (erf form), elementwise; the state is the input.
     fn gelu_fwd(x: FloatTensor<Self>, track: bool) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>);
     fn gelu_bwd(saved: Vec<FloatTensor<Self>>, dy: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `x` `[M, K]`, `w` `[K, N]`, `b` `[N]` → `x·w + b` `[M, N]`.
+    fn linear_fwd(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        track: bool,
+    ) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>);
+    /// dx, dw, db.
+    fn linear_bwd(saved: Vec<FloatTensor<Self>>, dy: FloatTensor<Self>) -> [FloatTensor<Self>; 3];
 }
 
 /// The ops as burn sees them: routed by the inputs' backend, autodiff included.
@@ -133,6 +142,7 @@ pub trait FusedOps: Backend {
         weight: f64,
     ) -> FloatTensor<Self>;
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The plain backends: forward only.
@@ -161,6 +171,13 @@ macro_rules! forward_only {
             }
             fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
                 <Self as Kernels>::gelu_fwd(x, false).0
+            }
+            fn fused_linear(
+                x: FloatTensor<Self>,
+                w: FloatTensor<Self>,
+                b: FloatTensor<Self>,
+            ) -> FloatTensor<Self> {
+                <Self as Kernels>::linear_fwd(x, w, b, false).0
             }
         }
     };
@@ -236,6 +253,24 @@ impl<B: Kernels> Backward<B, 1> for GeluBackward {
     }
 }
 
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<B: Kernels> Backward<B, 3> for LinearBackward {
+    type State = Vec<FloatTensor<B>>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x, w, b] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let [dx, dw, db] = B::linear_bwd(ops.state, dy);
+        for (node, grad) in [(x, dx), (w, dw), (b, db)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
 impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn fused_layer_norm(
         x: FloatTensor<Self>,
@@ -296,6 +331,39 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::gelu_fwd(x, false).0),
         }
     }
+
+    fn fused_linear(x: FloatTensor<Self>, w: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [x.node(), w.node(), b.node()];
+        let (x, w, b) = (x.into_primitive(), w.into_primitive(), b.into_primitive());
+        match LinearBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (y, saved) = B::linear_fwd(x, w, b, true);
+                prep.finish(saved, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::linear_fwd(x, w, b, false).0),
+        }
+    }
+}
+
+/// A linear layer, `x·weight + bias` over the last dimension: `x` `[.., K]`, `weight` `[K, N]`, `bias`
+/// `[N]` → `[.., N]`. Every row of the batch goes through one matrix product (PyTorch's `addmm` for a
+/// flattened input); on flex the output is written once (see [`flex::linear`]); on LibTorch it is
+/// LibTorch's `addmm`.
+pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<D> {
+    let dims = x.dims();
+    let [k, n] = weight.dims();
+    assert_eq!(dims[D - 1], k, "linear: input width {} against a weight of [{k}, {n}]", dims[D - 1]);
+    assert_eq!(bias.dims()[0], n, "linear: bias of {} for a weight of [{k}, {n}]", bias.dims()[0]);
+    let rows = dims[..D - 1].iter().product();
+    let x: Tensor<2> = x.reshape([rows, k]);
+    let y = Tensor::<2>::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ));
+    let mut out = dims;
+    out[D - 1] = n;
+    y.reshape(out)
 }
 
 /// LayerNorm over the last dimension: `(x − mean)/sqrt(var + eps)·γ + β` (biased variance, as PyTorch).
@@ -482,6 +550,35 @@ impl Kernels for Flex {
         let dy = flex::contiguous(dy);
         flex::tensor(flex::gelu_backward(flex::slice(&x), flex::slice(&dy)), &dims)
     }
+
+    fn linear_fwd(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        track: bool,
+    ) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>) {
+        let (m, k, n) = linear_shape(&x, &w);
+        let (x, w, b) = (flex::contiguous(x), flex::contiguous(w), flex::contiguous(b));
+        let y = flex::linear(flex::slice(&x), flex::slice(&w), flex::slice(&b), (m, k, n));
+        (flex::tensor(y, &[m, n]), if track { vec![x, w] } else { Vec::new() })
+    }
+
+    fn linear_bwd(saved: Vec<FloatTensor<Self>>, dy: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+        let [x, w] = <[_; 2]>::try_from(saved).expect("linear state");
+        let (m, k, n) = linear_shape(&x, &w);
+        let dy = flex::contiguous(dy);
+        let (dx, dw, db) =
+            flex::linear_backward(flex::slice(&x), flex::slice(&w), flex::slice(&dy), (m, k, n));
+        [flex::tensor(dx, &[m, k]), flex::tensor(dw, &[k, n]), flex::tensor(db, &[n])]
+    }
+}
+
+/// `(M, K, N)` of a linear layer from `x` `[M, K]` and `w` `[K, N]`.
+fn linear_shape(x: &FloatTensor<Flex>, w: &FloatTensor<Flex>) -> (usize, usize, usize) {
+    let (xd, wd) = (flex::dims(x), flex::dims(w));
+    let (&[m, k], &[k2, n]) = (&xd[..], &wd[..]) else { panic!("linear: x {xd:?} and w {wd:?} must be 2-D") };
+    assert_eq!(k, k2, "linear: x {xd:?} against w {wd:?}");
+    (m, k, n)
 }
 
 /// The attention call's geometry from qkv's dims `[B, S, 3D]`.

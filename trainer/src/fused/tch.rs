@@ -171,6 +171,33 @@ impl Kernels for LibTorch {
         let [x] = <[_; 1]>::try_from(saved).expect("gelu state");
         <LibTorch as ActivationOps<LibTorch>>::gelu_backward(x, dy)
     }
+
+    fn linear_fwd(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        track: bool,
+    ) -> (FloatTensor<Self>, Vec<FloatTensor<Self>>) {
+        // PyTorch's `F.linear` on a 2-D input: one addmm (bias broadcast over the rows). The output is a
+        // new tensor, so keeping x and w (their storage handles with them) keeps burn-tch from writing
+        // into them in place.
+        let y = tch::no_grad(|| b.tensor.addmm(&x.tensor, &w.tensor));
+        (TchTensor::new(y), if track { vec![x, w] } else { Vec::new() })
+    }
+
+    fn linear_bwd(saved: Vec<FloatTensor<Self>>, dy: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+        let [x, w] = <[_; 2]>::try_from(saved).expect("linear state");
+        let dy = &dy.tensor;
+        // addmm's backward formulas: dx = dy·wᵀ, dw = xᵀ·dy, db = Σ_rows dy.
+        let (dx, dw, db) = tch::no_grad(|| {
+            (
+                dy.mm(&w.tensor.tr()),
+                x.tensor.tr().mm(dy),
+                dy.sum_dim_intlist([0i64].as_slice(), false, dy.kind()),
+            )
+        });
+        [TchTensor::new(dx), TchTensor::new(dw), TchTensor::new(db)]
+    }
 }
 
 /// One parameter's AdamW constants, as in [`super::multi_tensor::AdamSlot`].

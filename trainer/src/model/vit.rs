@@ -14,7 +14,7 @@
 //! Shapes: B batch, T = 1 + N tokens, R reference tokens, D width, H heads, dh = D / H.
 
 use burn::tensor::activation::softmax;
-use burn::tensor::module::{conv2d, linear};
+use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use common::seed;
@@ -225,7 +225,7 @@ impl Linear {
     }
     /// In the compute dtype `p` (the output stays in it).
     pub fn forward<const D: usize>(&self, x: Tensor<D>, p: Precision) -> Tensor<D> {
-        linear(p.compute(x), p.compute(self.weight.clone()), Some(p.compute(self.bias.clone())))
+        fused::linear(p.compute(x), p.compute(self.weight.clone()), p.compute(self.bias.clone()))
     }
     fn visit(&mut self, prefix: &str, f: &mut dyn FnMut(&str, ParamMut<'_>)) {
         f(&format!("{prefix}.weight"), ParamMut::R2(&mut self.weight));
