@@ -1,7 +1,8 @@
-//! Fused ops with their own backward passes: the linear layer, LayerNorm, DenseDINO's attention (reference
-//! rows included), DINO's cross-entropy, and GELU. Under burn's autodiff each would otherwise be a chain of five to fifteen
-//! elementwise kernels forward and as many backward, each a full pass over memory (burn 0.22 decomposes
-//! `layer_norm`, `softmax`, `log_softmax` and, under autodiff, `attention`).
+//! Fused ops with their own backward passes: LayerNorm, DenseDINO's attention (reference rows included),
+//! DINO's cross-entropy, GELU, and the linear layer. Under burn's autodiff each of the first four would
+//! otherwise be a chain of five to fifteen elementwise kernels forward and as many backward, each a full
+//! pass over memory (burn 0.22 decomposes `layer_norm`, `softmax`, `log_softmax` and, under autodiff,
+//! `attention`); burn's linear layer on flex writes its output three times (see [`flex::linear`]).
 //!
 //! Each op is a burn backend extension ([`FusedOps`]) with three implementations: the plain backends run
 //! the forward alone, and `Autodiff<B>` records one backward node whose gradient comes from `B`'s kernel.
