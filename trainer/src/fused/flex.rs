@@ -169,27 +169,20 @@ fn gemm_new(rows: usize, cols: usize, product: impl FnOnce(*mut f32)) -> Vec<f32
     out
 }
 
-/// Rows per task when the bias is written and when the bias gradient sums rows.
-const LINEAR_ROWS: usize = 64;
-
 /// `x·w + b` for row-major `x` `[m, k]`, `w` `[k, n]` and `b` `[n]`: `[m, n]`.
 pub fn linear(x: &[f32], w: &[f32], b: &[f32], (m, k, n): (usize, usize, usize)) -> Vec<f32> {
     assert!(
         x.len() == m * k && w.len() == k * n && b.len() == n,
         "linear: operands of [{m}, {k}] x [{k}, {n}]"
     );
-    let mut y = Vec::with_capacity(m * n);
-    if n > 0 {
-        y.spare_capacity_mut()[..m * n].par_chunks_mut(LINEAR_ROWS * n).for_each(|rows| {
-            for row in rows.chunks_exact_mut(n) {
-                for (slot, &v) in row.iter_mut().zip(b) {
-                    slot.write(v);
-                }
+    // Whole rows per task: every chunk is rows of n.
+    let mut y = par_fill(m * n, (TASK_ROWS * n).max(1), |_, rows| {
+        for row in rows.chunks_exact_mut(n) {
+            for (slot, &v) in row.iter_mut().zip(b) {
+                slot.write(v);
             }
-        });
-    }
-    // SAFETY: the loop above wrote all m·n elements (every row of n is a full chunk).
-    unsafe { y.set_len(m * n) };
+        }
+    });
     // SAFETY: x is [m, k] (row stride k), w is [k, n] (row stride n), y is [m, n] and its own buffer.
     unsafe {
         gemm_strided(
@@ -254,7 +247,7 @@ pub fn linear_backward(
     let mut db = vec![0.0f32; n];
     if n > 0 {
         let blocks: Vec<Vec<f32>> = dy
-            .par_chunks(LINEAR_ROWS * n)
+            .par_chunks(TASK_ROWS * n)
             .map(|rows| {
                 let mut sum = vec![0.0f32; n];
                 for row in rows.chunks_exact(n) {
@@ -311,14 +304,14 @@ fn normal_pdf(x: f32) -> f32 {
     0.398_942_3 * exp(-0.5 * x * x)
 }
 
-/// A new vector of `n` values written once, chunk by chunk over rayon, by `fill(start, slots)` (which must
-/// write every slot of its chunk): no zero-fill pass before the real one.
-fn par_fill(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+/// A new vector of `n` values written once, `chunk` values per rayon task, by `fill(start, slots)` (which
+/// must write every slot of its chunk): no zero-fill pass before the real one.
+fn par_fill(n: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     out.spare_capacity_mut()[..n]
-        .par_chunks_mut(GELU_CHUNK)
+        .par_chunks_mut(chunk)
         .enumerate()
-        .for_each(|(c, slots)| fill(c * GELU_CHUNK, slots));
+        .for_each(|(c, slots)| fill(c * chunk, slots));
     // SAFETY: the chunks cover the first n slots, and `fill` writes every slot of each.
     unsafe { out.set_len(n) };
     out
@@ -326,7 +319,7 @@ fn par_fill(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> V
 
 /// GELU in its exact (erf) form, `x·Φ(x)`: PyTorch's `nn.GELU()` default, DINO's MLP activation.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    par_fill(x.len(), |start, y| gelu_chunk(&x[start..start + y.len()], y))
+    par_fill(x.len(), GELU_CHUNK, |start, y| gelu_chunk(&x[start..start + y.len()], y))
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+avx512bw", "x86_64+avx2+fma"))]
@@ -339,7 +332,7 @@ fn gelu_chunk(x: &[f32], y: &mut [MaybeUninit<f32>]) {
 /// `dy·(Φ(x) + x·φ(x))`, GELU's backward from its input.
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), dy.len(), "gelu_backward: x and dy differ in length");
-    par_fill(x.len(), |start, dx| {
+    par_fill(x.len(), GELU_CHUNK, |start, dx| {
         let end = start + dx.len();
         gelu_backward_chunk(&x[start..end], &dy[start..end], dx)
     })
@@ -355,8 +348,9 @@ fn gelu_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
 // ---------------------------------------------------------------------------------------------------------
 // LayerNorm over the last dimension.
 
-/// Rows handled by one rayon task (and one partial sum of the weight and bias gradients).
-const LN_ROWS: usize = 64;
+/// Rows handled by one rayon task in the row kernels (LayerNorm; the linear layer's bias and its
+/// gradient), and so one partial sum of their parameter gradients.
+const TASK_ROWS: usize = 64;
 
 /// `y = (x − μ)·rstd·γ + β` per row of `x` `[rows, d]`. Returns y and, per row, μ and rstd (the backward's
 /// state).
@@ -371,9 +365,9 @@ pub fn layer_norm(
     let mut y = vec![0f32; x.len()];
     let mut mean = vec![0f32; rows];
     let mut rstd = vec![0f32; rows];
-    y.par_chunks_mut(LN_ROWS * d)
-        .zip(x.par_chunks(LN_ROWS * d))
-        .zip(mean.par_chunks_mut(LN_ROWS).zip(rstd.par_chunks_mut(LN_ROWS)))
+    y.par_chunks_mut(TASK_ROWS * d)
+        .zip(x.par_chunks(TASK_ROWS * d))
+        .zip(mean.par_chunks_mut(TASK_ROWS).zip(rstd.par_chunks_mut(TASK_ROWS)))
         .for_each(|((y, x), (mean, rstd))| layer_norm_rows(x, gamma, beta, d, eps, y, mean, rstd));
     (y, mean, rstd)
 }
@@ -414,9 +408,9 @@ pub fn layer_norm_backward(
     let mut dx = vec![0f32; x.len()];
     // One partial (dγ, dβ) per task, summed in task order: the same bits whatever the thread count.
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(LN_ROWS * d)
-        .zip(x.par_chunks(LN_ROWS * d).zip(dy.par_chunks(LN_ROWS * d)))
-        .zip(mean.par_chunks(LN_ROWS).zip(rstd.par_chunks(LN_ROWS)))
+        .par_chunks_mut(TASK_ROWS * d)
+        .zip(x.par_chunks(TASK_ROWS * d).zip(dy.par_chunks(TASK_ROWS * d)))
+        .zip(mean.par_chunks(TASK_ROWS).zip(rstd.par_chunks(TASK_ROWS)))
         .map(|((dx, (x, dy)), (mean, rstd))| {
             let mut dg = vec![0f32; d];
             let mut db = vec![0f32; d];
