@@ -25,7 +25,7 @@ fn main() {
         ("blur sigma 2", Photometric { blur_sigma: Some(2.0), ..none.clone() }),
         ("solarize", Photometric { solarize: true, ..none.clone() }),
     ];
-    let (mut rgb, mut view, mut scratch) = (vec![], vec![], vec![]);
+    let (mut rgb, mut view, mut scratch) = (vec![], vec![], BlurScratch::default());
     let (mut fast, mut fir) = (Resampler::default(), Resampler::default());
     let mut r = common::seed::rng(0, common::seed::Purpose::Views, &[]);
     let (mut t_dec, mut t_fir, mut t_resize) = (0f64, 0f64, 0f64);

@@ -372,18 +372,27 @@ fn box_blocks_avx512(taps: &[&[u8]], out: &mut [u8], whole: u32, far: u32) -> us
     n
 }
 
+/// Buffers the blur reuses from view to view.
+#[derive(Default)]
+pub struct BlurScratch {
+    bytes: Vec<u8>,
+    wide: Vec<u16>,
+}
+
 /// Gaussian blur of each `size`² plane as PIL's `ImageFilter.GaussianBlur(sigma)` computes it (DINO's
 /// blur): three passes of an extended box filter along the rows, then three along the columns, edge
 /// pixels repeated outwards, 8-bit rounding after each pass. `scratch` is reused between calls.
 ///
-/// The six passes ping-pong between the plane and `scratch`, and each runs as one loop over the whole
-/// plane: a row pass treats the plane as one long row (then redoes the `r + 1` outputs at each end of
-/// every row, whose taps crossed into the neighbouring row, with the edge repeated), a column pass
-/// takes the rows whose taps stay inside at once and the `r + 1` rows at each edge one by one. Row by
-/// row, the loop overhead of 224-pixel lines and the copies into padded lines cost more than the
-/// arithmetic.
+/// The six passes ping-pong between two buffers, and each runs as one loop over the whole plane: a row
+/// pass treats the plane as one long row (then redoes the `r + 1` outputs at each end of every row,
+/// whose taps crossed into the neighbouring row, with the edge repeated), a column pass takes the rows
+/// whose taps stay inside at once and the `r + 1` rows at each edge one by one. Row by row, the loop
+/// overhead of 224-pixel lines and the copies into padded lines cost more than the arithmetic. With
+/// AVX-512BW and DINO's radii (r ≤ 1, σ ≤ 2) the plane is widened to 16 bits once and the passes keep
+/// their rounded bytes in 16-bit lanes ([`blur_wide`]): each tap is then a plain load rather than a
+/// load and a widening shuffle, and the shuffle units are what these loops wait on.
 #[inline(always)]
-pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut Vec<u8>) {
+pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut BlurScratch) {
     const PASSES: u32 = 3;
     let radius = box_radius(sigma, PASSES);
     if radius == 0.0 || size == 0 {
@@ -394,20 +403,174 @@ pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut Vec<u
     let whole = (16_777_216f32 / (radius * 2.0 + 1.0)) as u32;
     let far = ((1u32 << 24) - (r as u32 * 2 + 1) * whole) / 2;
     let plane = size * size;
-    scratch.resize(plane, 0);
-    let tmp = &mut scratch[..plane];
+    #[cfg(target_arch = "x86_64")]
+    if r <= 1
+        && size > 2 * (r + 1)
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+    {
+        scratch.wide.resize(2 * plane, 0);
+        let (a, b) = scratch.wide.split_at_mut(plane);
+        for channel in px.chunks_exact_mut(plane) {
+            // SAFETY: the CPU supports AVX-512F, BW and VNNI, checked just above.
+            unsafe { blur_wide(channel, a, b, size, r, whole, far) };
+        }
+        return;
+    }
+    blur_bytes(px, size, r, whole, far, &mut scratch.bytes);
+}
+
+/// The six passes on bytes, each plane ping-ponging with `tmp`.
+fn blur_bytes(px: &mut [u8], size: usize, r: usize, whole: u32, far: u32, tmp: &mut Vec<u8>) {
+    let plane = size * size;
+    tmp.resize(plane, 0);
+    let tmp = &mut tmp[..plane];
     let mut acc = vec![];
     for channel in px.chunks_exact_mut(plane) {
-        for pass in 0..2 * PASSES {
+        for pass in 0..6 {
             let (src, dst): (&[u8], &mut [u8]) =
                 if pass % 2 == 0 { (&*channel, &mut *tmp) } else { (&*tmp, &mut *channel) };
-            if pass < PASSES {
+            if pass < 3 {
                 box_rows(src, dst, size, r, whole, far, &mut acc);
             } else {
                 box_columns(src, dst, size, r, whole, far, &mut acc);
             }
         }
         // An even number of passes: the last one wrote the channel.
+    }
+}
+
+/// One plane's six passes in 16-bit lanes (r ≤ 1, size > 2r + 2): widened into `a`, passes between `a`
+/// and `b` (ending in `a`), narrowed back. The same sums and rounding as [`box_taps`] and
+/// [`box_finish`], so the same bytes (`tests::the_16_bit_blur_equals_the_byte_blur`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn blur_wide(px: &mut [u8], a: &mut [u16], b: &mut [u16], size: usize, r: usize, whole: u32, far: u32) {
+    use std::arch::x86_64::*;
+    let n = px.len();
+    for (w, chunk) in a.chunks_exact_mut(32).zip(px.chunks_exact(32)) {
+        // SAFETY: 32 bytes in, 32 u16 out.
+        unsafe {
+            let x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(chunk.as_ptr() as *const __m256i));
+            _mm512_storeu_si512(w.as_mut_ptr() as *mut _, x);
+        }
+    }
+    for i in n / 32 * 32..n {
+        a[i] = px[i] as u16;
+    }
+    let taps = 2 * r + 3;
+    let pad = r + 1;
+    let f = |inner: u32, lo: u16, hi: u16| box_finish_wide(inner, lo, hi, whole, far);
+    for pass in 0..6 {
+        let (src, dst): (&[u16], &mut [u16]) = if pass % 2 == 0 { (&*a, &mut *b) } else { (&*b, &mut *a) };
+        if pass < 3 {
+            // The plane as one long row, then each row's ends with its edge repeated.
+            let len = n - 2 * pad;
+            let tap: [&[u16]; 5] = std::array::from_fn(|k| if k < taps { &src[k..k + len] } else { &[][..] });
+            box_wide(&tap[..taps], &mut dst[pad..n - pad], whole, far);
+            for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
+                let (s, e) = (&row[..4.min(size)], &row[size - 4.min(size)..]);
+                let w = |x: u16| x as u32;
+                if r == 0 {
+                    out[0] = f(w(s[0]), s[0], s[1]);
+                    out[size - 1] = f(w(row[size - 1]), row[size - 2], row[size - 1]);
+                } else {
+                    out[0] = f(w(s[0]) + w(s[0]) + w(s[1]), s[0], s[2]);
+                    out[1] = f(w(s[0]) + w(s[1]) + w(s[2]), s[0], s[3]);
+                    out[size - 2] = f(w(e[1]) + w(e[2]) + w(e[3]), e[0], e[3]);
+                    out[size - 1] = f(w(e[2]) + w(e[3]) + w(e[3]), e[1], e[3]);
+                }
+            }
+        } else {
+            // The rows whose taps stay inside at once, then the edge rows with their taps clamped.
+            let len = (size - 2 * pad) * size;
+            let tap: [&[u16]; 5] =
+                std::array::from_fn(|k| if k < taps { &src[k * size..k * size + len] } else { &[][..] });
+            box_wide(&tap[..taps], &mut dst[pad * size..pad * size + len], whole, far);
+            for y in (0..pad).chain(size - pad..size) {
+                let tap: [&[u16]; 5] = std::array::from_fn(|k| {
+                    let sy = (y + k).saturating_sub(pad).min(size - 1);
+                    if k < taps { &src[sy * size..(sy + 1) * size] } else { &[][..] }
+                });
+                box_wide(&tap[..taps], &mut dst[y * size..(y + 1) * size], whole, far);
+            }
+        }
+    }
+    // Six passes: the last wrote `a`.
+    for (chunk, w) in px.chunks_exact_mut(64).zip(a.chunks_exact(64)) {
+        // SAFETY: 64 u16 in (two loads), 64 bytes out; the values are bytes, so the packs' saturation
+        // changes nothing and one `vpermq` puts their 128-bit lanes back in order.
+        unsafe {
+            let lo = _mm512_loadu_si512(w.as_ptr() as *const _);
+            let hi = _mm512_loadu_si512(w.as_ptr().add(32) as *const _);
+            let bytes = _mm512_permutexvar_epi64(
+                _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0),
+                _mm512_packus_epi16(lo, hi),
+            );
+            _mm512_storeu_si512(chunk.as_mut_ptr() as *mut _, bytes);
+        }
+    }
+    for i in n / 64 * 64..n {
+        px[i] = a[i] as u8;
+    }
+}
+
+/// [`box_finish`] on 16-bit lanes holding bytes.
+#[inline(always)]
+fn box_finish_wide(inner: u32, lo: u16, hi: u16, whole: u32, far: u32) -> u16 {
+    let bulk = inner.wrapping_mul(whole).wrapping_add((lo as u32 + hi as u32).wrapping_mul(far));
+    (bulk.wrapping_add(1 << 23) >> 24) as u16
+}
+
+/// One extended-box pass over 16-bit lanes holding bytes, 32 outputs at a time (the last block masked):
+/// `taps` are the 3 or 5 inputs aligned with the outputs (outer, inner…, outer), as in [`box_taps`].
+/// The inner sum (≤ 765) and the outer pair's sum (≤ 510) are interleaved and weighed as in
+/// [`box_blocks_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn box_wide(taps: &[&[u16]], out: &mut [u16], whole: u32, far: u32) {
+    use std::arch::x86_64::*;
+    let last = taps.len() - 1;
+    let len = out.len();
+    debug_assert!(taps.iter().all(|t| t.len() == len));
+    let pair = |w: u32, f: u32| _mm512_set1_epi32(((f << 16) | w) as i32);
+    let (high, low) = (pair(whole >> 12, far >> 12), pair(whole & 0xfff, far & 0xfff));
+    let round = _mm512_set1_epi32(1 << 23);
+    let weigh = |p: __m512i| {
+        let hi = _mm512_slli_epi32::<12>(_mm512_madd_epi16(p, high));
+        _mm512_srli_epi32::<24>(_mm512_add_epi32(hi, _mm512_dpwssd_epi32(round, p, low)))
+    };
+    let mut i = 0;
+    while i < len {
+        let mask: __mmask32 = if len - i >= 32 { !0 } else { (1u32 << (len - i)) - 1 };
+        // SAFETY: every tap is `len` long and the mask selects its lanes i..len.
+        let full = len - i >= 32;
+        let ld = |t: &[u16]| unsafe {
+            if full {
+                _mm512_loadu_si512(t.as_ptr().add(i) as *const _)
+            } else {
+                _mm512_maskz_loadu_epi16(mask, t.as_ptr().add(i) as *const i16)
+            }
+        };
+        let mut inner = ld(taps[1]);
+        for t in &taps[2..last] {
+            inner = _mm512_add_epi16(inner, ld(t));
+        }
+        let outer = _mm512_add_epi16(ld(taps[0]), ld(taps[last]));
+        let y = _mm512_packus_epi32(
+            weigh(_mm512_unpacklo_epi16(inner, outer)),
+            weigh(_mm512_unpackhi_epi16(inner, outer)),
+        );
+        // SAFETY: the mask selects lanes i..len of out.
+        unsafe {
+            if full {
+                _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, y);
+            } else {
+                _mm512_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, mask, y);
+            }
+        }
+        i += 32;
     }
 }
 
@@ -575,7 +738,13 @@ pub fn draw_photometric(rng: &mut impl Rng, cfg: &common::config::ViewsConfig, k
 /// On x86-64 CPUs with AVX2 the same code is compiled a second time with AVX2 enabled and chosen at
 /// run time: the loops are integer or plain float arithmetic without fused multiply-add, so both
 /// versions give identical bytes.
-pub fn apply_photometric(px: &mut [u8], size: usize, p: &Photometric, threshold: u8, scratch: &mut Vec<u8>) {
+pub fn apply_photometric(
+    px: &mut [u8],
+    size: usize,
+    p: &Photometric,
+    threshold: u8,
+    scratch: &mut BlurScratch,
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
         // SAFETY: the CPU supports AVX-512F and BW, checked just above.
@@ -593,7 +762,13 @@ pub fn apply_photometric(px: &mut [u8], size: usize, p: &Photometric, threshold:
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn apply_photometric_avx2(px: &mut [u8], size: usize, p: &Photometric, threshold: u8, scratch: &mut Vec<u8>) {
+fn apply_photometric_avx2(
+    px: &mut [u8],
+    size: usize,
+    p: &Photometric,
+    threshold: u8,
+    scratch: &mut BlurScratch,
+) {
     apply_photometric_body(px, size, p, threshold, scratch);
 }
 
@@ -604,13 +779,19 @@ fn apply_photometric_avx512(
     size: usize,
     p: &Photometric,
     threshold: u8,
-    scratch: &mut Vec<u8>,
+    scratch: &mut BlurScratch,
 ) {
     apply_photometric_body(px, size, p, threshold, scratch);
 }
 
 #[inline(always)]
-fn apply_photometric_body(px: &mut [u8], size: usize, p: &Photometric, threshold: u8, scratch: &mut Vec<u8>) {
+fn apply_photometric_body(
+    px: &mut [u8],
+    size: usize,
+    p: &Photometric,
+    threshold: u8,
+    scratch: &mut BlurScratch,
+) {
     if p.flip {
         flip_horizontal(px, size);
     }
@@ -698,7 +879,7 @@ mod tests {
         assert_ne!(px, orig);
         let mut px = orig.clone();
         let p = Photometric { jitter: Some(([3, 2, 1, 0], [1.0, 1.0, 1.0, 0.0])), ..Photometric::IDENTITY };
-        apply_photometric(&mut px, 8, &p, 128, &mut vec![]);
+        apply_photometric(&mut px, 8, &p, 128, &mut BlurScratch::default());
         assert_eq!(px, orig);
     }
 
@@ -747,7 +928,7 @@ mod tests {
 
     #[test]
     fn blur_keeps_a_constant_image_and_its_mean() {
-        let mut scratch = vec![];
+        let mut scratch = BlurScratch::default();
         let mut px = vec![77u8; 32 * 32 * 3];
         gaussian_blur(&mut px, 32, 1.7, &mut scratch);
         assert!(px.iter().all(|&v| v == 77));
@@ -788,7 +969,7 @@ mod tests {
             }
             out
         };
-        let mut scratch = vec![];
+        let mut scratch = BlurScratch::default();
         for size in [1usize, 2, 3, 4, 5, 6, 17, 40] {
             for sigma in [0.3f32, 1.0, 2.0, 3.3, 5.0] {
                 let orig = noise(size * size);
@@ -804,6 +985,60 @@ mod tests {
                 gaussian_blur(&mut got, size, sigma, &mut scratch);
                 assert_eq!(got, want, "size {size}, sigma {sigma}");
             }
+        }
+    }
+
+    /// The 16-bit blur (AVX-512BW, r ≤ 1) gives the byte path's bytes on view sizes, sizes just past
+    /// its minimum, and σ across DINO's whole range (both radii and many fractional parts).
+    #[test]
+    fn the_16_bit_blur_equals_the_byte_blur() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !(std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni"))
+            {
+                eprintln!("no AVX-512BW and VNNI here: nothing to compare");
+                return;
+            }
+            let (mut a, mut b, mut tmp) = (vec![], vec![], vec![]);
+            let mut radii = [0; 2];
+            for size in [5usize, 6, 7, 31, 33, 64, 96, 224] {
+                for step in 0..40 {
+                    let sigma = 0.1 + 1.9 * step as f32 / 39.0;
+                    let radius = box_radius(sigma, 3);
+                    let r = radius as usize;
+                    if radius == 0.0 || size <= 2 * (r + 1) {
+                        continue;
+                    }
+                    radii[r] += 1;
+                    let whole = (16_777_216f32 / (radius * 2.0 + 1.0)) as u32;
+                    let far = ((1u32 << 24) - (r as u32 * 2 + 1) * whole) / 2;
+                    let orig: Vec<u8> =
+                        noise(size * size).iter().map(|&v| v.wrapping_mul(step as u8 | 1)).collect();
+                    let mut want = orig.clone();
+                    blur_bytes(&mut want, size, r, whole, far, &mut tmp);
+                    let mut got = orig.clone();
+                    a.resize(3 * size * size, 0);
+                    b.resize(3 * size * size, 0);
+                    for plane in got.chunks_exact_mut(size * size) {
+                        // SAFETY: the CPU supports AVX-512F, BW and VNNI, checked above.
+                        unsafe {
+                            blur_wide(
+                                plane,
+                                &mut a[..size * size],
+                                &mut b[..size * size],
+                                size,
+                                r,
+                                whole,
+                                far,
+                            )
+                        };
+                    }
+                    assert_eq!(got, want, "size {size}, sigma {sigma}");
+                }
+            }
+            assert!(radii.iter().all(|&n| n > 20), "{radii:?}");
         }
     }
 

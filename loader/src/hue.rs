@@ -32,6 +32,15 @@ pub fn shift(px: &mut [u8], shift: u8) {
     let (g, b) = rest.split_at_mut(n);
     let b = &mut b[..n];
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        // SAFETY: the CPU supports AVX-512F, BW and VL, checked just above.
+        unsafe { shift_avx512(r, g, b, shift) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
         unsafe { shift_avx2(r, g, b, shift) };
@@ -194,6 +203,98 @@ fn shift_avx2(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
         let st = |p: &mut [u8], x: __m256i| {
             let x8 = _mm256_permute4x64_epi64(_mm256_packus_epi16(x, x), 0xD8);
             unsafe { _mm_storeu_si128(p.as_mut_ptr().add(i) as *mut __m128i, _mm256_castsi256_si128(x8)) };
+        };
+        st(r, rr);
+        st(g, gg);
+        st(b, bb);
+        i += 16;
+    }
+    for j in n..r.len() {
+        (r[j], g[j], b[j]) = shift_pixel(r[j], g[j], b[j], shift, &set);
+    }
+}
+
+/// [`shift_avx2`] with AVX-512: the 16-bit work stays in 256-bit vectors, and each quotient is taken in
+/// one 512-bit f32 vector of all 16 pixels (one widening and one narrowing instead of two halves split,
+/// converted and joined), with mask registers for the compares and selects. A gray pixel needs no
+/// select of its own: its s is 0, so p = q = t = v and every sector gives (v, v, v) back.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn shift_avx512(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
+    debug_assert!(g.len() == r.len() && b.len() == r.len());
+    use std::arch::x86_64::*;
+    let n = r.len() / 16 * 16;
+    let c16 = |x: i16| _mm256_set1_epi16(x);
+    let cf = |x: f32| _mm512_set1_ps(x);
+    let set = down_set();
+    // SAFETY: 8 words are 32 bytes.
+    let down = _mm512_castsi256_si512(unsafe { _mm256_loadu_si256(set.as_ptr() as *const __m256i) });
+    // 16 u16 lanes as 16 f32, and 16 i32 back to u16 lanes.
+    let wide = |x: __m256i| _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(x));
+    let narrow = |x: __m512i| _mm512_cvtepi32_epi16(x);
+    let trunc = |x: __m512| _mm512_cvttps_epi32(x);
+    let mut i = 0;
+    while i < n {
+        // SAFETY (loads and stores): i + 16 <= n <= each plane's length.
+        let ld =
+            |p: &[u8]| _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(p.as_ptr().add(i) as *const __m128i) });
+        let (vr, vg, vb) = (ld(r), ld(g), ld(b));
+        let v = _mm256_max_epu16(vr, _mm256_max_epu16(vg, vb));
+        let cr0 = _mm256_sub_epi16(v, _mm256_min_epu16(vr, _mm256_min_epu16(vg, vb)));
+        // s = floor(255 cr / v): 255 cr < 2^16; 0 for grays (v ≥ 1 as divisor).
+        let vs = _mm256_max_epu16(v, c16(1));
+        let s = narrow(trunc(_mm512_div_ps(wide(_mm256_mullo_epi16(cr0, c16(255))), wide(vs))));
+        let cr = _mm256_max_epu16(cr0, c16(1)); // grays: any hue (their s is 0)
+        // H: g − b (r max), 2cr + b − r (g max), 4cr + r − g (b max), plus 6cr if negative; in -255..1530.
+        let rmax = _mm256_cmpeq_epi16_mask(vr, v);
+        let gmax = _mm256_cmpeq_epi16_mask(vg, v) & !rmax;
+        let cr2 = _mm256_add_epi16(cr, cr);
+        let cr4 = _mm256_add_epi16(cr2, cr2);
+        let hh = _mm256_mask_blend_epi16(
+            gmax,
+            _mm256_add_epi16(cr4, _mm256_sub_epi16(vr, vg)),
+            _mm256_add_epi16(cr2, _mm256_sub_epi16(vb, vr)),
+        );
+        let hh = _mm256_mask_blend_epi16(rmax, hh, _mm256_sub_epi16(vg, vb));
+        let cr6 = _mm256_add_epi16(cr4, cr2);
+        let negative = _mm256_cmplt_epi16_mask(hh, _mm256_setzero_si256());
+        let hh = _mm256_mask_add_epi16(hh, negative, hh, cr6);
+        // k = floor(255 H / 6cr), one less where exact and DOWN says Pillow's float lands below.
+        let (a, d) = (_mm512_mul_ps(wide(hh), cf(255.0)), wide(cr6));
+        let kf = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(_mm512_div_ps(a, d));
+        let exact = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_mul_ps(kf, d), a);
+        let k = _mm512_cvttps_epi32(kf);
+        let word = _mm512_permutexvar_epi32(_mm512_srli_epi32::<5>(k), down);
+        let bit = _mm512_srlv_epi32(word, _mm512_and_si512(k, _mm512_set1_epi32(31)));
+        let lower = _mm512_mask_test_epi32_mask(exact, bit, _mm512_set1_epi32(1));
+        let h = narrow(_mm512_mask_sub_epi32(k, lower, k, _mm512_set1_epi32(1)));
+        // HSV → RGB of (h + shift) mod 256: sector = 6h / 255, m = 6h mod 255.
+        let six =
+            _mm256_mullo_epi16(_mm256_and_si256(_mm256_add_epi16(h, c16(shift as i16)), c16(255)), c16(6));
+        let sector =
+            _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(six, c16(1)), _mm256_srli_epi16(six, 8)), 8);
+        let m = _mm256_sub_epi16(six, _mm256_mullo_epi16(sector, c16(255)));
+        // p = round(v (255 − s) / 255) < 2^16: x / 255 = (x + 1 + (x >> 8)) >> 8.
+        let pz = _mm256_add_epi16(_mm256_mullo_epi16(v, _mm256_sub_epi16(c16(255), s)), c16(127));
+        let p =
+            _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(pz, c16(1)), _mm256_srli_epi16(pz, 8)), 8);
+        // q, t = round(v (65025 − s·m') / 65025) with m' = m, 255 − m: s·m' ≤ 65025 fits u16, v·(…) < 2^24.
+        let fq = _mm256_sub_epi16(c16(65025u16 as i16), _mm256_mullo_epi16(s, m));
+        let ft = _mm256_sub_epi16(c16(65025u16 as i16), _mm256_mullo_epi16(s, _mm256_sub_epi16(c16(255), m)));
+        let vf = wide(v);
+        let round = |f: __m256i| {
+            narrow(trunc(_mm512_div_ps(_mm512_add_ps(_mm512_mul_ps(vf, wide(f)), cf(32512.0)), cf(65025.0))))
+        };
+        let (q, t) = (round(fq), round(ft));
+        let is = |k: i16| _mm256_cmpeq_epi16_mask(sector, c16(k));
+        let (s1, s2, s3, s4, s5) = (is(1), is(2), is(3), is(4), is(5));
+        let sel = |base: __m256i, x: __m256i, mask: __mmask16| _mm256_mask_blend_epi16(mask, base, x);
+        let rr = sel(sel(sel(v, q, s1), p, s2 | s3), t, s4);
+        let gg = sel(sel(sel(t, v, s1 | s2), q, s3), p, s4 | s5);
+        let bb = sel(sel(sel(p, t, s2), v, s3 | s4), q, s5);
+        let st = |p: &mut [u8], x: __m256i| {
+            // SAFETY: 16 bytes at i.
+            unsafe { _mm_storeu_si128(p.as_mut_ptr().add(i) as *mut __m128i, _mm256_cvtepi16_epi8(x)) };
         };
         st(r, rr);
         st(g, gg);

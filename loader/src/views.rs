@@ -29,7 +29,7 @@ pub struct SampleViews {
 #[derive(Default)]
 pub struct Scratch {
     rgb: Vec<u8>,
-    blur: Vec<u8>,
+    blur: crate::augment::BlurScratch,
     resampler: Resampler,
 }
 

@@ -38,7 +38,7 @@ fn apply_hue(planar: &[u8], size: usize, f: f32) -> Vec<u8> {
     hue(&mut direct, f);
     let mut px = planar.to_vec();
     let p = Photometric { jitter: Some(([3, 4, 4, 4], [1.0, 1.0, 1.0, f])), ..Photometric::IDENTITY };
-    apply_photometric(&mut px, size, &p, 128, &mut vec![]);
+    apply_photometric(&mut px, size, &p, 128, &mut Default::default());
     if f == 0.0 {
         assert_eq!(px, planar, "the pipeline skips hue 0");
     } else {
@@ -92,7 +92,7 @@ fn photometric_ops_match_pillow_byte_for_byte() {
             other => panic!("unknown case {other}"),
         };
         let mut px = planar_input.clone();
-        apply_photometric(&mut px, size, &p, 128, &mut vec![]);
+        apply_photometric(&mut px, size, &p, 128, &mut Default::default());
         assert_same(name, &to_interleaved(&px), want.as_str().unwrap());
     }
 }
