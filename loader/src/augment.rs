@@ -280,7 +280,7 @@ fn box_taps<'a>(
     far: u32,
     acc: &mut [u32],
 ) {
-    let finish = |inner: u32, lo: u8, hi: u8| box_finish(inner, lo, hi, whole, far);
+    let finish = |inner: u32, lo: u8, hi: u8| box_finish(inner, lo as u32, hi as u32, whole, far) as u8;
     // The first outputs in 64-byte blocks where the CPU has AVX-512BW; the rest below.
     let done = |taps: &[&[u8]], out: &mut [u8]| -> usize {
         #[cfg(target_arch = "x86_64")]
@@ -372,6 +372,9 @@ fn box_blocks_avx512(taps: &[&[u8]], out: &mut [u8], whole: u32, far: u32) -> us
     n
 }
 
+/// PIL's `GaussianBlur`: three box passes along each axis.
+const PASSES: u32 = 3;
+
 /// Buffers the blur reuses from view to view.
 #[derive(Default)]
 pub struct BlurScratch {
@@ -388,12 +391,11 @@ pub struct BlurScratch {
 /// whose taps crossed into the neighbouring row, with the edge repeated), a column pass takes the rows
 /// whose taps stay inside at once and the `r + 1` rows at each edge one by one. Row by row, the loop
 /// overhead of 224-pixel lines and the copies into padded lines cost more than the arithmetic. With
-/// AVX-512BW and DINO's radii (r ≤ 1, σ ≤ 2) the plane is widened to 16 bits once and the passes keep
-/// their rounded bytes in 16-bit lanes ([`blur_wide`]): each tap is then a plain load rather than a
-/// load and a widening shuffle, and the shuffle units are what these loops wait on.
+/// AVX-512 (F, BW, VNNI), DINO's radii (r ≤ 1, σ ≤ 2) and planes wider than 2r + 2, the plane is
+/// widened to 16 bits once and the passes keep their rounded bytes in 16-bit lanes ([`blur_wide`]):
+/// each tap is then a plain load rather than a load and a widening shuffle.
 #[inline(always)]
 pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut BlurScratch) {
-    const PASSES: u32 = 3;
     let radius = box_radius(sigma, PASSES);
     if radius == 0.0 || size == 0 {
         return;
@@ -428,10 +430,10 @@ fn blur_bytes(px: &mut [u8], size: usize, r: usize, whole: u32, far: u32, tmp: &
     let tmp = &mut tmp[..plane];
     let mut acc = vec![];
     for channel in px.chunks_exact_mut(plane) {
-        for pass in 0..6 {
+        for pass in 0..2 * PASSES {
             let (src, dst): (&[u8], &mut [u8]) =
                 if pass % 2 == 0 { (&*channel, &mut *tmp) } else { (&*tmp, &mut *channel) };
-            if pass < 3 {
+            if pass < PASSES {
                 box_rows(src, dst, size, r, whole, far, &mut acc);
             } else {
                 box_columns(src, dst, size, r, whole, far, &mut acc);
@@ -461,15 +463,16 @@ fn blur_wide(px: &mut [u8], a: &mut [u16], b: &mut [u16], size: usize, r: usize,
     }
     let taps = 2 * r + 3;
     let pad = r + 1;
-    let f = |inner: u32, lo: u16, hi: u16| box_finish_wide(inner, lo, hi, whole, far);
-    for pass in 0..6 {
+    let f = |inner: u32, lo: u16, hi: u16| box_finish(inner, lo as u32, hi as u32, whole, far) as u16;
+    for pass in 0..2 * PASSES {
         let (src, dst): (&[u16], &mut [u16]) = if pass % 2 == 0 { (&*a, &mut *b) } else { (&*b, &mut *a) };
-        if pass < 3 {
+        if pass < PASSES {
             // The plane as one long row, then each row's ends with its edge repeated.
             let len = n - 2 * pad;
             let tap: [&[u16]; 5] = std::array::from_fn(|k| if k < taps { &src[k..k + len] } else { &[][..] });
             box_wide(&tap[..taps], &mut dst[pad..n - pad], whole, far);
             for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
+                // Four pixels at each end (three on a 3-pixel row, where r = 0 reads two).
                 let (s, e) = (&row[..4.min(size)], &row[size - 4.min(size)..]);
                 let w = |x: u16| x as u32;
                 if r == 0 {
@@ -516,13 +519,6 @@ fn blur_wide(px: &mut [u8], a: &mut [u16], b: &mut [u16], size: usize, r: usize,
     }
 }
 
-/// [`box_finish`] on 16-bit lanes holding bytes.
-#[inline(always)]
-fn box_finish_wide(inner: u32, lo: u16, hi: u16, whole: u32, far: u32) -> u16 {
-    let bulk = inner.wrapping_mul(whole).wrapping_add((lo as u32 + hi as u32).wrapping_mul(far));
-    (bulk.wrapping_add(1 << 23) >> 24) as u16
-}
-
 /// One extended-box pass over 16-bit lanes holding bytes, 32 outputs at a time (the last block masked):
 /// `taps` are the 3 or 5 inputs aligned with the outputs (outer, inner…, outer), as in [`box_taps`].
 /// The inner sum (≤ 765) and the outer pair's sum (≤ 510) are interleaved and weighed as in
@@ -533,7 +529,7 @@ fn box_wide(taps: &[&[u16]], out: &mut [u16], whole: u32, far: u32) {
     use std::arch::x86_64::*;
     let last = taps.len() - 1;
     let len = out.len();
-    debug_assert!(taps.iter().all(|t| t.len() == len));
+    assert!(taps.len() >= 2 && taps.iter().all(|t| t.len() == len), "taps as long as the outputs");
     let pair = |w: u32, f: u32| _mm512_set1_epi32(((f << 16) | w) as i32);
     let (high, low) = (pair(whole >> 12, far >> 12), pair(whole & 0xfff, far & 0xfff));
     let round = _mm512_set1_epi32(1 << 23);
@@ -544,7 +540,8 @@ fn box_wide(taps: &[&[u16]], out: &mut [u16], whole: u32, far: u32) {
     let mut i = 0;
     while i < len {
         let mask: __mmask32 = if len - i >= 32 { !0 } else { (1u32 << (len - i)) - 1 };
-        // SAFETY: every tap is `len` long and the mask selects its lanes i..len.
+        // SAFETY: every tap is `len` long (asserted above): a full block's 32 lanes from i lie inside it,
+        // and the last block's mask selects lanes i..len.
         let full = len - i >= 32;
         let ld = |t: &[u16]| unsafe {
             if full {
@@ -562,7 +559,7 @@ fn box_wide(taps: &[&[u16]], out: &mut [u16], whole: u32, far: u32) {
             weigh(_mm512_unpacklo_epi16(inner, outer)),
             weigh(_mm512_unpackhi_epi16(inner, outer)),
         );
-        // SAFETY: the mask selects lanes i..len of out.
+        // SAFETY: as for the loads: 32 lanes from i inside `out`, or the mask's lanes i..len.
         unsafe {
             if full {
                 _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, y);
@@ -588,7 +585,7 @@ fn box_rows(src: &[u8], dst: &mut [u8], size: usize, r: usize, whole: u32, far: 
     }
     // The ends of every row, with the row's edge pixel repeated: DINO's radii (r ≤ 1) written out, as
     // this runs for every row of every pass.
-    let f = |inner: u32, lo: u8, hi: u8| box_finish(inner, lo, hi, whole, far);
+    let f = |inner: u32, lo: u8, hi: u8| box_finish(inner, lo as u32, hi as u32, whole, far) as u8;
     let w = |x: u8| x as u32;
     if r == 0 && size >= 2 {
         for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
@@ -615,7 +612,8 @@ fn box_rows(src: &[u8], dst: &mut [u8], size: usize, r: usize, whole: u32, far: 
         for x in (0..pad.min(size)).chain(size.saturating_sub(pad).max(pad)..size) {
             let x = x as isize;
             let inner: u32 = (x - r as isize..=x + r as isize).map(|j| at(j) as u32).sum();
-            out[x as usize] = box_finish(inner, at(x - pad as isize), at(x + pad as isize), whole, far);
+            let (lo, hi) = (at(x - pad as isize) as u32, at(x + pad as isize) as u32);
+            out[x as usize] = box_finish(inner, lo, hi, whole, far) as u8;
         }
     }
 }
@@ -656,9 +654,9 @@ fn box_columns(src: &[u8], dst: &mut [u8], size: usize, r: usize, whole: u32, fa
 /// PIL's rounding of one output: the inner sum times `whole`, the two outer pixels times `far`, in 8.24
 /// fixed point.
 #[inline(always)]
-fn box_finish(inner: u32, lo: u8, hi: u8, whole: u32, far: u32) -> u8 {
-    let bulk = inner.wrapping_mul(whole).wrapping_add((lo as u32 + hi as u32).wrapping_mul(far));
-    (bulk.wrapping_add(1 << 23) >> 24) as u8
+fn box_finish(inner: u32, lo: u32, hi: u32, whole: u32, far: u32) -> u32 {
+    let bulk = inner.wrapping_mul(whole).wrapping_add((lo + hi).wrapping_mul(far));
+    bulk.wrapping_add(1 << 23) >> 24
 }
 
 /// Interleaved RGB `[S, S, 3]` to planar `[3, S, S]`. Dispatched to an AVX2 build where available
@@ -1003,7 +1001,7 @@ mod tests {
             }
             let (mut a, mut b, mut tmp) = (vec![], vec![], vec![]);
             let mut radii = [0; 2];
-            for size in [5usize, 6, 7, 31, 33, 64, 96, 224] {
+            for size in [3usize, 4, 5, 6, 7, 31, 33, 64, 96, 224] {
                 for step in 0..40 {
                     let sigma = 0.1 + 1.9 * step as f32 / 39.0;
                     let radius = box_radius(sigma, 3);

@@ -17,10 +17,11 @@
 //!   v(65025 − s·m')/65025: those rationals are never half-integers (an even numerator over an odd
 //!   denominator) and the float errors stay below their distance to one.
 //!
-//! The AVX2 kernel works on 16 pixels in 16-bit lanes and takes the three quotients with variable or
-//! large operands (s, h, and q/t, whose numerators reach 2^24) in two f32 halves, where an exact
-//! integer division of numbers below 2^24 is a correctly rounded division truncated (the quotient's
-//! half-ulp is below the distance of a non-integer quotient to the next integer).
+//! The kernels work on 16 pixels in 16-bit lanes and take the quotients with variable or large operands
+//! (s, h, and q/t, whose numerators reach 2^24) in f32, where an exact integer division of numbers below
+//! 2^24 is a correctly rounded division truncated (the quotient's half-ulp is below the distance of a
+//! non-integer quotient to the next integer): the AVX2 kernel in two 8-lane halves, the AVX-512 one in
+//! one 16-lane vector.
 
 use std::sync::LazyLock;
 
@@ -121,7 +122,7 @@ pub fn shift_pixel(r: u8, g: u8, b: u8, shift: u8, down: &[u32; 8]) -> (u8, u8, 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn shift_avx2(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
-    debug_assert!(g.len() == r.len() && b.len() == r.len());
+    assert!(g.len() == r.len() && b.len() == r.len(), "three planes of one length");
     use std::arch::x86_64::*;
     let n = r.len() / 16 * 16;
     let c16 = |x: i16| _mm256_set1_epi16(x);
@@ -221,7 +222,7 @@ fn shift_avx2(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn shift_avx512(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
-    debug_assert!(g.len() == r.len() && b.len() == r.len());
+    assert!(g.len() == r.len() && b.len() == r.len(), "three planes of one length");
     use std::arch::x86_64::*;
     let n = r.len() / 16 * 16;
     let c16 = |x: i16| _mm256_set1_epi16(x);
@@ -340,7 +341,29 @@ mod tests {
             }
             let mut fast = cube.clone();
             super::shift(&mut fast, shift);
-            for (name, got) in [("shift_pixel", &scalar), ("shift", &fast)] {
+            let mut got = vec![("shift_pixel", scalar), ("shift", fast)];
+            // Each SIMD kernel the CPU has, called directly (`shift` runs only the widest).
+            #[cfg(target_arch = "x86_64")]
+            {
+                let kernel = |f: unsafe fn(&mut [u8], &mut [u8], &mut [u8], u8)| {
+                    let mut px = cube.clone();
+                    let (r, rest) = px.split_at_mut(n);
+                    let (g, b) = rest.split_at_mut(n);
+                    // SAFETY: called only where the CPU has the kernel's features (checked below).
+                    unsafe { f(r, g, b, shift) };
+                    px
+                };
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    got.push(("shift_avx2", kernel(shift_avx2)));
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    got.push(("shift_avx512", kernel(shift_avx512)));
+                }
+            }
+            for (name, got) in &got {
                 let bad = want.iter().zip(got.iter()).filter(|(a, b)| a != b).count();
                 assert_eq!(bad, 0, "{name}, shift {shift}: {bad} bytes differ from Pillow's formulas");
             }

@@ -174,8 +174,8 @@ fn taps_avx512(t: &mut Taps, coeffs: &mut Vec<f64>, in_size: u32, in0: f64, in1:
     // output's taps the row holds stale values, which no read below uses (the loads are masked or their
     // lanes are masked out at the store), so the buffer is not cleared.
     let stride = window.next_multiple_of(8);
-    if coeffs.len() < stride * out + 8 {
-        coeffs.resize(stride * out + 8, 0.0);
+    if coeffs.len() < stride * out {
+        coeffs.resize(stride * out, 0.0);
     }
     let iota = _mm512_set_pd(7., 6., 5., 4., 3., 2., 1., 0.);
     let abs = |x: __m512d| _mm512_abs_pd(x);
@@ -189,7 +189,7 @@ fn taps_avx512(t: &mut Taps, coeffs: &mut Vec<f64>, in_size: u32, in0: f64, in1:
         let x_max = (in_center + radius).ceil().min(in_size as f64) as u32;
         let center = _mm512_set1_pd(in_center - 0.5);
         let n = (x_max.saturating_sub(x_min) as usize).min(window);
-        let row = &mut coeffs[out_x * stride..][..stride + 8];
+        let row = &mut coeffs[out_x * stride..][..stride];
         // The raw weights, in place: catmull_rom((x − center) · recip) for x = x_min + k, k < n.
         let (mut lead, mut last, mut ww) = (n, 0, 0.0f64);
         for k in (0..n).step_by(8) {
@@ -211,8 +211,8 @@ fn taps_avx512(t: &mut Taps, coeffs: &mut Vec<f64>, in_size: u32, in0: f64, in1:
             let within1 = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(d, c(1.)) & live;
             let within2 = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(d, c(2.)) & live;
             let w = _mm512_mask_blend_pd(within1, _mm512_maskz_mov_pd(within2, far), near);
-            // SAFETY: 8 f64 into `raw` (8 long) and into `row` at k < n <= window <= stride (row is
-            // stride + 8 long).
+            // SAFETY: 8 f64 into `raw` (8 long) and into `row` at k: k is a multiple of 8 below n <= window
+            // <= stride, a multiple of 8, so k + 8 <= stride = row.len().
             unsafe {
                 _mm512_storeu_pd(raw.as_mut_ptr(), w);
                 _mm512_storeu_pd(row.as_mut_ptr().add(k), w);
@@ -228,18 +228,16 @@ fn taps_avx512(t: &mut Taps, coeffs: &mut Vec<f64>, in_size: u32, in0: f64, in1:
         }
         // Normalise and move the kept weights to the row's start (`lead` is 0 but for weights exactly at
         // the kernel's zeros).
-        let lead = lead.min(n);
         let kept = n - lead;
         let norm = _mm512_set1_pd(ww);
         let mut k = 0;
-        while k < kept.max(1) {
-            let live: __mmask8 =
-                if kept - k.min(kept) >= 8 { 0xff } else { (1u8 << (kept - k.min(kept))) - 1 };
+        while k < kept {
+            let live: __mmask8 = if kept - k >= 8 { 0xff } else { (1u8 << (kept - k)) - 1 };
             // SAFETY: the mask selects lanes lead + k.. < lead + kept = n <= stride.
             let w = unsafe { _mm512_maskz_loadu_pd(live, row.as_ptr().add(lead + k)) };
             let w = if ww != 0.0 { _mm512_div_pd(w, norm) } else { w };
             max = _mm512_max_pd(max, w);
-            // SAFETY: k < max(kept, 1) <= stride, and the row is stride + 8 long.
+            // SAFETY: k is a multiple of 8 below kept <= stride, so k + 8 <= stride = row.len().
             unsafe { _mm512_storeu_pd(row.as_mut_ptr().add(k), w) };
             k += 8;
         }
@@ -256,7 +254,7 @@ fn taps_avx512(t: &mut Taps, coeffs: &mut Vec<f64>, in_size: u32, in0: f64, in1:
         }
     }
     let fixed = _mm512_set1_pd((1u64 << precision) as f64);
-    t.values.resize(window * out + 8, 0);
+    t.values.resize(window * out, 0);
     for (out_x, &n) in t.size.iter().enumerate() {
         let (row, dst) = (&coeffs[out_x * stride..], &mut t.values[out_x * window..]);
         let n = n as usize;
@@ -264,7 +262,8 @@ fn taps_avx512(t: &mut Taps, coeffs: &mut Vec<f64>, in_size: u32, in0: f64, in1:
             let live: __mmask8 = if n - k >= 8 { 0xff } else { (1u8 << (n - k)) - 1 };
             // f64::round (half away from zero): the truncation, plus or minus one where the dropped part
             // is at least a half (x − trunc(x) is exact).
-            // SAFETY: k < size <= window <= stride, and the row has stride + 8 entries from here.
+            // SAFETY: k is a multiple of 8 below size <= window <= stride (a multiple of 8), so k + 8 <=
+            // stride, and the row has at least stride entries from here.
             let x = _mm512_mul_pd(unsafe { _mm512_loadu_pd(row.as_ptr().add(k)) }, fixed);
             let tr = _mm512_roundscale_pd::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
             let frac = _mm512_sub_pd(x, tr);
@@ -276,7 +275,6 @@ fn taps_avx512(t: &mut Taps, coeffs: &mut Vec<f64>, in_size: u32, in0: f64, in1:
             unsafe { _mm_mask_storeu_epi16(dst.as_mut_ptr().add(k), live, r) };
         }
     }
-    t.values.truncate(window * out);
     (t.precision, t.window) = (precision, window);
 }
 
@@ -449,7 +447,8 @@ fn vertical_row_avx512(
     let mut x = 0;
     while x < len {
         let mask: __mmask64 = if len - x >= 64 { !0 } else { (1u64 << (len - x)) - 1 };
-        // A masked load costs more than a plain one on some CPUs (AMD's Zen 4): only the last block's.
+        // Masked only on the last block: a masked load costs more than a plain one on AMD's Zen 4 (the
+        // blur measured so).
         let full = len - x >= 64;
         // SAFETY: every source row slice is `len` long; a full block's 64 bytes from x lie inside it, and
         // the last block's mask selects bytes x..len.
@@ -491,9 +490,9 @@ fn vertical_row_avx512(
 const MAX_PAIRS: usize = 32;
 
 /// One block of up to 16 consecutive outputs of a row whose taps all lie in one 64-pixel window: the
-/// first output, the window's start (in the temporary's columns) and, per pair of taps, every lane's
-/// two source indices in the window and two weights, interleaved as `vpermt2w` and `vpmaddwd` take
-/// them. Crops shrunk by up to about 3x fill all 16 lanes; stronger shrinking packs fewer outputs per
+/// first output, the window's start (in the temporary's columns) and its pairs of taps (a range of the
+/// plan's list: per pair, every lane's two source indices in the window and two weights, interleaved as
+/// `vpermt2w` and `vpdpwssd` take them). Crops shrunk by up to about 3x fill all 16 lanes; stronger shrinking packs fewer outputs per
 /// block (their taps spread further).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AVX-512 path only
 struct Block {
@@ -555,7 +554,7 @@ fn plan_blocks(t: &Taps, first: usize, blocks: &mut Vec<Block>, pairs: &mut Vec<
 fn split_row_avx512(line: &[u8], planes: &mut [u8], stride: usize) {
     use std::arch::x86_64::*;
     let width = line.len() / 3;
-    debug_assert!(planes.len() >= 2 * stride + width);
+    assert!(stride >= width && planes.len() >= 2 * stride + width, "three plane rows of {width} bytes");
     // Per plane c: output j takes byte 3j + c; below 128 from the first two vectors, from 128 on from
     // the third (index − 128, in the lanes of `upper`).
     let idx: [__m512i; 3] = std::array::from_fn(|c| {
@@ -610,6 +609,10 @@ fn horizontal_rows_avx512(
     pairs: &[Pair],
 ) {
     use std::arch::x86_64::*;
+    assert!(
+        planes.len() >= 3 * stride && blocks.iter().all(|b| b.window + 64 <= stride),
+        "every block's 64-pixel window inside its padded plane row"
+    );
     let round = _mm512_set1_epi32(1 << (precision - 1));
     let shift = _mm_cvtsi32_si128(precision as i32);
     for block in blocks {
