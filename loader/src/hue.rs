@@ -118,6 +118,39 @@ pub fn shift_pixel(r: u8, g: u8, b: u8, shift: u8, down: &[u32; 8]) -> (u8, u8, 
     (rr as u8, gg as u8, bb as u8)
 }
 
+/// The 16-bit steps of HSV → RGB that both kernels share, for h' = (h + shift) mod 256: the sector
+/// 6h' / 255, p = round(v (255 − s) / 255) (< 2^16: x / 255 = (x + 1 + (x >> 8)) >> 8), and the factors
+/// 65025 − s·m' of q and t = round(v (65025 − s·m') / 65025), m' = m and 255 − m with m = 6h' mod 255
+/// (s·m' ≤ 65025 fits u16; each kernel divides v·(…) < 2^24 in its own f32 width).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn hsv_parts(
+    h: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+    v: std::arch::x86_64::__m256i,
+    shift: u8,
+) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees AVX2; these are register-only operations.
+    unsafe {
+        let c16 = |x: i16| _mm256_set1_epi16(x);
+        let six =
+            _mm256_mullo_epi16(_mm256_and_si256(_mm256_add_epi16(h, c16(shift as i16)), c16(255)), c16(6));
+        let sector =
+            _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(six, c16(1)), _mm256_srli_epi16(six, 8)), 8);
+        let m = _mm256_sub_epi16(six, _mm256_mullo_epi16(sector, c16(255)));
+        let pz = _mm256_add_epi16(_mm256_mullo_epi16(v, _mm256_sub_epi16(c16(255), s)), c16(127));
+        let p =
+            _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(pz, c16(1)), _mm256_srli_epi16(pz, 8)), 8);
+        let fq = _mm256_sub_epi16(c16(65025u16 as i16), _mm256_mullo_epi16(s, m));
+        let ft = _mm256_sub_epi16(c16(65025u16 as i16), _mm256_mullo_epi16(s, _mm256_sub_epi16(c16(255), m)));
+        [sector, p, fq, ft]
+    }
+}
+
 /// The planes' pixels 16 at a time; the tail per pixel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -175,19 +208,8 @@ fn shift_avx2(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
             _mm256_sub_epi32(k, _mm256_and_si256(bit, exact))
         };
         let h = join(hue_half(lo_f(hh), lo_f(cr6)), hue_half(hi_f(hh), hi_f(cr6)));
-        // HSV → RGB of (h + shift) mod 256: sector = 6h / 255, m = 6h mod 255.
-        let six =
-            _mm256_mullo_epi16(_mm256_and_si256(_mm256_add_epi16(h, c16(shift as i16)), c16(255)), c16(6));
-        let sector =
-            _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(six, c16(1)), _mm256_srli_epi16(six, 8)), 8);
-        let m = _mm256_sub_epi16(six, _mm256_mullo_epi16(sector, c16(255)));
-        // p = round(v (255 − s) / 255) < 2^16: x / 255 = (x + 1 + (x >> 8)) >> 8.
-        let pz = _mm256_add_epi16(_mm256_mullo_epi16(v, _mm256_sub_epi16(c16(255), s)), c16(127));
-        let p =
-            _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(pz, c16(1)), _mm256_srli_epi16(pz, 8)), 8);
-        // q, t = round(v (65025 − s·m') / 65025) with m' = m, 255 − m: s·m' ≤ 65025 fits u16, v·(…) < 2^24.
-        let fq = _mm256_sub_epi16(c16(65025u16 as i16), _mm256_mullo_epi16(s, m));
-        let ft = _mm256_sub_epi16(c16(65025u16 as i16), _mm256_mullo_epi16(s, _mm256_sub_epi16(c16(255), m)));
+        // SAFETY: the CPU supports AVX2 (this kernel's features include it).
+        let [sector, p, fq, ft] = unsafe { hsv_parts(h, s, v, shift) };
         let (vlo, vhi) = (lo_f(v), hi_f(v));
         let round = |vf: __m256, f: __m256| {
             trunc(_mm256_div_ps(_mm256_add_ps(_mm256_mul_ps(vf, f), cf(32512.0)), cf(65025.0)))
@@ -269,19 +291,8 @@ fn shift_avx512(r: &mut [u8], g: &mut [u8], b: &mut [u8], shift: u8) {
         let bit = _mm512_srlv_epi32(word, _mm512_and_si512(k, _mm512_set1_epi32(31)));
         let lower = _mm512_mask_test_epi32_mask(exact, bit, _mm512_set1_epi32(1));
         let h = narrow(_mm512_mask_sub_epi32(k, lower, k, _mm512_set1_epi32(1)));
-        // HSV → RGB of (h + shift) mod 256: sector = 6h / 255, m = 6h mod 255.
-        let six =
-            _mm256_mullo_epi16(_mm256_and_si256(_mm256_add_epi16(h, c16(shift as i16)), c16(255)), c16(6));
-        let sector =
-            _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(six, c16(1)), _mm256_srli_epi16(six, 8)), 8);
-        let m = _mm256_sub_epi16(six, _mm256_mullo_epi16(sector, c16(255)));
-        // p = round(v (255 − s) / 255) < 2^16: x / 255 = (x + 1 + (x >> 8)) >> 8.
-        let pz = _mm256_add_epi16(_mm256_mullo_epi16(v, _mm256_sub_epi16(c16(255), s)), c16(127));
-        let p =
-            _mm256_srli_epi16(_mm256_add_epi16(_mm256_add_epi16(pz, c16(1)), _mm256_srli_epi16(pz, 8)), 8);
-        // q, t = round(v (65025 − s·m') / 65025) with m' = m, 255 − m: s·m' ≤ 65025 fits u16, v·(…) < 2^24.
-        let fq = _mm256_sub_epi16(c16(65025u16 as i16), _mm256_mullo_epi16(s, m));
-        let ft = _mm256_sub_epi16(c16(65025u16 as i16), _mm256_mullo_epi16(s, _mm256_sub_epi16(c16(255), m)));
+        // SAFETY: the CPU supports AVX2 (this kernel's features include it).
+        let [sector, p, fq, ft] = unsafe { hsv_parts(h, s, v, shift) };
         let vf = wide(v);
         let round = |f: __m256i| {
             narrow(trunc(_mm512_div_ps(_mm512_add_ps(_mm512_mul_ps(vf, wide(f)), cf(32512.0)), cf(65025.0))))
