@@ -281,30 +281,16 @@ fn box_taps<'a>(
     acc: &mut [u32],
 ) {
     let finish = |inner: u32, lo: u8, hi: u8| box_finish(inner, lo as u32, hi as u32, whole, far) as u8;
-    // The first outputs in 64-byte blocks where the CPU has AVX-512BW; the rest below.
-    let done = |taps: &[&[u8]], out: &mut [u8]| -> usize {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU supports AVX-512F and BW, checked just above.
-            return unsafe { box_blocks_avx512(taps, out, whole, far) };
-        }
-        let _ = (taps, out);
-        0
-    };
     match r {
         0 => {
             let (t0, t1, t2) = (tap(0), tap(1), tap(2));
-            let d = done(&[t0, t1, t2], out);
-            for (((o, &a), &b), &c) in out[d..].iter_mut().zip(&t0[d..]).zip(&t1[d..]).zip(&t2[d..]) {
+            for (((o, &a), &b), &c) in out.iter_mut().zip(t0).zip(t1).zip(t2) {
                 *o = finish(b as u32, a, c);
             }
         }
         1 => {
             let (t0, t1, t2, t3, t4) = (tap(0), tap(1), tap(2), tap(3), tap(4));
-            let d = done(&[t0, t1, t2, t3, t4], out);
-            let taps =
-                out[d..].iter_mut().zip(&t0[d..]).zip(&t1[d..]).zip(&t2[d..]).zip(&t3[d..]).zip(&t4[d..]);
-            for (((((o, &a), &b), &c), &d), &e) in taps {
+            for (((((o, &a), &b), &c), &d), &e) in out.iter_mut().zip(t0).zip(t1).zip(t2).zip(t3).zip(t4) {
                 *o = finish(b as u32 + c as u32 + d as u32, a, e);
             }
         }
@@ -320,56 +306,6 @@ fn box_taps<'a>(
             }
         }
     }
-}
-
-/// [`box_taps`] for r ≤ 1 (3 or 5 taps), 64 outputs per iteration, returning how many it made (the
-/// whole 64-byte blocks of `out`). In 16-bit lanes: the inner sum (≤ 765) and the outer pair's sum (≤ 510)
-/// are interleaved, and `vpmaddwd` multiplies each pair by (whole, far) split into 12-bit halves, so
-/// inner·whole + outer·far = (high products) · 2^12 + (low products) exactly, below 2^32 (the weights
-/// sum to 2^24 at most). The packs narrow to bytes in order within 128-bit lanes and one `vpermq` puts
-/// the two halves' lanes back in sequence. (The compiler's form of the loops below widened every byte to
-/// 32 bits, multiplied with `vpmulld` and narrowed with `vpmovdb`.)
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn box_blocks_avx512(taps: &[&[u8]], out: &mut [u8], whole: u32, far: u32) -> usize {
-    use std::arch::x86_64::*;
-    let last = taps.len() - 1;
-    let n = out.len() / 64 * 64;
-    debug_assert!(taps.iter().all(|t| t.len() >= n));
-    let pair = |w: u32, f: u32| _mm512_set1_epi32(((f << 16) | w) as i32);
-    let (high, low) = (pair(whole >> 12, far >> 12), pair(whole & 0xfff, far & 0xfff));
-    let round = _mm512_set1_epi32(1 << 23);
-    let order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
-    let mut i = 0;
-    while i < n {
-        let half = |h: usize| {
-            // SAFETY: i + 64 <= n <= every tap's length.
-            let ld = |t: &[u8]| {
-                _mm512_cvtepu8_epi16(unsafe {
-                    _mm256_loadu_si256(t.as_ptr().add(i + 32 * h) as *const __m256i)
-                })
-            };
-            let mut inner = ld(taps[1]);
-            for t in &taps[2..last] {
-                inner = _mm512_add_epi16(inner, ld(t));
-            }
-            let outer = _mm512_add_epi16(ld(taps[0]), ld(taps[last]));
-            let weigh = |p: __m512i| {
-                let hi = _mm512_slli_epi32::<12>(_mm512_madd_epi16(p, high));
-                let sum = _mm512_add_epi32(_mm512_add_epi32(hi, _mm512_madd_epi16(p, low)), round);
-                _mm512_srli_epi32::<24>(sum)
-            };
-            _mm512_packus_epi32(
-                weigh(_mm512_unpacklo_epi16(inner, outer)),
-                weigh(_mm512_unpackhi_epi16(inner, outer)),
-            )
-        };
-        let bytes = _mm512_permutexvar_epi64(order, _mm512_packus_epi16(half(0), half(1)));
-        // SAFETY: i + 64 <= n <= out.len().
-        unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, bytes) };
-        i += 64;
-    }
-    n
 }
 
 /// PIL's `GaussianBlur`: three box passes along each axis.
@@ -391,7 +327,7 @@ pub struct BlurScratch {
 /// whose taps crossed into the neighbouring row, with the edge repeated), a column pass takes the rows
 /// whose taps stay inside at once and the `r + 1` rows at each edge one by one. Row by row, the loop
 /// overhead of 224-pixel lines and the copies into padded lines cost more than the arithmetic. With
-/// AVX-512 (F, BW, VNNI), DINO's radii (r ≤ 1, σ ≤ 2) and planes wider than 2r + 2, the plane is
+/// AVX-512 (F, BW), DINO's radii (r ≤ 1, σ ≤ 2) and planes wider than 2r + 2, the plane is
 /// widened to 16 bits once and the passes keep their rounded bytes in 16-bit lanes ([`blur_wide`]):
 /// each tap is then a plain load rather than a load and a widening shuffle.
 #[inline(always)]
@@ -410,12 +346,11 @@ pub fn gaussian_blur(px: &mut [u8], size: usize, sigma: f32, scratch: &mut BlurS
         && size > 2 * (r + 1)
         && std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vnni")
     {
         scratch.wide.resize(2 * plane, 0);
         let (a, b) = scratch.wide.split_at_mut(plane);
         for channel in px.chunks_exact_mut(plane) {
-            // SAFETY: the CPU supports AVX-512F, BW and VNNI, checked just above.
+            // SAFETY: the CPU supports AVX-512F and BW, checked just above.
             unsafe { blur_wide(channel, a, b, size, r, whole, far) };
         }
         return;
@@ -447,7 +382,7 @@ fn blur_bytes(px: &mut [u8], size: usize, r: usize, whole: u32, far: u32, tmp: &
 /// and `b` (ending in `a`), narrowed back. The same sums and rounding as [`box_taps`] and
 /// [`box_finish`], so the same bytes (`tests::the_16_bit_blur_equals_the_byte_blur`).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw")]
 fn blur_wide(px: &mut [u8], a: &mut [u16], b: &mut [u16], size: usize, r: usize, whole: u32, far: u32) {
     use std::arch::x86_64::*;
     let n = px.len();
@@ -463,7 +398,6 @@ fn blur_wide(px: &mut [u8], a: &mut [u16], b: &mut [u16], size: usize, r: usize,
     }
     let taps = 2 * r + 3;
     let pad = r + 1;
-    let f = |inner: u32, lo: u16, hi: u16| box_finish(inner, lo as u32, hi as u32, whole, far) as u16;
     for pass in 0..2 * PASSES {
         let (src, dst): (&[u16], &mut [u16]) = if pass % 2 == 0 { (&*a, &mut *b) } else { (&*b, &mut *a) };
         if pass < PASSES {
@@ -471,20 +405,7 @@ fn blur_wide(px: &mut [u8], a: &mut [u16], b: &mut [u16], size: usize, r: usize,
             let len = n - 2 * pad;
             let tap: [&[u16]; 5] = std::array::from_fn(|k| if k < taps { &src[k..k + len] } else { &[][..] });
             box_wide(&tap[..taps], &mut dst[pad..n - pad], whole, far);
-            for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
-                // Four pixels at each end (three on a 3-pixel row, where r = 0 reads two).
-                let (s, e) = (&row[..4.min(size)], &row[size - 4.min(size)..]);
-                let w = |x: u16| x as u32;
-                if r == 0 {
-                    out[0] = f(w(s[0]), s[0], s[1]);
-                    out[size - 1] = f(w(row[size - 1]), row[size - 2], row[size - 1]);
-                } else {
-                    out[0] = f(w(s[0]) + w(s[0]) + w(s[1]), s[0], s[2]);
-                    out[1] = f(w(s[0]) + w(s[1]) + w(s[2]), s[0], s[3]);
-                    out[size - 2] = f(w(e[1]) + w(e[2]) + w(e[3]), e[0], e[3]);
-                    out[size - 1] = f(w(e[2]) + w(e[3]) + w(e[3]), e[1], e[3]);
-                }
-            }
+            row_ends(src, dst, size, r, whole, far, |v| v as u16);
         } else {
             // The rows whose taps stay inside at once, then the edge rows with their taps clamped.
             let len = (size - 2 * pad) * size;
@@ -521,10 +442,11 @@ fn blur_wide(px: &mut [u8], a: &mut [u16], b: &mut [u16], size: usize, r: usize,
 
 /// One extended-box pass over 16-bit lanes holding bytes, 32 outputs at a time (the last block masked):
 /// `taps` are the 3 or 5 inputs aligned with the outputs (outer, inner…, outer), as in [`box_taps`].
-/// The inner sum (≤ 765) and the outer pair's sum (≤ 510) are interleaved and weighed as in
-/// [`box_blocks_avx512`].
+/// The inner sum (≤ 765) and the outer pair's sum (≤ 510) are interleaved, and `vpmaddwd` multiplies
+/// each pair by (whole, far) split into 12-bit halves, so inner·whole + outer·far = (high products) ·
+/// 2^12 + (low products) exactly, below 2^32 (the weights sum to 2^24 at most).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw")]
 fn box_wide(taps: &[&[u16]], out: &mut [u16], whole: u32, far: u32) {
     use std::arch::x86_64::*;
     let last = taps.len() - 1;
@@ -535,7 +457,7 @@ fn box_wide(taps: &[&[u16]], out: &mut [u16], whole: u32, far: u32) {
     let round = _mm512_set1_epi32(1 << 23);
     let weigh = |p: __m512i| {
         let hi = _mm512_slli_epi32::<12>(_mm512_madd_epi16(p, high));
-        _mm512_srli_epi32::<24>(_mm512_add_epi32(hi, _mm512_dpwssd_epi32(round, p, low)))
+        _mm512_srli_epi32::<24>(_mm512_add_epi32(_mm512_add_epi32(hi, _mm512_madd_epi16(p, low)), round))
     };
     let mut i = 0;
     while i < len {
@@ -571,6 +493,37 @@ fn box_wide(taps: &[&[u16]], out: &mut [u16], whole: u32, far: u32) {
     }
 }
 
+/// The `r + 1` outputs at each end of every row of a row pass, whose taps reach past the row (PIL
+/// repeats the edge pixel), for DINO's radii written out (this runs for every row of every pass): r = 0
+/// on rows of at least 2 pixels, r = 1 on rows of at least 4. Both blur paths use it; `narrow` puts a
+/// result back into the path's lane type.
+#[inline(always)]
+fn row_ends<T: Copy + Into<u32>>(
+    src: &[T],
+    dst: &mut [T],
+    size: usize,
+    r: usize,
+    whole: u32,
+    far: u32,
+    narrow: impl Fn(u32) -> T,
+) {
+    let f = |inner: u32, lo: T, hi: T| narrow(box_finish(inner, lo.into(), hi.into(), whole, far));
+    let w = |x: T| -> u32 { x.into() };
+    for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
+        if r == 0 {
+            let (a, z) = (&row[..2], &row[size - 2..]);
+            out[0] = f(w(a[0]), a[0], a[1]);
+            out[size - 1] = f(w(z[1]), z[0], z[1]);
+        } else {
+            let (a, z) = (&row[..4], &row[size - 4..]);
+            out[0] = f(w(a[0]) + w(a[0]) + w(a[1]), a[0], a[2]);
+            out[1] = f(w(a[0]) + w(a[1]) + w(a[2]), a[0], a[3]);
+            out[size - 2] = f(w(z[1]) + w(z[2]) + w(z[3]), z[0], z[3]);
+            out[size - 1] = f(w(z[2]) + w(z[3]) + w(z[3]), z[1], z[3]);
+        }
+    }
+}
+
 /// One pass of the extended box along the rows of a `size`² plane, `src` into `dst`.
 #[inline(always)]
 fn box_rows(src: &[u8], dst: &mut [u8], size: usize, r: usize, whole: u32, far: u32, acc: &mut Vec<u32>) {
@@ -583,26 +536,8 @@ fn box_rows(src: &[u8], dst: &mut [u8], size: usize, r: usize, whole: u32, far: 
         }
         box_taps(|k| &src[k..k + len], r, &mut dst[pad..n - pad], whole, far, acc);
     }
-    // The ends of every row, with the row's edge pixel repeated: DINO's radii (r ≤ 1) written out, as
-    // this runs for every row of every pass.
-    let f = |inner: u32, lo: u8, hi: u8| box_finish(inner, lo as u32, hi as u32, whole, far) as u8;
-    let w = |x: u8| x as u32;
-    if r == 0 && size >= 2 {
-        for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
-            let (a, z) = (&row[..2], &row[size - 2..]);
-            out[0] = f(w(a[0]), a[0], a[1]);
-            out[size - 1] = f(w(z[1]), z[0], z[1]);
-        }
-        return;
-    }
-    if r == 1 && size >= 4 {
-        for (row, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(size)) {
-            let (a, z) = (&row[..4], &row[size - 4..]);
-            out[0] = f(w(a[0]) + w(a[0]) + w(a[1]), a[0], a[2]);
-            out[1] = f(w(a[0]) + w(a[1]) + w(a[2]), a[0], a[3]);
-            out[size - 2] = f(w(z[1]) + w(z[2]) + w(z[3]), z[0], z[3]);
-            out[size - 1] = f(w(z[2]) + w(z[3]) + w(z[3]), z[1], z[3]);
-        }
+    if (r == 0 && size >= 2) || (r == 1 && size >= 4) {
+        row_ends(src, dst, size, r, whole, far, |v| v as u8);
         return;
     }
     let last = size as isize - 1;
@@ -993,10 +928,9 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             if !(std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni"))
+                && std::arch::is_x86_feature_detected!("avx512bw"))
             {
-                eprintln!("no AVX-512BW and VNNI here: nothing to compare");
+                eprintln!("no AVX-512BW here: nothing to compare");
                 return;
             }
             let (mut a, mut b, mut tmp) = (vec![], vec![], vec![]);
@@ -1020,7 +954,7 @@ mod tests {
                     a.resize(3 * size * size, 0);
                     b.resize(3 * size * size, 0);
                     for plane in got.chunks_exact_mut(size * size) {
-                        // SAFETY: the CPU supports AVX-512F, BW and VNNI, checked above.
+                        // SAFETY: the CPU supports AVX-512F and BW, checked above.
                         unsafe {
                             blur_wide(
                                 plane,

@@ -11,11 +11,11 @@
 //! permutes; the horizontal one makes 16 outputs of a row at once in each plane: the 64 source pixels
 //! they read are widened to 16 bits once, and each pair of taps is one `vpermt2w` (gathering every
 //! lane's two source pixels) and one `vpdpwssd` (with every lane's two weights), the three planes
-//! sharing the pair's tables. The weights are fir's, recomputed here ([`taps`]: its
-//! `precompute_coefficients` for Catmull-Rom with the adaptive kernel, then its `Normalizer16`; the
-//! kernel path computes them 8 taps at a time), and every sum is exact in `i32`, so the order of the
-//! additions does not matter: the bytes are fir's, which the tests check on crops of every kind. CPUs
-//! without AVX-512 (F, BW, VL, VNNI and VBMI) take fir's own path.
+//! sharing the pair's tables. The weights are fir's, recomputed here 8 taps at a time (`taps_avx512`:
+//! its `precompute_coefficients` for Catmull-Rom with the adaptive kernel, then its `Normalizer16`,
+//! checked against a line-by-line transcription in the tests), and every sum is exact in `i32`, so the
+//! order of the additions does not matter: the bytes are fir's, which the tests check on crops of every
+//! kind. CPUs without AVX-512 (F, BW, VL, VNNI and VBMI) take fir's own path.
 
 use fast_image_resize as fr;
 
@@ -47,19 +47,6 @@ pub struct Resampler {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AVX-512 path only
 const PAD: usize = 64;
 
-/// Catmull-Rom (a = −0.5), fir's `catmul_filter`, support 2.
-fn catmull_rom(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.) * x - (A + 3.)) * x * x + 1.
-    } else if x < 2.0 {
-        (((x - 5.) * x + 8.) * x - 4.) * A
-    } else {
-        0.0
-    }
-}
-
 /// One axis's weights in fir's fixed point: output `i` is
 /// `clamp((2^(precision−1) + Σ_k values[i·window + k] · src[start[i] + k]) >> precision, 0, 255)`
 /// over `k < size[i]`; the rest of each window is zero.
@@ -73,77 +60,9 @@ pub struct Taps {
 }
 
 /// fir's `precompute_coefficients(in_size, in0, in1, out_size, catmul_filter, 2.0, adaptive = true)`
-/// followed by its `Normalizer16::new`, step for step (the same f64 operations in the same order, so
-/// the same weights and the same precision): the reference for the kernel path's `taps_avx512`.
-#[inline(always)]
-pub fn taps(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Taps {
-    let empty = Taps { precision: 0, window: 0, start: vec![], size: vec![], values: vec![] };
-    if in_size == 0 || out_size == 0 {
-        return empty;
-    }
-    let scale = (in1 - in0) / out_size as f64;
-    if scale <= 0. {
-        return empty;
-    }
-    let filter_scale = scale.max(1.0);
-    let radius = 2.0 * filter_scale;
-    let window = radius.ceil() as usize * 2 + 1;
-    let recip = 1.0 / filter_scale;
-    let mut coeffs: Vec<f64> = Vec::with_capacity(window * out_size as usize);
-    let (mut start, mut size) =
-        (Vec::with_capacity(out_size as usize), Vec::with_capacity(out_size as usize));
-    for out_x in 0..out_size {
-        let in_center = in0 + (out_x as f64 + 0.5) * scale;
-        let x_min = (in_center - radius).floor().max(0.) as u32;
-        let x_max = (in_center + radius).ceil().min(in_size as f64) as u32;
-        let cur = coeffs.len();
-        let mut ww = 0.0;
-        let center = in_center - 0.5;
-        let (mut bound_start, mut bound_end) = (x_min, x_max);
-        for x in x_min..x_max {
-            let w = catmull_rom((x as f64 - center) * recip);
-            if x == bound_start && w == 0. {
-                bound_start += 1;
-            } else {
-                coeffs.push(w);
-                ww += w;
-            }
-        }
-        for &c in coeffs.iter().rev() {
-            if bound_end <= bound_start || c != 0. {
-                break;
-            }
-            bound_end -= 1;
-        }
-        if ww != 0.0 {
-            coeffs[cur..].iter_mut().for_each(|w| *w /= ww);
-        }
-        coeffs.resize(cur + window, 0.);
-        start.push(bound_start);
-        size.push(bound_end - bound_start);
-    }
-    // Normalizer16: the largest precision (below 22 bits) at which the largest weight, doubled, still
-    // fits an i16.
-    let max = coeffs.iter().copied().fold(f64::NEG_INFINITY, f64::max).max(0.0);
-    let mut precision = 0u32;
-    for p in 0..22u32 {
-        precision = p;
-        if (max * (1u64 << (p + 1)) as f64).round() as i32 >= 1 << 15 {
-            break;
-        }
-    }
-    let scale = (1u64 << precision) as f64;
-    let mut values = vec![0i16; window * out_size as usize];
-    for (i, (chunk, &n)) in coeffs.chunks_exact(window).zip(&size).enumerate() {
-        for (k, &w) in chunk[..n as usize].iter().enumerate() {
-            values[i * window + k] = (w * scale).round() as i16;
-        }
-    }
-    Taps { precision, window, start, size, values }
-}
-
-/// [`taps`] into `t` (its buffers reused), with AVX-512: the same f64 operations on every weight, so
-/// the same weights and precision (`tests::vectorised_taps_equal_the_transcription`). It runs twice per
+/// followed by its `Normalizer16::new`, into `t` (its buffers reused), with AVX-512: the same f64
+/// operations on every weight, so the same weights and precision as a line-by-line transcription of
+/// fir's code (`tests::taps`; `tests::vectorised_taps_equal_the_transcription`). It runs twice per
 /// view, and the transcription's per-weight branches, pushes, scalar divisions and allocations cost a
 /// fifth of a view's resize. Here each output's window is weighed 8 taps at a time, without branches,
 /// and divided by its sum 8 at a time; what stays sequential is what fixes the bits: the sum adds the
@@ -244,7 +163,8 @@ fn taps_avx512(t: &mut Taps, coeffs: &mut Vec<f64>, in_size: u32, in0: f64, in1:
         t.start.push(x_min + lead as u32);
         t.size.push(last.saturating_sub(lead) as u32);
     }
-    // Normalizer16, as in `taps`.
+    // Normalizer16: the largest precision (below 22 bits) at which the largest weight, doubled, still
+    // fits an i16.
     let max = _mm512_reduce_max_pd(max).max(0.0);
     let mut precision = 0u32;
     for p in 0..22u32 {
@@ -378,6 +298,7 @@ fn crop_resize_avx512(
     let rows = src.buffer();
     let used = first * 3..(first + width) * 3;
     let stride = width + PAD;
+    assert!(blocks.iter().all(|b| b.window + 64 <= stride), "a block's window past its plane row");
     let (row, planes) = (&mut rs.row, &mut rs.planes);
     planes.resize(3 * stride, 0);
     row.resize(width * 3, 0);
@@ -397,7 +318,8 @@ fn crop_resize_avx512(
             }
         };
         split_row_avx512(line, planes, stride);
-        horizontal_rows_avx512(planes, stride, view, y, size, h.precision, blocks, pairs);
+        // SAFETY: the blocks' windows were checked against `stride` above.
+        unsafe { horizontal_rows_avx512(planes, stride, view, y, size, h.precision, blocks, pairs) };
     }
     // SAFETY: the loop above wrote all n bytes: every (plane, row) once, and `plan_blocks`'s blocks cover
     // the outputs 0..size of a row one after another.
@@ -492,8 +414,8 @@ const MAX_PAIRS: usize = 32;
 /// One block of up to 16 consecutive outputs of a row whose taps all lie in one 64-pixel window: the
 /// first output, the window's start (in the temporary's columns) and its pairs of taps (a range of the
 /// plan's list: per pair, every lane's two source indices in the window and two weights, interleaved as
-/// `vpermt2w` and `vpdpwssd` take them). Crops shrunk by up to about 3x fill all 16 lanes; stronger shrinking packs fewer outputs per
-/// block (their taps spread further).
+/// `vpermt2w` and `vpdpwssd` take them). Crops shrunk by up to about 3x fill all 16 lanes; stronger
+/// shrinking packs fewer outputs per block (their taps spread further).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AVX-512 path only
 struct Block {
     out: usize,
@@ -546,6 +468,37 @@ fn plan_blocks(t: &Taps, first: usize, blocks: &mut Vec<Block>, pairs: &mut Vec<
     true
 }
 
+/// The split's byte permutes, per plane c: output j takes byte 3j + c of 192 interleaved bytes; below
+/// 128 from the first two vectors, from 128 on from the third (index − 128, in the lanes of the mask).
+const SPLIT_INDEX: [[u8; 64]; 3] = {
+    let mut t = [[0u8; 64]; 3];
+    let mut c = 0;
+    while c < 3 {
+        let mut j = 0;
+        while j < 64 {
+            t[c][j] = ((3 * j + c) % 128) as u8;
+            j += 1;
+        }
+        c += 1;
+    }
+    t
+};
+const SPLIT_UPPER: [u64; 3] = {
+    let mut m = [0u64; 3];
+    let mut c = 0;
+    while c < 3 {
+        let mut j = 0;
+        while j < 64 {
+            if 3 * j + c >= 128 {
+                m[c] |= 1 << j;
+            }
+            j += 1;
+        }
+        c += 1;
+    }
+    m
+};
+
 /// An interleaved row (`line`, W pixels) split into the first W bytes of three plane rows (`planes`, one
 /// every `stride` bytes): 64 pixels of a plane from 192 bytes with one `vpermt2b` (the bytes within the
 /// first 128) and one masked `vpermb` (the rest); the tail per pixel.
@@ -555,15 +508,9 @@ fn split_row_avx512(line: &[u8], planes: &mut [u8], stride: usize) {
     use std::arch::x86_64::*;
     let width = line.len() / 3;
     assert!(stride >= width && planes.len() >= 2 * stride + width, "three plane rows of {width} bytes");
-    // Per plane c: output j takes byte 3j + c; below 128 from the first two vectors, from 128 on from
-    // the third (index − 128, in the lanes of `upper`).
-    let idx: [__m512i; 3] = std::array::from_fn(|c| {
-        let bytes: [u8; 64] = std::array::from_fn(|j| ((3 * j + c) % 128) as u8);
-        // SAFETY: 64 bytes.
-        unsafe { _mm512_loadu_si512(bytes.as_ptr() as *const _) }
-    });
-    let upper: [__mmask64; 3] =
-        std::array::from_fn(|c| (0..64).filter(|j| 3 * j + c >= 128).fold(0u64, |m, j| m | 1 << j));
+    // SAFETY: 64 bytes each.
+    let idx = SPLIT_INDEX.map(|t| unsafe { _mm512_loadu_si512(t.as_ptr() as *const _) });
+    let upper = SPLIT_UPPER;
     let full = width / 64 * 64;
     for j in (0..full).step_by(64) {
         // SAFETY: bytes 3j..3j + 192 of the line exist (j + 64 <= width), and each plane row has
@@ -595,10 +542,14 @@ fn split_row_avx512(line: &[u8], planes: &mut [u8], stride: usize) {
 /// taps one `vpermt2w` (gathering every lane's two source pixels) and one `vpdpwssd` (with every lane's
 /// two weights); the three planes share each pair's index and weight loads, which one plane at a time
 /// spent most of its time on.
+///
+/// # Safety
+/// Besides the features: every block's window must lie inside a padded plane row
+/// (`block.window + 64 <= stride`), which the caller checks once per view rather than per row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-fn horizontal_rows_avx512(
+unsafe fn horizontal_rows_avx512(
     planes: &[u8],
     stride: usize,
     view: &mut [std::mem::MaybeUninit<u8>],
@@ -609,10 +560,7 @@ fn horizontal_rows_avx512(
     pairs: &[Pair],
 ) {
     use std::arch::x86_64::*;
-    assert!(
-        planes.len() >= 3 * stride && blocks.iter().all(|b| b.window + 64 <= stride),
-        "every block's 64-pixel window inside its padded plane row"
-    );
+    assert!(planes.len() >= 3 * stride, "three padded plane rows");
     let round = _mm512_set1_epi32(1 << (precision - 1));
     let shift = _mm_cvtsi32_si128(precision as i32);
     for block in blocks {
@@ -657,6 +605,88 @@ fn horizontal_rows_avx512(
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// Catmull-Rom (a = −0.5), fir's `catmul_filter`, support 2.
+    fn catmull_rom(x: f64) -> f64 {
+        const A: f64 = -0.5;
+        let x = x.abs();
+        if x < 1.0 {
+            ((A + 2.) * x - (A + 3.)) * x * x + 1.
+        } else if x < 2.0 {
+            (((x - 5.) * x + 8.) * x - 4.) * A
+        } else {
+            0.0
+        }
+    }
+
+    /// fir's `precompute_coefficients(in_size, in0, in1, out_size, catmul_filter, 2.0, adaptive = true)`
+    /// followed by its `Normalizer16::new`, step for step (the same f64 operations in the same order, so
+    /// the same weights and the same precision): the reference for the kernel path's [`taps_avx512`].
+    fn taps(in_size: u32, in0: f64, in1: f64, out_size: u32) -> Taps {
+        let empty = Taps { precision: 0, window: 0, start: vec![], size: vec![], values: vec![] };
+        if in_size == 0 || out_size == 0 {
+            return empty;
+        }
+        let scale = (in1 - in0) / out_size as f64;
+        if scale <= 0. {
+            return empty;
+        }
+        let filter_scale = scale.max(1.0);
+        let radius = 2.0 * filter_scale;
+        let window = radius.ceil() as usize * 2 + 1;
+        let recip = 1.0 / filter_scale;
+        let mut coeffs: Vec<f64> = Vec::with_capacity(window * out_size as usize);
+        let (mut start, mut size) =
+            (Vec::with_capacity(out_size as usize), Vec::with_capacity(out_size as usize));
+        for out_x in 0..out_size {
+            let in_center = in0 + (out_x as f64 + 0.5) * scale;
+            let x_min = (in_center - radius).floor().max(0.) as u32;
+            let x_max = (in_center + radius).ceil().min(in_size as f64) as u32;
+            let cur = coeffs.len();
+            let mut ww = 0.0;
+            let center = in_center - 0.5;
+            let (mut bound_start, mut bound_end) = (x_min, x_max);
+            for x in x_min..x_max {
+                let w = catmull_rom((x as f64 - center) * recip);
+                if x == bound_start && w == 0. {
+                    bound_start += 1;
+                } else {
+                    coeffs.push(w);
+                    ww += w;
+                }
+            }
+            for &c in coeffs.iter().rev() {
+                if bound_end <= bound_start || c != 0. {
+                    break;
+                }
+                bound_end -= 1;
+            }
+            if ww != 0.0 {
+                coeffs[cur..].iter_mut().for_each(|w| *w /= ww);
+            }
+            coeffs.resize(cur + window, 0.);
+            start.push(bound_start);
+            size.push(bound_end - bound_start);
+        }
+        // Normalizer16: the largest precision (below 22 bits) at which the largest weight, doubled, still
+        // fits an i16.
+        let max = coeffs.iter().copied().fold(f64::NEG_INFINITY, f64::max).max(0.0);
+        let mut precision = 0u32;
+        for p in 0..22u32 {
+            precision = p;
+            if (max * (1u64 << (p + 1)) as f64).round() as i32 >= 1 << 15 {
+                break;
+            }
+        }
+        let scale = (1u64 << precision) as f64;
+        let mut values = vec![0i16; window * out_size as usize];
+        for (i, (chunk, &n)) in coeffs.chunks_exact(window).zip(&size).enumerate() {
+            for (k, &w) in chunk[..n as usize].iter().enumerate() {
+                values[i * window + k] = (w * scale).round() as i16;
+            }
+        }
+        Taps { precision, window, start, size, values }
+    }
 
     /// Photo-like content (smooth gradients), hard edges and noise, so negative lobes and clipping
     /// both occur.
